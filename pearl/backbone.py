@@ -1,0 +1,177 @@
+"""open_clip loading and the dense forward shared by every method.
+
+We hook open_clip's own modules (``conv1``, ``class_embedding``, ``positional_embedding``,
+``ln_pre``, ``transformer.resblocks``, ``ln_post``, ``proj``) rather than vendoring a CLIP copy;
+spec/engineering.md §1.4. Tokens are NLD (batch first), as in open_clip ≥ 2.26.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import open_clip
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .methods import Method
+
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _hf_cache_dir() -> str:
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    return str(Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub")
+
+
+def _is_torchscript(path: str) -> bool:
+    import zipfile
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("constants.pkl") for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def load_clip(name: str = "ViT-B-16", pretrained: str | None = "openai", device: str | torch.device = "cpu",
+              precision: str = "fp32", cache_dir: str | None = None, quick_gelu: bool | None = None):
+    """(model, tokenizer) from open_clip, in eval mode.
+
+    ``pretrained``: an open_clip tag, a local checkpoint file (safetensors, state dict or OpenAI's
+    TorchScript ``ViT-B-16.pt``), or None for random weights. OpenAI weights are built with
+    QuickGELU (a plain ``ViT-B-16`` + ``openai`` would silently use GELU; engineering.md §1.1).
+    ``quick_gelu`` forces the activation either way; None decides from the tag or file.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    model_name = name.replace("/", "-")
+    is_file = pretrained is not None and os.path.isfile(pretrained)
+    looks_like_path = bool(pretrained) and (os.sep in pretrained or pretrained.endswith(_CHECKPOINT_SUFFIXES))
+    if looks_like_path and not is_file:
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(model_name)) or "none for this model"
+        raise FileNotFoundError(f"checkpoint file {pretrained!r} does not exist; give an existing file "
+                                f"or an open_clip pretrained tag ({tags})")
+    if quick_gelu is None:
+        if is_file:
+            quick_gelu = _is_torchscript(pretrained)  # OpenAI's own archive: trained with QuickGELU
+        elif pretrained:
+            tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained) or {}
+            quick_gelu = bool(tag_cfg.get("quick_gelu", False))
+        else:
+            quick_gelu = False
+    kwargs = dict(precision=precision, device=device, force_quick_gelu=quick_gelu, cache_dir=cache_dir)
+    if is_file and _is_torchscript(pretrained):
+        kwargs["weights_only"] = False
+    try:
+        model = open_clip.create_model(model_name, pretrained=pretrained, **kwargs)
+    except RuntimeError as error:
+        if pretrained and not is_file:
+            where = cache_dir or _hf_cache_dir()
+            raise RuntimeError(
+                f"could not load {model_name!r} weights {pretrained!r}: {error}\n"
+                f"Without network access the weights must already be in the cache directory {where} "
+                f"(set HF_HUB_CACHE or pass cache_dir), e.g. on a connected machine run "
+                f"`python -c \"import open_clip; open_clip.create_model('{model_name}', pretrained='{pretrained}')\"` "
+                f"and copy {where} across; or download the checkpoint file (for ViT-B/16 OpenAI: ViT-B-16.pt, "
+                f"sha256 5806e77c…) and pass its path as pretrained=/path/to/ViT-B-16.pt.") from error
+        raise
+    model.eval()
+    return model, open_clip.get_tokenizer(model_name)
+
+
+def grid_size(visual) -> tuple[int, int]:
+    grid = visual.grid_size
+    return (grid, grid) if isinstance(grid, int) else tuple(grid)
+
+
+def patch_size(visual) -> int:
+    size = visual.patch_size
+    return size if isinstance(size, int) else size[0]
+
+
+def positional_embedding(visual, grid_h: int, grid_w: int) -> torch.Tensor:
+    """[1 + h'w', C] positional embedding for an h'×w' grid, fp32.
+
+    Interpolated bicubically with the explicit scale factor ((h'+0.1)/14, (w'+0.1)/14), not
+    ``size=`` (the DINO "+0.1" trick; protocol.md §6.4). As in NACLIP/PEARL ``clip/model.py``
+    ``VisionTransformer.forward``, the stock embedding is used whenever the token count equals the
+    native one.
+    """
+    pos = visual.positional_embedding.float()
+    native_h, native_w = grid_size(visual)
+    if grid_h * grid_w == native_h * native_w:
+        return pos
+    cls_pos, patch_pos = pos[:1], pos[1:]
+    patch_pos = patch_pos.reshape(1, native_h, native_w, -1).permute(0, 3, 1, 2)
+    patch_pos = F.interpolate(patch_pos, scale_factor=((grid_h + 0.1) / native_h, (grid_w + 0.1) / native_w),
+                              mode="bicubic", align_corners=False)
+    assert patch_pos.shape[-2:] == (grid_h, grid_w), patch_pos.shape
+    return torch.cat([cls_pos, patch_pos.permute(0, 2, 3, 1).reshape(grid_h * grid_w, -1)])
+
+
+def embed(visual, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Tokens [B, 1 + h'w', C] entering block 1, and the grid (h', w'); images [B, 3, H, W]."""
+    dtype = visual.conv1.weight.dtype
+    x = visual.conv1(images.to(dtype))
+    grid = (x.shape[-2], x.shape[-1])
+    x = x.flatten(2).transpose(1, 2)
+    cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], 1, -1)
+    x = torch.cat([cls, x], dim=1)
+    x = x + positional_embedding(visual, *grid).to(x.dtype)
+    x = visual.patch_dropout(x)
+    return visual.ln_pre(x), grid
+
+
+def split_heads(block, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v [B, heads, T, d] of ``block``'s in_proj (with bias) applied to ``y`` = ln_1(x)."""
+    attn = block.attn
+    q, k, v = F.linear(y, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    batch, tokens, width = y.shape
+    heads = attn.num_heads
+
+    def to_heads(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(batch, tokens, heads, width // heads).transpose(1, 2)
+
+    return to_heads(q), to_heads(k), to_heads(v)
+
+
+def merge_heads(block, out: torch.Tensor) -> torch.Tensor:
+    """out_proj of heads [B, heads, T, d] → [B, T, C]."""
+    batch, heads, tokens, dim = out.shape
+    return block.attn.out_proj(out.transpose(1, 2).reshape(batch, tokens, heads * dim))
+
+
+def head_scale(block) -> float:
+    return (block.attn.embed_dim // block.attn.num_heads) ** -0.5
+
+
+def mlp_residual(block, y: torch.Tensor) -> torch.Tensor:
+    """y + MLP(LN2(y)) with open_clip's layer scale."""
+    return y + block.ls_2(block.mlp(block.ln_2(y)))
+
+
+def dense_features(visual, images: torch.Tensor, method: "Method", params: dict) -> tuple[torch.Tensor, dict]:
+    """Unit-norm patch features [B, h', w', D] with ``method`` computing the last block.
+
+    Blocks 1..L−1 are open_clip's own modules. Returns the features and a dict of diagnostics.
+    """
+    if visual.class_embedding is None or getattr(visual, "attn_pool", None) is not None:
+        raise ValueError("only CLS-token ViT image towers (open_clip VisionTransformer) are supported")
+    x, grid = embed(visual, images)
+    blocks = visual.transformer.resblocks
+    hidden = []
+    for block in blocks[:-1]:
+        x = block(x)
+        if method.needs_hidden_states:
+            hidden.append(x)
+    info: dict = {}
+    patches = method.last_block(blocks, x, hidden, grid, params, info)
+    feats = visual.ln_post(patches)
+    if visual.proj is not None:
+        feats = feats @ visual.proj
+    feats = feats / feats.norm(dim=-1, keepdim=True)
+    return feats.reshape(feats.shape[0], grid[0], grid[1], -1), info

@@ -1,0 +1,72 @@
+"""The method interface and the block pieces several methods share."""
+from __future__ import annotations
+
+import abc
+from typing import ClassVar
+
+import torch
+
+from ..backbone import head_scale, merge_heads, mlp_residual, split_heads
+from ..procrustes import procrustes_attention
+
+
+class Method(abc.ABC):
+    """How the last block computes. Subclasses set the class attributes and ``last_block``.
+
+    ``last_block(blocks, x, hidden, grid, params, info)`` receives the open_clip resblocks, the
+    input of the last block x [B, T, C] (CLS first), the outputs of blocks 1..L−1 when
+    ``needs_hidden_states`` (else an empty list), the grid (h', w'), the resolved parameters and a
+    dict for diagnostics; it returns the patch tokens [B, h'w', C] before ``ln_post``.
+    """
+
+    name: ClassVar[str]
+    upstream: ClassVar[str]
+    default_pa: ClassVar[bool] = False
+    default_tlp: ClassVar[bool] = False
+    default_arch: ClassVar[str] = "reduced"
+    # PA rotates keys against queries: meaningful only where attention has a query·key term.
+    has_query_key_term: ClassVar[bool] = False
+    needs_hidden_states: ClassVar[bool] = False
+    # Whole-image mode: upsample patch logits to the input size, then to the original size
+    # (NACLIP/PEARL); otherwise straight to the original size (SCLIP/SFP/ClearCLIP). protocol.md §6.5
+    whole_upsample_via_input: ClassVar[bool] = False
+    # ClearCLIP: pad crops to a multiple of the patch size; fuse in the model dtype.
+    pad_crops_to_patch: ClassVar[bool] = False
+    fuse_in_model_dtype: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def last_block(self, blocks, x: torch.Tensor, hidden: list[torch.Tensor], grid: tuple[int, int],
+                   params: dict, info: dict) -> torch.Tensor:
+        """Patch tokens [B, h'w', C] before ln_post."""
+
+
+def finish_block(block, x: torch.Tensor, heads_out: torch.Tensor, arch: str) -> torch.Tensor:
+    """Patch tokens [B, N, C] from the heads' output [B, heads, T, d].
+
+    ``reduced``: out_proj(A·v) alone (no residual, no FFN); ``vanilla``: the standard block,
+    x + out_proj(A·v), then + MLP.
+    """
+    out = merge_heads(block, heads_out.to(x.dtype))
+    if arch == "vanilla":
+        out = mlp_residual(block, x + block.ls_1(out))
+    elif arch != "reduced":
+        raise ValueError(f"arch {arch!r} is not 'reduced' or 'vanilla'")
+    return out[:, 1:]
+
+
+def query_key_block(block, x: torch.Tensor, params: dict, info: dict) -> torch.Tensor:
+    """Last block with softmax(s·q kᵀ) attention, or PEARL's Procrustes alignment when ``pa``.
+
+    Plain attention scales q first, as NACLIP/PEARL ``custom_attn`` ('vanilla' strategy). PA runs
+    in fp32 (pearl.md §2) and its output is cast back to the activation dtype.
+    """
+    q, k, v = split_heads(block, block.ln_1(x))
+    scale = head_scale(block)
+    if params["pa"]:
+        out, stats = procrustes_attention(
+            q.float(), k.float(), v.float(), scale, alpha_kk=params["alpha_kk"] if params["use_kk"] else 0.0,
+            solver=params["pa_solver"], iters=params["pa_iters"])
+        info.update(stats)
+    else:
+        out = torch.softmax((q * scale) @ k.transpose(-1, -2), dim=-1) @ v
+    return finish_block(block, x, out, params["arch"])

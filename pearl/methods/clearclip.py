@@ -1,0 +1,25 @@
+"""ClearCLIP: softmax(s·q qᵀ) attention in a reduced block (no residual, no FFN).
+
+mc-lan/ClearCLIP@ad68a40 ``open_clip/transformer.py`` with model_type='ClearCLIP',
+ignore_residual=True (methods.md §5). Crops are padded to a multiple of the patch size and the
+window canvas is kept in the model dtype, as ``clearclip_segmentor.py`` does.
+"""
+import torch
+
+from ..backbone import head_scale, split_heads
+from . import register
+from .base import Method, finish_block
+
+
+@register
+class ClearCLIP(Method):
+    name = "clearclip"
+    upstream = "mc-lan/ClearCLIP@ad68a404d55d48d27330b93554eb64a234ff717f"
+    pad_crops_to_patch = True
+    fuse_in_model_dtype = True
+
+    def last_block(self, blocks, x, hidden, grid, params, info):
+        block = blocks[-1]
+        q, _, v = split_heads(block, block.ln_1(x))
+        attn = torch.softmax((q @ q.transpose(-1, -2)) * head_scale(block), dim=-1)
+        return finish_block(block, x, attn @ v, "reduced")

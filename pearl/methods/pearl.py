@@ -1,0 +1,21 @@
+"""PEARL: Procrustes-aligned attention in a reduced last block (pearl.md §2).
+
+PGSmall/PEARL@c26062b ``clip/model.py`` (``custom_attn``) and ``pearl/attn.py`` (``pa_attn``).
+``pa=False`` is the released ``--attn vanilla`` switch: plain q·k attention, block still reduced.
+"""
+from . import register
+from .base import Method, query_key_block
+
+
+@register
+class Pearl(Method):
+    name = "pearl"
+    upstream = "PGSmall/PEARL@c26062b5062b73f712cbe10846fb3a51e313a6fa"
+    default_pa = True
+    default_tlp = True
+    default_arch = "reduced"
+    has_query_key_term = True
+    whole_upsample_via_input = True
+
+    def last_block(self, blocks, x, hidden, grid, params, info):
+        return query_key_block(blocks[-1], x, params, info)

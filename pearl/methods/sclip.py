@@ -1,0 +1,24 @@
+"""SCLIP: correlative self-attention softmax(s·q qᵀ) + softmax(s·k kᵀ), residual and MLP kept.
+
+wangf3014/SCLIP@b56bd30 ``clip/model.py`` (``custom_attn(csa=True)``); methods.md §3. The two
+maps are summed, not averaged (rows sum to 2); products are formed before the scale.
+"""
+import torch
+
+from ..backbone import head_scale, split_heads
+from . import register
+from .base import Method, finish_block
+
+
+@register
+class SCLIP(Method):
+    name = "sclip"
+    upstream = "wangf3014/SCLIP@b56bd3014b9e8a3ee3450bcfc53700a67d627b7a"
+
+    def last_block(self, blocks, x, hidden, grid, params, info):
+        block = blocks[-1]
+        q, k, v = split_heads(block, block.ln_1(x))
+        scale = head_scale(block)
+        attn = torch.softmax((q @ q.transpose(-1, -2)) * scale, dim=-1) \
+            + torch.softmax((k @ k.transpose(-1, -2)) * scale, dim=-1)
+        return finish_block(block, x, attn @ v, "vanilla")

@@ -1,0 +1,19 @@
+"""Vanilla CLIP dense features: the full last block (residual and MLP kept).
+
+Architecture as PGSmall/PEARL and sinahmr/NACLIP ``clip/model.py`` with arch='vanilla',
+attn_strategy='vanilla' (methods.md §2). ``pa=True`` swaps in Procrustes-aligned attention.
+"""
+from . import register
+from .base import Method, query_key_block
+
+
+@register
+class Vanilla(Method):
+    name = "vanilla"
+    upstream = "PGSmall/PEARL@c26062b clip/model.py (arch='vanilla', attn_strategy='vanilla')"
+    default_arch = "vanilla"
+    has_query_key_term = True
+    whole_upsample_via_input = True  # its protocol is PEARL's (NACLIP-style) segmentor
+
+    def last_block(self, blocks, x, hidden, grid, params, info):
+        return query_key_block(blocks[-1], x, params, info)

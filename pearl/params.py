@@ -1,0 +1,105 @@
+"""Every Segmentor parameter: one flat name, its default and its meaning (api.md).
+
+The defaults are PEARL's released settings; method-specific names only affect their method.
+``pearl.protocol(method, dataset)`` gives the per-dataset values.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+
+class Param(NamedTuple):
+    default: Any
+    meaning: str
+    choices: tuple = ()
+
+
+PARAMS: dict[str, Param] = {
+    "resize_short": Param(336, "short side after the keep-ratio rescale (0 = no resize)"),
+    "resize_long": Param(2048, "cap on the long side of the rescale"),
+    "slide_crop": Param(224, "window side in pixels; 0 = whole image in one pass"),
+    "slide_stride": Param(112, "window stride in pixels"),
+    "logit_scale": Param(40.0, "temperature applied to cosine logits before the softmax over queries"),
+    "prob_thd": Param(0.0, "pixels whose top class probability is below this become class 0"),
+    "area_thd": Param(0.0, "SCLIP/SFP area filter: foreground classes covering ≤ this fraction of the "
+                           "foreground-predicted pixels are dropped; 0 = off"),
+    "arch": Param(None, "last block: 'reduced' (no residual, no FFN) or 'vanilla' (full block); "
+                        "None = the method's own (pearl: reduced, vanilla: vanilla)", (None, "reduced", "vanilla")),
+    "alpha_kk": Param(0.08, "weight of PEARL's key-key term α_kk·s·K_cK_cᵀ (0.3 on ADE20K and Cityscapes)"),
+    "use_kk": Param(True, "PEARL's key-key term on/off (off = the paper's Ã = softmax(s·Q K̃ᵀ))"),
+    "pa_solver": Param("polar", "PA rotation: 'polar' (released 5-step Newton–Schulz) or 'svd' (exact UVᵀ)",
+                       ("polar", "svd")),
+    "pa_iters": Param(5, "Newton–Schulz iterations of the polar solver"),
+    "tlp_site": Param("post_fusion", "where TLP runs: 'post_fusion' (released: once, on the fused logits at the "
+                                     "original size) or 'per_window' (paper: on each window before fusion)",
+                      ("post_fusion", "per_window")),
+    "tlp_grid": Param(80, "TLP target grid side (224 on Cityscapes)"),
+    "tlp_cg_iters": Param(25, "conjugate-gradient iterations, from X0 = Z, no early stop"),
+    "tlp_pool": Param("int_stride", "'int_stride' (released: stride round(H/grid), floor pooling) or 'adaptive' "
+                                    "(paper: adaptive pooling to grid×grid)", ("int_stride", "adaptive")),
+    "tlp_softmax_temp": Param(1.0, "temperature of the softmax that gives TLP's probabilities (released: 1, raw "
+                                   "cosines)"),
+    "tlp_quadform": Param("diag", "text terms: 'diag' (released: only G's diagonal) or 'full' (paper: pᵀGp)",
+                          ("diag", "full")),
+    "tlp_grad_norm": Param("mean", "edge term: 'mean' (released: gradients divided by their mean) or 'none'",
+                           ("mean", "none")),
+    "tlp_edge_clamp": Param(True, "clamp edge weights to [0, 1] (released) or not (paper)"),
+    "tlp_tau": Param(1.0, "TLP smoothness weight τ"),
+    "tlp_lambda": Param(1.0, "TLP text-gate weight λ"),
+    "tlp_tau_s": Param(0.5, "temperature of the text-affinity softmax"),
+    "tlp_beta": Param(10.0, "diagonal boost of the text affinity"),
+    "tlp_kappa": Param(5.0, "edge sharpness κ"),
+    "tlp_eps": Param(0.05, "confidence floor of TLP's data weight"),
+    "pamr": Param(False, "NACLIP's PAMR refinement after fusion (the comparison tables use NACLIP without it)"),
+    "pamr_iters": Param(10, "PAMR iterations"),
+    "pamr_dilations": Param((8, 16), "PAMR neighbour dilations"),
+    "naclip_gauss_std": Param(5.0, "std (in patches) of NACLIP's Gaussian neighbourhood bias"),
+    "sfp_outlier": Param("som", "SFP outlier detector: 'som' (released), 'l2' or 'lof'", ("som", "l2", "lof")),
+    "sfp_purify": Param(True, "SFP purification of outlier tokens on/off"),
+    "sfp_res_cls": Param(0.3, "SFP's CLS residual weight (also sets its res_cls·5 detection scale)"),
+    "sfp_nan_guard": Param(False, "leave an outlier with no clean neighbour unpurified instead of zeroing it "
+                                  "(the released zero vector turns the whole window NaN)"),
+    "sfp_layers": Param(None, "SFP layer map [pre, post, first, last] (1-based block outputs); None = the released "
+                              "(9, 4, 4, 10), valid only for 12-block ViTs"),
+    "text_cache_dir": Param(None, "disk cache of text prototypes (None = $PEARL_CACHE/text, '' = off)"),
+}
+
+_SEQUENCE_PARAMS = ("pamr_dilations", "sfp_layers")
+
+
+def resolve(overrides: dict) -> dict:
+    """Defaults updated by ``overrides``; unknown names or ill-typed values raise ValueError."""
+    unknown = sorted(set(overrides) - set(PARAMS))
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {', '.join(unknown)}; valid: {', '.join(PARAMS)}")
+    resolved = {name: p.default for name, p in PARAMS.items()}
+    for name, value in overrides.items():
+        resolved[name] = _check(name, value)
+    return resolved
+
+
+def _check(name: str, value: Any) -> Any:
+    spec = PARAMS[name]
+    if name in _SEQUENCE_PARAMS:
+        if value is None and spec.default is None:
+            return None
+        try:
+            return tuple(int(v) for v in value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a list of integers, got {value!r}") from None
+    if spec.choices:
+        if value not in spec.choices:
+            raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, spec.choices))}")
+        return value
+    default = spec.default
+    if default is None or isinstance(default, str):
+        return value if value is None else str(value)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if isinstance(default, int) and float(value) != int(value):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return type(default)(value)

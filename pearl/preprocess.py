@@ -1,0 +1,95 @@
+"""Image-side preprocessing: keep-ratio rescale, normalisation, window placement.
+
+Follows spec/protocol.md §2, §3 and §6.2 (MMCV ``imrescale`` and MMSeg ``slide_inference``).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+
+# OpenAI CLIP mean/std on the 0-255 scale, RGB order (protocol.md §3).
+CLIP_MEAN = (122.771, 116.746, 104.094)
+CLIP_STD = (68.501, 66.632, 70.323)
+
+
+class Window(NamedTuple):
+    y1: int
+    y2: int
+    x1: int
+    x2: int
+
+
+def to_rgb_uint8(image) -> np.ndarray:
+    """H×W×3 uint8 RGB from a PIL image or an array (grey H×W, H×W×1, RGB, or RGBA: alpha dropped).
+
+    Float arrays must already lie in [0, 255]; anything else raises ValueError.
+    """
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    if isinstance(image, torch.Tensor):
+        image = image.cpu().numpy()
+    array = np.asarray(image)
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim == 2:
+        array = np.stack([array] * 3, axis=-1)
+    if array.ndim != 3 or array.shape[2] not in (3, 4):
+        raise ValueError(f"image of shape {array.shape} is not H×W, H×W×3 or H×W×4; pass an RGB image")
+    array = array[:, :, :3]
+    if array.dtype != np.uint8:
+        if np.issubdtype(array.dtype, np.floating) and array.size and (array.min() < 0 or array.max() > 255):
+            raise ValueError("float image values must lie in [0, 255]; convert the image to uint8 RGB")
+        array = np.clip(np.round(array), 0, 255).astype(np.uint8) if np.issubdtype(array.dtype, np.floating) \
+            else array.astype(np.uint8)
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ValueError(f"image of shape {array.shape} is empty")
+    return np.ascontiguousarray(array)
+
+
+def rescaled_size(height: int, width: int, short: int, long: int = 2048) -> tuple[int, int]:
+    """(H', W') of MMCV ``imrescale(scale=(long, short))``: f = min(long/max, short/min), int(x·f + 0.5)."""
+    if short <= 0:
+        return height, width
+    factor = min(long / max(height, width), short / min(height, width))
+    return int(height * factor + 0.5), int(width * factor + 0.5)
+
+
+def rescale(image: np.ndarray, short: int, long: int = 2048) -> np.ndarray:
+    """Keep-ratio bilinear (cv2 INTER_LINEAR, no antialias) resize of an H×W×3 uint8 image."""
+    new_h, new_w = rescaled_size(image.shape[0], image.shape[1], short, long)
+    if (new_h, new_w) == image.shape[:2]:
+        return image
+    return cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+
+
+def normalise(image: np.ndarray) -> torch.Tensor:
+    """[3, H, W] float32 from an H×W×3 uint8 RGB image, (x − mean) / std on the 0–255 scale."""
+    tensor = torch.from_numpy(image).permute(2, 0, 1).float()
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    return (tensor - mean) / std
+
+
+def window_starts(size: int, crop: int, stride: int) -> list[tuple[int, int]]:
+    """(start, end) of the MMSeg windows along one axis; the last one is snapped to the border."""
+    count = max(size - crop + stride - 1, 0) // stride + 1
+    spans = []
+    for i in range(count):
+        end = min(i * stride + crop, size)
+        spans.append((max(end - crop, 0), end))
+    return spans
+
+
+def sliding_windows(height: int, width: int, crop: int, stride: int) -> list[Window]:
+    """Windows in MMSeg order (row-major); ``crop <= 0`` gives one whole-image window."""
+    if crop <= 0:
+        return [Window(0, height, 0, width)]
+    if stride <= 0:
+        raise ValueError(f"slide_stride must be positive, got {stride}")
+    return [Window(y1, y2, x1, x2)
+            for y1, y2 in window_starts(height, crop, stride)
+            for x1, x2 in window_starts(width, crop, stride)]

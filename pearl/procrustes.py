@@ -1,0 +1,81 @@
+"""PEARL's Procrustes alignment (PA) of keys to queries inside the last block.
+
+pearl.md §2, after PGSmall/PEARL@c26062b ``pearl/attn.py`` (``pa_attn``,
+``_polar_unitary_newton_schulz``). All arithmetic is fp32; tensors are [B, heads, T, d] with the
+CLS token at T index 0.
+"""
+from __future__ import annotations
+
+import torch
+
+SOLVERS = ("polar", "svd")
+
+
+def polar_newton_schulz(m: torch.Tensor, iters: int = 5) -> torch.Tensor:
+    """R ≈ M (MᵀM)^(−1/2) by the released coupled Newton–Schulz iteration; m [..., d, d].
+
+    Γ = MᵀM, a = max(‖Γ‖_F, 1e−6), Γ̃ = Γ/a + 1e−6·I; Y ← Γ̃, W ← I; repeat: T = ½(3I − W·Y),
+    Y ← Y·T, W ← T·W; R = M·W/√a. Not converged after 5 steps: weak directions are shrunk.
+    """
+    eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device).expand_as(m)
+    gram = m.transpose(-1, -2) @ m
+    norm = torch.linalg.matrix_norm(gram).clamp_min(1e-6)[..., None, None]
+    y = gram / norm + 1e-6 * eye
+    w = eye
+    for _ in range(iters):
+        t = 0.5 * (3 * eye - w @ y)
+        y = y @ t
+        w = t @ w
+    return m @ w / norm.sqrt()
+
+
+def polar_svd(m: torch.Tensor) -> torch.Tensor:
+    """Exact orthogonal polar factor U Vᵀ of m = UΣVᵀ; the identity where the SVD fails."""
+    try:
+        u, _, vh = torch.linalg.svd(m)
+    except RuntimeError:  # released behaviour: fall back to R = I
+        return torch.eye(m.shape[-1], dtype=m.dtype, device=m.device).expand_as(m).clone()
+    return u @ vh
+
+
+def procrustes_rotation(q: torch.Tensor, k: torch.Tensor, solver: str = "polar", iters: int = 5
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R [B, h, d, d], centred keys K_c [B, h, T, d]) for queries/keys [B, h, T, d].
+
+    Token weights π_n = ‖q_n‖ with the CLS weight zeroed, normalised (+1e−6); centroids are
+    π-weighted; all T tokens are centred; M = K_cᵀ Q_c (unweighted).
+    """
+    weights = q.norm(dim=-1)
+    weights[..., 0] = 0.0
+    weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-6)
+    q_centred = q - (weights[..., None] * q).sum(dim=-2, keepdim=True)
+    k_centred = k - (weights[..., None] * k).sum(dim=-2, keepdim=True)
+    cross = k_centred.transpose(-1, -2) @ q_centred
+    if solver == "polar":
+        rotation = polar_newton_schulz(cross, iters)
+    elif solver == "svd":
+        rotation = polar_svd(cross)
+    else:
+        raise ValueError(f"pa_solver {solver!r} is not one of {', '.join(SOLVERS)}")
+    return rotation, k_centred
+
+
+def procrustes_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                         alpha_kk: float = 0.08, solver: str = "polar", iters: int = 5
+                         ) -> tuple[torch.Tensor, dict]:
+    """PA heads' output [B, h, T, d] and diagnostics.
+
+    Λ = (s·q)(k R)ᵀ + α_kk·s·K_c K_cᵀ (uncentred keys rotated, centred keys in the key-key term);
+    A = softmax(Λ) over all T keys; output A·v. ``alpha_kk = 0`` drops the key-key term.
+    """
+    rotation, k_centred = procrustes_rotation(q, k, solver, iters)
+    logits = (q * scale) @ (k @ rotation).transpose(-1, -2)
+    if alpha_kk:
+        logits = logits + alpha_kk * scale * (k_centred @ k_centred.transpose(-1, -2))
+    out = torch.softmax(logits, dim=-1) @ v
+    eye = torch.eye(rotation.shape[-1], dtype=rotation.dtype, device=rotation.device)
+    stats = {
+        "pa_orthogonality_error": torch.linalg.matrix_norm(rotation.transpose(-1, -2) @ rotation - eye).mean().item(),
+        "pa_min_singular_value": torch.linalg.svdvals(rotation).amin(dim=-1).mean().item(),
+    }
+    return out, stats

@@ -1,0 +1,101 @@
+"""Published per-method, per-dataset settings and the byte-exact class-name files.
+
+The settings are data: one YAML per method under ``resources/protocols/`` (copied from the
+released configs named in each file's ``source``), read here and nowhere else.
+"""
+from __future__ import annotations
+
+import functools
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+DATASETS = ("voc21", "context60", "coco_object", "voc20", "context59", "coco_stuff", "cityscapes", "ade20k")
+# spec/ calls the Pascal Context sets pc60/pc59; users of MMSeg call them context60/59.
+DATASET_ALIASES = {"pc60": "context60", "pc59": "context59", "city": "cityscapes", "city_scapes": "cityscapes"}
+PROFILES = ("own", "pearl", "clearclip", "naclip_v1", "naclip_readme")
+# The class-file stem of each dataset in resources/classes/.
+_CLASS_FILE_STEM = {"context60": "pc60", "context59": "pc59"}
+_WINDOW_KEYS = ("resize_short", "slide_crop", "slide_stride", "logit_scale", "prob_thd")
+
+
+def _resource(*parts: str) -> Path:
+    return Path(str(resources.files("pearl").joinpath("resources", *parts)))
+
+
+def canonical_dataset(dataset: str) -> str:
+    """``pc60`` → ``context60`` etc.; raises ValueError naming the valid keys."""
+    key = DATASET_ALIASES.get(dataset, dataset)
+    if key not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)} "
+                         f"(aliases: {', '.join(DATASET_ALIASES)})")
+    return key
+
+
+@functools.lru_cache(maxsize=None)
+def _method_table(method: str) -> dict:
+    path = _resource("protocols", f"{method}.yaml")
+    if not path.is_file():
+        from .methods import available_methods
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(available_methods())}")
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+def _row(method: str, dataset: str, profile: str) -> dict:
+    dataset = canonical_dataset(dataset)
+    if profile not in PROFILES:
+        raise ValueError(f"unknown protocol profile {profile!r}; valid: {', '.join(PROFILES)}")
+    row = dict(_method_table(method)["datasets"][dataset])
+    if profile == "pearl":
+        ref = _method_table("pearl")["datasets"][dataset]
+        row.update({k: ref[k] for k in _WINDOW_KEYS + ("tlp_grid",)}, area_thd=0.0, names="base")
+    elif profile == "clearclip":
+        ref = _method_table("clearclip")["datasets"][dataset]
+        row.update({k: ref[k] for k in _WINDOW_KEYS + ("names",)}, area_thd=0.0)
+        if method == "vanilla" and row["prob_thd"] > 0:
+            row["prob_thd"] = 0.2  # ClearCLIP maintainer's CLIP setting, mc-lan/ClearCLIP#2
+    elif profile in ("naclip_v1", "naclip_readme"):
+        if method != "naclip":
+            raise ValueError(f"profile {profile!r} applies to method 'naclip' only, not {method!r}")
+        if profile == "naclip_v1":  # sinahmr/NACLIP@7d9d463: VOC slid, COCO-Stuff at S = 448
+            if dataset in ("voc21", "voc20"):
+                row.update(slide_crop=224, slide_stride=112)
+            if dataset == "coco_stuff":
+                row["resize_short"] = 448
+        else:
+            row["pamr"] = True  # the README's "reproduce the main results" command
+    return row
+
+
+def protocol(method: str, dataset: str, profile: str = "own") -> dict:
+    """The published settings of ``method`` on ``dataset`` as Segmentor parameters.
+
+    ``profile``: ``own`` (the method's released configs), ``pearl`` (PEARL's resize / window /
+    logit_scale / prob_thd for any method, as in the TLP plug-in table), ``clearclip`` (ClearCLIP's),
+    ``naclip_v1`` (NACLIP before v2) or ``naclip_readme`` (NACLIP v2 with PAMR on).
+    """
+    row = _row(method, dataset, profile)
+    row.pop("names")
+    return row
+
+
+def class_file(dataset: str, method: str | None = None, profile: str = "own") -> Path:
+    """Path of the class-name file that ``method`` (None = base files) uses on ``dataset``."""
+    dataset = canonical_dataset(dataset)
+    variant = _row(method, dataset, profile)["names"] if method else "base"
+    stem = _CLASS_FILE_STEM.get(dataset, dataset)
+    return _resource("classes", f"{stem}.txt" if variant == "base" else f"{stem}.{variant}.txt")
+
+
+def parse_class_lines(text: str) -> list[str]:
+    """Split a class file as the released parsers do: lines, then drop ``\\n`` only."""
+    if text.endswith("\n"):  # readlines() yields no empty last line for a final newline
+        text = text[:-1]
+    return [line.replace("\n", "") for line in text.split("\n")]
+
+
+def class_names(dataset: str, method: str | None = None, profile: str = "own") -> list[str]:
+    """The byte-exact class lines (one per class, synonyms joined by ``", "``)."""
+    return parse_class_lines(class_file(dataset, method, profile).read_text(encoding="utf-8"))

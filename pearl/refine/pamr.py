@@ -1,0 +1,45 @@
+"""PAMR (pixel-adaptive mask refinement) as NACLIP applies it after fusion.
+
+methods.md §4.1, after sinahmr/NACLIP@0cac3a6 ``pamr.py`` (from visinf/1-stage-wseg) and
+``naclip.py`` ``predict``. fp32; image [B, 3, H, W] normalised RGB, logits [B, Q, H, W].
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+_OFFSETS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+
+
+def _taps(x: torch.Tensor, dilation: int) -> torch.Tensor:
+    """[B, C, 9, H, W]: the 3×3 dilated neighbourhood (centre included) with replicate padding."""
+    height, width = x.shape[-2:]
+    padded = F.pad(x, [dilation] * 4, mode="replicate")
+    return torch.stack([padded[..., dilation + dy * dilation: dilation + dy * dilation + height,
+                               dilation + dx * dilation: dilation + dx * dilation + width]
+                        for dy, dx in _OFFSETS], dim=2)
+
+
+def _without_centre(taps: torch.Tensor) -> torch.Tensor:
+    return torch.cat([taps[:, :, :4], taps[:, :, 5:]], dim=2)
+
+
+def pamr_affinity(image: torch.Tensor, dilations: Sequence[int] = (8, 16)) -> torch.Tensor:
+    """[B, 1, 8·len(dilations), H, W] softmax weights over the dilated neighbours."""
+    taps = [_taps(image, d) for d in dilations]
+    sigma = torch.cat(taps, dim=2).std(dim=2, keepdim=True)  # 18 samples, unbiased
+    diffs = torch.cat([_without_centre(t) for t in taps], dim=2) - image[:, :, None]
+    affinity = -(diffs.abs() / (1e-8 + 0.1 * sigma)).mean(dim=1, keepdim=True)
+    return torch.softmax(affinity, dim=2)
+
+
+def pamr(image: torch.Tensor, logits: torch.Tensor, iters: int = 10, dilations: Sequence[int] = (8, 16)
+         ) -> torch.Tensor:
+    """Refined logits [B, Q, H, W]: ``iters`` rounds of L(i) ← Σ_n w_n(i)·L(i + δ_n)."""
+    weights = pamr_affinity(image.float(), dilations)
+    out = logits.float()
+    for _ in range(iters):
+        out = (torch.cat([_without_centre(_taps(out, d)) for d in dilations], dim=2) * weights).sum(dim=2)
+    return out

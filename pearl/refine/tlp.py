@@ -1,0 +1,160 @@
+"""PEARL's text-aware Laplacian propagation (TLP), released behaviour and the paper's variants.
+
+pearl.md §3, after PGSmall/PEARL@c26062b ``pearl/prop.py`` (``TLP``). Everything here is fp32.
+Shapes: logits [B, Q, H, W], guide image [B, 3, H, W] (normalised RGB), text affinity G [Q, Q].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+POOLS = ("int_stride", "adaptive")
+QUADFORMS = ("diag", "full")
+GRAD_NORMS = ("mean", "none")
+
+
+@dataclass(frozen=True)
+class TLPConfig:
+    """Defaults are the released constants (pearl.md §3.3)."""
+
+    grid: int = 80
+    cg_iters: int = 25
+    pool: str = "int_stride"
+    softmax_temp: float = 1.0
+    quadform: str = "diag"
+    grad_norm: str = "mean"
+    edge_clamp: bool = True
+    tau: float = 1.0
+    lam: float = 1.0
+    tau_s: float = 0.5
+    beta: float = 10.0
+    kappa: float = 5.0
+    eps: float = 0.05
+
+    def __post_init__(self) -> None:
+        for value, valid, name in ((self.pool, POOLS, "tlp_pool"), (self.quadform, QUADFORMS, "tlp_quadform"),
+                                   (self.grad_norm, GRAD_NORMS, "tlp_grad_norm")):
+            if value not in valid:
+                raise ValueError(f"{name} {value!r} is not one of {', '.join(valid)}")
+        if self.grid < 1 or self.cg_iters < 0:
+            raise ValueError(f"tlp_grid must be ≥ 1 and tlp_cg_iters ≥ 0, got {self.grid}, {self.cg_iters}")
+
+
+def text_affinity(prototypes: torch.Tensor, tau_s: float = 0.5, beta: float = 10.0) -> torch.Tensor:
+    """G [Q, Q]: row-softmax of prototype cosines / τ_s, + β·I, row-normalised (+1e−6).
+
+    Computed in the prototypes' dtype (fp16 upstream) and returned as fp32 (pearl.md §3.1).
+    """
+    unit = prototypes / prototypes.norm(dim=-1, keepdim=True)
+    affinity = torch.softmax(unit @ unit.T / tau_s, dim=-1)
+    affinity = affinity + beta * torch.eye(affinity.shape[0], dtype=affinity.dtype, device=affinity.device)
+    return (affinity / (affinity.sum(dim=-1, keepdim=True) + 1e-6)).float()
+
+
+def pooling_strides(height: int, width: int, grid: int) -> tuple[int, int]:
+    """Released integer strides max(1, round(H/grid)) with Python's round-half-to-even."""
+    return max(1, round(height / grid)), max(1, round(width / grid))
+
+
+def _pool(logits: torch.Tensor, guide: torch.Tensor, cfg: TLPConfig):
+    height, width = logits.shape[-2:]
+    if cfg.pool == "adaptive":
+        size = (cfg.grid, cfg.grid)
+        return F.adaptive_avg_pool2d(logits, size), F.adaptive_avg_pool2d(guide, size), True
+    stride = pooling_strides(height, width, cfg.grid)
+    if stride == (1, 1):
+        return logits, guide, False
+    return F.avg_pool2d(logits, stride, stride), F.avg_pool2d(guide, stride, stride), True
+
+
+def _pair_terms(p: torch.Tensor, affinity: torch.Tensor, quadform: str):
+    """(u [B, h, w], Gp [B, Q, h, w]): agreement and the G-weighted probabilities.
+
+    ``diag`` uses only G's diagonal (the released einsum with a repeated subscript); ``full`` the
+    whole matrix, u = pᵀGp (pearl.md §6).
+    """
+    if quadform == "diag":
+        weighted = torch.diagonal(affinity)[None, :, None, None] * p
+    else:
+        weighted = torch.einsum("cd,bdhw->bchw", affinity, p)
+    return (p * weighted).sum(dim=1), weighted
+
+
+def edge_weights(p: torch.Tensor, weighted: torch.Tensor, guide: torch.Tensor, cfg: TLPConfig
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w_h [B, h, w−1], w_v [B, h−1, w]): image edge term times the text gate, clamped."""
+    gray = 0.299 * guide[:, 0] + 0.587 * guide[:, 1] + 0.114 * guide[:, 2]
+    grad_x = (gray[:, :, 1:] - gray[:, :, :-1]).abs()
+    grad_y = (gray[:, 1:, :] - gray[:, :-1, :]).abs()
+    if cfg.grad_norm == "mean":
+        grad_x = grad_x / (grad_x.mean(dim=(1, 2), keepdim=True) + 1e-6)
+        grad_y = grad_y / (grad_y.mean(dim=(1, 2), keepdim=True) + 1e-6)
+    gate_x = (p[:, :, :, 1:] * weighted[:, :, :, :-1]).sum(dim=1)
+    gate_y = (p[:, :, 1:, :] * weighted[:, :, :-1, :]).sum(dim=1)
+    w_h = torch.exp(-cfg.kappa * grad_x) * (1 + cfg.lam * gate_x.clamp(0, 1))
+    w_v = torch.exp(-cfg.kappa * grad_y) * (1 + cfg.lam * gate_y.clamp(0, 1))
+    if cfg.edge_clamp:
+        w_h, w_v = w_h.clamp(0, 1), w_v.clamp(0, 1)
+    return w_h, w_v
+
+
+def laplacian(x: torch.Tensor, w_h: torch.Tensor, w_v: torch.Tensor) -> torch.Tensor:
+    """(𝓛X)(i) = Σ_{j∈N4(i)} w_ij (X(i) − X(j)) for x [B, Q, h, w], the same weights per channel."""
+    diff_h = w_h[:, None] * (x[..., :, :-1] - x[..., :, 1:])
+    diff_v = w_v[:, None] * (x[..., :-1, :] - x[..., 1:, :])
+    out = torch.zeros_like(x)
+    out[..., :, :-1] += diff_h
+    out[..., :, 1:] -= diff_h
+    out[..., :-1, :] += diff_v
+    out[..., 1:, :] -= diff_v
+    return out
+
+
+def conjugate_gradient(rho: torch.Tensor, z: torch.Tensor, w_h: torch.Tensor, w_v: torch.Tensor,
+                       tau: float, iters: int) -> torch.Tensor:
+    """Released CG on (diag ρ + τ𝓛) X = ρ ⊙ Z from X0 = Z, one scalar step per image, no early stop."""
+    def apply(x):
+        return rho * x + tau * laplacian(x, w_h, w_v)
+
+    def dot(a, b):
+        return (a * b).sum(dim=(1, 2, 3), keepdim=True)
+
+    x = z.clone()
+    residual = rho * z - apply(x)
+    direction = residual.clone()
+    r_old = dot(residual, residual)
+    for _ in range(iters):
+        a_dir = apply(direction)
+        step = r_old / (dot(direction, a_dir) + 1e-12)
+        x = x + step * direction
+        residual = residual - step * a_dir
+        r_new = dot(residual, residual)
+        direction = residual + (r_new / (r_old + 1e-12)) * direction
+        r_old = r_new
+    return x
+
+
+def tlp(logits: torch.Tensor, guide: torch.Tensor, affinity: torch.Tensor, cfg: TLPConfig = TLPConfig(),
+        info: dict | None = None) -> torch.Tensor:
+    """Refined logits [B, Q, H, W] (fp32) by TLP; pearl.md §3.2 steps 1–14."""
+    logits, guide = logits.float(), guide.float()
+    height, width = logits.shape[-2:]
+    z, small_guide, pooled = _pool(logits, guide, cfg)
+    p = torch.softmax(cfg.softmax_temp * z, dim=1)
+    conf = p.amax(dim=1)
+    agreement, weighted = _pair_terms(p, affinity, cfg.quadform)
+    rho = (conf.clamp_min(cfg.eps) ** 2 * (1 + agreement.clamp(0, 1)))[:, None]
+    w_h, w_v = edge_weights(p, weighted, small_guide, cfg)
+    x = conjugate_gradient(rho, z, w_h, w_v, cfg.tau, cfg.cg_iters)
+    if info is not None:
+        rhs = rho * z
+        res = (rhs - rho * x - cfg.tau * laplacian(x, w_h, w_v)).norm() / rhs.norm().clamp_min(1e-12)
+        info.update(tlp_low_confidence=(conf < cfg.eps).float().mean().item(), tlp_rho_mean=rho.mean().item(),
+                    tlp_rho_std=rho.std().item() if rho.numel() > 1 else 0.0,
+                    tlp_edge_weight_mean=torch.cat([w_h.flatten(), w_v.flatten()]).mean().item() if w_h.numel() + w_v.numel() else 0.0,
+                    tlp_cg_relative_residual=res.item())
+    if pooled:
+        x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
+    return x

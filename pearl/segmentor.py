@@ -1,0 +1,256 @@
+"""Segmentor: image → rescale → windows → batched dense forward → fusion → refinement → decision.
+
+The pipeline of spec/protocol.md §1–8 shared by every method; methods only supply the last block.
+Windows of all images given to ``predict_batch`` are batched by shape into one forward each.
+"""
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import params as param_specs
+from .backbone import PRECISIONS, dense_features, patch_size
+from .methods import get_method
+from .preprocess import Window, normalise, rescale, sliding_windows, to_rgb_uint8
+from .refine.pamr import pamr
+from .refine.tlp import TLPConfig, text_affinity, tlp
+from .text import Vocabulary, load_vocabulary, text_prototypes
+
+
+@dataclass
+class Prediction:
+    """One image's result. labels [H, W] long; probs [C, H, W] (before the area filter and prob_thd);
+    logits [Q, H, W] (after refinement, before logit_scale); info: diagnostics."""
+
+    labels: torch.Tensor
+    probs: torch.Tensor
+    logits: torch.Tensor
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Image:
+    input: torch.Tensor          # [3, H', W'] normalised, on device
+    ori_shape: tuple[int, int]
+    windows: list[Window]
+    patch_logits: list = field(default_factory=list)  # per window: [Q, h', w']
+
+
+def decide(logits: torch.Tensor, query_to_class: torch.Tensor, num_classes: int, logit_scale: float,
+           area_thd: float = 0.0, prob_thd: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(labels [H, W], class probabilities [C, H, W]) from query logits [Q, H, W]; protocol.md §8.
+
+    softmax(logit_scale·L) over all queries (in L's dtype); class probability = max over its
+    queries (no renormalisation); optional area filter; argmax (first index on ties); pixels whose
+    top probability is strictly below prob_thd → 0. The returned probabilities are pre-filter.
+    """
+    query_probs = torch.softmax(logits * logit_scale, dim=0)
+    if logits.shape[0] == num_classes:
+        probs = query_probs
+    else:
+        probs = torch.zeros((num_classes, *logits.shape[1:]), dtype=query_probs.dtype, device=logits.device)
+        for query, owner in enumerate(query_to_class.tolist()):
+            probs[owner] = torch.maximum(probs[owner], query_probs[query])
+    filtered = probs
+    if area_thd > 0:
+        counts = torch.bincount(probs.argmax(dim=0).flatten(), minlength=num_classes)[1:]
+        keep = (counts > area_thd * counts.sum()).to(probs.dtype)
+        filtered = probs.clone()
+        filtered[1:] *= keep[:, None, None]
+    labels = filtered.argmax(dim=0)
+    labels[filtered.amax(dim=0) < prob_thd] = 0
+    return labels, probs
+
+
+class Segmentor:
+    """Training-free OVSS with a frozen open_clip model; see api.md and the README.
+
+    ``model`` is moved to ``device`` in place. ``precision`` None keeps the model's own; a value
+    different from the model's raises unless it is 'fp32' (then the model is cast up).
+    """
+
+    def __init__(self, model, classes: Sequence[str] | str | os.PathLike, method: str = "pearl",
+                 pa: bool | None = None, tlp: bool | None = None, tokenizer=None, device: str | torch.device = "cpu",
+                 precision: str | None = None, window_batch_size: int = 32, **params) -> None:
+        method_cls = get_method(method)
+        self.method = method_cls()
+        self.params = param_specs.resolve(params)
+        self.pa = method_cls.default_pa if pa is None else pa
+        self.tlp = method_cls.default_tlp if tlp is None else tlp
+        if not isinstance(self.pa, bool) or not isinstance(self.tlp, bool):
+            raise ValueError(f"pa and tlp must be True, False or None, got pa={pa!r}, tlp={tlp!r}")
+        if self.pa and not method_cls.has_query_key_term:
+            raise ValueError(
+                f"pa=True has no meaning for method {method!r}: its last-block attention has no query·key term "
+                f"(only key·key / query·query products), and rotating the keys by an orthogonal R leaves k·kᵀ and "
+                f"q·qᵀ unchanged. PA applies to: vanilla, pearl.")
+        if self.params["arch"] is None:
+            self.params["arch"] = method_cls.default_arch
+        self.params.update(pa=self.pa, tlp=self.tlp)
+        self._check_values()
+        self.method_name = method
+        self.tlp_config = TLPConfig(
+            grid=self.params["tlp_grid"], cg_iters=self.params["tlp_cg_iters"], pool=self.params["tlp_pool"],
+            softmax_temp=self.params["tlp_softmax_temp"], quadform=self.params["tlp_quadform"],
+            grad_norm=self.params["tlp_grad_norm"], edge_clamp=self.params["tlp_edge_clamp"],
+            tau=self.params["tlp_tau"], lam=self.params["tlp_lambda"], tau_s=self.params["tlp_tau_s"],
+            beta=self.params["tlp_beta"], kappa=self.params["tlp_kappa"], eps=self.params["tlp_eps"])
+        if window_batch_size < 1:
+            raise ValueError(f"window_batch_size must be ≥ 1, got {window_batch_size}")
+        self.window_batch_size = window_batch_size
+
+        self.device = torch.device(device)
+        self.model = self._prepare_model(model, precision)
+        if tokenizer is None:
+            import open_clip
+            tokenizer = open_clip.get_tokenizer("ViT-B-16")  # the CLIP BPE tokenizer, context 77
+        self.vocabulary: Vocabulary = load_vocabulary(classes)
+        self.prototypes = text_prototypes(self.model, tokenizer, self.vocabulary.queries, self.device,
+                                          self.params["text_cache_dir"])
+        self.query_to_class = torch.tensor(self.vocabulary.query_to_class, device=self.device)
+        self.affinity = text_affinity(self.prototypes, self.tlp_config.tau_s, self.tlp_config.beta) if self.tlp else None
+
+    def _check_values(self) -> None:
+        p = self.params
+        checks = [("resize_short", p["resize_short"] >= 0), ("resize_long", p["resize_long"] > 0),
+                  ("slide_crop", p["slide_crop"] >= 0), ("slide_stride", p["slide_stride"] > 0),
+                  ("logit_scale", p["logit_scale"] > 0), ("prob_thd", 0 <= p["prob_thd"] <= 1),
+                  ("area_thd", 0 <= p["area_thd"] < 1), ("pa_iters", p["pa_iters"] >= 0),
+                  ("pamr_iters", p["pamr_iters"] >= 0), ("naclip_gauss_std", p["naclip_gauss_std"] > 0)]
+        for name, ok in checks:
+            if not ok:
+                raise ValueError(f"{name}={p[name]!r} is out of range; see the README's parameter table")
+
+    def _prepare_model(self, model, precision: str | None):
+        dtype = model.visual.conv1.weight.dtype
+        if precision is not None:
+            if precision not in PRECISIONS:
+                raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+            if PRECISIONS[precision] != dtype:
+                if precision != "fp32":
+                    raise ValueError(f"the model's weights are {dtype} but precision={precision!r}: load the model "
+                                     f"with pearl.load_clip(..., precision={precision!r}) instead")
+                model = model.float()
+        return model.to(self.device).eval()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.prototypes.dtype
+
+    def predict(self, image, on_device: bool = False) -> Prediction:
+        """Segment one H×W×3 uint8 RGB image (numpy, PIL, grey or RGBA converted)."""
+        return self.predict_batch([image], on_device=on_device)[0]
+
+    @torch.no_grad()
+    def predict_batch(self, images: Sequence, on_device: bool = False) -> list[Prediction]:
+        """Segment several images; their windows share batched forward passes.
+
+        ``on_device=True`` leaves the outputs on the segmentor's device (no copy to the CPU).
+        """
+        prepared = [self._prepare_image(image) for image in images]
+        forward_info = self._forward_windows(prepared)
+        results = []
+        for item in prepared:
+            info = dict(forward_info, windows=len(item.windows))
+            logits = self._fuse(item, info)
+            logits = self._refine(item, logits, info)
+            labels, probs = decide(logits, self.query_to_class, self.vocabulary.num_classes,
+                                   self.params["logit_scale"], self.params["area_thd"], self.params["prob_thd"])
+            out = Prediction(labels, probs.float(), logits.float(), info)
+            if not on_device:
+                out = Prediction(labels.cpu(), out.probs.cpu(), out.logits.cpu(), info)
+            results.append(out)
+        return results
+
+    def _prepare_image(self, image) -> _Image:
+        rgb = to_rgb_uint8(image)
+        resized = rescale(rgb, self.params["resize_short"], self.params["resize_long"])
+        tensor = normalise(resized).to(self.device)
+        if self.method.fuse_in_model_dtype:
+            tensor = tensor.to(self.dtype)  # ClearCLIP casts its input before the window loop
+        windows = sliding_windows(tensor.shape[1], tensor.shape[2], self.params["slide_crop"],
+                                  self.params["slide_stride"])
+        patch = patch_size(self.model.visual)
+        if min(tensor.shape[1:]) < patch:
+            raise ValueError(f"image of size {rgb.shape[1]}×{rgb.shape[0]} is {tensor.shape[2]}×{tensor.shape[1]} "
+                             f"after the rescale: smaller than one {patch}-pixel patch; use a larger image or resize_short")
+        return _Image(tensor, rgb.shape[:2], windows)
+
+    def _crop(self, item: _Image, window: Window) -> torch.Tensor:
+        crop = item.input[:, window.y1:window.y2, window.x1:window.x2]
+        if self.method.pad_crops_to_patch:
+            patch = patch_size(self.model.visual)
+            pad_h, pad_w = (-crop.shape[1]) % patch, (-crop.shape[2]) % patch
+            crop = F.pad(crop, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+        return crop
+
+    def _forward_windows(self, prepared: list[_Image]) -> dict:
+        """Fill each image's ``patch_logits`` with [Q, h', w'] cosine logits, one batched forward per shape."""
+        jobs = defaultdict(list)
+        for item in prepared:
+            item.patch_logits = [None] * len(item.windows)
+            for index, window in enumerate(item.windows):
+                crop = self._crop(item, window)
+                jobs[tuple(crop.shape)].append((item, index, crop))
+        stats = defaultdict(list)
+        for group in jobs.values():
+            for start in range(0, len(group), self.window_batch_size):
+                chunk = group[start:start + self.window_batch_size]
+                batch = torch.stack([crop for _, _, crop in chunk])
+                feats, info = dense_features(self.model.visual, batch, self.method, self.params)
+                logits = (feats.to(self.dtype) @ self.prototypes.T).permute(0, 3, 1, 2)
+                for (item, index, _), window_logits in zip(chunk, logits):
+                    item.patch_logits[index] = window_logits
+                for key, value in info.items():
+                    stats[key].append(value)
+        return {key: float(np.mean(values)) for key, values in stats.items()}
+
+    def _upsample(self, logits: torch.Tensor, size) -> torch.Tensor:
+        return F.interpolate(logits[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
+
+    def _window_tlp(self, logits: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
+        return tlp(logits[None], guide[None].float(), self.affinity, self.tlp_config)[0].to(self.dtype)
+
+    def _fuse(self, item: _Image, info: dict) -> torch.Tensor:
+        """Query logits [Q, H, W] at the original size; protocol.md §6.2–6.5."""
+        per_window_tlp = self.tlp and self.params["tlp_site"] == "per_window"
+        info["nan_windows"] = sum(bool(torch.isnan(w).any()) for w in item.patch_logits)
+        height, width = item.input.shape[1:]
+        if self.params["slide_crop"] <= 0:
+            logits = item.patch_logits[0]
+            if self.method.whole_upsample_via_input or per_window_tlp:
+                logits = self._upsample(logits, (height, width))
+                if per_window_tlp:
+                    logits = self._window_tlp(logits, item.input)
+            return self._upsample(logits, item.ori_shape)
+        canvas_dtype = self.dtype if self.method.fuse_in_model_dtype else torch.float32
+        canvas = torch.zeros((self.vocabulary.num_queries, height, width), dtype=canvas_dtype, device=self.device)
+        count = torch.zeros((1, height, width), dtype=canvas_dtype, device=self.device)
+        for window, patch_logits in zip(item.windows, item.patch_logits):
+            crop = self._crop(item, window)
+            logits = self._upsample(patch_logits, crop.shape[1:])
+            if self.method.pad_crops_to_patch:  # cut the padding back off
+                top, left = (crop.shape[1] - (window.y2 - window.y1)) // 2, (crop.shape[2] - (window.x2 - window.x1)) // 2
+                logits = logits[:, top:top + window.y2 - window.y1, left:left + window.x2 - window.x1]
+            if per_window_tlp:
+                logits = self._window_tlp(logits, item.input[:, window.y1:window.y2, window.x1:window.x2])
+            canvas[:, window.y1:window.y2, window.x1:window.x2] += logits
+            count[:, window.y1:window.y2, window.x1:window.x2] += 1
+        return self._upsample(canvas / count, item.ori_shape)
+
+    def _refine(self, item: _Image, logits: torch.Tensor, info: dict) -> torch.Tensor:
+        """PAMR and post-fusion TLP on the original-size logits, guided by the upsampled input (fp32)."""
+        if not (self.params["pamr"] or (self.tlp and self.params["tlp_site"] == "post_fusion")):
+            return logits
+        guide = self._upsample(item.input.float(), item.ori_shape)[None]
+        if self.params["pamr"]:
+            logits = pamr(guide, logits[None], self.params["pamr_iters"], self.params["pamr_dilations"])[0].to(self.dtype)
+        if self.tlp and self.params["tlp_site"] == "post_fusion":
+            logits = tlp(logits[None], guide, self.affinity, self.tlp_config, info)[0].to(self.dtype)
+        return logits

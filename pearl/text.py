@@ -1,0 +1,126 @@
+"""Text side: the 80-template prompt ensemble, synonym queries and their prototypes.
+
+Follows spec/protocol.md §4–5 (SCLIP/NACLIP/PEARL ``get_cls_idx`` and the prototype loop in
+``naclip.py``): one prototype per *name*; the class of each name is kept in ``query_to_class``.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+from .protocols import parse_class_lines
+
+TEMPLATES: tuple[str, ...] = tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES)
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Queries (names) in file order and the class index of each."""
+
+    class_lines: tuple[str, ...]
+    queries: tuple[str, ...]
+    query_to_class: tuple[int, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_lines)
+
+    @property
+    def num_queries(self) -> int:
+        return len(self.queries)
+
+
+def load_vocabulary(classes: Sequence[str] | str | os.PathLike) -> Vocabulary:
+    """Build the query list from class lines (``", "`` separates synonyms) or a class file path.
+
+    Raises ValueError for an empty list, an empty class or name, or a duplicate class line.
+    """
+    if isinstance(classes, (str, os.PathLike)):
+        path = Path(classes)
+        if not path.is_file():
+            raise ValueError(f"class file {str(path)!r} does not exist; pass a list of class names "
+                             "or the path of a file with one class per line")
+        lines = parse_class_lines(path.read_text(encoding="utf-8"))
+    else:
+        lines = [str(c) for c in classes]
+    if not lines:
+        raise ValueError("the class list is empty; give at least one class name")
+    seen: dict[str, int] = {}
+    queries, owners = [], []
+    for idx, line in enumerate(lines):
+        if line in seen:
+            raise ValueError(f"class {idx} {line!r} duplicates class {seen[line]}; each class must be listed once")
+        seen[line] = idx
+        for name in line.split(", "):
+            if not name.strip():
+                raise ValueError(f"class {idx} ({line!r}) has an empty name; remove stray ', ' separators")
+            queries.append(name)
+            owners.append(idx)
+    return Vocabulary(tuple(lines), tuple(queries), tuple(owners))
+
+
+_fingerprints: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
+_memory_cache: dict[str, torch.Tensor] = {}
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """Hash of every text-side parameter (and its dtype): identical weights give the same key."""
+    if model not in _fingerprints:
+        h = hashlib.sha256()
+        for name, tensor in sorted(model.state_dict().items()):
+            if name.startswith("visual."):
+                continue
+            h.update(name.encode())
+            h.update(str(tensor.dtype).encode())
+            h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        _fingerprints[model] = h.hexdigest()
+    return _fingerprints[model]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("PEARL_CACHE", Path.home() / ".cache" / "pearl")) / "text"
+
+
+@torch.no_grad()
+def _encode(model, tokenizer, queries: Sequence[str], device: torch.device) -> torch.Tensor:
+    """[Q, D] unit prototypes: per query, L2-normalise each template embedding, mean, normalise."""
+    rows = []
+    for query in queries:
+        tokens = tokenizer([template.format(query) for template in TEMPLATES]).to(device)
+        feats = model.encode_text(tokens)
+        feats = feats / feats.norm(dim=-1, keepdim=True)
+        mean = feats.mean(dim=0)
+        rows.append(mean / mean.norm())
+    return torch.stack(rows)
+
+
+def text_prototypes(model, tokenizer, queries: Sequence[str], device: torch.device,
+                    cache_dir: str | os.PathLike | None = None) -> torch.Tensor:
+    """[Q, D] prototypes in the text tower's dtype, cached in memory and on disk.
+
+    The key hashes the text weights, the query list and the templates. ``cache_dir=""`` disables
+    the disk cache; None uses ``$PEARL_CACHE/text`` (default ``~/.cache/pearl/text``).
+    """
+    dtype = str(model.text_projection.dtype) if hasattr(model, "text_projection") else ""
+    key = hashlib.sha256("\x00".join([model_fingerprint(model), dtype, *queries, "\x01", *TEMPLATES]).encode()).hexdigest()
+    if key not in _memory_cache:
+        folder = None if cache_dir == "" else Path(cache_dir) if cache_dir else default_cache_dir()
+        path = folder / f"{key}.pt" if folder else None
+        if path is not None and path.is_file():
+            _memory_cache[key] = torch.load(path, map_location="cpu")
+        else:
+            protos = _encode(model, tokenizer, queries, device).cpu()
+            if path is not None:
+                folder.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".tmp{os.getpid()}")
+                torch.save(protos, tmp)
+                os.replace(tmp, path)
+            _memory_cache[key] = protos
+    return _memory_cache[key].to(device)
