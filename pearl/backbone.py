@@ -73,7 +73,8 @@ def load_clip(name: str = "ViT-B-16", pretrained: str | None = "openai", device:
             where = cache_dir or _hf_cache_dir()
             raise RuntimeError(
                 f"could not load {model_name!r} weights {pretrained!r}: {error}\n"
-                f"Without network access the weights must already be in the cache directory {where} "
+                f"Without network access (set HF_HUB_OFFLINE=1 to fail fast) the weights must already be in the "
+                f"cache directory {where} "
                 f"(set HF_HUB_CACHE or pass cache_dir), e.g. on a connected machine run "
                 f"`python -c \"import open_clip; open_clip.create_model('{model_name}', pretrained='{pretrained}')\"` "
                 f"and copy {where} across; or download the checkpoint file (for ViT-B/16 OpenAI: ViT-B-16.pt, "

@@ -6,6 +6,7 @@ Windows of all images given to ``predict_batch`` are batched by shape into one f
 from __future__ import annotations
 
 import os
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -220,7 +221,10 @@ class Segmentor:
     def _fuse(self, item: _Image, info: dict) -> torch.Tensor:
         """Query logits [Q, H, W] at the original size; protocol.md §6.2–6.5."""
         per_window_tlp = self.tlp and self.params["tlp_site"] == "per_window"
-        info["nan_windows"] = sum(bool(torch.isnan(w).any()) for w in item.patch_logits)
+        info["nan_windows"] = int(torch.stack([torch.isnan(w).any() for w in item.patch_logits]).sum())  # one sync
+        if info["nan_windows"]:
+            warnings.warn(f"{info['nan_windows']} of {len(item.windows)} windows produced NaN logits (SFP's released "
+                          f"purification zeroes isolated outliers; sfp_nan_guard=True avoids it)", RuntimeWarning)
         height, width = item.input.shape[1:]
         if self.params["slide_crop"] <= 0:
             logits = item.patch_logits[0]

@@ -138,8 +138,9 @@ def conjugate_gradient(rho: torch.Tensor, z: torch.Tensor, w_h: torch.Tensor, w_
 
 def tlp(logits: torch.Tensor, guide: torch.Tensor, affinity: torch.Tensor, cfg: TLPConfig = TLPConfig(),
         info: dict | None = None) -> torch.Tensor:
-    """Refined logits [B, Q, H, W] (fp32) by TLP; pearl.md §3.2 steps 1–14."""
-    logits, guide = logits.float(), guide.float()
+    """Refined logits [B, Q, H, W] (fp32; fp64 inputs stay fp64) by TLP; pearl.md §3.2 steps 1–14."""
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    logits, guide, affinity = logits.to(dtype), guide.to(dtype), affinity.to(dtype)
     height, width = logits.shape[-2:]
     z, small_guide, pooled = _pool(logits, guide, cfg)
     p = torch.softmax(cfg.softmax_temp * z, dim=1)

@@ -1,0 +1,39 @@
+import os
+
+import open_clip
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+# 12 blocks so that SFP's fixed layer positions (x4, x9, x10, x11) exist; 2 heads of 32 dims.
+TINY_CFG = {"embed_dim": 32, "quick_gelu": True,
+            "vision_cfg": {"image_size": 64, "layers": 12, "width": 64, "head_width": 32, "patch_size": 16},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+
+
+def make_tiny(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return open_clip.CLIP(**TINY_CFG).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    return make_tiny()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return open_clip.get_tokenizer("ViT-B-16")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("PEARL_CACHE", str(tmp_path_factory.getbasetemp() / "pearl-cache"))
+
+
+@pytest.fixture(scope="session")
+def photos():
+    from skimage import data
+    return {"chelsea": data.chelsea(), "coffee": data.coffee()}

@@ -1,0 +1,91 @@
+import json
+import math
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pearl
+from pearl.backbone import dense_features, embed, positional_embedding
+from pearl.methods import get_method
+from pearl.params import resolve
+
+from .conftest import TINY_CFG
+
+
+def _params(**overrides):
+    p = resolve(overrides)
+    p.update(pa=False, tlp=False, arch=overrides.get("arch", "vanilla"))
+    return p
+
+
+def test_vanilla_dense_forward_reproduces_stock_open_clip(tiny_model):
+    """Embed + blocks + vanilla last block at native size = open_clip's own forward (exactly, fp32)."""
+    visual = tiny_model.visual
+    images = torch.randn(2, 3, 64, 64)
+    feats, _ = dense_features(visual, images, get_method("vanilla")(), _params())
+    visual.output_tokens = True
+    try:
+        _, tokens = visual(images)
+    finally:
+        visual.output_tokens = False
+    stock = tokens @ visual.proj
+    stock = stock / stock.norm(dim=-1, keepdim=True)
+    assert torch.allclose(feats.reshape(2, 16, -1), stock, atol=1e-6)
+
+
+def test_positional_embedding_plus_point_one_interpolation(tiny_model):
+    visual = tiny_model.visual
+    pos = visual.positional_embedding.detach().float()
+    assert torch.equal(positional_embedding(visual, 4, 4), pos)   # native grid: unchanged
+    assert torch.equal(positional_embedding(visual, 2, 8), pos)   # same token count: upstream keeps it too
+    out = positional_embedding(visual, 3, 7)
+    assert out.shape == (1 + 21, 64)
+    assert torch.equal(out[0], pos[0])
+    grid = pos[1:].reshape(1, 4, 4, 64).permute(0, 3, 1, 2)
+    expected = F.interpolate(grid, scale_factor=(3.1 / 4, 7.1 / 4), mode="bicubic", align_corners=False)
+    assert torch.allclose(out[1:], expected.permute(0, 2, 3, 1).reshape(21, 64))
+    by_size = F.interpolate(grid, size=(3, 7), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(21, 64)
+    assert not torch.allclose(out[1:], by_size, atol=1e-4)  # the +0.1 form samples elsewhere
+
+
+def test_embed_non_square_input_drops_trailing_pixels(tiny_model):
+    tokens, grid = embed(tiny_model.visual, torch.randn(1, 3, 50, 81))
+    assert grid == (3, 5) and tokens.shape == (1, 16, 64)
+
+
+def test_load_clip_local_checkpoint_and_errors(tmp_path, monkeypatch):
+    config = tmp_path / "Tiny-Test-ViT.json"
+    config.write_text(json.dumps(TINY_CFG))
+    open_clip.add_model_config(str(config))
+    source = open_clip.create_model("Tiny-Test-ViT")
+    checkpoint = tmp_path / "tiny.pt"
+    torch.save(source.state_dict(), checkpoint)
+    model, tokenizer = pearl.load_clip("Tiny-Test-ViT", pretrained=str(checkpoint))
+    assert not model.training
+    assert torch.equal(model.visual.conv1.weight, source.visual.conv1.weight)
+    assert tokenizer("a cat").shape == (1, 77)
+
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        pearl.load_clip("ViT-B-16", pretrained=str(tmp_path / "missing.pt"))
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import time
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    with pytest.raises(RuntimeError, match="hf-cache"):
+        pearl.load_clip("ViT-B-16", pretrained="openai")
+    with pytest.raises(ValueError, match="precision"):
+        pearl.load_clip("ViT-B-16", pretrained=None, precision="fp8")
+
+
+def test_load_clip_openai_tag_asks_for_quick_gelu(monkeypatch):
+    seen = {}
+
+    def fake_create(name, pretrained=None, **kwargs):
+        seen.update(kwargs, name=name)
+        return torch.nn.Linear(1, 1)
+    monkeypatch.setattr(open_clip, "create_model", fake_create)
+    pearl.load_clip("ViT-B-16", pretrained="openai")
+    assert seen["force_quick_gelu"] is True and seen["name"] == "ViT-B-16"
+    pearl.load_clip("ViT-B-16", pretrained="laion2b_s34b_b88k")
+    assert seen["force_quick_gelu"] is False

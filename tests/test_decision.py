@@ -1,0 +1,46 @@
+import pytest
+import torch
+
+from pearl.segmentor import decide
+
+
+def test_synonym_max_without_renormalisation():
+    # queries: 0,1 → class 0 (background, two names); 2 → class 1; 3 → class 2
+    logits = torch.tensor([[0.30, 0.0], [0.25, 0.0], [0.28, 0.9], [0.1, 0.0]]).view(4, 1, 2)
+    labels, probs = decide(logits, torch.tensor([0, 0, 1, 2]), 3, logit_scale=40)
+    q = torch.softmax(40 * logits, dim=0)
+    assert torch.allclose(probs[0], torch.maximum(q[0], q[1]))
+    assert torch.allclose(probs[1], q[2]) and torch.allclose(probs[2], q[3])
+    assert probs[:, 0, 0].sum() < 0.95  # max, not sum: not renormalised
+    assert labels.flatten().tolist() == [0, 1]
+
+
+def test_prob_threshold_is_strict_and_sends_to_class_zero():
+    logits = torch.log(torch.tensor([0.2, 0.5, 0.3])).view(3, 1, 1).repeat(1, 1, 2)
+    labels, _ = decide(logits, torch.arange(3), 3, logit_scale=1.0, prob_thd=0.5)
+    assert labels.flatten().tolist() == [1, 1]  # 0.5 is not strictly below 0.5
+    labels, _ = decide(logits, torch.arange(3), 3, logit_scale=1.0, prob_thd=0.51)
+    assert labels.flatten().tolist() == [0, 0]
+
+
+def test_area_filter_drops_small_foreground_classes_but_never_background():
+    # 10 pixels: class 1 wins 8, class 2 wins 1, background wins 1
+    logits = torch.zeros(3, 1, 10)
+    logits[1, 0, :8] = 1
+    logits[2, 0, 8] = 1
+    logits[0, 0, 9] = 1
+    labels, probs = decide(logits, torch.arange(3), 3, logit_scale=10, area_thd=0.1)
+    # class 2 has 1 of 9 foreground pixels = 0.111 > 0.1: kept
+    assert labels[0, 8] == 2
+    labels, probs_after = decide(logits, torch.arange(3), 3, logit_scale=10, area_thd=0.12)
+    assert labels[0, 8] == 0  # class 2 filtered; background is next best
+    assert torch.equal(probs, probs_after)  # returned probabilities are pre-filter
+    logits[0, 0, :9] = -5
+    logits[0, 0, 9] = 1
+    labels, _ = decide(logits, torch.arange(3), 3, logit_scale=10, area_thd=0.5)
+    assert labels[0, 9] == 0
+
+
+def test_ties_take_the_first_class():
+    labels, _ = decide(torch.zeros(4, 2, 2), torch.arange(4), 4, logit_scale=40)
+    assert torch.all(labels == 0)

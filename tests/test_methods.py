@@ -1,0 +1,224 @@
+"""Each last-block variant against an independent re-derivation from the spec's formulas."""
+import copy
+import math
+
+import pytest
+import torch
+
+from pearl.methods import available_methods, get_method
+from pearl.methods.naclip import neighbourhood_bias
+from pearl.params import resolve
+from pearl.procrustes import polar_newton_schulz, polar_svd, procrustes_attention, procrustes_rotation
+
+HEADS, DIM = 2, 32
+
+
+def _params(**overrides):
+    p = resolve({k: v for k, v in overrides.items() if k not in ("pa", "tlp", "arch")})
+    p.update(pa=overrides.get("pa", False), tlp=False, arch=overrides.get("arch", "reduced"))
+    return p
+
+
+def _qkv(block, x):
+    """Per head q, k, v [B, h, T, d] written out from in_proj (test-side transcription)."""
+    y = block.ln_1(x)
+    w, b = block.attn.in_proj_weight, block.attn.in_proj_bias
+    width = x.shape[-1]
+    out = []
+    for part in range(3):
+        t = y @ w[part * width:(part + 1) * width].T + b[part * width:(part + 1) * width]
+        out.append(t.view(x.shape[0], x.shape[1], HEADS, DIM).transpose(1, 2))
+    return out
+
+
+def _out_proj(block, heads):
+    b, h, t, d = heads.shape
+    return heads.transpose(1, 2).reshape(b, t, h * d) @ block.attn.out_proj.weight.T + block.attn.out_proj.bias
+
+
+def _full_block(block, x, heads):
+    y = x + _out_proj(block, heads)
+    return y + block.mlp(block.ln_2(y))
+
+
+@pytest.fixture
+def tokens():
+    torch.manual_seed(1)
+    return torch.randn(2, 1 + 12, 64)  # grid 3×4
+
+
+def _run(name, tiny_model, x, **overrides):
+    blocks = tiny_model.visual.transformer.resblocks
+    return get_method(name)().last_block(blocks, x, [], (3, 4), _params(**overrides), {})
+
+
+def test_registry_lists_the_six_methods():
+    assert available_methods() == ["clearclip", "naclip", "pearl", "sclip", "sfp", "vanilla"]
+    with pytest.raises(ValueError, match="valid: clearclip"):
+        get_method("maskclip")
+
+
+def test_vanilla_full_block(tiny_model, tokens):
+    block = tiny_model.visual.transformer.resblocks[-1]
+    q, k, v = _qkv(block, tokens)
+    attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(DIM), dim=-1)
+    expected = _full_block(block, tokens, attn @ v)[:, 1:]
+    assert torch.allclose(_run("vanilla", tiny_model, tokens, arch="vanilla"), expected, atol=1e-5)
+    # stock open_clip block gives the same
+    assert torch.allclose(block(tokens)[:, 1:], expected, atol=1e-5)
+
+
+def test_sclip_sums_two_maps(tiny_model, tokens):
+    block = tiny_model.visual.transformer.resblocks[-1]
+    q, k, v = _qkv(block, tokens)
+    s = DIM ** -0.5
+    attn = torch.softmax(s * q @ q.transpose(-1, -2), -1) + torch.softmax(s * k @ k.transpose(-1, -2), -1)
+    expected = _full_block(block, tokens, attn @ v)[:, 1:]
+    assert torch.allclose(_run("sclip", tiny_model, tokens), expected, atol=1e-5)
+
+
+def _constant_value_model(tiny_model):
+    """A copy whose last block has v ≡ 1, identity out_proj and a zero MLP: output − x = A's row sums."""
+    model = copy.deepcopy(tiny_model)
+    block = model.visual.transformer.resblocks[-1]
+    with torch.no_grad():
+        block.attn.in_proj_weight[128:] = 0
+        block.attn.in_proj_bias[128:] = 1
+        block.attn.out_proj.weight.copy_(torch.eye(64))
+        block.attn.out_proj.bias.zero_()
+        block.mlp.c_proj.weight.zero_()
+        block.mlp.c_proj.bias.zero_()
+    return model
+
+
+@pytest.mark.parametrize("name, row_sum, arch", [("sclip", 2.0, None), ("naclip", 1.0, None),
+                                                 ("clearclip", 1.0, None), ("pearl", 1.0, "reduced"),
+                                                 ("vanilla", 1.0, "vanilla")])
+def test_attention_rows_sum(tiny_model, tokens, name, row_sum, arch):
+    model = _constant_value_model(tiny_model)
+    out = _run(name, model, tokens, arch=arch or "reduced", pa=name == "pearl")
+    if name in ("sclip", "vanilla"):  # residual kept: subtract x
+        out = out - tokens[:, 1:]
+    assert torch.allclose(out, torch.full_like(out, row_sum), atol=1e-5)
+
+
+def test_naclip_bias_matrix():
+    omega = neighbourhood_bias(3, 4, 5.0)
+    assert omega.shape == (13, 13)
+    assert torch.all(omega[0] == 0) and torch.all(omega[:, 0] == 0)
+    assert torch.allclose(torch.diagonal(omega)[1:], torch.ones(12))
+    # patch (0,0) ↔ (2,3): distance² = 4 + 9
+    assert omega[1, 12].item() == pytest.approx(math.exp(-13 / 50), rel=1e-6)
+    # upstream's construction: one-hot maps convolved with a (2h−1)×(2w−1) Gaussian window, 'same' padding
+    ys = torch.arange(-2, 3, dtype=torch.float32)
+    xs = torch.arange(-3, 4, dtype=torch.float32)
+    window = torch.exp(-(ys[:, None] ** 2 + xs[None] ** 2) / 50)
+    eye = torch.eye(12).view(12, 1, 3, 4)
+    conv = torch.nn.functional.conv2d(eye, window[None, None], padding="same").view(12, 12)
+    assert torch.allclose(omega[1:, 1:], conv, atol=1e-6)
+
+
+def test_naclip_last_block(tiny_model, tokens):
+    block = tiny_model.visual.transformer.resblocks[-1]
+    _, k, v = _qkv(block, tokens)
+    attn = torch.softmax(k @ k.transpose(-1, -2) / math.sqrt(DIM) + neighbourhood_bias(3, 4, 5.0), dim=-1)
+    expected = _out_proj(block, attn @ v)[:, 1:]
+    assert torch.allclose(_run("naclip", tiny_model, tokens), expected, atol=1e-5)
+
+
+def test_clearclip_ignores_keys_but_not_queries(tiny_model, tokens):
+    base = _run("clearclip", tiny_model, tokens)
+    model = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        model.visual.transformer.resblocks[-1].attn.in_proj_weight[64:128].normal_()
+    assert torch.allclose(_run("clearclip", model, tokens), base, atol=1e-6)
+    with torch.no_grad():
+        model.visual.transformer.resblocks[-1].attn.in_proj_weight[:64].normal_()
+    assert not torch.allclose(_run("clearclip", model, tokens), base, atol=1e-3)
+
+
+def _reference_pa(q, k, v, alpha, iters=5, solver="polar"):
+    """Per-head PA written out from pearl.md §2 with explicit loops."""
+    b, h, t, d = q.shape
+    out = torch.empty_like(v)
+    for bi in range(b):
+        for hi in range(h):
+            qh, kh, vh = q[bi, hi].double(), k[bi, hi].double(), v[bi, hi].double()
+            pi = qh.norm(dim=1)
+            pi[0] = 0
+            pi = pi / (pi.sum() + 1e-6)
+            qc, kc = qh - pi @ qh, kh - pi @ kh
+            m = kc.T @ qc
+            if solver == "svd":
+                u, _, vt = torch.linalg.svd(m)
+                r = u @ vt
+            else:
+                gram = m.T @ m
+                a = max(torch.linalg.norm(gram).item(), 1e-6)
+                y, w = gram / a + 1e-6 * torch.eye(d, dtype=gram.dtype), torch.eye(d, dtype=gram.dtype)
+                for _ in range(iters):
+                    tm = 0.5 * (3 * torch.eye(d, dtype=gram.dtype) - w @ y)
+                    y, w = y @ tm, tm @ w
+                r = m @ w / math.sqrt(a)
+            s = d ** -0.5
+            logits = (s * qh) @ (kh @ r).T + alpha * s * kc @ kc.T
+            out[bi, hi] = (torch.softmax(logits, -1) @ vh).float()
+    return out
+
+
+@pytest.mark.parametrize("solver", ["polar", "svd"])
+def test_pa_matches_reference(solver):
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(2, 3, 9, 16) for _ in range(3))
+    out, stats = procrustes_attention(q, k, v, 16 ** -0.5, alpha_kk=0.3, solver=solver)
+    assert torch.allclose(out, _reference_pa(q, k, v, 0.3, solver=solver), atol=1e-4)
+    if solver == "svd":
+        assert stats["pa_orthogonality_error"] < 1e-4
+
+
+def test_svd_rotation_is_orthogonal():
+    torch.manual_seed(3)
+    rotation, _ = procrustes_rotation(torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8), solver="svd")
+    eye = torch.eye(8)
+    assert torch.allclose(rotation.transpose(-1, -2) @ rotation, eye.expand_as(rotation), atol=1e-5)
+
+
+@pytest.mark.parametrize("nu, expected", [(1.0, 1.000), (0.125, 0.999), (0.05, 0.967), (0.02, 0.822),
+                                          (0.01, 0.659), (1e-3, 0.237), (1e-4, 0.076)])
+def test_polar_five_steps_shrinks_weak_directions_as_spec_table(nu, expected):
+    """M = diag(√ν, √(1−ν²)^½·…): Γ/‖Γ‖ has eigenvalue ν on the first axis; R's first singular value is √ν·w5."""
+    other = math.sqrt(1 - nu ** 2)
+    m = torch.diag(torch.tensor([math.sqrt(nu), math.sqrt(other)], dtype=torch.float64))
+    r = polar_newton_schulz(m, iters=5)
+    assert r[0, 0].item() == pytest.approx(expected, abs=1.5e-3)
+
+
+def test_polar_approaches_svd_with_more_iterations():
+    torch.manual_seed(4)
+    m = torch.randn(6, 6, dtype=torch.float64) + 3 * torch.eye(6, dtype=torch.float64)
+    exact = polar_svd(m)
+    errors = [torch.linalg.norm(polar_newton_schulz(m, iters) - exact).item() for iters in (1, 3, 5, 30)]
+    assert errors[0] > errors[1] > errors[2] > errors[3]
+    assert errors[-1] < 1e-4  # the floor is set by the released +1e-6·I regulariser
+
+
+@pytest.mark.parametrize("solver", ["polar", "svd"])
+def test_pa_invariant_to_rotating_the_keys(solver):
+    torch.manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 11, 8, dtype=torch.float64) for _ in range(3))
+    ortho, _ = torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64))
+    out, _ = procrustes_attention(q, k, v, 8 ** -0.5, solver=solver)
+    rotated, _ = procrustes_attention(q, k @ ortho, v, 8 ** -0.5, solver=solver)
+    assert torch.allclose(out, rotated, atol=1e-8)
+
+
+def test_pearl_pa_off_is_plain_query_key_attention_in_reduced_block(tiny_model, tokens):
+    block = tiny_model.visual.transformer.resblocks[-1]
+    q, k, v = _qkv(block, tokens)
+    attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(DIM), dim=-1)
+    expected = _out_proj(block, attn @ v)[:, 1:]
+    assert torch.allclose(_run("pearl", tiny_model, tokens, pa=False), expected, atol=1e-5)
+    with_pa = _run("pearl", tiny_model, tokens, pa=True)
+    assert torch.allclose(with_pa, _out_proj(block, _reference_pa(q, k, v, 0.08))[:, 1:], atol=1e-4)
+    no_kk = _run("pearl", tiny_model, tokens, pa=True, use_kk=False)
+    assert torch.allclose(no_kk, _out_proj(block, _reference_pa(q, k, v, 0.0))[:, 1:], atol=1e-4)

@@ -1,0 +1,160 @@
+"""TLP and PAMR against direct transcriptions of pearl.md §3 and methods.md §4.1."""
+import numpy as np
+import pytest
+import torch
+
+from pearl.refine.pamr import pamr
+from pearl.refine.tlp import TLPConfig, pooling_strides, text_affinity, tlp
+
+H, W, Q = 5, 6, 3
+
+
+def _problem(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.rand(1, Q, H, W, generator=g, dtype=torch.float64) * 3
+    guide = torch.randn(1, 3, H, W, generator=g, dtype=torch.float64)
+    affinity = torch.softmax(torch.randn(Q, Q, generator=g, dtype=torch.float64), dim=1)
+    return logits, guide, affinity
+
+
+def _reference_system(z, guide, affinity, quadform="diag", cfg=TLPConfig()):
+    """Dense (diag ρ + τ𝓛) and ρ⊙Z for a grid small enough not to pool, written with loops."""
+    z, guide, g = z[0].numpy(), guide[0].numpy(), affinity.numpy()
+    p = np.exp(z) / np.exp(z).sum(0)
+    gmat = np.diag(np.diag(g)) if quadform == "diag" else g
+    n = H * W
+    rho = np.zeros(n)
+    for i in range(H):
+        for j in range(W):
+            pi = p[:, i, j]
+            u = min(max(pi @ gmat @ pi, 0), 1)
+            rho[i * W + j] = max(pi.max(), cfg.eps) ** 2 * (1 + u)
+    gray = 0.299 * guide[0] + 0.587 * guide[1] + 0.114 * guide[2]
+    gx = np.abs(gray[:, 1:] - gray[:, :-1])
+    gy = np.abs(gray[1:] - gray[:-1])
+    gx, gy = gx / (gx.mean() + 1e-6), gy / (gy.mean() + 1e-6)
+    lap = np.zeros((n, n))
+    for i in range(H):
+        for j in range(W):
+            for di, dj, grad in ((0, 1, gx), (1, 0, gy)):
+                if i + di >= H or j + dj >= W:
+                    continue
+                a, b = i * W + j, (i + di) * W + j + dj
+                gate = p[:, i + di, j + dj] @ gmat @ p[:, i, j]
+                w = min(max(np.exp(-5 * grad[i, j]) * (1 + min(max(gate, 0), 1)), 0), 1)
+                lap[a, a] += w
+                lap[b, b] += w
+                lap[a, b] -= w
+                lap[b, a] -= w
+    matrix = np.diag(rho) + lap
+    rhs = rho[None] * z.reshape(Q, n)
+    return matrix, rhs
+
+
+def _hand_cg(matrix, rhs, x0, iters):
+    x = x0.copy()
+    e = rhs - x @ matrix.T
+    p, r = e.copy(), (e * e).sum()
+    for _ in range(iters):
+        ap = p @ matrix.T
+        a = r / ((p * ap).sum() + 1e-12)
+        x, e = x + a * p, e - a * ap
+        r2 = (e * e).sum()
+        p, r = e + r2 / (r + 1e-12) * p, r2
+    return x
+
+
+@pytest.mark.parametrize("quadform", ["diag", "full"])
+def test_tlp_converges_to_the_dense_solution(quadform):
+    logits, guide, affinity = _problem()
+    matrix, rhs = _reference_system(logits, guide, affinity, quadform)
+    exact = np.linalg.solve(matrix, rhs.T).T.reshape(Q, H, W)
+    out = tlp(logits, guide, affinity, TLPConfig(grid=80, cg_iters=300, quadform=quadform))
+    assert np.allclose(out[0].numpy(), exact, atol=1e-8)
+
+
+def test_released_25_steps_equal_hand_run_cg():
+    logits, guide, affinity = _problem(1)
+    matrix, rhs = _reference_system(logits, guide, affinity)
+    expected = _hand_cg(matrix, rhs, logits[0].numpy().reshape(Q, -1), 25).reshape(Q, H, W)
+    out = tlp(logits, guide, affinity)
+    assert np.allclose(out[0].numpy(), expected, atol=1e-10)
+    few = tlp(logits, guide, affinity, TLPConfig(cg_iters=2))
+    assert not np.allclose(few[0].numpy(), expected, atol=1e-6)
+
+
+def test_full_equals_diag_exactly_when_g_is_diagonal():
+    logits, guide, affinity = _problem(2)
+    diagonal = torch.diag(torch.diagonal(affinity))
+    same_a = tlp(logits, guide, diagonal, TLPConfig(quadform="diag"))
+    same_b = tlp(logits, guide, diagonal, TLPConfig(quadform="full"))
+    assert torch.allclose(same_a, same_b, atol=1e-12)
+    differ = tlp(logits, guide, affinity, TLPConfig(quadform="full")) - tlp(logits, guide, affinity)
+    assert differ.abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("hw, grid, strides", [((375, 500), 80, (5, 6)), ((333, 500), 80, (4, 6)),
+                                               ((480, 640), 80, (6, 8)), ((512, 683), 80, (6, 9)),
+                                               ((1024, 2048), 224, (5, 9)), ((200, 60), 80, (2, 1)),
+                                               ((40, 40), 80, (1, 1))])
+def test_pooling_strides_table(hw, grid, strides):
+    assert pooling_strides(*hw, grid) == strides  # 200/80 = 2.5 rounds half to even → 2
+
+
+def test_pooled_tlp_keeps_the_full_size():
+    g = torch.Generator().manual_seed(3)
+    logits, guide = torch.rand(1, 4, 37, 53, generator=g), torch.randn(1, 3, 37, 53, generator=g)
+    affinity = text_affinity(torch.randn(4, 8, generator=g))
+    for pool in ("int_stride", "adaptive"):
+        out = tlp(logits, guide, affinity, TLPConfig(grid=10, pool=pool))
+        assert out.shape == logits.shape and torch.isfinite(out).all()
+
+
+def test_text_affinity_formula():
+    protos = torch.nn.functional.normalize(torch.randn(5, 8, dtype=torch.float64), dim=1)
+    g = text_affinity(protos).double()
+    s1 = torch.softmax(protos @ protos.T / 0.5, dim=1) + 10 * torch.eye(5, dtype=torch.float64)
+    assert torch.allclose(g, s1 / (s1.sum(1, keepdim=True) + 1e-6), atol=1e-6)
+    assert torch.allclose(g.sum(1), torch.ones(5, dtype=torch.float64), atol=1e-5)
+
+
+def _reference_pamr(image, logits, iters, dilations):
+    """Per-pixel loops of methods.md §4.1."""
+    img, lab = image[0].numpy(), logits[0].numpy().copy()
+    _, h, w = img.shape
+    offsets = [(dy * d, dx * d) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+    clamp = lambda y, x: (min(max(y, 0), h - 1), min(max(x, 0), w - 1))
+    weights = np.zeros((h, w, len(offsets)))
+    for y in range(h):
+        for x in range(w):
+            samples = np.array([img[:, clamp(y + oy, x + ox)[0], clamp(y + oy, x + ox)[1]] for oy, ox in offsets])
+            sigma = samples.std(axis=0, ddof=1)
+            logits_n = []
+            for oy, ox in offsets:
+                if oy == 0 and ox == 0:
+                    logits_n.append(None)
+                    continue
+                yy, xx = clamp(y + oy, x + ox)
+                logits_n.append(-np.mean(np.abs(img[:, y, x] - img[:, yy, xx]) / (1e-8 + 0.1 * sigma)))
+            vals = np.array([v for v in logits_n if v is not None])
+            soft = np.exp(vals - vals.max())
+            soft /= soft.sum()
+            weights[y, x, [i for i, v in enumerate(logits_n) if v is not None]] = soft
+    for _ in range(iters):
+        new = np.zeros_like(lab)
+        for y in range(h):
+            for x in range(w):
+                for n, (oy, ox) in enumerate(offsets):
+                    if weights[y, x, n]:
+                        yy, xx = clamp(y + oy, x + ox)
+                        new[:, y, x] += weights[y, x, n] * lab[:, yy, xx]
+        lab = new
+    return lab
+
+
+def test_pamr_matches_per_pixel_reference():
+    g = torch.Generator().manual_seed(4)
+    image = torch.randn(1, 3, 7, 9, generator=g, dtype=torch.float64)
+    logits = torch.rand(1, 2, 7, 9, generator=g, dtype=torch.float64)
+    out = pamr(image.double(), logits, iters=3, dilations=(1, 2))
+    assert np.allclose(out[0].numpy(), _reference_pamr(image, logits, 3, (1, 2)), atol=1e-5)

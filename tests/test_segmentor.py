@@ -1,0 +1,168 @@
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+import pearl
+from pearl.text import load_vocabulary
+
+CLASSES = ["sky, wall, tree", "cat, kitten", "cup", "table"]
+PA_METHODS = ("vanilla", "pearl")
+SETTINGS = [(m, pa, tlp) for m in pearl.available_methods() for pa in (False, True) for tlp in (False, True)
+            if not pa or m in PA_METHODS]
+
+
+def _segmentor(model, tokenizer, method, **kwargs):
+    kwargs.setdefault("resize_short", 112)
+    return pearl.Segmentor(model, CLASSES, method=method, tokenizer=tokenizer, **kwargs)
+
+
+@pytest.mark.parametrize("method, pa, tlp", SETTINGS)
+@pytest.mark.parametrize("crop", [64, 0])
+def test_every_method_pa_tlp_end_to_end(tiny_model, tokenizer, photos, method, pa, tlp, crop):
+    # 4×4-patch windows leave SFP outliers without clean neighbours: guard against the released NaN
+    seg = _segmentor(tiny_model, tokenizer, method, pa=pa, tlp=tlp, slide_crop=crop, slide_stride=32,
+                     prob_thd=0.1 if crop else 0.0, sfp_nan_guard=True)
+    images = [photos["chelsea"], photos["coffee"]]
+    single = [seg.predict(image) for image in images]
+    batch = seg.predict_batch(images)
+    for image, out, out_b in zip(images, single, batch):
+        h, w = image.shape[:2]
+        assert out.labels.shape == (h, w) and out.labels.dtype == torch.long
+        assert out.probs.shape == (4, h, w) and out.logits.shape == (7, h, w)
+        assert 0 <= out.probs.min() and out.probs.max() <= 1
+        assert out.labels.min() >= 0 and out.labels.max() < 4
+        assert torch.equal(out.labels, out_b.labels)
+        assert torch.allclose(out.probs, out_b.probs, atol=1e-5)
+    again = seg.predict(images[0])
+    assert torch.equal(again.labels, single[0].labels) and torch.equal(again.probs, single[0].probs)
+
+
+def test_tlp_changes_the_logits_and_pa_changes_features(tiny_model, tokenizer, photos):
+    base = _segmentor(tiny_model, tokenizer, "pearl", tlp=False).predict(photos["chelsea"])
+    refined = _segmentor(tiny_model, tokenizer, "pearl", tlp=True).predict(photos["chelsea"])
+    plain = _segmentor(tiny_model, tokenizer, "pearl", pa=False, tlp=False).predict(photos["chelsea"])
+    assert not torch.allclose(base.logits, refined.logits)
+    assert not torch.allclose(base.logits, plain.logits)
+    assert "pa_orthogonality_error" in base.info and "tlp_cg_relative_residual" in refined.info
+
+
+def test_per_window_tlp_and_pamr_run(tiny_model, tokenizer, photos):
+    for extra in ({"tlp": True, "tlp_site": "per_window"}, {"pamr": True}, {"tlp": True, "tlp_pool": "adaptive",
+                                                                           "tlp_quadform": "full"}):
+        out = _segmentor(tiny_model, tokenizer, "naclip", slide_crop=64, slide_stride=32, **extra).predict(photos["coffee"])
+        assert torch.isfinite(out.logits).all()
+
+
+def test_sfp_released_nan_windows_are_counted_and_warned(tiny_model, tokenizer, photos):
+    seg = _segmentor(tiny_model, tokenizer, "sfp", slide_crop=64, slide_stride=32)
+    with pytest.warns(RuntimeWarning, match="NaN"):
+        out = seg.predict(photos["chelsea"])
+    assert out.info["nan_windows"] > 0 and torch.isnan(out.logits).any()
+
+
+def test_defaults_follow_the_method(tiny_model, tokenizer):
+    seg = _segmentor(tiny_model, tokenizer, "pearl")
+    assert seg.pa and seg.tlp and seg.params["arch"] == "reduced"
+    seg = _segmentor(tiny_model, tokenizer, "naclip")
+    assert not seg.pa and not seg.tlp and not seg.params["pamr"]
+
+
+def test_bad_input_errors(tiny_model, tokenizer, photos):
+    with pytest.raises(ValueError, match="unknown method 'maskclip'.*valid"):
+        _segmentor(tiny_model, tokenizer, "maskclip")
+    with pytest.raises(ValueError, match="unknown parameter.*slide_size"):
+        _segmentor(tiny_model, tokenizer, "pearl", slide_size=3)
+    for method in ("sclip", "naclip", "clearclip", "sfp"):
+        with pytest.raises(ValueError, match="query·key"):
+            _segmentor(tiny_model, tokenizer, method, pa=True)
+    with pytest.raises(ValueError, match="empty"):
+        pearl.Segmentor(tiny_model, [], tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="duplicates class 0"):
+        pearl.Segmentor(tiny_model, ["cat", "cat"], tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="empty name"):
+        pearl.Segmentor(tiny_model, ["cat, ", "dog"], tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="tlp_pool"):
+        _segmentor(tiny_model, tokenizer, "pearl", tlp_pool="max")
+    with pytest.raises(ValueError, match="slide_stride"):
+        _segmentor(tiny_model, tokenizer, "pearl", slide_stride=0)
+    with pytest.raises(ValueError, match="true or false"):
+        _segmentor(tiny_model, tokenizer, "pearl", use_kk="yes")
+    seg = _segmentor(tiny_model, tokenizer, "sclip", slide_crop=224)
+    grey = photos["coffee"].mean(axis=2).astype(np.uint8)
+    assert seg.predict(grey).labels.shape == grey.shape
+    rgba = np.dstack([photos["chelsea"], np.full(photos["chelsea"].shape[:2], 255, np.uint8)])
+    assert torch.equal(seg.predict(rgba).labels, seg.predict(photos["chelsea"]).labels)
+    small = photos["chelsea"][:40, :50]  # rescaled to 112×140: smaller than the 224 crop
+    assert seg.predict(small).labels.shape == (40, 50)
+    with pytest.raises(ValueError, match="smaller than one 16-pixel patch"):
+        _segmentor(tiny_model, tokenizer, "sclip", resize_short=0).predict(small[:8, :8])
+
+
+def test_class_file_path_and_vocabulary(tmp_path):
+    path = tmp_path / "classes.txt"
+    path.write_text("background, sky\ncat\n")
+    vocab = load_vocabulary(path)
+    assert vocab.queries == ("background", "sky", "cat") and vocab.query_to_class == (0, 0, 1)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_vocabulary(tmp_path / "missing.txt")
+
+
+def _git_blob_sha1(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\x00" % len(data) + data).hexdigest()
+
+
+@pytest.mark.parametrize("dataset, method, sha, classes, queries", [
+    ("voc21", None, "a618275ddc2525ab2fbede9c81649da47b57de76", 21, 56),
+    ("voc20", None, "5f1ce8355a724fd73af74adc6022281da9542973", 20, 30),
+    ("pc60", None, "a6209938e2a6e57018af0ed6896176a7f1ace54f", 60, 60),
+    ("context59", None, "f9fb2a22f62cbd5a5a27cb2677636506fbbbc551", 59, 59),
+    ("coco_object", None, "3fdfe261f558b6502f0d5bfe32fdcc466df808ed", 81, 113),
+    ("coco_stuff", None, "b76c5a676308c9f328635938cf86f6fd27a985bb", 171, 171),
+    ("cityscapes", None, "a1560efb268b4c8a52a68e41df402a4b33171d44", 19, 19),
+    ("ade20k", None, "dba5aa2ce0c703b9dbf07dea5ee5e5230c8b51d3", 150, 150),
+    ("voc21", "clearclip", "913c968f5a11102741b5fa17cf6aba9c1814b419", 21, 21),
+    ("coco_object", "clearclip", "e290149963116c873fe6c54d28337a78bc500d8a", 81, 81),
+    ("voc21", "sfp", "e7ecf7d336d07824308b10adabb6afb2cc811f87", 21, 56),
+    ("cityscapes", "sfp", "22e9cc2c016a82df8ac5d57c8768eb23a6705152", 19, 19),
+])
+def test_class_files_are_byte_exact(dataset, method, sha, classes, queries):
+    assert _git_blob_sha1(pearl.class_file(dataset, method).read_bytes()) == sha
+    lines = pearl.class_names(dataset, method)
+    assert len(lines) == classes and len(load_vocabulary(lines).queries) == queries
+
+
+def test_pc60_keeps_the_trailing_space():
+    assert pearl.class_names("context60")[-1] == "wood "
+
+
+def test_protocols():
+    assert pearl.protocol("pearl", "voc21") == dict(resize_short=336, slide_crop=0, slide_stride=112, logit_scale=40,
+                                                    prob_thd=0.1, area_thd=0.0, alpha_kk=0.08, tlp_grid=80)
+    assert pearl.protocol("pearl", "ade20k")["alpha_kk"] == 0.3
+    assert pearl.protocol("pearl", "cityscapes")["tlp_grid"] == 224
+    assert pearl.protocol("sclip", "voc21")["area_thd"] == 0.1 and pearl.protocol("sclip", "voc21")["logit_scale"] == 65
+    assert pearl.protocol("clearclip", "cityscapes")["slide_stride"] == 224
+    assert pearl.protocol("sfp", "ade20k")["resize_short"] == 384
+    assert pearl.protocol("naclip", "voc21", profile="naclip_v1")["slide_crop"] == 224
+    assert pearl.protocol("naclip", "coco_stuff", profile="naclip_readme")["pamr"] is True
+    assert pearl.protocol("sclip", "voc21", profile="pearl")["slide_crop"] == 0
+    assert pearl.protocol("vanilla", "voc21", profile="clearclip")["prob_thd"] == 0.2
+    with pytest.raises(ValueError, match="unknown dataset 'voc'"):
+        pearl.protocol("pearl", "voc")
+    with pytest.raises(ValueError, match="unknown method"):
+        pearl.protocol("maskclip", "voc21")
+
+
+def test_text_prototypes_disk_cache(tiny_model, tokenizer, tmp_path):
+    from pearl import text
+    first = text.text_prototypes(tiny_model, tokenizer, ["cat", "dog"], torch.device("cpu"), tmp_path)
+    files = list(tmp_path.glob("*.pt"))
+    assert len(files) == 1
+    text._memory_cache.clear()
+    torch.save(first * 0 + 1, files[0])  # a marked file proves the second call read the disk
+    assert torch.all(text.text_prototypes(tiny_model, tokenizer, ["cat", "dog"], torch.device("cpu"), tmp_path) == 1)
+    assert torch.allclose(first.norm(dim=1), torch.ones(2), atol=1e-5)
+    other = text.text_prototypes(tiny_model, tokenizer, ["dog", "cat"], torch.device("cpu"), tmp_path)
+    assert len(list(tmp_path.glob("*.pt"))) == 2 and torch.allclose(other[0], first[1], atol=1e-6)
