@@ -236,11 +236,12 @@ class Segmentor:
         canvas_dtype = self.dtype if self.method.fuse_in_model_dtype else torch.float32
         canvas = torch.zeros((self.vocabulary.num_queries, height, width), dtype=canvas_dtype, device=self.device)
         count = torch.zeros((1, height, width), dtype=canvas_dtype, device=self.device)
-        for window, patch_logits in zip(item.windows, item.patch_logits):
-            crop = self._crop(item, window)
-            logits = self._upsample(patch_logits, crop.shape[1:])
+        crop_size = self._crop(item, item.windows[0]).shape[1:]  # every window of one image has this size
+        upsampled = F.interpolate(torch.stack(item.patch_logits), size=tuple(crop_size), mode="bilinear",
+                                  align_corners=False)
+        for window, logits in zip(item.windows, upsampled):
             if self.method.pad_crops_to_patch:  # cut the padding back off
-                top, left = (crop.shape[1] - (window.y2 - window.y1)) // 2, (crop.shape[2] - (window.x2 - window.x1)) // 2
+                top, left = (crop_size[0] - (window.y2 - window.y1)) // 2, (crop_size[1] - (window.x2 - window.x1)) // 2
                 logits = logits[:, top:top + window.y2 - window.y1, left:left + window.x2 - window.x1]
             if per_window_tlp:
                 logits = self._window_tlp(logits, item.input[:, window.y1:window.y2, window.x1:window.x2])

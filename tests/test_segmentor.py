@@ -166,3 +166,10 @@ def test_text_prototypes_disk_cache(tiny_model, tokenizer, tmp_path):
     assert torch.allclose(first.norm(dim=1), torch.ones(2), atol=1e-5)
     other = text.text_prototypes(tiny_model, tokenizer, ["dog", "cat"], torch.device("cpu"), tmp_path)
     assert len(list(tmp_path.glob("*.pt"))) == 2 and torch.allclose(other[0], first[1], atol=1e-6)
+
+
+def test_readme_documents_every_parameter():
+    from pathlib import Path
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    missing = [name for name in pearl.PARAMS if f"| `{name}` |" not in readme]
+    assert not missing, f"README parameter table lacks {missing}"
