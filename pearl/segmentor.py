@@ -69,6 +69,37 @@ def decide(logits: torch.Tensor, query_to_class: torch.Tensor, num_classes: int,
     return labels, probs
 
 
+def resolve_settings(method: str, pa: bool | None, tlp: bool | None, params: dict) -> tuple[type, dict]:
+    """(method class, every parameter resolved) for a method, its pa/tlp switches and overrides.
+
+    None for pa / tlp / arch means the method's own default. Raises ValueError for an unknown
+    method or parameter, an out-of-range value, or pa=True where attention has no query·key term.
+    """
+    method_cls = get_method(method)
+    resolved = param_specs.resolve(params)
+    pa = method_cls.default_pa if pa is None else pa
+    tlp = method_cls.default_tlp if tlp is None else tlp
+    if not isinstance(pa, bool) or not isinstance(tlp, bool):
+        raise ValueError(f"pa and tlp must be True, False or None, got pa={pa!r}, tlp={tlp!r}")
+    if pa and not method_cls.has_query_key_term:
+        raise ValueError(
+            f"pa=True has no meaning for method {method!r}: its last-block attention has no query·key term "
+            f"(only key·key / query·query products), and rotating the keys by an orthogonal R leaves k·kᵀ and "
+            f"q·qᵀ unchanged. PA applies to: vanilla, pearl.")
+    if resolved["arch"] is None:
+        resolved["arch"] = method_cls.default_arch
+    resolved.update(pa=pa, tlp=tlp)
+    checks = [("resize_short", resolved["resize_short"] >= 0), ("resize_long", resolved["resize_long"] > 0),
+              ("slide_crop", resolved["slide_crop"] >= 0), ("slide_stride", resolved["slide_stride"] > 0),
+              ("logit_scale", resolved["logit_scale"] > 0), ("prob_thd", 0 <= resolved["prob_thd"] <= 1),
+              ("area_thd", 0 <= resolved["area_thd"] < 1), ("pa_iters", resolved["pa_iters"] >= 0),
+              ("pamr_iters", resolved["pamr_iters"] >= 0), ("naclip_gauss_std", resolved["naclip_gauss_std"] > 0)]
+    for name, ok in checks:
+        if not ok:
+            raise ValueError(f"{name}={resolved[name]!r} is out of range; see the README's parameter table")
+    return method_cls, resolved
+
+
 class Segmentor:
     """Training-free OVSS with a frozen open_clip model; see api.md and the README.
 
@@ -79,22 +110,9 @@ class Segmentor:
     def __init__(self, model, classes: Sequence[str] | str | os.PathLike, method: str = "pearl",
                  pa: bool | None = None, tlp: bool | None = None, tokenizer=None, device: str | torch.device = "cpu",
                  precision: str | None = None, window_batch_size: int = 32, **params) -> None:
-        method_cls = get_method(method)
+        method_cls, self.params = resolve_settings(method, pa, tlp, params)
         self.method = method_cls()
-        self.params = param_specs.resolve(params)
-        self.pa = method_cls.default_pa if pa is None else pa
-        self.tlp = method_cls.default_tlp if tlp is None else tlp
-        if not isinstance(self.pa, bool) or not isinstance(self.tlp, bool):
-            raise ValueError(f"pa and tlp must be True, False or None, got pa={pa!r}, tlp={tlp!r}")
-        if self.pa and not method_cls.has_query_key_term:
-            raise ValueError(
-                f"pa=True has no meaning for method {method!r}: its last-block attention has no query·key term "
-                f"(only key·key / query·query products), and rotating the keys by an orthogonal R leaves k·kᵀ and "
-                f"q·qᵀ unchanged. PA applies to: vanilla, pearl.")
-        if self.params["arch"] is None:
-            self.params["arch"] = method_cls.default_arch
-        self.params.update(pa=self.pa, tlp=self.tlp)
-        self._check_values()
+        self.pa, self.tlp = self.params["pa"], self.params["tlp"]
         self.method_name = method
         self.tlp_config = TLPConfig(
             grid=self.params["tlp_grid"], cg_iters=self.params["tlp_cg_iters"], pool=self.params["tlp_pool"],
@@ -116,17 +134,6 @@ class Segmentor:
                                           self.params["text_cache_dir"])
         self.query_to_class = torch.tensor(self.vocabulary.query_to_class, device=self.device)
         self.affinity = text_affinity(self.prototypes, self.tlp_config.tau_s, self.tlp_config.beta) if self.tlp else None
-
-    def _check_values(self) -> None:
-        p = self.params
-        checks = [("resize_short", p["resize_short"] >= 0), ("resize_long", p["resize_long"] > 0),
-                  ("slide_crop", p["slide_crop"] >= 0), ("slide_stride", p["slide_stride"] > 0),
-                  ("logit_scale", p["logit_scale"] > 0), ("prob_thd", 0 <= p["prob_thd"] <= 1),
-                  ("area_thd", 0 <= p["area_thd"] < 1), ("pa_iters", p["pa_iters"] >= 0),
-                  ("pamr_iters", p["pamr_iters"] >= 0), ("naclip_gauss_std", p["naclip_gauss_std"] > 0)]
-        for name, ok in checks:
-            if not ok:
-                raise ValueError(f"{name}={p[name]!r} is out of range; see the README's parameter table")
 
     def _prepare_model(self, model, precision: str | None):
         dtype = model.visual.conv1.weight.dtype

@@ -1,0 +1,6 @@
+"""Datasets in their MMSegmentation on-disk layouts (protocol.md §10) and a generic folder set."""
+from .datasets import (DATASET_CLASSES, DatasetError, FolderDataset, Sample, SegmentationDataset, build_dataset,
+                       OFFICIAL_SIZES)
+
+__all__ = ["DATASET_CLASSES", "DatasetError", "FolderDataset", "Sample", "SegmentationDataset", "build_dataset",
+           "OFFICIAL_SIZES"]

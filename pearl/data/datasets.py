@@ -1,0 +1,213 @@
+"""The eight benchmarks in their MMSegmentation layouts, and ``folder`` for users' own data.
+
+Each dataset yields the original-resolution RGB image, the label map with the protocol's
+conventions (255 = ignored; ``reduce_zero_label`` where it applies) and an id. Images are
+decoded with OpenCV (colour, BGR → RGB) and labels with Pillow as raw indices (palette index for
+VOC), as MMSeg's ``LoadImageFromFile`` / ``LoadAnnotations`` do; protocol.md §1, §10.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from ..protocols import canonical_dataset, class_names
+
+LAYOUT_HELP = "the README section 'Datasets' (MMSegmentation layouts, spec/protocol.md §10)"
+OFFICIAL_SIZES = {"voc21": 1449, "voc20": 1449, "context60": 5105, "context59": 5105, "coco_object": 5000,
+                  "coco_stuff": 5000, "cityscapes": 500, "ade20k": 2000}
+
+
+class DatasetError(RuntimeError):
+    """A dataset, image or label that cannot be used; the message names the file and the fix."""
+
+
+@dataclass
+class Sample:
+    image: np.ndarray      # H×W×3 uint8 RGB, original resolution
+    label: np.ndarray | None  # H×W int64, 255 = ignore; None for unlabelled folder images
+    id: str
+
+
+@dataclass(frozen=True)
+class _Layout:
+    image_dir: str
+    label_dir: str
+    image_suffix: str
+    label_suffix: str
+    split_file: str | None = None   # one id per line; None = scan image_dir recursively, sorted
+    reduce_zero_label: bool = False
+
+
+_VOC = _Layout("VOCdevkit/VOC2012/JPEGImages", "VOCdevkit/VOC2012/SegmentationClass", ".jpg", ".png",
+               "VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt")
+_CONTEXT = _Layout("VOCdevkit/VOC2010/JPEGImages", "VOCdevkit/VOC2010/SegmentationClassContext", ".jpg", ".png",
+                   "VOCdevkit/VOC2010/ImageSets/SegmentationContext/val.txt")
+LAYOUTS = {
+    "voc21": _VOC,
+    "voc20": _Layout(**{**_VOC.__dict__, "reduce_zero_label": True}),
+    "context60": _CONTEXT,
+    "context59": _Layout(**{**_CONTEXT.__dict__, "reduce_zero_label": True}),
+    "coco_object": _Layout("coco_stuff164k/images/val2017", "coco_stuff164k/annotations/val2017", ".jpg",
+                           "_instanceTrainIds.png"),
+    "coco_stuff": _Layout("coco_stuff164k/images/val2017", "coco_stuff164k/annotations/val2017", ".jpg",
+                          "_labelTrainIds.png"),
+    "cityscapes": _Layout("cityscapes/leftImg8bit/val", "cityscapes/gtFine/val", "_leftImg8bit.png",
+                          "_gtFine_labelTrainIds.png"),
+    "ade20k": _Layout("ADEChallengeData2016/images/validation", "ADEChallengeData2016/annotations/validation",
+                      ".jpg", ".png", reduce_zero_label=True),
+}
+
+
+def read_image(path: Path) -> np.ndarray:
+    """H×W×3 uint8 RGB via OpenCV colour decoding (grey files become 3 equal channels)."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise DatasetError(f"cannot decode image {path}: the file is missing, empty or corrupt; re-extract it "
+                           f"or run with on_error=skip")
+    return np.ascontiguousarray(image[:, :, ::-1])
+
+
+def read_label(path: Path, num_classes: int, reduce_zero_label: bool) -> np.ndarray:
+    """H×W int64 label indices; 0 → 255 and k → k−1 under ``reduce_zero_label``; values checked."""
+    if not path.is_file():
+        raise DatasetError(f"label file {path} is missing; every image needs its label in the layout of {LAYOUT_HELP}")
+    try:
+        with Image.open(path) as handle:
+            label = np.array(handle).astype(np.int64)
+    except (OSError, ValueError) as error:
+        raise DatasetError(f"cannot read label {path}: {error}") from error
+    if label.ndim != 2:
+        raise DatasetError(f"label {path} has shape {label.shape}; expected a single-channel index PNG "
+                           f"(palette or grey), not colour")
+    if reduce_zero_label:
+        label[label == 0] = 255
+        label = label - 1
+        label[label == 254] = 255
+    bad = np.unique(label[(label != 255) & ((label < 0) | (label >= num_classes))])
+    if bad.size:
+        raise DatasetError(f"label {path} holds values {bad[:10].tolist()} outside 0..{num_classes - 1} and 255; "
+                           f"was it converted with the MMSeg converter for this dataset?")
+    return label
+
+
+class SegmentationDataset:
+    """A list of (image, label) paths with the dataset's label convention.
+
+    ``__init__`` checks the layout before any model is loaded; ``__getitem__`` reads one sample.
+    """
+
+    def __init__(self, name: str, root: str | os.PathLike, max_images: int | None = None) -> None:
+        self.name = canonical_dataset(name)
+        self.root = Path(root).expanduser().resolve()
+        self.layout = LAYOUTS[self.name]
+        self.class_names = class_names(self.name)
+        self.num_classes = len(self.class_names)
+        self.reduce_zero_label = self.layout.reduce_zero_label
+        self.items = self._list()
+        self.total_images = len(self.items)
+        if max_images is not None:
+            self.items = self.items[:max_images]
+        self.expected_images = OFFICIAL_SIZES[self.name]
+
+    def _missing(self, what: list[Path]) -> DatasetError:
+        return DatasetError(
+            f"dataset {self.name!r} not found under data_root={self.root}: missing "
+            + ", ".join(str(p) for p in what)
+            + f". Set data_root (or $PEARL_DATA) to the folder that holds it, laid out as in {LAYOUT_HELP}.")
+
+    def _list(self) -> list[tuple[str, Path, Path]]:
+        layout = self.layout
+        image_dir, label_dir = self.root / layout.image_dir, self.root / layout.label_dir
+        missing = [p for p in (image_dir, label_dir) if not p.is_dir()]
+        if layout.split_file and not (self.root / layout.split_file).is_file():
+            missing.append(self.root / layout.split_file)
+        if missing:
+            raise self._missing(missing)
+        if layout.split_file:
+            ids = [line.strip() for line in (self.root / layout.split_file).read_text().splitlines() if line.strip()]
+            items = [(i, image_dir / f"{i}{layout.image_suffix}", label_dir / f"{i}{layout.label_suffix}") for i in ids]
+        else:
+            images = sorted(p for p in image_dir.rglob(f"*{layout.image_suffix}") if p.is_file())
+            items = []
+            for path in images:
+                rel = path.relative_to(image_dir).as_posix()[: -len(layout.image_suffix)]
+                items.append((rel, path, label_dir / f"{rel}{layout.label_suffix}"))
+        if not items:
+            raise DatasetError(f"dataset {self.name!r} under {self.root} lists no images "
+                               f"({image_dir}/*{layout.image_suffix}); see {LAYOUT_HELP}")
+        return items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Sample:
+        sample_id, image_path, label_path = self.items[index]
+        image = read_image(image_path)
+        label = read_label(label_path, self.num_classes, self.reduce_zero_label)
+        if label.shape != image.shape[:2]:
+            raise DatasetError(f"label {label_path} is {label.shape[1]}×{label.shape[0]} but image {image_path} is "
+                               f"{image.shape[1]}×{image.shape[0]}; labels must be at the image's resolution")
+        return Sample(image, label, sample_id)
+
+    def __iter__(self) -> Iterator[Sample]:
+        for index in range(len(self)):
+            yield self[index]
+
+
+class FolderDataset(SegmentationDataset):
+    """Any folder of images, optional masks (``<stem><mask_suffix>`` in ``masks``) and a class file."""
+
+    IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+    def __init__(self, images: str | os.PathLike, classes: str | os.PathLike, masks: str | os.PathLike | None = None,
+                 mask_suffix: str = ".png", reduce_zero_label: bool = False, max_images: int | None = None,
+                 name: str = "folder") -> None:
+        from ..protocols import parse_class_lines
+        self.name = name
+        self.root = Path(images).expanduser().resolve()
+        self.masks = Path(masks).expanduser().resolve() if masks else None
+        classes_path = Path(classes).expanduser()
+        for path, what in ((self.root, "image folder"), (classes_path, "class file")):
+            if not path.exists():
+                raise DatasetError(f"folder dataset: {what} {path} does not exist; set dataset.images / "
+                                   f"dataset.classes (see {LAYOUT_HELP})")
+        if self.masks is not None and not self.masks.is_dir():
+            raise DatasetError(f"folder dataset: mask folder {self.masks} does not exist; set dataset.masks or null")
+        self.class_names = parse_class_lines(classes_path.read_text(encoding="utf-8"))
+        self.num_classes = len(self.class_names)
+        self.reduce_zero_label = reduce_zero_label
+        self.mask_suffix = mask_suffix
+        paths = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in self.IMAGE_SUFFIXES and p.is_file())
+        if not paths:
+            raise DatasetError(f"folder dataset: no images ({', '.join(self.IMAGE_SUFFIXES)}) under {self.root}")
+        self.items = [(p.relative_to(self.root).with_suffix("").as_posix(), p,
+                       (self.masks / p.relative_to(self.root).with_suffix("")).with_name(p.stem + mask_suffix)
+                       if self.masks else None) for p in paths]
+        self.total_images = len(self.items)
+        if max_images is not None:
+            self.items = self.items[:max_images]
+        self.expected_images = None
+
+    def __getitem__(self, index: int) -> Sample:
+        sample_id, image_path, label_path = self.items[index]
+        if label_path is None:
+            return Sample(read_image(image_path), None, sample_id)
+        return super().__getitem__(index)
+
+
+DATASET_CLASSES = {name: SegmentationDataset for name in LAYOUTS} | {"folder": FolderDataset}
+
+
+def build_dataset(name: str, root: str | os.PathLike | None = None, max_images: int | None = None,
+                  **folder_options) -> SegmentationDataset:
+    """A benchmark by name under ``root`` (default ``$PEARL_DATA`` or ``./data``), or ``folder``."""
+    if name == "folder":
+        return FolderDataset(max_images=max_images, **folder_options)
+    root = root if root is not None else os.environ.get("PEARL_DATA", "./data")
+    return SegmentationDataset(name, root, max_images)

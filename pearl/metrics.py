@@ -1,0 +1,58 @@
+"""Segmentation metrics as MMSeg ``IoUMetric`` computes them (protocol.md §9, engineering.md §5).
+
+One int64 confusion matrix per run, accumulated on the evaluation device; rows = ground truth,
+columns = prediction; pixels whose ground truth is 255 are dropped.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = 255
+
+
+class ConfusionMatrix:
+    """Accumulates cm[gt, pred] over a whole dataset."""
+
+    def __init__(self, num_classes: int, device: str | torch.device = "cpu") -> None:
+        self.num_classes = num_classes
+        self.matrix = torch.zeros((num_classes, num_classes), dtype=torch.int64, device=device)
+
+    def update(self, pred: torch.Tensor, gt: torch.Tensor) -> None:
+        """Add one image: pred and gt [H, W] integer maps of the same size."""
+        if pred.shape != gt.shape:
+            raise ValueError(f"prediction {tuple(pred.shape)} and label {tuple(gt.shape)} differ in size")
+        pred = pred.to(self.matrix.device).flatten().long()
+        gt = gt.to(self.matrix.device).flatten().long()
+        keep = gt != IGNORE_INDEX
+        pred, gt = pred[keep], gt[keep]
+        c = self.num_classes
+        self.matrix += torch.bincount(gt * c + pred, minlength=c * c).view(c, c)
+
+    def all_reduce(self) -> None:
+        """Sum the matrix over a torch.distributed group (no-op when not initialised)."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(self.matrix)
+
+    def per_class_iou(self) -> np.ndarray:
+        """IoU_c (NaN where the union is empty); float64."""
+        cm = self.matrix.double().cpu()
+        inter = cm.diag()
+        union = cm.sum(0) + cm.sum(1) - inter
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (inter / union).numpy()
+
+    def summary(self) -> dict:
+        """mIoU, aAcc (= the paper's pAcc), mAcc ×100, unrounded; per-class IoU ×100 (NaN → None)."""
+        cm = self.matrix.double().cpu()
+        inter, label = cm.diag(), cm.sum(1)
+        iou = self.per_class_iou()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            acc = (inter / label).numpy()
+        total = label.sum().item()
+        return {
+            "mIoU": float(np.nanmean(iou) * 100) if np.isfinite(iou).any() else float("nan"),
+            "aAcc": float(inter.sum().item() / total * 100) if total else float("nan"),
+            "mAcc": float(np.nanmean(acc) * 100) if np.isfinite(acc).any() else float("nan"),
+            "per_class_iou": [None if np.isnan(v) else float(v * 100) for v in iou],
+        }

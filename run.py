@@ -1,0 +1,21 @@
+"""Evaluate methods × PA × TLP × datasets as a Hydra (multi)run; one result record per job.
+
+    python run.py -m method=pearl,naclip tlp=true,false dataset=voc21,ade20k
+    python -m pearl.tables            # results/runs/*.json → results/{main,ablation,plug_and_play}.csv
+"""
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from pearl.runner import run
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    hydra_cfg = HydraConfig.get()
+    group = hydra_cfg.sweep.dir if hydra_cfg.mode.name == "MULTIRUN" else None
+    run(cfg, group=group)
+
+
+if __name__ == "__main__":
+    main()
