@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Table 1: every method at its released defaults on the eight benchmarks (48 jobs).
+# Extra arguments are passed to run.py (e.g. data_root=/data model.pretrained=/ckpt/ViT-B-16.pt).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python run.py -m method=vanilla,sclip,naclip,clearclip,sfp,pearl dataset=voc21,context60,coco_object,voc20,context59,coco_stuff,cityscapes,ade20k "$@"
+python -m pearl.tables
