@@ -126,7 +126,8 @@ def run(cfg: DictConfig, group: str | None = None) -> dict:
         "config_hash": run_hash, "identity": identity, "method": cfg.method.name, "dataset": dataset.name,
         "pa": resolved["pa"], "tlp": resolved["tlp"], "profile": cfg.profile, "model": model_identity,
         "params": resolved, "overrides": overrides, "mIoU": metrics["mIoU"], "aAcc": metrics["aAcc"],
-        "mAcc": metrics["mAcc"], "per_class_iou": dict(zip(dataset.class_names, metrics["per_class_iou"])),
+        "mAcc": metrics["mAcc"], "per_class_iou": [{"class": name, "iou": iou} for name, iou in zip(dataset.class_names,
+                                                                             metrics["per_class_iou"])],
         "image_count": evaluated, "dataset_size": dataset.total_images, "expected_images": dataset.expected_images,
         "split_matches_official": (dataset.total_images == dataset.expected_images
                                    if dataset.expected_images else None),

@@ -50,4 +50,4 @@ class WandbLogger:
             table = self.wandb.Table(columns=["class", "IoU"], data=[[n, v] for n, v in zip(class_names, per_class_iou)])
             self.run.log({"per_class_iou": table, "mIoU": metrics.get("mIoU"), "aAcc": metrics.get("aAcc")})
         self._safe(action, "summary logging")
-        self._safe(self.run.finish, "finish")
+        self._safe(lambda: self.run.finish(), "finish")

@@ -1,0 +1,107 @@
+"""Datasets read synthetic copies of their real layouts, with each label convention."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from pearl.data import DatasetError, build_dataset
+from pearl.data.datasets import LAYOUTS
+from pearl.data.synthetic import write_dataset
+
+ALL = ["voc21", "voc20", "context60", "context59", "coco_object", "coco_stuff", "cityscapes", "ade20k"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    for seed, name in enumerate(["voc21", "context60", "coco_stuff", "cityscapes", "ade20k"]):
+        write_dataset(name, root, num_images=3, size=(40, 56), seed=seed)
+    return root
+
+
+def _raw(root, name, sample_id):
+    layout = LAYOUTS[name]
+    return np.array(Image.open(root / layout.label_dir / f"{sample_id}{layout.label_suffix}")).astype(np.int64)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_reads_layout_with_label_convention(root, name):
+    dataset = build_dataset(name, root)
+    assert len(dataset) == 3 and dataset.expected_images in (1449, 5105, 5000, 500, 2000)
+    sample = dataset[0]
+    assert sample.image.shape == (40, 56, 3) and sample.image.dtype == np.uint8
+    raw = _raw(root, name, sample.id)
+    if LAYOUTS[name].reduce_zero_label:
+        expected = np.where(raw == 0, 255, np.where(raw == 255, 255, raw - 1))
+    else:
+        expected = raw
+    assert np.array_equal(sample.label, expected)
+    valid = sample.label[sample.label != 255]
+    assert valid.min() >= 0 and valid.max() < dataset.num_classes
+
+
+def test_voc_palette_png_gives_indices_and_boundaries(root):
+    path = root / LAYOUTS["voc21"].label_dir / "2008_000000.png"
+    assert Image.open(path).mode == "P"
+    label = build_dataset("voc21", root)[0].label
+    assert 255 in label and label[label != 255].max() <= 20
+
+
+def test_coco_object_has_no_ignored_pixels(root):
+    stuff = build_dataset("coco_stuff", root)[0].label
+    objects = build_dataset("coco_object", root)[0].label
+    assert (stuff == 255).any() and not (objects == 255).any()
+    assert np.array_equal(objects, np.where(stuff < 80, stuff + 1, 0))
+
+
+def test_scan_order_is_sorted_by_path(root):
+    ids = [item[0] for item in build_dataset("ade20k", root).items]
+    assert ids == sorted(ids) and ids[0] == "ADE_val_00000001"
+    assert build_dataset("cityscapes", root).items[0][0].startswith("synthcity/")
+
+
+def test_missing_dataset_names_dataset_paths_and_readme(tmp_path):
+    with pytest.raises(DatasetError) as error:
+        build_dataset("ade20k", tmp_path)
+    message = str(error.value)
+    assert "'ade20k'" in message and "ADEChallengeData2016/images/validation" in message and "README" in message
+
+
+def test_missing_label_corrupt_image_and_wrong_size(tmp_path):
+    write_dataset("ade20k", tmp_path, num_images=3, size=(32, 48))
+    layout = LAYOUTS["ade20k"]
+    (tmp_path / layout.label_dir / "ADE_val_00000001.png").unlink()
+    (tmp_path / layout.image_dir / "ADE_val_00000002.jpg").write_bytes(b"not a jpeg")
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / layout.label_dir / "ADE_val_00000003.png")
+    dataset = build_dataset("ade20k", tmp_path)
+    with pytest.raises(DatasetError, match="ADE_val_00000001.png is missing"):
+        dataset[0]
+    with pytest.raises(DatasetError, match="cannot decode image .*ADE_val_00000002.jpg"):
+        dataset[1]
+    with pytest.raises(DatasetError, match="ADE_val_00000003.png is 10×10 but image"):
+        dataset[2]
+
+
+def test_out_of_range_label_values_are_refused(tmp_path):
+    write_dataset("cityscapes", tmp_path, num_images=1, size=(32, 48))
+    path = next((tmp_path / LAYOUTS["cityscapes"].label_dir).rglob("*.png"))
+    Image.fromarray(np.full((32, 48), 40, np.uint8)).save(path)
+    with pytest.raises(DatasetError, match=r"values \[40\] outside 0..18"):
+        build_dataset("cityscapes", tmp_path)[0]
+
+
+def test_folder_dataset(tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "mask").mkdir()
+    Image.fromarray(np.zeros((8, 12, 3), np.uint8)).save(tmp_path / "img" / "a.png")
+    Image.fromarray(np.zeros((8, 12, 3), np.uint8)).save(tmp_path / "img" / "b.jpg")
+    Image.fromarray(np.ones((8, 12), np.uint8)).save(tmp_path / "mask" / "a.png")
+    (tmp_path / "classes.txt").write_text("background\ncat, kitten")
+    dataset = build_dataset("folder", images=tmp_path / "img", classes=tmp_path / "classes.txt", masks=tmp_path / "mask")
+    assert dataset.class_names == ["background", "cat, kitten"] and len(dataset) == 2
+    assert np.all(dataset[0].label == 1)
+    with pytest.raises(DatasetError, match="b.png is missing"):
+        dataset[1]
+    unlabelled = build_dataset("folder", images=tmp_path / "img", classes=tmp_path / "classes.txt")
+    assert unlabelled[1].label is None
+    with pytest.raises(DatasetError, match="image folder"):
+        build_dataset("folder", images=tmp_path / "nope", classes=tmp_path / "classes.txt")
