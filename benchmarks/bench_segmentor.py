@@ -12,7 +12,6 @@ import argparse
 import time
 from collections import defaultdict
 
-import numpy as np
 import torch
 
 import pearl

@@ -6,7 +6,6 @@ spec/engineering.md §1.4. Tokens are NLD (batch first), as in open_clip ≥ 2.2
 """
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING

@@ -109,7 +109,7 @@ class Segmentor:
 
     def __init__(self, model, classes: Sequence[str] | str | os.PathLike, method: str = "pearl",
                  pa: bool | None = None, tlp: bool | None = None, tokenizer=None, device: str | torch.device = "cpu",
-                 precision: str | None = None, window_batch_size: int = 32, **params) -> None:
+                 precision: str | None = None, window_batch_size: int = 64, **params) -> None:
         method_cls, self.params = resolve_settings(method, pa, tlp, params)
         self.method = method_cls()
         self.pa, self.tlp = self.params["pa"], self.params["tlp"]

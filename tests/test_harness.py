@@ -8,7 +8,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
-from PIL import Image
 
 import pearl
 from pearl.data.datasets import LAYOUTS
