@@ -173,3 +173,38 @@ def test_readme_documents_every_parameter():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     missing = [name for name in pearl.PARAMS if f"| `{name}` |" not in readme]
     assert not missing, f"README parameter table lacks {missing}"
+
+
+def test_windows_of_all_images_share_batched_forwards(tiny_model, tokenizer, photos, monkeypatch):
+    from pearl import segmentor as module
+    calls = []
+    original = module.dense_features
+
+    def counting(visual, images, method, params):
+        calls.append(images.shape[0])
+        return original(visual, images, method, params)
+    monkeypatch.setattr(module, "dense_features", counting)
+    seg = _segmentor(tiny_model, tokenizer, "pearl", slide_crop=64, slide_stride=32)
+    seg.predict(photos["chelsea"])
+    assert len(calls) == 1 and calls[0] == 15  # 112×168 → 3 × 5 windows in one forward
+    calls.clear()
+    seg.predict_batch([photos["chelsea"], photos["coffee"]])
+    assert calls == [30]  # both images' windows (same crop shape) in one forward
+    calls.clear()
+    _segmentor(tiny_model, tokenizer, "pearl", slide_crop=64, slide_stride=32, window_batch_size=8).predict(
+        photos["chelsea"])
+    assert calls == [8, 7]
+
+
+def test_fp16_model_runs_and_stays_close_to_fp32(tokenizer, photos):
+    from open_clip.model import convert_weights_to_lp
+    from .conftest import make_tiny
+    fp32 = _segmentor(make_tiny(), tokenizer, "pearl").predict(photos["chelsea"])
+    half = make_tiny()
+    convert_weights_to_lp(half, torch.float16)
+    seg = _segmentor(half, tokenizer, "pearl", precision="fp16")
+    assert seg.dtype == torch.float16
+    out = seg.predict(photos["chelsea"])
+    assert (out.labels == fp32.labels).float().mean() > 0.9
+    with pytest.raises(ValueError, match="load the model with pearl.load_clip"):
+        _segmentor(make_tiny(), tokenizer, "pearl", precision="fp16")
