@@ -138,7 +138,7 @@ def _fmt(value) -> str:
 def to_markdown(table: pd.DataFrame) -> str:
     """Cells as 'ours / paper (diff)'; empty where unknown."""
     titles = [COLUMN_TITLES[d] for d in DATASETS] + ["Avg"]
-    lines = ["| row | " + " | ".join(titles) + " | missing |", "|---" * (len(titles) + 2) + "|"]
+    lines = ["| row | " + " | ".join(titles) + " | missing | model |", "|---" * (len(titles) + 3) + "|"]
     for _, r in table.iterrows():
         cells = []
         for title in titles:
@@ -147,7 +147,7 @@ def to_markdown(table: pd.DataFrame) -> str:
             if _fmt(diff):
                 text += f" ({diff:+.2f})"
             cells.append(text)
-        lines.append(f"| {r['row']} | " + " | ".join(cells) + f" | {r['missing']} |")
+        lines.append(f"| {r['row']} | " + " | ".join(cells) + f" | {r['missing']} | {r['model']} |")
     lines.append("")
     lines.append("Cells: ours / paper (ours − paper); '·' = no run or no known paper value. Avg only over "
                  "complete rows (all eight datasets).")
@@ -155,7 +155,8 @@ def to_markdown(table: pd.DataFrame) -> str:
 
 
 def write_tables(results_dir: str | Path = "results", paper_dir: str | Path | None = None,
-                 out_dir: str | Path | None = None) -> dict[str, Path]:
+                 out_dir: str | Path | None = None) -> tuple[dict[str, Path], int]:
+    """Write every table; returns the CSV paths by table name and the number of records read."""
     records = load_records(results_dir)
     paper = load_paper(paper_dir or default_paper_dir())
     out_dir = Path(out_dir or results_dir)
@@ -168,7 +169,7 @@ def write_tables(results_dir: str | Path = "results", paper_dir: str | Path | No
             table.to_csv(csv_path, index=False)
             (out_dir / f"{name}{suffix}.md").write_text(to_markdown(table))
             written[f"{name}{suffix}"] = csv_path
-    return written
+    return written, len(records)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -177,8 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--paper", default=None, help="folder of the paper CSVs (default: results/paper)")
     parser.add_argument("--out", default=None, help="output folder (default: the results folder)")
     args = parser.parse_args(argv)
-    written = write_tables(args.results, args.paper, args.out)
-    count = len(load_records(args.results))
+    written, count = write_tables(args.results, args.paper, args.out)
     print(f"{count} records → " + ", ".join(str(p) for p in written.values()))
 
 
