@@ -53,7 +53,7 @@ def _reference_sfp(model, hidden, grid):
         s[s < 0.4] = 0
         return s
 
-    agg = lambda s, t: torch.diag(1 / (s.sum(1) + 1e-6)) @ s @ t
+    agg = lambda s, t: (torch.diag(1 / (s.sum(1) + 1e-6)) @ s) @ t
     s_pre, s_post = sim(purify_ref(x(9)[1:])), sim(x(4)[1:])
     m = 3 * (s_pre - s_pre.mean())
     m[m < 0] = float("-inf")
@@ -108,3 +108,14 @@ def test_sfp_needs_twelve_blocks_or_an_explicit_layer_map(tiny_model):
     params["sfp_layers"] = (4, 2, 2, 4)
     out = method.last_block(model.visual.transformer.resblocks, hidden[-1], hidden, grid, params, {})
     assert out.shape == (1, 16, 64)
+
+
+def test_l2_and_lof_detectors_find_planted_outliers():
+    from pearl.methods.sfp import _l2_outliers, _lof_outliers
+    torch.manual_seed(0)
+    tokens = torch.randn(1, 64, 8) * 0.1
+    tokens[0, 17] += 5.0   # far from the cluster and large
+    tokens[0, 40] *= 30.0  # large norm
+    assert _l2_outliers(tokens, 2)[0].nonzero().flatten().tolist() == [17, 40]
+    lof = _lof_outliers(tokens)[0]
+    assert lof[17] and lof[40] and lof.sum() <= 4  # contamination 5 % of 64 → about 3 points

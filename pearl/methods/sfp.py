@@ -50,20 +50,19 @@ def _l2_outliers(tokens: torch.Tensor, count: int) -> torch.Tensor:
     return mask.scatter_(1, norms.topk(min(count, norms.shape[1]), dim=1).indices, True)
 
 
-def _lof_outliers(tokens: torch.Tensor, neighbours: int = 30, fraction: float = 0.05) -> torch.Tensor:
-    """Local outlier factor (k = 30) on the patch tokens; the top 5 % are outliers."""
+def _lof_outliers(tokens: torch.Tensor, neighbours: int = 30, contamination: float = 0.05) -> torch.Tensor:
+    """[B, N] bool: local-outlier-factor outliers of the patch tokens, as SFP's ``lof_pytorch``
+    (from SC-CLIP): squared distances, each point's own k-distance in the reachability, LRD =
+    k / mean reachability, outliers = LOF above its (1 − contamination) quantile."""
     feats = tokens.float()
-    n = feats.shape[1]
-    k = min(neighbours, n - 1)
-    dist = torch.cdist(feats, feats)
-    dist.diagonal(dim1=-2, dim2=-1).fill_(float("inf"))
-    knn_dist, knn_idx = dist.topk(k, dim=-1, largest=False)
-    k_distance = knn_dist[..., -1]
-    reach = torch.maximum(knn_dist, torch.gather(k_distance, 1, knn_idx.flatten(1)).view_as(knn_dist))
-    lrd = 1.0 / (reach.mean(dim=-1) + 1e-10)
-    lof = torch.gather(lrd, 1, knn_idx.flatten(1)).view_as(knn_dist).mean(dim=-1) / lrd
-    mask = torch.zeros_like(lof, dtype=torch.bool)
-    return mask.scatter_(1, lof.topk(max(1, int(fraction * n)), dim=1).indices, True)
+    k = min(neighbours, feats.shape[1] - 1)
+    dist = torch.cdist(feats, feats) ** 2
+    knn_dist, knn_idx = dist.topk(k + 1, dim=-1, largest=False)
+    knn_dist, knn_idx = knn_dist[..., 1:], knn_idx[..., 1:]
+    reach = torch.maximum(knn_dist, knn_dist[..., -1:].expand_as(knn_dist))
+    lrd = k / torch.nan_to_num(reach.mean(dim=-1), nan=1e-6)
+    lof = (torch.gather(lrd, 1, knn_idx.flatten(1)).view_as(knn_dist) / lrd[..., None]).mean(dim=-1)
+    return lof > torch.quantile(lof, 1 - contamination, dim=-1, keepdim=True)
 
 
 def purify(tokens: torch.Tensor, outliers: torch.Tensor, grid: tuple[int, int], guard: bool = False
@@ -94,8 +93,9 @@ def similarity(tokens: torch.Tensor) -> torch.Tensor:
 
 
 def aggregate(sim: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """D⁻¹ S X with D = diag(row sums of S + 1e−6)."""
-    return (sim @ tokens) / (sim.sum(dim=-1, keepdim=True) + 1e-6)
+    """D⁻¹ S X with D = diag(row sums of S + 1e−6); S is normalised before the product, as upstream
+    ``adaptively_aggregate`` does (the order matters in fp16)."""
+    return (sim / (sim.sum(dim=-1, keepdim=True) + 1e-6)) @ tokens
 
 
 @register
@@ -145,9 +145,7 @@ class SFP(Method):
                 + torch.softmax((q @ q.transpose(-1, -2)) * scale, dim=-1) + map_attn) / 3
         main_out = merge_heads(block, attn @ v) + res_cls * x_last[:, :1]
 
-        layer_sum = hidden[first - 1]
-        for layer in hidden[first:last]:  # sequential fp16 adds, as upstream
-            layer_sum = layer_sum + layer
+        layer_sum = torch.stack(hidden[first - 1:last]).sum(dim=0)  # as upstream: one reduction, not chained adds
         _, _, v_sum = split_heads(block, block.ln_1(_patches(layer_sum)))
         multi_out = merge_heads(block, map_attn @ v_sum) + res_cls * layer_sum[:, :1]
 
