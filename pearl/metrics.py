@@ -18,6 +18,13 @@ class ConfusionMatrix:
         self.num_classes = num_classes
         self.matrix = torch.zeros((num_classes, num_classes), dtype=torch.int64, device=device)
 
+    @classmethod
+    def from_matrix(cls, matrix: torch.Tensor) -> "ConfusionMatrix":
+        """Wrap an existing [C, C] int64 matrix (e.g. one summed over workers)."""
+        cm = cls(matrix.shape[0], matrix.device)
+        cm.matrix = matrix.to(torch.int64)
+        return cm
+
     def update(self, pred: torch.Tensor, gt: torch.Tensor) -> None:
         """Add one image: pred and gt [H, W] integer maps of the same size."""
         if pred.shape != gt.shape:

@@ -8,6 +8,7 @@ import os
 import platform
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -72,12 +73,32 @@ def _settings(cfg: DictConfig) -> tuple[dict, dict, list[str] | str]:
     return overrides, params, classes
 
 
-def run(cfg: DictConfig, group: str | None = None) -> dict:
-    """Evaluate one (method, pa, tlp, dataset, model) configuration; returns its result record.
+@dataclass
+class _Job:
+    """Everything resolved about one configuration before any model is loaded."""
 
-    An existing record of the same configuration is returned without evaluating unless
-    ``cfg.force``. Nothing is written unless the whole dataset was evaluated.
-    """
+    dataset: object
+    device: torch.device
+    precision: str
+    overrides: dict
+    params: dict
+    classes: object
+    resolved: dict
+    identity: dict
+    run_hash: str
+
+
+@dataclass
+class _Shard:
+    """What evaluating part of a dataset produced."""
+
+    cm: ConfusionMatrix
+    skipped: list
+    nan_windows: int
+    evaluated: int
+
+
+def _plan(cfg: DictConfig) -> _Job:
     dataset = _dataset(cfg)  # a missing dataset fails here, before any model is loaded
     device = _device(cfg.device)
     precision = _precision(cfg.model.precision, device)
@@ -87,21 +108,20 @@ def run(cfg: DictConfig, group: str | None = None) -> dict:
     identity = {"method": cfg.method.name, "dataset": dataset.name, "data_root": str(dataset.root),
                 "model": model_identity, "profile": cfg.profile, "params": resolved, "classes": classes,
                 "max_images": cfg.max_images, "on_error": cfg.on_error, "device_type": device.type}
-    run_hash = config_hash(identity)
-    existing = record_path(cfg.results_dir, run_hash)
-    if existing.is_file() and not cfg.force:
-        log.info("skipping %s: record %s exists (force=true reruns it)", _title(cfg, resolved), existing)
-        return read_record(existing)
+    return _Job(dataset, device, precision, overrides, params, classes, resolved, identity, config_hash(identity))
 
-    model, tokenizer = build_model(cfg.model, device, precision)
-    seg = Segmentor(model, classes, method=cfg.method.name, pa=cfg.pa, tlp=cfg.tlp, tokenizer=tokenizer,
-                    device=device, window_batch_size=cfg.window_batch_size, **params)
-    logger = _wandb(cfg, resolved, group)
+
+def _evaluate(cfg: DictConfig, job: _Job, indices: range, device: torch.device, logger=None,
+              show_progress: bool = True) -> _Shard:
+    """Run the Segmentor over ``indices`` of the dataset, accumulating the confusion matrix on ``device``."""
+    model, tokenizer = build_model(cfg.model, device, job.precision)
+    seg = Segmentor(model, job.classes, method=cfg.method.name, pa=cfg.pa, tlp=cfg.tlp, tokenizer=tokenizer,
+                    device=device, window_batch_size=cfg.window_batch_size, **job.params)
+    dataset = job.dataset
     cm = ConfusionMatrix(seg.vocabulary.num_classes, device)
     skipped, nan_windows, evaluated = [], 0, 0
-    start = time.perf_counter()
-    bar = tqdm(range(len(dataset)), desc=_title(cfg, resolved), unit="img", dynamic_ncols=True,
-               disable=not cfg.progress)
+    bar = tqdm(indices, desc=_title(cfg, job.resolved), unit="img", dynamic_ncols=True,
+               disable=not (cfg.progress and show_progress))
     for index in bar:
         try:
             sample = dataset[index]
@@ -118,24 +138,97 @@ def run(cfg: DictConfig, group: str | None = None) -> dict:
             logger.log_prediction(sample.image, out.labels.cpu().numpy(), sample.label, list(dataset.class_names),
                                   sample.id)
         evaluated += 1
-        if evaluated % 10 == 0 or index == len(dataset) - 1:
+        if evaluated % 10 == 0 or index == indices[-1]:
             bar.set_postfix(mIoU=f"{cm.summary()['mIoU']:.2f}", refresh=False)
+    return _Shard(cm, skipped, nan_windows, evaluated)
+
+
+def shard_indices(size: int, rank: int, world: int) -> range:
+    """Contiguous, non-padding shard of ``range(size)`` (no image twice, none dropped; engineering.md §6)."""
+    return range(size * rank // world, size * (rank + 1) // world)
+
+
+def _worker(rank: int, world: int, cfg_dict: dict, init_file: str, result_file: str) -> None:
+    """One evaluation process of a multi-device job: its shard, then one all-reduce of the matrix."""
+    import torch.distributed as dist
+    cfg = OmegaConf.create(cfg_dict)
+    job = _plan(cfg)
+    device = torch.device("cuda", rank) if job.device.type == "cuda" else job.device
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"file://{init_file}",
+                            rank=rank, world_size=world)
+    try:
+        shard = _evaluate(cfg, job, shard_indices(len(job.dataset), rank, world), device, show_progress=rank == 0)
+        shard.cm.all_reduce()
+        gathered = [None] * world
+        dist.all_gather_object(gathered, (shard.skipped, shard.nan_windows, shard.evaluated))
+        if rank == 0:
+            torch.save({"matrix": shard.cm.matrix.cpu(), "gathered": gathered}, result_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def _evaluate_distributed(cfg: DictConfig, job: _Job) -> _Shard:
+    """Spawn ``cfg.workers`` processes (one GPU each, or CPU with gloo) and merge their shards."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+    world = cfg.workers
+    if job.device.type == "cuda" and torch.cuda.device_count() < world:
+        raise ValueError(f"workers={world} but only {torch.cuda.device_count()} GPUs are visible; "
+                         f"set workers to at most that")
+    with tempfile.TemporaryDirectory() as tmp:
+        result_file = f"{tmp}/result.pt"
+        mp.spawn(_worker, args=(world, OmegaConf.to_container(cfg, resolve=True), f"{tmp}/init", result_file),
+                 nprocs=world, join=True)
+        result = torch.load(result_file)
+    skipped = [item for part in result["gathered"] for item in part[0]]
+    shard = _Shard(ConfusionMatrix.from_matrix(result["matrix"]), skipped, sum(p[1] for p in result["gathered"]),
+                   sum(p[2] for p in result["gathered"]))
+    if shard.evaluated + len(shard.skipped) != len(job.dataset):
+        raise RuntimeError(f"workers evaluated {shard.evaluated} + skipped {len(shard.skipped)} images, "
+                           f"the dataset has {len(job.dataset)}")
+    return shard
+
+
+def run(cfg: DictConfig, group: str | None = None) -> dict:
+    """Evaluate one (method, pa, tlp, dataset, model) configuration; returns its result record.
+
+    An existing record of the same configuration is returned without evaluating unless
+    ``cfg.force``. Nothing is written unless the whole dataset was evaluated. ``cfg.workers > 1``
+    splits the dataset over that many processes (GPUs), summing their confusion matrices.
+    """
+    job = _plan(cfg)
+    existing = record_path(cfg.results_dir, job.run_hash)
+    if existing.is_file() and not cfg.force:
+        log.info("skipping %s: record %s exists (force=true reruns it)", _title(cfg, job.resolved), existing)
+        return read_record(existing)
+    logger = _wandb(cfg, job.resolved, group)
+    start = time.perf_counter()
+    if cfg.workers > 1:
+        shard = _evaluate_distributed(cfg, job)  # prediction images are not logged from worker processes
+    else:
+        shard = _evaluate(cfg, job, range(len(job.dataset)), job.device, logger)
     wall = time.perf_counter() - start
-    metrics = cm.summary()
+    dataset = job.dataset
+    metrics = shard.cm.summary()
     record = {
-        "config_hash": run_hash, "identity": identity, "method": cfg.method.name, "dataset": dataset.name,
-        "pa": resolved["pa"], "tlp": resolved["tlp"], "profile": cfg.profile, "model": model_identity,
-        "params": resolved, "overrides": overrides, "mIoU": metrics["mIoU"], "aAcc": metrics["aAcc"],
-        "mAcc": metrics["mAcc"], "per_class_iou": [{"class": name, "iou": iou} for name, iou in zip(dataset.class_names,
-                                                                             metrics["per_class_iou"])],
-        "image_count": evaluated, "dataset_size": dataset.total_images, "expected_images": dataset.expected_images,
+        "config_hash": job.run_hash, "identity": job.identity, "method": cfg.method.name, "dataset": dataset.name,
+        "pa": job.resolved["pa"], "tlp": job.resolved["tlp"], "profile": cfg.profile, "model": job.identity["model"],
+        "params": job.resolved, "overrides": job.overrides, "mIoU": metrics["mIoU"], "aAcc": metrics["aAcc"],
+        "mAcc": metrics["mAcc"],
+        "per_class_iou": [{"class": name, "iou": iou} for name, iou in zip(dataset.class_names,
+                                                                          metrics["per_class_iou"])],
+        "image_count": shard.evaluated, "dataset_size": dataset.total_images,
+        "expected_images": dataset.expected_images,
         "split_matches_official": (dataset.total_images == dataset.expected_images
                                    if dataset.expected_images else None),
-        "skipped": skipped, "nan_windows": nan_windows, "wall_time_s": wall,
-        "images_per_second": evaluated / wall if wall > 0 else None, "device": _device_name(device),
-        "precision": precision, "package_version": __version__, "git_commit": git_commit(),
-        "torch_version": torch.__version__, "host": socket.gethostname(), "platform": platform.platform(),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "skipped": shard.skipped, "nan_windows": shard.nan_windows, "wall_time_s": wall,
+        "images_per_second": shard.evaluated / wall if wall > 0 else None, "workers": cfg.workers,
+        "device": _device_name(job.device), "precision": job.precision, "package_version": __version__,
+        "git_commit": git_commit(), "torch_version": torch.__version__, "host": socket.gethostname(),
+        "platform": platform.platform(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     if record["split_matches_official"] is False:
         log.warning("%s has %d images, the official split has %d: the record says so", dataset.name,
@@ -143,9 +236,9 @@ def run(cfg: DictConfig, group: str | None = None) -> dict:
     path = write_record(cfg.results_dir, record)
     if logger is not None:
         logger.finish(record, list(dataset.class_names), metrics["per_class_iou"])
-    log.info("%s: mIoU %.2f  aAcc %.2f  mAcc %.2f  (%d images, %.2f img/s, %d skipped) → %s", _title(cfg, resolved),
-             metrics["mIoU"], metrics["aAcc"], metrics["mAcc"], evaluated, record["images_per_second"] or 0,
-             len(skipped), path)
+    log.info("%s: mIoU %.2f  aAcc %.2f  mAcc %.2f  (%d images, %.2f img/s, %d skipped) → %s",
+             _title(cfg, job.resolved), metrics["mIoU"], metrics["aAcc"], metrics["mAcc"], shard.evaluated,
+             record["images_per_second"] or 0, len(shard.skipped), path)
     return record
 
 

@@ -160,3 +160,14 @@ def test_failing_job_leaves_no_record_and_the_sweep_goes_on(synthetic, tmp_path)
                   f"results_dir={results}", f"hydra.sweep.dir={tmp_path / 'sweep'}", "progress=false"], tmp_path)
     assert out.returncode == 1 and "dataset 'cityscapes' not found" in out.stdout + out.stderr
     assert [r["dataset"] for r in load_records(results)] == ["ade20k"]
+
+
+def test_sharded_evaluation_equals_one_process(synthetic, tmp_path):
+    from pearl.runner import shard_indices
+    assert [list(shard_indices(5, r, 3)) for r in range(3)] == [[0], [1, 2], [3, 4]]  # no padding, no overlap
+    base = ["model=tiny", "method=naclip", f"data_root={synthetic}", "progress=false", "device=cpu"]
+    single = run(_compose(base + [f"results_dir={tmp_path / 'one'}"]))
+    sharded = run(_compose(base + [f"results_dir={tmp_path / 'two'}", "workers=2"]))
+    assert sharded["workers"] == 2 and sharded["image_count"] == single["image_count"] == 3
+    assert sharded["mIoU"] == pytest.approx(single["mIoU"], abs=1e-9)
+    assert sharded["per_class_iou"] == single["per_class_iou"]
