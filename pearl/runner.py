@@ -96,6 +96,7 @@ class _Shard:
     skipped: list
     nan_windows: int
     evaluated: int
+    diagnostic_sums: dict  # sums over images of the Segmentor's per-image numeric diagnostics
 
 
 def _plan(cfg: DictConfig) -> _Job:
@@ -119,7 +120,7 @@ def _evaluate(cfg: DictConfig, job: _Job, indices: range, device: torch.device, 
                     device=device, window_batch_size=cfg.window_batch_size, **job.params)
     dataset = job.dataset
     cm = ConfusionMatrix(seg.vocabulary.num_classes, device)
-    skipped, nan_windows, evaluated = [], 0, 0
+    skipped, nan_windows, evaluated, diagnostic_sums = [], 0, 0, {}
     bar = tqdm(indices, desc=_title(cfg, job.resolved), unit="img", dynamic_ncols=True,
                disable=not (cfg.progress and show_progress))
     for index in bar:
@@ -132,6 +133,9 @@ def _evaluate(cfg: DictConfig, job: _Job, indices: range, device: torch.device, 
             continue
         out = seg.predict(sample.image, on_device=True)
         nan_windows += out.info.get("nan_windows", 0)
+        for key, value in out.info.items():
+            if key.startswith(("pa_", "tlp_")):
+                diagnostic_sums[key] = diagnostic_sums.get(key, 0.0) + value
         if sample.label is not None:
             cm.update(out.labels, torch.from_numpy(sample.label))
         if logger is not None:
@@ -140,7 +144,7 @@ def _evaluate(cfg: DictConfig, job: _Job, indices: range, device: torch.device, 
         evaluated += 1
         if evaluated % 10 == 0 or index == indices[-1]:
             bar.set_postfix(mIoU=f"{cm.summary()['mIoU']:.2f}", refresh=False)
-    return _Shard(cm, skipped, nan_windows, evaluated)
+    return _Shard(cm, skipped, nan_windows, evaluated, diagnostic_sums)
 
 
 def shard_indices(size: int, rank: int, world: int) -> range:
@@ -162,7 +166,7 @@ def _worker(rank: int, world: int, cfg_dict: dict, init_file: str, result_file: 
         shard = _evaluate(cfg, job, shard_indices(len(job.dataset), rank, world), device, show_progress=rank == 0)
         shard.cm.all_reduce()
         gathered = [None] * world
-        dist.all_gather_object(gathered, (shard.skipped, shard.nan_windows, shard.evaluated))
+        dist.all_gather_object(gathered, (shard.skipped, shard.nan_windows, shard.evaluated, shard.diagnostic_sums))
         if rank == 0:
             torch.save({"matrix": shard.cm.matrix.cpu(), "gathered": gathered}, result_file)
     finally:
@@ -184,8 +188,12 @@ def _evaluate_distributed(cfg: DictConfig, job: _Job) -> _Shard:
                  nprocs=world, join=True)
         result = torch.load(result_file)
     skipped = [item for part in result["gathered"] for item in part[0]]
+    sums: dict = {}
+    for part in result["gathered"]:
+        for key, value in part[3].items():
+            sums[key] = sums.get(key, 0.0) + value
     shard = _Shard(ConfusionMatrix.from_matrix(result["matrix"]), skipped, sum(p[1] for p in result["gathered"]),
-                   sum(p[2] for p in result["gathered"]))
+                   sum(p[2] for p in result["gathered"]), sums)
     if shard.evaluated + len(shard.skipped) != len(job.dataset):
         raise RuntimeError(f"workers evaluated {shard.evaluated} + skipped {len(shard.skipped)} images, "
                            f"the dataset has {len(job.dataset)}")
@@ -225,6 +233,8 @@ def run(cfg: DictConfig, group: str | None = None) -> dict:
         "split_matches_official": (dataset.total_images == dataset.expected_images
                                    if dataset.expected_images else None),
         "skipped": shard.skipped, "nan_windows": shard.nan_windows, "wall_time_s": wall,
+        # dataset means of the per-image PA / TLP diagnostics of pearl.md §2 and §3.4
+        "diagnostics": {key: value / max(shard.evaluated, 1) for key, value in shard.diagnostic_sums.items()},
         "images_per_second": shard.evaluated / wall if wall > 0 else None, "workers": cfg.workers,
         "device": _device_name(job.device), "precision": job.precision, "package_version": __version__,
         "git_commit": git_commit(), "torch_version": torch.__version__, "host": socket.gethostname(),

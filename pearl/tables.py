@@ -2,8 +2,8 @@
 
     python -m pearl.tables [--results results] [--paper results/paper]     (or: pearl-tables)
 
-Writes ``main.csv`` (Table 1), ``ablation.csv`` (Table 3), ``plug_and_play.csv`` (Table 4) and
-their pAcc twins (``*_pacc.csv``), each also as ``.md``. Every cell carries ours, the paper's number
+Writes ``main.csv`` (Table 1), ``ablation.csv`` (Table 3), ``plug_and_play.csv`` (Table 4),
+``resolution.csv`` (Table 5) and their pAcc twins (``*_pacc.csv``), each also as ``.md``. Every cell carries ours, the paper's number
 and the difference; a missing run is an empty cell; averages only over complete rows.
 Reads only records (``pearl.records``) and the paper CSVs.
 """
@@ -54,7 +54,9 @@ PLUG_AND_PLAY = [Row(f"{title} {tag}", method, False, tlp, "table4" if paper els
                                               ("SFP", "sfp", True), ("ClearCLIP", "clearclip", False),
                                               ("CLIP", "vanilla", False))
                  for tag, tlp in (("without TLP", False), ("with TLP", True))]
-TABLES = {"main": MAIN, "ablation": ABLATION, "plug_and_play": PLUG_AND_PLAY}
+RESOLUTION = [Row(f"short side {side}", "pearl", True, True, "table5", f"short side {side}", {"resize_short": side})
+              for side in (224, 280, 336)]
+TABLES = {"main": MAIN, "ablation": ABLATION, "plug_and_play": PLUG_AND_PLAY, "resolution": RESOLUTION}
 
 
 def default_paper_dir() -> Path:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
+from PIL import Image
 
 import pearl
 from pearl.data.datasets import LAYOUTS
@@ -52,14 +53,18 @@ def test_run_record_skip_and_force(synthetic, tmp_path):
     assert saved["image_count"] == 3 and saved["split_matches_official"] is False and saved["expected_images"] == 1449
     assert saved["params"]["slide_crop"] == 32 and saved["params"]["logit_scale"] == 65  # SCLIP's VOC21 protocol
     assert saved["overrides"] == {"slide_crop": 32, "slide_stride": 16}
+    assert saved["diagnostics"] == {}  # SCLIP without TLP has no PA / TLP diagnostics
     assert [c["class"] for c in saved["per_class_iou"]] == pearl.class_names("voc21")  # in class order
     mtime = files[0].stat().st_mtime_ns
     again = run(_compose(overrides))
     assert again == saved and files[0].stat().st_mtime_ns == mtime  # skipped
     run(_compose(overrides + ["force=true"]))
     assert files[0].stat().st_mtime_ns != mtime
-    run(_compose(overrides + ["tlp=true"]))
+    with_tlp = run(_compose(overrides + ["tlp=true"]))
     assert len(list((tmp_path / "runs").glob("*.json"))) == 2
+    diagnostics = with_tlp["diagnostics"]
+    assert 0 <= diagnostics["tlp_low_confidence"] <= 1 and diagnostics["tlp_rho_mean"] > 0
+    assert 0 <= diagnostics["tlp_cg_relative_residual"] < 1
 
 
 def test_on_error_skip_counts_bad_files(tmp_path):
@@ -171,3 +176,29 @@ def test_sharded_evaluation_equals_one_process(synthetic, tmp_path):
     assert sharded["workers"] == 2 and sharded["image_count"] == single["image_count"] == 3
     assert sharded["mIoU"] == pytest.approx(single["mIoU"], abs=1e-9)
     assert sharded["per_class_iou"] == single["per_class_iou"]
+
+
+def _fake_record(dataset, miou, overrides, grid, finished="2026-01-01"):
+    params = pearl.protocol("pearl", dataset)
+    params.update(overrides, tlp_grid=grid)
+    return {"config_hash": f"{dataset}{grid}{sorted(overrides.items())}", "method": "pearl", "pa": True, "tlp": True,
+            "profile": "own", "overrides": overrides, "dataset": dataset, "mIoU": miou, "aAcc": 50.0,
+            "params": params, "model": {"name": "tiny", "pretrained": None}, "finished_at": finished}
+
+
+def test_resolution_table_and_grid_figure(tmp_path):
+    from pearl.figures import grid_figure, grid_points
+    from pearl.records import write_record
+    from pearl.tables import write_tables
+    write_record(tmp_path, _fake_record("voc21", 61.0, {"resize_short": 224}, 80))
+    for grid, miou in ((40, 30.0), (80, 33.0), (160, 31.0)):
+        write_record(tmp_path, _fake_record("ade20k", miou, {"tlp_grid": grid} if grid != 80 else {}, grid))
+    write_tables(tmp_path)
+    resolution = pd.read_csv(tmp_path / "resolution.csv").set_index("row")
+    assert resolution.loc["short side 224", "VOC21_ours"] == 61.0 and resolution.loc["short side 224", "Avg_paper"] == 40.4
+    points = grid_points(load_records(tmp_path))
+    assert points[points.dataset == "ade20k"][["tlp_grid", "mIoU"]].values.tolist() == [[40, 30.0], [80, 33.0],
+                                                                                       [160, 31.0]]
+    assert (points.dataset == "voc21").sum() == 0  # a resize override is not a grid point
+    path = grid_figure(load_records(tmp_path), tmp_path / "fig.png")
+    assert path.stat().st_size > 1000 and Image.open(path).size[0] > 100
