@@ -103,8 +103,8 @@ def resolve_settings(method: str, pa: bool | None, tlp: bool | None, params: dic
 class Segmentor:
     """Training-free OVSS with a frozen open_clip model; see api.md and the README.
 
-    ``model`` is moved to ``device`` in place. ``precision`` None keeps the model's own; a value
-    different from the model's raises unless it is 'fp32' (then the model is cast up).
+    ``model`` is moved to ``device`` and, if ``precision`` differs from its own, converted, both
+    in place. ``precision`` None keeps the model's own.
     """
 
     def __init__(self, model, classes: Sequence[str] | str | os.PathLike, method: str = "pearl",
@@ -136,15 +136,22 @@ class Segmentor:
         self.affinity = text_affinity(self.prototypes, self.tlp_config.tau_s, self.tlp_config.beta) if self.tlp else None
 
     def _prepare_model(self, model, precision: str | None):
+        """Move the model to the device and, when asked, to ``precision`` (in place).
+
+        Lower precision converts conv/linear/attention weights and the projections, as OpenAI's
+        ``clip.load`` on GPU and open_clip's ``convert_weights_to_lp`` do; LayerNorms and
+        embeddings stay fp32 (protocol.md §7).
+        """
         dtype = model.visual.conv1.weight.dtype
         if precision is not None:
             if precision not in PRECISIONS:
                 raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
             if PRECISIONS[precision] != dtype:
-                if precision != "fp32":
-                    raise ValueError(f"the model's weights are {dtype} but precision={precision!r}: load the model "
-                                     f"with pearl.load_clip(..., precision={precision!r}) instead")
-                model = model.float()
+                if precision == "fp32":
+                    model = model.float()
+                else:
+                    from open_clip.model import convert_weights_to_lp
+                    convert_weights_to_lp(model, PRECISIONS[precision])
         return model.to(self.device).eval()
 
     @property

@@ -206,5 +206,8 @@ def test_fp16_model_runs_and_stays_close_to_fp32(tokenizer, photos):
     assert seg.dtype == torch.float16
     out = seg.predict(photos["chelsea"])
     assert (out.labels == fp32.labels).float().mean() > 0.9
-    with pytest.raises(ValueError, match="load the model with pearl.load_clip"):
-        _segmentor(make_tiny(), tokenizer, "pearl", precision="fp16")
+    converted = _segmentor(make_tiny(), tokenizer, "pearl", precision="fp16")
+    assert converted.model.visual.conv1.weight.dtype == torch.float16 and converted.dtype == torch.float16
+    assert torch.equal(converted.predict(photos["chelsea"]).labels, out.labels)
+    with pytest.raises(ValueError, match="precision 'fp8'"):
+        _segmentor(make_tiny(), tokenizer, "pearl", precision="fp8")
