@@ -49,6 +49,7 @@ def load_clip(name: str = "ViT-B-16", pretrained: str | None = "openai", device:
         raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     model_name = name.replace("/", "-")
     is_file = pretrained is not None and os.path.isfile(pretrained)
+    torchscript = is_file and _is_torchscript(pretrained)
     looks_like_path = bool(pretrained) and (os.sep in pretrained or pretrained.endswith(_CHECKPOINT_SUFFIXES))
     if looks_like_path and not is_file:
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(model_name)) or "none for this model"
@@ -56,14 +57,14 @@ def load_clip(name: str = "ViT-B-16", pretrained: str | None = "openai", device:
                                 f"or an open_clip pretrained tag ({tags})")
     if quick_gelu is None:
         if is_file:
-            quick_gelu = _is_torchscript(pretrained)  # OpenAI's own archive: trained with QuickGELU
+            quick_gelu = torchscript  # OpenAI's own archive: trained with QuickGELU
         elif pretrained:
             tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained) or {}
             quick_gelu = bool(tag_cfg.get("quick_gelu", False))
         else:
             quick_gelu = False
     kwargs = dict(precision=precision, device=device, force_quick_gelu=quick_gelu, cache_dir=cache_dir)
-    if is_file and _is_torchscript(pretrained):
+    if torchscript:
         kwargs["weights_only"] = False
     try:
         model = open_clip.create_model(model_name, pretrained=pretrained, **kwargs)

@@ -197,13 +197,19 @@ class Segmentor:
                              f"after the rescale: smaller than one {patch}-pixel patch; use a larger image or resize_short")
         return _Image(tensor, rgb.shape[:2], windows)
 
+    def _padding(self, window: Window) -> tuple[int, int, int, int]:
+        """(left, right, top, bottom) zero padding of a crop: to a multiple of the patch size for
+        ClearCLIP (``clearclip_segmentor.py`` ``compute_padsize``), none otherwise."""
+        if not self.method.pad_crops_to_patch:
+            return 0, 0, 0, 0
+        patch = patch_size(self.model.visual)
+        pad_h, pad_w = (-(window.y2 - window.y1)) % patch, (-(window.x2 - window.x1)) % patch
+        return pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2
+
     def _crop(self, item: _Image, window: Window) -> torch.Tensor:
         crop = item.input[:, window.y1:window.y2, window.x1:window.x2]
-        if self.method.pad_crops_to_patch:
-            patch = patch_size(self.model.visual)
-            pad_h, pad_w = (-crop.shape[1]) % patch, (-crop.shape[2]) % patch
-            crop = F.pad(crop, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
-        return crop
+        padding = self._padding(window)
+        return F.pad(crop, padding) if any(padding) else crop
 
     def _forward_windows(self, prepared: list[_Image]) -> dict:
         """Fill each image's ``patch_logits`` with [Q, h', w'] cosine logits, one batched forward per shape."""
@@ -250,13 +256,12 @@ class Segmentor:
         canvas_dtype = self.dtype if self.method.fuse_in_model_dtype else torch.float32
         canvas = torch.zeros((self.vocabulary.num_queries, height, width), dtype=canvas_dtype, device=self.device)
         count = torch.zeros((1, height, width), dtype=canvas_dtype, device=self.device)
-        crop_size = self._crop(item, item.windows[0]).shape[1:]  # every window of one image has this size
-        upsampled = F.interpolate(torch.stack(item.patch_logits), size=tuple(crop_size), mode="bilinear",
-                                  align_corners=False)
+        first = item.windows[0]  # every window of one image has the same size and padding
+        left, right, top, bottom = self._padding(first)
+        crop_h, crop_w = first.y2 - first.y1, first.x2 - first.x1
+        upsampled = F.interpolate(torch.stack(item.patch_logits), size=(crop_h + top + bottom, crop_w + left + right),
+                                  mode="bilinear", align_corners=False)[:, :, top:top + crop_h, left:left + crop_w]
         for window, logits in zip(item.windows, upsampled):
-            if self.method.pad_crops_to_patch:  # cut the padding back off
-                top, left = (crop_size[0] - (window.y2 - window.y1)) // 2, (crop_size[1] - (window.x2 - window.x1)) // 2
-                logits = logits[:, top:top + window.y2 - window.y1, left:left + window.x2 - window.x1]
             if per_window_tlp:
                 logits = self._window_tlp(logits, item.input[:, window.y1:window.y2, window.x1:window.x2])
             canvas[:, window.y1:window.y2, window.x1:window.x2] += logits

@@ -35,6 +35,7 @@ class Row:
     paper_row: str | None
     overrides: dict = field(default_factory=dict)
     profile: str = "own"
+    pacc_row: str | None = None  # the row of the paper's pAcc table (Table 2) beside this one
 
 
 MAIN = [Row("CLIP", "vanilla", False, False, "table1", "CLIP"),
@@ -42,12 +43,12 @@ MAIN = [Row("CLIP", "vanilla", False, False, "table1", "CLIP"),
         Row("NACLIP (no PAMR)", "naclip", False, False, "table1", "NACLIP"),
         Row("ClearCLIP", "clearclip", False, False, "table1", "ClearCLIP"),
         Row("SFP", "sfp", False, False, "table1", "SFP"),
-        Row("PEARL", "pearl", True, True, "table1", "PEARL (Ours)")]
+        Row("PEARL", "pearl", True, True, "table1", "PEARL (Ours)", pacc_row="PEARL (Ours)")]
 ABLATION = [Row("Vanilla CLIP (full block)", "vanilla", False, False, "table3", "Vanilla CLIP (no PA, no TLP)"),
             Row("PA only", "pearl", True, False, "table3", "PA only"),
             Row("TLP only (reduced block)", "pearl", False, True, "table3", "TLP only"),
             Row("TLP only (full block)", "pearl", False, True, "table3", "TLP only", {"arch": "vanilla"}),
-            Row("PA + TLP (PEARL)", "pearl", True, True, "table3", "PA + TLP (PEARL)")]
+            Row("PA + TLP (PEARL)", "pearl", True, True, "table3", "PA + TLP (PEARL)", pacc_row="PEARL (Ours)")]
 PLUG_AND_PLAY = [Row(f"{title} {tag}", method, False, tlp, "table4" if paper else None,
                      f"{title} {tag}" if paper else None)
                  for title, method, paper in (("SCLIP", "sclip", True), ("NACLIP", "naclip", True),
@@ -88,11 +89,9 @@ def _ours(records: list[dict], row: Row, dataset: str, metric: str) -> tuple[flo
 
 
 def _paper(paper: pd.DataFrame, row: Row, dataset: str, table_suffix: str) -> tuple[float | None, str]:
-    if row.paper_table is None:
+    table, paper_row = ("table2", row.pacc_row) if table_suffix == "pacc" else (row.paper_table, row.paper_row)
+    if table is None or paper_row is None:
         return None, "—"
-    table = "table2" if table_suffix == "pacc" else row.paper_table
-    paper_row = "PEARL (Ours)" if table_suffix == "pacc" and row.method == "pearl" and row.pa and row.tlp \
-        and not row.overrides else row.paper_row
     hit = paper[(paper.table == table) & (paper.row == paper_row) & (paper.dataset == dataset)]
     if hit.empty:
         return None, "—"
