@@ -3,19 +3,25 @@
     python run.py -m method=pearl,naclip tlp=true,false dataset=voc21,ade20k
     python -m pearl.tables            # results/runs/*.json → results/{main,ablation,plug_and_play}.csv
 """
+import sys
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from pearl.runner import run
+from pearl import cli
+from pearl.config import help_text
+
+OmegaConf.register_new_resolver("pearl_help", help_text, replace=True)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> str:
     hydra_cfg = HydraConfig.get()
     group = hydra_cfg.sweep.dir if hydra_cfg.mode.name == "MULTIRUN" else None
-    run(cfg, group=group)
+    return cli.execute(cfg, group=group, description=" ".join(hydra_cfg.overrides.task))
 
 
 if __name__ == "__main__":
     main()
+    sys.exit(cli.exit_code())

@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python run.py -m method=sclip,naclip,sfp,clearclip,vanilla tlp=false,true dataset=voc21,context60,coco_object,voc20,context59,coco_stuff,cityscapes,ade20k "$@"
-python -m pearl.tables
+python -m pearl.tables "$@"

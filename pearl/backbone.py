@@ -14,6 +14,8 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
+from .errors import MissingFileError, WeightsError
+
 if TYPE_CHECKING:
     from .methods import Method
 
@@ -36,6 +38,64 @@ def _is_torchscript(path: str) -> bool:
         return False
 
 
+_unreachable: dict[tuple, str] = {}  # (name, tag, cache) → the error: a sweep asks the Hub once, not per job
+
+
+def _hub_file(model_name: str, pretrained: str) -> tuple[str, tuple[str, ...]] | None:
+    """(Hub repository, candidate file names) of an open_clip tag, or None for a URL-only tag."""
+    hub = (open_clip.get_pretrained_cfg(model_name, pretrained) or {}).get("hf_hub", "")
+    if not hub:
+        return None
+    repo, filename = os.path.split(hub)  # 'org/name/' (open_clip's default file names) or 'org/name/file'
+    return repo, (filename,) if filename else ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def _offline_help(model_name: str, pretrained: str, cache_dir: str | None) -> str:
+    where = cache_dir or _hf_cache_dir()
+    hub = _hub_file(model_name, pretrained)
+    place = (f"place the Hub repository {hub[0]} (file {hub[1][0]}) in the cache folder {where}" if hub
+             else f"make the weights reachable from the cache folder {where}")
+    return (f"Without network access {place} (on a connected machine run `python -c \"import open_clip; "
+            f"open_clip.create_model('{model_name}', pretrained='{pretrained}')\"` and copy the folder across; "
+            f"HF_HUB_CACHE or model.cache_dir point to it), or pass a checkpoint file as pretrained=/path/to/file "
+            f"(for ViT-B/16 OpenAI: ViT-B-16.pt, sha256 5806e77c…).")
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the Hub answers a TCP connection within ``timeout_s`` (no request is sent)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    endpoint = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _require_reachable_weights(model_name: str, pretrained: str, cache_dir: str | None) -> None:
+    """Fail within seconds, once per process, when the weights are neither cached nor downloadable."""
+    key = (model_name, pretrained, cache_dir or _hf_cache_dir())
+    if key in _unreachable:
+        raise WeightsError(_unreachable[key])
+    hub = _hub_file(model_name, pretrained)
+    if hub is None:
+        return  # a URL-only tag: open_clip's own download reports its errors
+    from huggingface_hub import try_to_load_from_cache
+    repo, filenames = hub
+    if any(isinstance(try_to_load_from_cache(repo, name, cache_dir=cache_dir or _hf_cache_dir()), str)
+           for name in filenames):
+        return
+    if not _hub_reachable():
+        _unreachable[key] = (f"weights {model_name}:{pretrained} are not in the cache and the Hub cannot be "
+                             f"reached. " + _offline_help(model_name, pretrained, cache_dir))
+        raise WeightsError(_unreachable[key])
+
+
 def load_clip(name: str = "ViT-B-16", pretrained: str | None = "openai", device: str | torch.device = "cpu",
               precision: str = "fp32", cache_dir: str | None = None, quick_gelu: bool | None = None):
     """(model, tokenizer) from open_clip, in eval mode.
@@ -53,7 +113,7 @@ def load_clip(name: str = "ViT-B-16", pretrained: str | None = "openai", device:
     looks_like_path = bool(pretrained) and (os.sep in pretrained or pretrained.endswith(_CHECKPOINT_SUFFIXES))
     if looks_like_path and not is_file:
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(model_name)) or "none for this model"
-        raise FileNotFoundError(f"checkpoint file {pretrained!r} does not exist; give an existing file "
+        raise MissingFileError(f"checkpoint file {pretrained!r} does not exist; give an existing file "
                                 f"or an open_clip pretrained tag ({tags})")
     if quick_gelu is None:
         if is_file:
@@ -63,6 +123,8 @@ def load_clip(name: str = "ViT-B-16", pretrained: str | None = "openai", device:
             quick_gelu = bool(tag_cfg.get("quick_gelu", False))
         else:
             quick_gelu = False
+    if pretrained and not is_file:
+        _require_reachable_weights(model_name, pretrained, cache_dir)
     kwargs = dict(precision=precision, device=device, force_quick_gelu=quick_gelu, cache_dir=cache_dir)
     if torchscript:
         kwargs["weights_only"] = False
@@ -70,15 +132,8 @@ def load_clip(name: str = "ViT-B-16", pretrained: str | None = "openai", device:
         model = open_clip.create_model(model_name, pretrained=pretrained, **kwargs)
     except RuntimeError as error:
         if pretrained and not is_file:
-            where = cache_dir or _hf_cache_dir()
-            raise RuntimeError(
-                f"could not load {model_name!r} weights {pretrained!r}: {error}\n"
-                f"Without network access (set HF_HUB_OFFLINE=1 to fail fast) the weights must already be in the "
-                f"cache directory {where} "
-                f"(set HF_HUB_CACHE or pass cache_dir), e.g. on a connected machine run "
-                f"`python -c \"import open_clip; open_clip.create_model('{model_name}', pretrained='{pretrained}')\"` "
-                f"and copy {where} across; or download the checkpoint file (for ViT-B/16 OpenAI: ViT-B-16.pt, "
-                f"sha256 5806e77c…) and pass its path as pretrained=/path/to/ViT-B-16.pt.") from error
+            raise WeightsError(f"could not load {model_name!r} weights {pretrained!r}: {error}. "
+                               + _offline_help(model_name, pretrained, cache_dir)) from error
         raise
     model.eval()
     return model, open_clip.get_tokenizer(model_name)

@@ -1,17 +1,36 @@
-"""The results store: one JSON record per finished run under ``<results_dir>/runs/``.
+"""The results store: one typed JSON record per finished run under ``<results_dir>/runs/``.
 
-A record is written atomically (temporary file, then rename) and named by a hash of the run's
-identity (everything that changes the numbers), so a rerun of the same configuration finds it
-and is skipped; a killed sweep resumes by running the same command again.
+A record is named by the hash of its *identity*: everything that made the number (method, pa/tlp,
+every resolved parameter, the model and its weights, precision, classes, templates, the evaluated
+data and the code version; see ``docs/records.md``). A rerun of the same configuration with the
+same code finds its record and is skipped; a change to any of these gives a new identity, so the
+job runs again and the old record stays beside it as history. Written atomically (temporary file,
+then rename). Tables, figures and wandb read records through :class:`RunRecord` only.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
 import math
 import os
 import subprocess
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+
+SCHEMA_VERSION = 2
+DEFAULT_MODEL = "ViT-B-16:openai"  # the model of the paper's tables; others get their own tables
+PACKAGE_ROOT = Path(__file__).resolve().parent
+# Source and resource files whose content is the code version; caches and build output are not, nor
+# the modules downstream of the metric, which read records and cannot change a number.
+_CODE_SUFFIXES = (".py", ".yaml", ".txt", ".json", ".csv")
+_DOWNSTREAM_OF_THE_METRIC = ("tables.py", "figures.py", "wandb_logger.py", "cli.py")
+
+
+class RecordError(ValueError):
+    """A record file that is not a valid record of the current schema."""
 
 
 def config_hash(identity: dict) -> str:
@@ -19,7 +38,145 @@ def config_hash(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+@functools.lru_cache(maxsize=None)
+def code_version(package_root: Path = PACKAGE_ROOT) -> str:
+    """Hash of the package's source and resource files (their paths and contents).
+
+    Any change to the code that computes a number, committed or not, changes it; a commit that
+    touches only the README, the tests, the tables or the figures does not. Computed once per process.
+    """
+    digest = hashlib.sha256()
+    for path in sorted(package_root.rglob("*")):
+        relative = path.relative_to(package_root).as_posix()
+        if (path.is_file() and path.suffix in _CODE_SUFFIXES and "__pycache__" not in path.parts
+                and relative not in _DOWNSTREAM_OF_THE_METRIC):
+            digest.update(relative.encode() + b"\0")
+            digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def git_commit(package_root: Path = PACKAGE_ROOT) -> str | None:
+    """The commit of the package's checkout, with '+dirty' when it has changes; None outside git."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=package_root, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
+                               cwd=package_root, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
+@functools.lru_cache(maxsize=None)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's content, computed once per (path, size, mtime) in a process."""
+    stat = os.stat(path)
+    return _file_sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@dataclass
+class RunRecord:
+    """One finished evaluation. ``identity`` (hashed into ``config_hash``) is what made the number;
+    the rest is the result and where and how fast it was computed."""
+
+    config_hash: str
+    identity: dict
+    method: str
+    dataset: str
+    pa: bool
+    tlp: bool
+    profile: str
+    model: dict                # name, pretrained, label (the tables' model key), file_sha256, precision
+    params: dict               # every resolved Segmentor parameter
+    overrides: dict            # the parameters given on the command line
+    deviations: dict           # resolved parameters that differ from the method's protocol
+    code_version: str
+    mIoU: float
+    aAcc: float | None
+    mAcc: float | None
+    per_class_iou: list
+    image_count: int
+    dataset_size: int
+    expected_images: int | None
+    split_matches_official: bool | None
+    full_split: bool           # the whole official split, nothing skipped: the only kind a table cell takes
+    max_images: int | None = None
+    skipped: list = field(default_factory=list)
+    nan_windows: int = 0
+    diagnostics: dict = field(default_factory=dict)
+    setup_time_s: float = 0.0
+    eval_time_s: float = 0.0
+    wall_time_s: float = 0.0
+    images_per_second: float | None = None
+    workers: int = 1
+    device: str = ""
+    precision: str = ""
+    package_version: str = ""
+    git_commit: str | None = None
+    torch_version: str = ""
+    host: str = ""
+    platform: str = ""
+    finished_at: str = ""
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def model_label(self) -> str:
+        return self.model.get("label", "")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data) -> "RunRecord":
+        """Validate and build; raises RecordError saying what is wrong."""
+        if not isinstance(data, dict):
+            raise RecordError(f"a record is a JSON object, this is a {type(data).__name__}")
+        version = data.get("schema_version", 1)
+        if version != SCHEMA_VERSION:
+            raise RecordError(f"schema version {version}, this code reads version {SCHEMA_VERSION} (records made "
+                              f"before the record identity held the code version and the data); rerun the job")
+        names = {f.name for f in dataclasses.fields(cls)}
+        required = {f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        missing = sorted(required - set(data))
+        if missing:
+            raise RecordError(f"missing field(s) {', '.join(missing)}")
+        record = cls(**{k: v for k, v in data.items() if k in names})
+        record._check()
+        return record
+
+    def _check(self) -> None:
+        if not _is_number(self.mIoU):
+            raise RecordError(f"mIoU is {self.mIoU!r}, not a number: the run did not finish")
+        for name in ("aAcc", "mAcc"):
+            value = getattr(self, name)
+            if value is not None and not _is_number(value):
+                raise RecordError(f"{name} is {value!r}, not a number")
+        if not isinstance(self.image_count, int) or isinstance(self.image_count, bool) or self.image_count < 1:
+            raise RecordError(f"image_count is {self.image_count!r}: no image was evaluated")
+        for name, kind in (("identity", dict), ("params", dict), ("model", dict), ("overrides", dict),
+                           ("deviations", dict), ("per_class_iou", list), ("pa", bool), ("tlp", bool),
+                           ("full_split", bool), ("method", str), ("dataset", str), ("config_hash", str),
+                           ("code_version", str)):
+            if not isinstance(getattr(self, name), kind):
+                raise RecordError(f"{name} is {getattr(self, name)!r}, expected a {kind.__name__}")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def record_path(results_dir: str | os.PathLike, run_hash: str) -> Path:
+    if not run_hash or not all(c.isalnum() or c in "-_" for c in run_hash):
+        raise ValueError(f"record hash {run_hash!r} is not a plain name")
     return Path(results_dir) / "runs" / f"{run_hash}.json"
 
 
@@ -34,39 +191,51 @@ def _clean(value):
     return value
 
 
-def write_record(results_dir: str | os.PathLike, record: dict) -> Path:
-    """Write ``record`` (which holds ``config_hash``) atomically; returns its path."""
-    path = record_path(results_dir, record["config_hash"])
+def write_record(results_dir: str | os.PathLike, record: RunRecord) -> Path:
+    """Write ``record`` atomically (temporary file, fsync, rename); returns its path."""
+    path = record_path(results_dir, record.config_hash)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(_clean(record), indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(_clean(record.to_dict()), indent=2, sort_keys=True, default=str))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
-def read_record(path: str | os.PathLike) -> dict:
-    return json.loads(Path(path).read_text())
+def read_record(path: str | os.PathLike) -> RunRecord:
+    """The record in ``path``; raises RecordError naming the file for anything unreadable or invalid."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RecordError(f"{path} is not a JSON record ({error})") from None
+    try:
+        return RunRecord.from_dict(data)
+    except (RecordError, TypeError) as error:
+        raise RecordError(f"{path}: {error}") from None
 
 
-def load_records(results_dir: str | os.PathLike) -> list[dict]:
-    """Every record under ``results_dir/runs`` (unreadable files are reported, not skipped silently)."""
+def find_record(path: Path) -> RunRecord | None:
+    """The finished record at ``path``, or None (absent, or not a valid finished record: warned)."""
+    if not path.is_file():
+        return None
+    try:
+        return read_record(path)
+    except RecordError as error:
+        warnings.warn(f"ignoring {error}; the job runs again", RuntimeWarning, stacklevel=2)
+        return None
+
+
+def load_records(results_dir: str | os.PathLike) -> list[RunRecord]:
+    """Every valid record under ``results_dir/runs``; each invalid one is named in a warning and skipped."""
     records = []
     for path in sorted((Path(results_dir) / "runs").glob("*.json")):
-        try:
-            records.append(read_record(path))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"result record {path} is not valid JSON ({error}); delete it and rerun that job") from None
+        record = find_record(path)
+        if record is not None:
+            records.append(record)
     return records
-
-
-def git_commit() -> str | None:
-    """The commit of the package's checkout, with '+dirty' when it has changes; None outside git."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return commit + ("+dirty" if dirty else "")

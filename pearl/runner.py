@@ -3,7 +3,9 @@ write one result record. Thin glue: it reads the config, never Hydra's global st
 """
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 import os
 import platform
 import socket
@@ -19,10 +21,15 @@ from . import __version__
 from .backbone import load_clip
 from .data import DatasetError, build_dataset
 from .metrics import ConfusionMatrix
+from .config import validate_config
+from .errors import ConfigError
 from .params import PARAMS
 from .protocols import class_names, protocol
-from .records import config_hash, git_commit, read_record, record_path, write_record
+from .records import (DEFAULT_MODEL, SCHEMA_VERSION, RunRecord, code_version, config_hash, file_sha256, find_record,
+                      git_commit, record_path, write_record)
 from .segmentor import Segmentor, resolve_settings
+from .settings import OPERATIONAL_PARAMS, deviations
+from .text import TEMPLATES, load_vocabulary
 
 log = logging.getLogger("pearl")
 
@@ -61,16 +68,43 @@ def _dataset(cfg: DictConfig):
     return build_dataset(data.name, cfg.data_root, cfg.max_images)
 
 
+OPENAI_FILE_SHA256 = {  # OpenAI's released TorchScript archives: the same weights as the ``openai`` tag
+    "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f": "ViT-B-16",
+}
+
+
+def model_identity(model_cfg: DictConfig, precision: str) -> dict:
+    """What identifies the network: name and tag, or the checkpoint file's content hash; the tiny
+    model's seed and config. ``label`` is the key the tables select by (``NAME:TAG``)."""
+    if model_cfg.name == "tiny":
+        return {"name": "tiny", "seed": model_cfg.seed, "config": OmegaConf.to_container(model_cfg.config),
+                "label": f"tiny:seed{model_cfg.seed}", "precision": precision}
+    name, pretrained = str(model_cfg.name).replace("/", "-"), model_cfg.pretrained
+    identity = {"name": name, "pretrained": pretrained, "precision": precision}
+    if pretrained is not None and os.path.isfile(pretrained):
+        sha = file_sha256(pretrained)
+        identity.update(pretrained=None, file=Path(pretrained).name, file_sha256=sha)
+        label = f"{OPENAI_FILE_SHA256[sha]}:openai" if sha in OPENAI_FILE_SHA256 else f"{name}:{Path(pretrained).name}"
+    else:
+        # load_clip builds OpenAI weights with QuickGELU either way: ViT-B-16-quickgelu:openai is ViT-B-16:openai
+        base = name.removesuffix("-quickgelu") if pretrained == "openai" else name
+        label = f"{base}:{pretrained}"
+    return identity | {"label": label}
+
+
 def _settings(cfg: DictConfig) -> tuple[dict, dict, list[str] | str]:
     """(overrides given on the command line, Segmentor params, classes) for this job."""
     overrides = {name: cfg[name] for name in PARAMS if cfg.get(name) is not None}
     overrides = OmegaConf.to_container(OmegaConf.create(overrides), resolve=True)
-    reference = cfg.dataset.get("protocol_like") or cfg.dataset.name
-    params = protocol(cfg.method.name, reference, cfg.profile)
+    params = protocol(cfg.method.name, _protocol_dataset(cfg), cfg.profile)
     params.update(overrides)
     classes = cfg.dataset.classes if cfg.dataset.name == "folder" else class_names(cfg.dataset.name, cfg.method.name,
                                                                                     cfg.profile)
     return overrides, params, classes
+
+
+def _protocol_dataset(cfg: DictConfig) -> str:
+    return cfg.dataset.get("protocol_like") or cfg.dataset.name
 
 
 @dataclass
@@ -84,8 +118,11 @@ class _Job:
     params: dict
     classes: object
     resolved: dict
+    deviations: dict
+    model: dict
     identity: dict
     run_hash: str
+    title: str
 
 
 @dataclass
@@ -97,31 +134,48 @@ class _Shard:
     nan_windows: int
     evaluated: int
     diagnostic_sums: dict  # sums over images of the Segmentor's per-image numeric diagnostics
+    setup_s: float = 0.0   # model load and text encoding
+    eval_s: float = 0.0    # the image loop alone
 
 
 def _plan(cfg: DictConfig) -> _Job:
+    validate_config(cfg)
     dataset = _dataset(cfg)  # a missing dataset fails here, before any model is loaded
     device = _device(cfg.device)
     precision = _precision(cfg.model.precision, device)
     overrides, params, classes = _settings(cfg)
-    _, resolved = resolve_settings(cfg.method.name, cfg.pa, cfg.tlp, params)
-    model_identity = OmegaConf.to_container(cfg.model, resolve=True) | {"precision": precision}
-    identity = {"method": cfg.method.name, "dataset": dataset.name, "data_root": str(dataset.root),
-                "model": model_identity, "profile": cfg.profile, "params": resolved, "classes": classes,
-                "max_images": cfg.max_images, "on_error": cfg.on_error, "device_type": device.type}
-    return _Job(dataset, device, precision, overrides, params, classes, resolved, identity, config_hash(identity))
+    try:
+        _, resolved = resolve_settings(cfg.method.name, cfg.pa, cfg.tlp, params)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    changed = deviations(cfg.method.name, _protocol_dataset(cfg), cfg.profile, resolved)
+    model = model_identity(cfg.model, precision)
+    class_lines = list(load_vocabulary(classes).class_lines)
+    identity = {"schema": SCHEMA_VERSION, "code_version": code_version(), "method": cfg.method.name,
+                "profile": cfg.profile, "params": {k: v for k, v in resolved.items() if k not in OPERATIONAL_PARAMS},
+                "model": {k: v for k, v in model.items() if k != "label"}, "classes": class_lines,
+                "templates": hashlib.sha256("\n".join(TEMPLATES).encode()).hexdigest()[:16],
+                "dataset": dataset.fingerprint()}
+    title = " ".join([cfg.method.name, f"pa={resolved['pa']}", f"tlp={resolved['tlp']}", dataset.name]
+                     + [f"{k}={v}" for k, v in sorted(changed.items())]
+                     + ([f"model={model['label']}"] if model["label"] != DEFAULT_MODEL else [])
+                     + ([f"max_images={cfg.max_images}"] if cfg.max_images is not None else []))
+    return _Job(dataset, device, precision, overrides, params, classes, resolved, changed, model, identity,
+                config_hash(identity), title)
 
 
 def _evaluate(cfg: DictConfig, job: _Job, indices: range, device: torch.device, logger=None,
               show_progress: bool = True) -> _Shard:
     """Run the Segmentor over ``indices`` of the dataset, accumulating the confusion matrix on ``device``."""
+    start = time.perf_counter()
     model, tokenizer = build_model(cfg.model, device, job.precision)
     seg = Segmentor(model, job.classes, method=cfg.method.name, pa=cfg.pa, tlp=cfg.tlp, tokenizer=tokenizer,
                     device=device, window_batch_size=cfg.window_batch_size, **job.params)
+    setup_s = time.perf_counter() - start
     dataset = job.dataset
     cm = ConfusionMatrix(seg.vocabulary.num_classes, device)
     skipped, nan_windows, evaluated, diagnostic_sums = [], 0, 0, {}
-    bar = tqdm(indices, desc=_title(cfg, job.resolved), unit="img", dynamic_ncols=True,
+    bar = tqdm(indices, desc=job.title, unit="img", dynamic_ncols=True,
                disable=not (cfg.progress and show_progress))
     for index in bar:
         try:
@@ -144,7 +198,8 @@ def _evaluate(cfg: DictConfig, job: _Job, indices: range, device: torch.device, 
         evaluated += 1
         if evaluated % 10 == 0 or index == indices[-1]:
             bar.set_postfix(mIoU=f"{cm.summary()['mIoU']:.2f}", refresh=False)
-    return _Shard(cm, skipped, nan_windows, evaluated, diagnostic_sums)
+    return _Shard(cm, skipped, nan_windows, evaluated, diagnostic_sums, setup_s,
+                  time.perf_counter() - start - setup_s)
 
 
 def shard_indices(size: int, rank: int, world: int) -> range:
@@ -166,7 +221,8 @@ def _worker(rank: int, world: int, cfg_dict: dict, init_file: str, result_file: 
         shard = _evaluate(cfg, job, shard_indices(len(job.dataset), rank, world), device, show_progress=rank == 0)
         shard.cm.all_reduce()
         gathered = [None] * world
-        dist.all_gather_object(gathered, (shard.skipped, shard.nan_windows, shard.evaluated, shard.diagnostic_sums))
+        dist.all_gather_object(gathered, (shard.skipped, shard.nan_windows, shard.evaluated, shard.diagnostic_sums,
+                                          shard.setup_s, shard.eval_s))
         if rank == 0:
             torch.save({"matrix": shard.cm.matrix.cpu(), "gathered": gathered}, result_file)
     finally:
@@ -193,79 +249,100 @@ def _evaluate_distributed(cfg: DictConfig, job: _Job) -> _Shard:
         for key, value in part[3].items():
             sums[key] = sums.get(key, 0.0) + value
     shard = _Shard(ConfusionMatrix.from_matrix(result["matrix"]), skipped, sum(p[1] for p in result["gathered"]),
-                   sum(p[2] for p in result["gathered"]), sums)
+                   sum(p[2] for p in result["gathered"]), sums, max(p[4] for p in result["gathered"]),
+                   max(p[5] for p in result["gathered"]))
     if shard.evaluated + len(shard.skipped) != len(job.dataset):
         raise RuntimeError(f"workers evaluated {shard.evaluated} + skipped {len(shard.skipped)} images, "
                            f"the dataset has {len(job.dataset)}")
     return shard
 
 
-def run(cfg: DictConfig, group: str | None = None) -> dict:
-    """Evaluate one (method, pa, tlp, dataset, model) configuration; returns its result record.
+def run(cfg: DictConfig, group: str | None = None) -> RunRecord | None:
+    """The record of one job (evaluated now or found); see :func:`run_job`."""
+    return run_job(cfg, group)[1]
 
-    An existing record of the same configuration is returned without evaluating unless
-    ``cfg.force``. Nothing is written unless the whole dataset was evaluated. ``cfg.workers > 1``
-    splits the dataset over that many processes (GPUs), summing their confusion matrices.
+
+def run_job(cfg: DictConfig, group: str | None = None) -> tuple[str, RunRecord | None]:
+    """("ran" | "skipped" | "dry_run", record): evaluate one (method, pa, tlp, dataset, model) configuration; returns its result record.
+
+    A finished record of the same identity (same code version included) is returned without
+    evaluating unless ``cfg.force``. Nothing is written unless the whole dataset was evaluated.
+    ``cfg.workers > 1`` splits the dataset over that many processes (GPUs), summing their
+    confusion matrices. ``cfg.dry_run`` prints the resolved job and evaluates nothing.
     """
     job = _plan(cfg)
-    existing = record_path(cfg.results_dir, job.run_hash)
-    if existing.is_file() and not cfg.force:
-        log.info("skipping %s: record %s exists (force=true reruns it)", _title(cfg, job.resolved), existing)
-        return read_record(existing)
-    logger = _wandb(cfg, job.resolved, group)
+    path = record_path(cfg.results_dir, job.run_hash)
+    existing = find_record(path)
+    if cfg.dry_run:
+        _print_dry_run(job, path, existing)
+        return "dry_run", existing
+    if existing is not None and not cfg.force:
+        log.info("skipping %s: record %s exists (force=true reruns it)", job.title, path)
+        return "skipped", existing
+    logger = _wandb(cfg, job, group)
     start = time.perf_counter()
     if cfg.workers > 1:
         shard = _evaluate_distributed(cfg, job)  # prediction images are not logged from worker processes
     else:
         shard = _evaluate(cfg, job, range(len(job.dataset)), job.device, logger)
-    wall = time.perf_counter() - start
-    dataset = job.dataset
-    metrics = shard.cm.summary()
-    record = {
-        "config_hash": job.run_hash, "identity": job.identity, "method": cfg.method.name, "dataset": dataset.name,
-        "pa": job.resolved["pa"], "tlp": job.resolved["tlp"], "profile": cfg.profile, "model": job.identity["model"],
-        "params": job.resolved, "overrides": job.overrides, "mIoU": metrics["mIoU"], "aAcc": metrics["aAcc"],
-        "mAcc": metrics["mAcc"],
-        "per_class_iou": [{"class": name, "iou": iou} for name, iou in zip(dataset.class_names,
-                                                                          metrics["per_class_iou"])],
-        "image_count": shard.evaluated, "dataset_size": dataset.total_images,
-        "expected_images": dataset.expected_images,
-        "split_matches_official": (dataset.total_images == dataset.expected_images
-                                   if dataset.expected_images else None),
-        "skipped": shard.skipped, "nan_windows": shard.nan_windows, "wall_time_s": wall,
-        # dataset means of the per-image PA / TLP diagnostics of pearl.md §2 and §3.4
-        "diagnostics": {key: value / max(shard.evaluated, 1) for key, value in shard.diagnostic_sums.items()},
-        "images_per_second": shard.evaluated / wall if wall > 0 else None, "workers": cfg.workers,
-        "device": _device_name(job.device), "precision": job.precision, "package_version": __version__,
-        "git_commit": git_commit(), "torch_version": torch.__version__, "host": socket.gethostname(),
-        "platform": platform.platform(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    if record["split_matches_official"] is False:
-        log.warning("%s has %d images, the official split has %d: the record says so", dataset.name,
-                    dataset.total_images, dataset.expected_images)
+    record = _record(cfg, job, shard, time.perf_counter() - start)
+    if record.split_matches_official is False:
+        log.warning("%s has %d images, the official split has %d: the record says so", job.dataset.name,
+                    record.dataset_size, record.expected_images)
     path = write_record(cfg.results_dir, record)
     if logger is not None:
-        logger.finish(record, list(dataset.class_names), metrics["per_class_iou"])
-    log.info("%s: mIoU %.2f  aAcc %.2f  mAcc %.2f  (%d images, %.2f img/s, %d skipped) → %s",
-             _title(cfg, job.resolved), metrics["mIoU"], metrics["aAcc"], metrics["mAcc"], shard.evaluated,
-             record["images_per_second"] or 0, len(shard.skipped), path)
-    return record
+        logger.finish(record, list(job.dataset.class_names), [c["iou"] for c in record.per_class_iou])
+    log.info("%s: mIoU %.2f  aAcc %.2f  mAcc %.2f  (%d images, %.2f img/s evaluating, setup %.1f s, %d skipped) → %s",
+             job.title, record.mIoU, record.aAcc, record.mAcc, record.image_count, record.images_per_second or 0,
+             record.setup_time_s, len(record.skipped), path)
+    return "ran", record
 
 
-def _title(cfg: DictConfig, resolved: dict) -> str:
-    return f"{cfg.method.name} pa={resolved['pa']} tlp={resolved['tlp']} {cfg.dataset.name}"
+def _record(cfg: DictConfig, job: _Job, shard: _Shard, wall: float) -> RunRecord:
+    dataset = job.dataset
+    metrics = shard.cm.summary()
+    if not math.isfinite(metrics["mIoU"]):
+        raise DatasetError(f"{dataset.name}: no labelled pixel was evaluated, so there is no mIoU; give masks "
+                           f"(dataset.masks) or check the labels")
+    official = dataset.total_images == dataset.expected_images if dataset.expected_images else None
+    full_split = (official is not False and shard.evaluated == dataset.total_images and not shard.skipped)
+    return RunRecord(
+        config_hash=job.run_hash, identity=job.identity, method=cfg.method.name, dataset=dataset.name,
+        pa=job.resolved["pa"], tlp=job.resolved["tlp"], profile=cfg.profile, model=job.model, params=job.resolved,
+        overrides=job.overrides, deviations=job.deviations, code_version=job.identity["code_version"],
+        mIoU=metrics["mIoU"], aAcc=metrics["aAcc"], mAcc=metrics["mAcc"],
+        per_class_iou=[{"class": name, "iou": iou} for name, iou in zip(dataset.class_names,
+                                                                        metrics["per_class_iou"])],
+        image_count=shard.evaluated, dataset_size=dataset.total_images, expected_images=dataset.expected_images,
+        split_matches_official=official, full_split=full_split, max_images=cfg.max_images, skipped=shard.skipped,
+        nan_windows=shard.nan_windows,
+        # dataset means of the per-image PA / TLP diagnostics (docs/pearl.md)
+        diagnostics={key: value / max(shard.evaluated, 1) for key, value in shard.diagnostic_sums.items()},
+        setup_time_s=shard.setup_s, eval_time_s=shard.eval_s, wall_time_s=wall,
+        images_per_second=shard.evaluated / shard.eval_s if shard.eval_s > 0 else None, workers=cfg.workers,
+        device=_device_name(job.device), precision=job.precision, package_version=__version__,
+        git_commit=git_commit(), torch_version=torch.__version__, host=socket.gethostname(),
+        platform=platform.platform(), finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+
+
+def _print_dry_run(job: _Job, path: Path, existing: RunRecord | None) -> None:
+    state = f"record exists: {path}" if existing is not None else f"would run → {path}"
+    settings = " ".join(f"{k}={v}" for k, v in job.resolved.items() if k not in OPERATIONAL_PARAMS)
+    print(f"[dry run] {job.title}: {state}\n  {len(job.dataset)} images, model {job.model['label']} "
+          f"({job.precision}), settings: {settings}", flush=True)
 
 
 def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
 
 
-def _wandb(cfg: DictConfig, resolved: dict, group: str | None):
+def _wandb(cfg: DictConfig, job: _Job, group: str | None):
     if cfg.logger.name != "wandb":
         return None
     from .wandb_logger import WandbLogger
-    return WandbLogger(project=cfg.logger.project, group=group, name=_title(cfg, resolved).replace(" ", "-"),
+    return WandbLogger(project=cfg.logger.project, group=group, name=job.title.replace(" ", "-"),
                        job_type=cfg.method.name, tags=[cfg.method.name, cfg.dataset.name],
-                       config=OmegaConf.to_container(cfg, resolve=True) | {"resolved_params": resolved},
+                       config=OmegaConf.to_container(cfg, resolve=True) | {"resolved_params": job.resolved,
+                                                                              "config_hash": job.run_hash},
                        directory=str(Path(cfg.logger.dir).resolve()) if cfg.logger.get("dir") else None,
                        max_images=cfg.logger.max_images)

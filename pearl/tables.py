@@ -1,23 +1,29 @@
 """Result records + the paper's numbers → the paper's tables as CSV and Markdown.
 
-    python -m pearl.tables [--results results] [--paper results/paper]     (or: pearl-tables)
+    python -m pearl.tables [--results results] [--model NAME:TAG] [--pivot PARAM]   (or: pearl-tables)
 
 Writes ``main.csv`` (Table 1), ``ablation.csv`` (Table 3), ``plug_and_play.csv`` (Table 4),
-``resolution.csv`` (Table 5) and their pAcc twins (``*_pacc.csv``), each also as ``.md``. Every cell carries ours, the paper's number
-and the difference; a missing run is an empty cell; averages only over complete rows.
-Reads only records (``pearl.records``) and the paper CSVs.
+``resolution.csv`` (Table 5) and their pAcc twins (``*_pacc.csv``), each also as ``.md``, per model,
+and ``backbones.csv`` (Table 6). Every cell carries ours, the paper's number, the difference, the
+record it came from and its flags; a cell is filled only by a record whose identity satisfies the
+row (never by recency alone: see :class:`Row`); averages only over complete rows. Reads only
+records (``pearl.records``) and the paper CSVs.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
+from .params import PARAMS
 from .protocols import DATASETS
-from .records import load_records
+from .records import DEFAULT_MODEL, RunRecord, code_version, load_records
+from .settings import comparable, deviations, job_settings
 
 COLUMN_TITLES = {"voc21": "VOC21", "context60": "PC60", "coco_object": "Object", "voc20": "VOC20",
                  "context59": "PC59", "coco_stuff": "Stuff", "cityscapes": "City", "ade20k": "ADE"}
@@ -25,7 +31,12 @@ COLUMN_TITLES = {"voc21": "VOC21", "context60": "PC60", "coco_object": "Object",
 
 @dataclass(frozen=True)
 class Row:
-    """One table row: which records fill it and which paper row sits beside it."""
+    """One table row: the resolved settings a record needs to fill it, and the paper row beside it.
+
+    A record fills the row's cell on a dataset only if its method, pa, tlp, profile and every
+    resolved parameter equal ``job_settings(method, pa, tlp, dataset, profile, overrides)``, its
+    model is the table's (or the row's own ``model``) and it evaluated the full official split.
+    """
 
     title: str
     method: str
@@ -36,6 +47,23 @@ class Row:
     overrides: dict = field(default_factory=dict)
     profile: str = "own"
     pacc_row: str | None = None  # the row of the paper's pAcc table (Table 2) beside this one
+    model: str | None = None     # a fixed model label (Table 6); None = the table's model
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which records may fill a cell: the model, and whether partial or older-code runs may (marked)."""
+
+    model: str = DEFAULT_MODEL
+    include_partial: bool = False
+    include_stale: bool = False
+    code: str = field(default_factory=code_version)
+
+
+@dataclass(frozen=True)
+class Cell:
+    record: RunRecord | None
+    flags: tuple[str, ...] = ()  # 'stale' (older code), 'partial' (not the full split), 'of N' (N candidates)
 
 
 MAIN = [Row("CLIP", "vanilla", False, False, "table1", "CLIP"),
@@ -57,7 +85,17 @@ PLUG_AND_PLAY = [Row(f"{title} {tag}", method, False, tlp, "table4" if paper els
                  for tag, tlp in (("without TLP", False), ("with TLP", True))]
 RESOLUTION = [Row(f"short side {side}", "pearl", True, True, "table5", f"short side {side}", {"resize_short": side})
               for side in (224, 280, 336)]
+BACKBONE_MODELS = (("ViT-B/32", "ViT-B-32:openai"), ("ViT-B/16", "ViT-B-16:openai"), ("ViT-L/14", "ViT-L-14:openai"))
 TABLES = {"main": MAIN, "ablation": ABLATION, "plug_and_play": PLUG_AND_PLAY, "resolution": RESOLUTION}
+
+
+def backbone_rows(records: list[RunRecord]) -> list[Row]:
+    """Table 6: PEARL (PA + TLP, own protocol) per model: the paper's three, then any other model run."""
+    rows = [Row(f"PEARL {title}", "pearl", True, True, "table6", f"PEARL {title}", model=label)
+            for title, label in BACKBONE_MODELS]
+    known = {label for _, label in BACKBONE_MODELS}
+    others = sorted({r.model_label for r in records if r.method == "pearl" and r.pa and r.tlp} - known)
+    return rows + [Row(f"PEARL {label}", "pearl", True, True, None, None, model=label) for label in others]
 
 
 def default_paper_dir() -> Path:
@@ -73,19 +111,32 @@ def load_paper(paper_dir: str | Path) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def _matches(record: dict, row: Row) -> bool:
-    return (record.get("method") == row.method and record.get("pa") == row.pa and record.get("tlp") == row.tlp
-            and record.get("profile", "own") == row.profile and (record.get("overrides") or {}) == row.overrides)
+def _settings_for(row: Row, dataset: str) -> dict | None:
+    try:
+        return comparable(job_settings(row.method, row.pa, row.tlp, dataset, row.profile, row.overrides))
+    except ValueError:  # a row that cannot exist (e.g. a method without this dataset's protocol)
+        return None
 
 
-def _ours(records: list[dict], row: Row, dataset: str, metric: str) -> tuple[float | None, str | None]:
-    """(value, model) of the newest record filling this cell, or (None, None)."""
-    found = [r for r in records if r.get("dataset") == dataset and _matches(r, row) and r.get(metric) is not None]
+def candidates(records: list[RunRecord], row: Row, dataset: str, selection: Selection) -> list[RunRecord]:
+    """The records whose identity satisfies this cell (see :class:`Row`)."""
+    wanted = _settings_for(row, dataset)
+    model = row.model or selection.model
+    return [r for r in records
+            if r.dataset == dataset and r.method == row.method and r.pa == row.pa and r.tlp == row.tlp
+            and r.profile == row.profile and r.model_label == model and comparable(r.params) == wanted
+            and (r.full_split or selection.include_partial)
+            and (r.code_version == selection.code or selection.include_stale)]
+
+
+def choose(found: list[RunRecord], selection: Selection) -> Cell:
+    """The rule for several candidates: current code first, then the full split, then the newest."""
     if not found:
-        return None, None
-    newest = max(found, key=lambda r: r.get("finished_at", ""))
-    model = newest.get("model", {})
-    return newest[metric], f"{model.get('name')}:{model.get('pretrained')}"
+        return Cell(None)
+    best = max(found, key=lambda r: (r.code_version == selection.code, r.full_split, r.finished_at))
+    flags = (("stale",) if best.code_version != selection.code else ()) + (("partial",) if not best.full_split
+                                                                          else ())
+    return Cell(best, flags + ((f"of {len(found)}",) if len(found) > 1 else ()))
 
 
 def _paper(paper: pd.DataFrame, row: Row, dataset: str, table_suffix: str) -> tuple[float | None, str]:
@@ -99,25 +150,31 @@ def _paper(paper: pd.DataFrame, row: Row, dataset: str, table_suffix: str) -> tu
     return (None if pd.isna(value) else float(value)), str(hit.iloc[0]["status"])
 
 
-def build_table(records: list[dict], paper: pd.DataFrame, rows: list[Row], metric: str = "mIoU") -> pd.DataFrame:
-    """Wide table: per dataset ours / paper / diff, then the averages and completeness."""
+def build_table(records: list[RunRecord], paper: pd.DataFrame, rows: list[Row], metric: str = "mIoU",
+                selection: Selection | None = None) -> pd.DataFrame:
+    """Wide table: per dataset ours / paper / diff / flags / record, then the averages and completeness."""
+    selection = selection or Selection()
     suffix = "pacc" if metric == "aAcc" else "miou"
     out = []
     for row in rows:
         line = {"row": row.title, "method": row.method, "pa": row.pa, "tlp": row.tlp,
-                "overrides": ";".join(f"{k}={v}" for k, v in row.overrides.items())}
-        values, models = [], set()
+                "overrides": ";".join(f"{k}={v}" for k, v in row.overrides.items()),
+                "model": row.model or selection.model}
+        values, flagged = [], []
         for dataset in DATASETS:
-            ours, model = _ours(records, row, dataset, metric)
+            cell = choose(candidates(records, row, dataset, selection), selection)
+            ours = None if cell.record is None else getattr(cell.record, metric)
             paper_value, status = _paper(paper, row, dataset, suffix)
             title = COLUMN_TITLES[dataset]
             line[f"{title}_ours"] = None if ours is None else round(ours, 2)
             line[f"{title}_paper"] = paper_value
             line[f"{title}_paper_status"] = status
             line[f"{title}_diff"] = None if ours is None or paper_value is None else round(ours - paper_value, 2)
+            line[f"{title}_flags"] = ",".join(cell.flags)
+            line[f"{title}_record"] = cell.record.config_hash if cell.record else ""
             values.append(ours)
-            if model:
-                models.add(model)
+            if cell.flags:
+                flagged.append(f"{title}({','.join(cell.flags)})")
         missing = [COLUMN_TITLES[d] for d, v in zip(DATASETS, values) if v is None]
         complete = not missing
         avg = sum(values) / len(values) if complete else None
@@ -127,7 +184,7 @@ def build_table(records: list[dict], paper: pd.DataFrame, rows: list[Row], metri
                      "Avg_ours_of_rounded": None if avg_rounded is None else round(avg_rounded, 2),
                      "Avg_paper": paper_avg, "Avg_paper_status": paper_status,
                      "Avg_diff": None if avg is None or paper_avg is None else round(avg - paper_avg, 2),
-                     "complete": complete, "missing": ",".join(missing), "model": ",".join(sorted(models))})
+                     "complete": complete, "missing": ",".join(missing), "flagged": " ".join(flagged)})
         out.append(line)
     return pd.DataFrame(out)
 
@@ -136,10 +193,18 @@ def _fmt(value) -> str:
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:g}"
 
 
-def to_markdown(table: pd.DataFrame) -> str:
-    """Cells as 'ours / paper (diff)'; empty where unknown."""
+def _model_note(model: str) -> str:
+    note = f"Model: {model}."
+    if model.startswith("tiny"):
+        note += " **Smoke figures of a randomly initialised network, not results.**"
+    return note
+
+
+def to_markdown(table: pd.DataFrame, note: str = "") -> str:
+    """Cells as 'ours / paper (diff)' with flags; empty where unknown."""
     titles = [COLUMN_TITLES[d] for d in DATASETS] + ["Avg"]
-    lines = ["| row | " + " | ".join(titles) + " | missing | model |", "|---" * (len(titles) + 3) + "|"]
+    lines = ([note, ""] if note else []) + ["| row | " + " | ".join(titles) + " | missing | model |",
+                                            "|---" * (len(titles) + 3) + "|"]
     for _, r in table.iterrows():
         cells = []
         for title in titles:
@@ -147,39 +212,165 @@ def to_markdown(table: pd.DataFrame) -> str:
             text = f"{_fmt(ours) or '·'} / {_fmt(paper) or '·'}"
             if _fmt(diff):
                 text += f" ({diff:+.2f})"
+            flags = r.get(f"{title}_flags")
+            if isinstance(flags, str) and flags:
+                text += f" [{flags}]"
             cells.append(text)
         lines.append(f"| {r['row']} | " + " | ".join(cells) + f" | {r['missing']} | {r['model']} |")
     lines.append("")
     lines.append("Cells: ours / paper (ours − paper); '·' = no run or no known paper value. Avg only over "
-                 "complete rows (all eight datasets).")
+                 "complete rows (all eight datasets). [stale] = made by older code, [partial] = not the full "
+                 "official split (shown only with --include-stale / --include-partial), [of N] = N records "
+                 "satisfy the cell: the one of the current code, full split, newest, is shown.")
     return "\n".join(lines) + "\n"
 
 
+def pivot(records: list[RunRecord], param: str, selection: Selection | None = None,
+          method: str | None = None) -> pd.DataFrame:
+    """Rows = the values of ``param`` among runs that differ from their protocol in ``param`` alone
+    (or not at all), per (method, pa, tlp, profile); columns = datasets (mIoU)."""
+    if param not in PARAMS:
+        raise SystemExit(f"--pivot {param!r} is not a parameter; valid: {', '.join(PARAMS)}")
+    selection = selection or Selection()
+    groups: dict[tuple, dict[str, list[RunRecord]]] = {}
+    for r in records:
+        if (r.dataset not in DATASETS or r.model_label != selection.model or (method and r.method != method)
+                or not (r.full_split or selection.include_partial)
+                or not (r.code_version == selection.code or selection.include_stale)):
+            continue
+        if not set(deviations(r.method, r.dataset, r.profile, r.params)) <= {param}:
+            continue
+        key = (r.method, r.pa, r.tlp, r.profile, json.dumps(r.params[param]))
+        groups.setdefault(key, {}).setdefault(r.dataset, []).append(r)
+    out = []
+    for (method_name, pa, tlp, profile, value), by_dataset in sorted(groups.items()):
+        line = {"method": method_name, "pa": pa, "tlp": tlp, "profile": profile, param: json.loads(value)}
+        for dataset in DATASETS:
+            cell = choose(by_dataset.get(dataset, []), selection)
+            line[COLUMN_TITLES[dataset]] = None if cell.record is None else round(cell.record.mIoU, 2)
+            line[f"{COLUMN_TITLES[dataset]}_flags"] = ",".join(cell.flags)
+        out.append(line)
+    columns = ["method", "pa", "tlp", "profile", param] + [c for d in DATASETS
+                                                           for c in (COLUMN_TITLES[d], f"{COLUMN_TITLES[d]}_flags")]
+    return pd.DataFrame(out, columns=columns)
+
+
+def model_slug(model: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in model)
+
+
+def _write(table: pd.DataFrame, out_dir: Path, name: str, note: str, markdown: bool = True) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = out_dir / f"{name}.csv"
+    table.to_csv(csv_path, index=False)
+    if markdown:
+        (out_dir / f"{name}.md").write_text(to_markdown(table, note))
+    return csv_path
+
+
 def write_tables(results_dir: str | Path = "results", paper_dir: str | Path | None = None,
-                 out_dir: str | Path | None = None) -> tuple[dict[str, Path], int]:
-    """Write every table; returns the CSV paths by table name and the number of records read."""
+                 out_dir: str | Path | None = None, models: tuple[str, ...] = (DEFAULT_MODEL,),
+                 include_partial: bool = False, include_stale: bool = False,
+                 pivots: tuple[str, ...] = ()) -> tuple[dict[str, Path], int]:
+    """Write every table; returns the CSV paths by table name and the number of records read.
+
+    The paper tables are written per model: the default model's into ``out_dir``, any other's into
+    ``out_dir/<model>/``; Table 6 (``backbones``) once. Raises NoRecords when there is nothing to
+    tabulate (then nothing is written).
+    """
     records = load_records(results_dir)
+    if not records:
+        raise NoRecords(f"no result records under {Path(results_dir) / 'runs'}: run `python run.py ...` "
+                        f"(results_dir={results_dir}) first; nothing written")
+    present = sorted({r.model_label for r in records})
+    wanted = tuple(dict.fromkeys(present if "all" in models else models))
+    absent = [m for m in wanted if m not in present]
+    if absent and len(absent) == len(wanted):
+        raise NoRecords(f"no records of model(s) {', '.join(absent)} under {results_dir}; models present: "
+                        f"{', '.join(present)} (choose with --model); nothing written")
     paper = load_paper(paper_dir or default_paper_dir())
     out_dir = Path(out_dir or results_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     written = {}
-    for name, rows in TABLES.items():
-        for metric, suffix in (("mIoU", ""), ("aAcc", "_pacc")):
-            table = build_table(records, paper, rows, metric)
-            csv_path = out_dir / f"{name}{suffix}.csv"
-            table.to_csv(csv_path, index=False)
-            (out_dir / f"{name}{suffix}.md").write_text(to_markdown(table))
-            written[f"{name}{suffix}"] = csv_path
+    for model in wanted:
+        if model in absent:
+            print(f"no records of model {model}; its tables are not written")
+            continue
+        selection = Selection(model, include_partial, include_stale)
+        folder = out_dir if model == DEFAULT_MODEL else out_dir / model_slug(model)
+        key_prefix = "" if model == DEFAULT_MODEL else f"{model}/"
+        for name, rows in TABLES.items():
+            for metric, suffix in (("mIoU", ""), ("aAcc", "_pacc")):
+                table = build_table(records, paper, rows, metric, selection)
+                written[f"{key_prefix}{name}{suffix}"] = _write(table, folder, f"{name}{suffix}", _model_note(model))
+        for param in pivots:
+            written[f"{key_prefix}pivot_{param}"] = _write(pivot(records, param, selection), folder,
+                                                           f"pivot_{param}", "", markdown=False)
+    table = build_table(records, paper, backbone_rows(records), "mIoU",
+                        Selection(DEFAULT_MODEL, include_partial, include_stale))
+    written["backbones"] = _write(table, out_dir, "backbones", "Models: each row's own.")
     return written, len(records)
 
 
+class NoRecords(RuntimeError):
+    """Nothing to tabulate."""
+
+
+def _hydra_style(tokens: list[str]) -> dict[str, str]:
+    """``key=value`` arguments as a recipe passes them on to run.py (results_dir, model, …)."""
+    pairs = {}
+    for token in tokens:
+        key, sep, value = token.partition("=")
+        if not sep:
+            raise SystemExit(f"unexpected argument {token!r}; options are --flags, run.py overrides are key=value")
+        pairs[key.lstrip("+")] = value
+    return pairs
+
+
+def recipe_arguments(tokens: list[str]) -> tuple[str | None, str | None]:
+    """(results_dir, model label) named by run.py overrides that a recipe passes on, or None each."""
+    pairs = _hydra_style(tokens)
+    return pairs.get("results_dir"), _model_from_overrides(pairs)
+
+
+def _model_from_overrides(pairs: dict[str, str]) -> str | None:
+    if pairs.get("model") == "tiny":
+        return f"tiny:seed{pairs.get('model.seed', 0)}"
+    if "model.name" in pairs or "model.pretrained" in pairs:
+        name = pairs.get("model.name", "ViT-B-16").replace("/", "-")
+        pretrained = pairs.get("model.pretrained", "openai")
+        return f"{name.removesuffix('-quickgelu') if pretrained == 'openai' else name}:{pretrained}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Build the paper's tables from result records.")
-    parser.add_argument("--results", default="results", help="folder holding runs/*.json (default: results)")
+    parser = argparse.ArgumentParser(
+        description="Build the paper's tables from result records. Extra key=value arguments are read as run.py "
+                    "overrides (results_dir=, model=tiny, model.name=, model.pretrained=), so a recipe can pass its "
+                    "own arguments on unchanged.")
+    parser.add_argument("--results", default=None, help="folder holding runs/*.json (default: results)")
     parser.add_argument("--paper", default=None, help="folder of the paper CSVs (default: results/paper)")
     parser.add_argument("--out", default=None, help="output folder (default: the results folder)")
-    args = parser.parse_args(argv)
-    written, count = write_tables(args.results, args.paper, args.out)
+    parser.add_argument("--model", action="append", default=None,
+                        help=f"model label NAME:TAG of the tables (default {DEFAULT_MODEL}; repeatable; 'all' = "
+                             f"every model with records; 'tiny' = the random smoke model)")
+    parser.add_argument("--include-partial", action="store_true",
+                        help="let partial runs (max_images, skipped images, a split of another size) fill cells, "
+                             "marked [partial]")
+    parser.add_argument("--include-stale", action="store_true",
+                        help="let records made by older code fill cells, marked [stale]")
+    parser.add_argument("--pivot", action="append", default=[], metavar="PARAM",
+                        help="also write pivot_PARAM.csv: rows = the swept values of PARAM, columns = datasets")
+    args, rest = parser.parse_known_args(argv)
+    results_dir, recipe_model = recipe_arguments(rest)
+    results = args.results or results_dir or "results"
+    models = [m if m != "tiny" else "tiny:seed0" for m in args.model or []]
+    models = models or [m for m in [recipe_model] if m] or [DEFAULT_MODEL]
+    try:
+        written, count = write_tables(results, args.paper, args.out, tuple(models), args.include_partial,
+                                      args.include_stale, tuple(args.pivot))
+    except NoRecords as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(f"{count} records → " + ", ".join(str(p) for p in written.values()))
 
 

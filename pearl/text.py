@@ -14,6 +14,7 @@ from typing import Sequence
 
 import torch
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+from tqdm import tqdm
 
 from .protocols import parse_class_lines
 
@@ -88,17 +89,25 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("PEARL_CACHE", Path.home() / ".cache" / "pearl")) / "text"
 
 
+PROMPTS_PER_FORWARD = 1024
+
+
 @torch.no_grad()
 def _encode(model, tokenizer, queries: Sequence[str], device: torch.device) -> torch.Tensor:
-    """[Q, D] unit prototypes: per query, L2-normalise each template embedding, mean, normalise."""
-    rows = []
-    for query in queries:
-        tokens = tokenizer([template.format(query) for template in TEMPLATES]).to(device)
-        feats = model.encode_text(tokens)
-        feats = feats / feats.norm(dim=-1, keepdim=True)
-        mean = feats.mean(dim=0)
-        rows.append(mean / mean.norm())
-    return torch.stack(rows)
+    """[Q, D] unit prototypes: per query, L2-normalise each template embedding, mean, normalise.
+
+    Every query × template prompt is encoded in batches of ``PROMPTS_PER_FORWARD`` (a 150-class
+    vocabulary is 12,000 prompts: 12 forwards, not 150), with a progress bar on a terminal.
+    """
+    prompts = [template.format(query) for query in queries for template in TEMPLATES]
+    chunks = range(0, len(prompts), PROMPTS_PER_FORWARD)
+    feats = []
+    for start in tqdm(chunks, desc="text prototypes", unit="batch", disable=None if len(chunks) > 1 else True,
+                      leave=False):
+        batch = model.encode_text(tokenizer(prompts[start:start + PROMPTS_PER_FORWARD]).to(device))
+        feats.append(batch / batch.norm(dim=-1, keepdim=True))
+    mean = torch.cat(feats).reshape(len(queries), len(TEMPLATES), -1).mean(dim=1)
+    return mean / mean.norm(dim=-1, keepdim=True)
 
 
 def text_prototypes(model, tokenizer, queries: Sequence[str], device: torch.device,

@@ -43,11 +43,11 @@ class WandbLogger:
         self._safe(lambda: self.run.log({"predictions": self.wandb.Image(image, masks=masks, caption=caption)}),
                    "image logging")
 
-    def finish(self, metrics: dict, class_names: list[str], per_class_iou: list) -> None:
+    def finish(self, record, class_names: list[str], per_class_iou: list) -> None:
         def action():
             for key in ("mIoU", "aAcc", "mAcc", "images_per_second"):
-                self.run.summary[key] = metrics.get(key)
+                self.run.summary[key] = getattr(record, key)
             table = self.wandb.Table(columns=["class", "IoU"], data=[[n, v] for n, v in zip(class_names, per_class_iou)])
-            self.run.log({"per_class_iou": table, "mIoU": metrics.get("mIoU"), "aAcc": metrics.get("aAcc")})
+            self.run.log({"per_class_iou": table, "mIoU": record.mIoU, "aAcc": record.aAcc})
         self._safe(action, "summary logging")
         self._safe(lambda: self.run.finish(), "finish")

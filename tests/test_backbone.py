@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import pearl
+from pearl import backbone
+from pearl.errors import WeightsError
 from pearl.backbone import dense_features, embed, positional_embedding
 from pearl.methods import get_method
 from pearl.params import resolve
@@ -84,7 +86,35 @@ def test_load_clip_openai_tag_asks_for_quick_gelu(monkeypatch):
         seen.update(kwargs, name=name)
         return torch.nn.Linear(1, 1)
     monkeypatch.setattr(open_clip, "create_model", fake_create)
+    monkeypatch.setattr(backbone, "_require_reachable_weights", lambda *args: None)  # as if cached
     pearl.load_clip("ViT-B-16", pretrained="openai")
     assert seen["force_quick_gelu"] is True and seen["name"] == "ViT-B-16"
     pearl.load_clip("ViT-B-16", pretrained="laion2b_s34b_b88k")
     assert seen["force_quick_gelu"] is False
+
+
+def test_offline_weights_fail_fast_once_naming_the_cache_and_file(tmp_path, monkeypatch):
+    probes, creates = [], []
+    monkeypatch.setattr(backbone, "_hub_reachable", lambda: probes.append(1) or False)
+    monkeypatch.setattr(open_clip, "create_model", lambda *a, **k: creates.append(1))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(backbone, "_unreachable", {})
+    for _ in range(3):  # three jobs of one sweep
+        with pytest.raises(WeightsError) as error:
+            pearl.load_clip("ViT-B-16", pretrained="openai")
+        message = str(error.value)
+        assert "empty-cache" in message and "timm/vit_base_patch16_clip_224.openai" in message
+        assert "open_clip_model.safetensors" in message
+    assert probes == [1] and creates == []  # asked the Hub once, never tried to download
+
+
+def test_cached_weights_skip_the_hub_probe(tmp_path, monkeypatch):
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--timm--vit_base_patch16_clip_224.openai" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "open_clip_model.safetensors").write_bytes(b"x")
+    (cache / "models--timm--vit_base_patch16_clip_224.openai" / "refs").mkdir()
+    (cache / "models--timm--vit_base_patch16_clip_224.openai" / "refs" / "main").write_text("abc")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(backbone, "_hub_reachable", lambda: pytest.fail("probed although cached"))
+    backbone._require_reachable_weights("ViT-B-16", "openai", None)

@@ -8,12 +8,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from PIL import Image
 
 import pearl
 from pearl.data.datasets import LAYOUTS
 from pearl.data.synthetic import write_dataset
 from pearl.records import load_records
+from pearl import runner
 from pearl.runner import run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,6 +37,10 @@ def synthetic(tmp_path_factory):
 def test_config_exposes_every_parameter_as_a_plain_key():
     cfg = _compose([])
     assert all(name in cfg and cfg[name] is None for name in pearl.PARAMS)
+    from pearl.config import CONFIG_GROUPS, RUN_KEYS
+    assert set(cfg.keys()) == set(RUN_KEYS) | set(pearl.PARAMS) | set(CONFIG_GROUPS)  # nothing undocumented
+    raw = OmegaConf.load(REPO / "conf" / "config.yaml")
+    assert {key: OmegaConf.to_container(raw)[key] for key in RUN_KEYS} == {k: s.default for k, s in RUN_KEYS.items()}
     assert cfg.pa is None and cfg.tlp is None and cfg.method.name == "pearl" and cfg.model.name == "ViT-B-16"
     cfg = _compose(["tlp=false", "alpha_kk=0.2", "method=naclip", "dataset=ade20k"])
     assert cfg.tlp is False and cfg.alpha_kk == 0.2
@@ -45,24 +51,27 @@ def test_run_record_skip_and_force(synthetic, tmp_path):
                  "slide_crop=32", "slide_stride=16"]
     record = run(_compose(overrides))
     files = list((tmp_path / "runs").glob("*.json"))
-    assert len(files) == 1 and files[0].stem == record["config_hash"]
+    assert len(files) == 1 and files[0].stem == record.config_hash
     saved = json.loads(files[0].read_text())
     for key in ("mIoU", "aAcc", "mAcc", "per_class_iou", "params", "config_hash", "package_version", "git_commit",
                 "device", "images_per_second", "wall_time_s", "image_count", "method", "pa", "tlp", "dataset", "model"):
         assert key in saved, key
     assert saved["image_count"] == 3 and saved["split_matches_official"] is False and saved["expected_images"] == 1449
     assert saved["params"]["slide_crop"] == 32 and saved["params"]["logit_scale"] == 65  # SCLIP's VOC21 protocol
-    assert saved["overrides"] == {"slide_crop": 32, "slide_stride": 16}
+    assert saved["overrides"] == saved["deviations"] == {"slide_crop": 32, "slide_stride": 16}
+    assert saved["full_split"] is False and saved["schema_version"] == 2
+    assert saved["images_per_second"] == pytest.approx(3 / saved["eval_time_s"])  # model load not counted
+    assert saved["setup_time_s"] > 0 and saved["setup_time_s"] + saved["eval_time_s"] <= saved["wall_time_s"]
     assert saved["diagnostics"] == {}  # SCLIP without TLP has no PA / TLP diagnostics
     assert [c["class"] for c in saved["per_class_iou"]] == pearl.class_names("voc21")  # in class order
     mtime = files[0].stat().st_mtime_ns
     again = run(_compose(overrides))
-    assert again == saved and files[0].stat().st_mtime_ns == mtime  # skipped
+    assert again.to_dict() == saved and files[0].stat().st_mtime_ns == mtime  # skipped
     run(_compose(overrides + ["force=true"]))
     assert files[0].stat().st_mtime_ns != mtime
     with_tlp = run(_compose(overrides + ["tlp=true"]))
     assert len(list((tmp_path / "runs").glob("*.json"))) == 2
-    diagnostics = with_tlp["diagnostics"]
+    diagnostics = with_tlp.diagnostics
     assert 0 <= diagnostics["tlp_low_confidence"] <= 1 and diagnostics["tlp_rho_mean"] > 0
     assert 0 <= diagnostics["tlp_cg_relative_residual"] < 1
 
@@ -76,12 +85,23 @@ def test_on_error_skip_counts_bad_files(tmp_path):
         run(_compose(overrides))
     assert not (tmp_path / "res" / "runs").exists() or not list((tmp_path / "res" / "runs").glob("*.json"))
     record = run(_compose(overrides + ["on_error=skip"]))
-    assert record["image_count"] == 2 and record["skipped"][0]["id"] == "ADE_val_00000002"
+    assert record.image_count == 2 and record.skipped[0]["id"] == "ADE_val_00000002" and not record.full_split
 
 
-def test_pa_for_a_method_without_query_key_fails_before_loading(synthetic, tmp_path):
-    with pytest.raises(ValueError, match="query·key"):
-        run(_compose(["model=tiny", "method=naclip", "pa=true", f"data_root={synthetic}", f"results_dir={tmp_path}"]))
+
+
+def test_dry_run_prints_the_job_and_evaluates_nothing(synthetic, tmp_path, capsys, monkeypatch):
+    overrides = ["model=tiny", f"data_root={synthetic}", f"results_dir={tmp_path}", "progress=false", "tlp_grid=40"]
+    built = []
+    monkeypatch.setattr(runner, "build_model", lambda *a: built.append(1))
+    assert runner.run_job(_compose(overrides + ["dry_run=true"]))[0] == "dry_run"
+    out = capsys.readouterr().out
+    assert "would run" in out and "tlp_grid=40" in out and "prob_thd=0.1" in out  # resolved, not null
+    assert built == [] and not (tmp_path / "runs").exists()
+    monkeypatch.undo()
+    record = run(_compose(overrides))
+    assert runner.run_job(_compose(overrides + ["dry_run=true"]))[0] == "dry_run"
+    assert f"record exists: {tmp_path / 'runs' / record.config_hash}.json" in capsys.readouterr().out
 
 
 def test_wandb_offline_logs_and_finishes(synthetic, tmp_path, monkeypatch):
@@ -110,7 +130,7 @@ def test_wandb_failure_does_not_fail_the_run(synthetic, tmp_path, monkeypatch):
     with pytest.warns(RuntimeWarning, match="no wandb today"):
         record = run(_compose(["model=tiny", "logger=wandb", f"data_root={synthetic}",
                                f"results_dir={tmp_path}", "progress=false"]))
-    assert record["image_count"] == 3
+    assert record.image_count == 3
 
 
 def _sweep(args, cwd):
@@ -125,46 +145,56 @@ def test_sweep_tables_and_resume_in_a_subprocess(synthetic, tmp_path):
             f"results_dir={results}", f"hydra.sweep.dir={tmp_path / 'sweep'}", "progress=false"]
     first = _sweep(args, tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
+    assert "sweep: 4 ran, 0 skipped, 0 failed" in first.stderr
     records = load_records(results)
-    assert sorted((r["method"], r["tlp"]) for r in records) == [("naclip", False), ("naclip", True),
-                                                                 ("pearl", False), ("pearl", True)]
-    tables = subprocess.run([sys.executable, "-m", "pearl.tables", "--results", str(results)], cwd=tmp_path,
+    assert sorted((r.method, r.tlp) for r in records) == [("naclip", False), ("naclip", True),
+                                                         ("pearl", False), ("pearl", True)]
+    # the recipe's own arguments, passed on unchanged: results_dir= and model=tiny select folder and model
+    tables = subprocess.run([sys.executable, "-m", "pearl.tables", "--include-partial", *args[3:]], cwd=tmp_path,
                             capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert tables.returncode == 0, tables.stderr
-    main = pd.read_csv(results / "main.csv")
+    folder = results / "tiny_seed0"  # a model other than the paper's gets its own folder
+    main = pd.read_csv(folder / "main.csv")
     assert list(main["row"]) == ["CLIP", "SCLIP", "NACLIP (no PAMR)", "ClearCLIP", "SFP", "PEARL"]
     assert [c for c in main.columns if c.endswith("_ours")] == [
         "VOC21_ours", "PC60_ours", "Object_ours", "VOC20_ours", "PC59_ours", "Stuff_ours", "City_ours", "ADE_ours",
         "Avg_ours"]
     pearl_row = main.set_index("row").loc["PEARL"]
-    by_key = {(r["method"], r["tlp"]): r for r in records}
-    assert pearl_row["VOC21_ours"] == pytest.approx(round(by_key[("pearl", True)]["mIoU"], 2))
+    by_key = {(r.method, r.tlp): r for r in records}
+    assert pearl_row["VOC21_ours"] == pytest.approx(round(by_key[("pearl", True)].mIoU, 2))
+    assert pearl_row["VOC21_flags"] == "partial" and pearl_row["VOC21_record"] == by_key[("pearl", True)].config_hash
     assert pearl_row["VOC21_paper"] == 64.1 and pearl_row["Avg_paper"] == 43.2
     assert pearl_row["VOC21_diff"] == pytest.approx(round(pearl_row["VOC21_ours"] - 64.1, 2), abs=0.011)
     assert pd.isna(pearl_row["Avg_ours"]) and not pearl_row["complete"]  # 7 datasets missing: no average
     assert "PC60" in pearl_row["missing"]
     assert pd.isna(main.set_index("row").loc["SCLIP", "VOC21_ours"])  # no run → empty, never a guess
-    plug = pd.read_csv(results / "plug_and_play.csv").set_index("row")
-    assert plug.loc["NACLIP with TLP", "VOC21_ours"] == pytest.approx(round(by_key[("naclip", True)]["mIoU"], 2))
+    plug = pd.read_csv(folder / "plug_and_play.csv").set_index("row")
+    assert plug.loc["NACLIP with TLP", "VOC21_ours"] == pytest.approx(round(by_key[("naclip", True)].mIoU, 2))
     assert plug.loc["NACLIP with TLP", "Avg_paper"] == 42.3
-    ablation = pd.read_csv(results / "ablation.csv").set_index("row")
-    assert ablation.loc["PA only", "VOC21_ours"] == pytest.approx(round(by_key[("pearl", False)]["mIoU"], 2))
+    ablation = pd.read_csv(folder / "ablation.csv").set_index("row")
+    assert ablation.loc["PA only", "VOC21_ours"] == pytest.approx(round(by_key[("pearl", False)].mIoU, 2))
     assert ablation.loc["PA only", "VOC21_paper"] == 59.2
-    assert (results / "main.md").read_text().startswith("| row | VOC21 |")
-    assert (results / "main_pacc.csv").is_file()
+    markdown = (folder / "main.md").read_text()
+    assert markdown.startswith("Model: tiny:seed0. **Smoke figures") and "[partial]" in markdown
+    assert (folder / "main_pacc.csv").is_file() and not (results / "main.csv").exists()
 
     mtimes = {p: p.stat().st_mtime_ns for p in (results / "runs").glob("*.json")}
     second = _sweep(args, tmp_path)
     assert second.returncode == 0 and (second.stdout + second.stderr).count("skipping") == 4
+    assert "sweep: 0 ran, 4 skipped, 0 failed" in second.stderr
     assert {p: p.stat().st_mtime_ns for p in (results / "runs").glob("*.json")} == mtimes
 
 
-def test_failing_job_leaves_no_record_and_the_sweep_goes_on(synthetic, tmp_path):
+def test_failing_job_is_one_line_and_counted_and_the_sweep_goes_on(synthetic, tmp_path):
     results = tmp_path / "results"
     out = _sweep(["method=vanilla", "dataset=cityscapes,ade20k", "model=tiny", f"data_root={synthetic}",
                   f"results_dir={results}", f"hydra.sweep.dir={tmp_path / 'sweep'}", "progress=false"], tmp_path)
-    assert out.returncode == 1 and "dataset 'cityscapes' not found" in out.stdout + out.stderr
-    assert [r["dataset"] for r in load_records(results)] == ["ade20k"]
+    assert out.returncode == 1
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "dataset 'cityscapes' not found" in errors[0]
+    assert "Traceback" not in out.stdout + out.stderr
+    assert "sweep: 1 ran, 0 skipped, 1 failed\n  failed: [method=vanilla dataset=cityscapes" in out.stderr
+    assert [r.dataset for r in load_records(results)] == ["ade20k"]
 
 
 def test_sharded_evaluation_equals_one_process(synthetic, tmp_path):
@@ -173,32 +203,7 @@ def test_sharded_evaluation_equals_one_process(synthetic, tmp_path):
     base = ["model=tiny", "method=naclip", f"data_root={synthetic}", "progress=false", "device=cpu"]
     single = run(_compose(base + [f"results_dir={tmp_path / 'one'}"]))
     sharded = run(_compose(base + [f"results_dir={tmp_path / 'two'}", "workers=2"]))
-    assert sharded["workers"] == 2 and sharded["image_count"] == single["image_count"] == 3
-    assert sharded["mIoU"] == pytest.approx(single["mIoU"], abs=1e-9)
-    assert sharded["per_class_iou"] == single["per_class_iou"]
-
-
-def _fake_record(dataset, miou, overrides, grid, finished="2026-01-01"):
-    params = pearl.protocol("pearl", dataset)
-    params.update(overrides, tlp_grid=grid)
-    return {"config_hash": f"{dataset}{grid}{sorted(overrides.items())}", "method": "pearl", "pa": True, "tlp": True,
-            "profile": "own", "overrides": overrides, "dataset": dataset, "mIoU": miou, "aAcc": 50.0,
-            "params": params, "model": {"name": "tiny", "pretrained": None}, "finished_at": finished}
-
-
-def test_resolution_table_and_grid_figure(tmp_path):
-    from pearl.figures import grid_figure, grid_points
-    from pearl.records import write_record
-    from pearl.tables import write_tables
-    write_record(tmp_path, _fake_record("voc21", 61.0, {"resize_short": 224}, 80))
-    for grid, miou in ((40, 30.0), (80, 33.0), (160, 31.0)):
-        write_record(tmp_path, _fake_record("ade20k", miou, {"tlp_grid": grid} if grid != 80 else {}, grid))
-    write_tables(tmp_path)
-    resolution = pd.read_csv(tmp_path / "resolution.csv").set_index("row")
-    assert resolution.loc["short side 224", "VOC21_ours"] == 61.0 and resolution.loc["short side 224", "Avg_paper"] == 40.4
-    points = grid_points(load_records(tmp_path))
-    assert points[points.dataset == "ade20k"][["tlp_grid", "mIoU"]].values.tolist() == [[40, 30.0], [80, 33.0],
-                                                                                       [160, 31.0]]
-    assert (points.dataset == "voc21").sum() == 0  # a resize override is not a grid point
-    path = grid_figure(load_records(tmp_path), tmp_path / "fig.png")
-    assert path.stat().st_size > 1000 and Image.open(path).size[0] > 100
+    assert sharded.workers == 2 and sharded.image_count == single.image_count == 3
+    assert sharded.config_hash == single.config_hash  # workers do not change the identity
+    assert sharded.mIoU == pytest.approx(single.mIoU, abs=1e-9)
+    assert sharded.per_class_iou == single.per_class_iou

@@ -7,6 +7,7 @@ VOC), as MMSeg's ``LoadImageFromFile`` / ``LoadAnnotations`` do; protocol.md §1
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from ..errors import UserError
 from ..protocols import canonical_dataset, class_names
 
 LAYOUT_HELP = "the README section 'Datasets' (MMSegmentation layouts, spec/protocol.md §10)"
@@ -23,7 +25,7 @@ OFFICIAL_SIZES = {"voc21": 1449, "voc20": 1449, "context60": 5105, "context59": 
                   "coco_stuff": 5000, "cityscapes": 500, "ade20k": 2000}
 
 
-class DatasetError(RuntimeError):
+class DatasetError(UserError, RuntimeError):
     """A dataset, image or label that cannot be used; the message names the file and the fix."""
 
 
@@ -146,6 +148,17 @@ class SegmentationDataset:
     def __len__(self) -> int:
         return len(self.items)
 
+    def fingerprint(self) -> dict:
+        """What identifies the evaluated data: the label convention and, for every evaluated item,
+        its id and its files' names and sizes (a changed, added or removed file changes it)."""
+        digest = hashlib.sha256()
+        for sample_id, image_path, label_path in self.items:
+            for path in (image_path, label_path):
+                size = path.stat().st_size if path is not None and path.is_file() else -1
+                digest.update(f"{sample_id}\0{path.name if path else ''}\0{size}\n".encode())
+        return {"name": self.name, "reduce_zero_label": self.reduce_zero_label, "split_size": self.total_images,
+                "evaluated": len(self.items), "files_sha256": digest.hexdigest()}
+
     def __getitem__(self, index: int) -> Sample:
         sample_id, image_path, label_path = self.items[index]
         image = read_image(image_path)
@@ -199,6 +212,10 @@ class FolderDataset(SegmentationDataset):
         if label_path is None:
             return Sample(read_image(image_path), None, sample_id)
         return super().__getitem__(index)
+
+    def fingerprint(self) -> dict:
+        return super().fingerprint() | {"class_lines": list(self.class_names), "masks": str(self.masks),
+                                        "mask_suffix": self.mask_suffix}
 
 
 DATASET_CLASSES = {name: SegmentationDataset for name in LAYOUTS} | {"folder": FolderDataset}

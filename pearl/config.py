@@ -1,0 +1,120 @@
+"""The run configuration's own keys (besides the Segmentor parameters of ``pearl.params``): default,
+meaning and validation in one place. ``conf/config.yaml`` holds the same defaults (a test checks
+that they agree); ``python run.py --help`` is generated from here.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, NamedTuple
+
+from omegaconf import DictConfig, OmegaConf
+
+from .errors import ConfigError
+from .params import PARAMS
+from .protocols import DATASETS, PROFILES
+
+
+class RunKey(NamedTuple):
+    default: Any
+    meaning: str
+    check: Callable[[Any], bool]
+    valid: str  # the valid values, as the error message states them
+
+
+def _bool(value) -> bool:
+    return isinstance(value, bool)
+
+
+def _int_at_least(low: int) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _device(value) -> bool:
+    return isinstance(value, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value) is not None
+
+
+RUN_KEYS: dict[str, RunKey] = {
+    "pa": RunKey(None, "Procrustes alignment; null = the method's default (pearl: true)",
+                 lambda v: v is None or _bool(v), "true, false or null"),
+    "tlp": RunKey(None, "text-aware Laplacian propagation; null = the method's default (pearl: true)",
+                  lambda v: v is None or _bool(v), "true, false or null"),
+    "profile": RunKey("own", "protocol profile (whose resize / window / logit settings)", lambda v: v in PROFILES,
+                      ", ".join(PROFILES)),
+    "data_root": RunKey("${oc.env:PEARL_DATA,./data}", "folder holding the benchmarks (default $PEARL_DATA, else "
+                        "./data)", lambda v: isinstance(v, str) and bool(v), "a folder path"),
+    "results_dir": RunKey("results", "where records (runs/*.json) and tables are written",
+                          lambda v: isinstance(v, str) and bool(v), "a folder path"),
+    "force": RunKey(False, "rerun even if this job's record exists", _bool, "true or false"),
+    "dry_run": RunKey(False, "print each job's resolved settings and whether its record exists; evaluate nothing",
+                      _bool, "true or false"),
+    "on_error": RunKey("raise", "a bad image or label: raise (stop the job) or skip (count it in the record)",
+                       lambda v: v in ("raise", "skip"), "raise, skip"),
+    "max_images": RunKey(None, "evaluate only the first N images (a partial run: never fills a table cell)",
+                         lambda v: v is None or _int_at_least(1)(v), "an integer ≥ 1 or null"),
+    "device": RunKey("auto", "auto = cuda if available, else cpu", _device, "auto, cpu, cuda, cuda:N, mps"),
+    "workers": RunKey(1, "processes (one GPU each) that split one job's dataset", _int_at_least(1),
+                      "an integer ≥ 1"),
+    "window_batch_size": RunKey(64, "windows per batched forward (speed only)", _int_at_least(1), "an integer ≥ 1"),
+    "progress": RunKey(True, "show a progress bar per job", _bool, "true or false"),
+}
+CONFIG_GROUPS = ("method", "dataset", "model", "logger")
+_GROUP_KEYS = {
+    "method": {"name"},
+    "dataset": {"name", "images", "classes", "masks", "mask_suffix", "reduce_zero_label", "protocol_like"},
+    "model": {"name", "pretrained", "precision", "cache_dir", "seed", "config"},
+    "logger": {"name", "project", "dir", "max_images"},
+}
+PRECISION_CHOICES = ("auto", "fp32", "fp16", "bf16")
+
+
+def _fail(key: str, value, valid: str) -> ConfigError:
+    return ConfigError(f"{key}={value!r} is not valid; valid: {valid}")
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Raise ConfigError for an unknown key (``+typo=1`` included) or an invalid run-key value.
+
+    The Segmentor parameters are checked by ``resolve_settings`` with the rest of the job plan;
+    both happen before any model is built.
+    """
+    known = set(RUN_KEYS) | set(PARAMS) | set(CONFIG_GROUPS) | {"hydra"}
+    unknown = sorted(set(cfg.keys()) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(unknown)}; see `python run.py --help` for the valid keys")
+    for group, allowed in _GROUP_KEYS.items():
+        extra = sorted(set(cfg[group].keys()) - allowed)
+        if extra:
+            raise ConfigError(f"unknown key(s) {', '.join(f'{group}.{k}' for k in extra)}; valid: "
+                              f"{', '.join(sorted(allowed))}")
+    for key, spec in RUN_KEYS.items():
+        value = OmegaConf.select(cfg, key)
+        if not spec.check(value):
+            raise _fail(key, value, spec.valid)
+    from .methods import available_methods
+    if cfg.method.name not in available_methods():
+        raise _fail("method", cfg.method.name, ", ".join(available_methods()))
+    if cfg.dataset.name not in DATASETS + ("folder",):
+        raise _fail("dataset", cfg.dataset.name, ", ".join(DATASETS + ("folder",)))
+    if cfg.model.precision not in PRECISION_CHOICES:
+        raise _fail("model.precision", cfg.model.precision, ", ".join(PRECISION_CHOICES))
+
+
+def help_text() -> str:
+    """Every key with its default and meaning, for ``python run.py --help``."""
+    def default(value) -> str:
+        return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+    lines = ["Evaluate methods × PA × TLP × datasets; one record per job (python run.py -m key=a,b ...).", "",
+             "Config groups: method=" + "|".join(_methods()) + "  dataset=" + "|".join(DATASETS + ("folder",))
+             + "  model=vit_b16|tiny|custom  logger=none|wandb", "", "Run keys:"]
+    lines += [f"  {key} (default {default(spec.default)}): {spec.meaning}" for key, spec in RUN_KEYS.items()]
+    lines += ["", "Segmentor parameters (null = the method's published per-dataset value, else this default):"]
+    lines += [f"  {name} (default {default(p.default)}): {p.meaning}" for name, p in PARAMS.items()]
+    lines += ["", "Errors print one line; PEARL_TRACEBACK=1 (or HYDRA_FULL_ERROR=1) shows the traceback.",
+              "Hydra's own flags: --hydra-help."]
+    return "\n".join(lines).replace("$", "$$")  # the help template is a string.Template
+
+
+def _methods() -> list[str]:
+    from .methods import available_methods
+    return available_methods()

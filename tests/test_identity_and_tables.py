@@ -1,0 +1,269 @@
+"""Record identity, record validation, tables that select by identity, and the CLI's refusals."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+
+from pearl import cli, records, runner
+from pearl.data import datasets
+from pearl.data.synthetic import write_dataset
+from pearl.records import code_version, load_records
+from pearl.tables import write_tables
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = "tiny:seed0"
+
+
+def _compose(overrides):
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+        return compose("config", overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("identity-data")
+    write_dataset("voc21", root, num_images=3, size=(48, 64))
+    write_dataset("ade20k", root, num_images=2, size=(48, 64), seed=1)
+    return root
+
+
+@pytest.fixture
+def official_synthetic(monkeypatch):
+    """Treat the synthetic splits as the official ones, so that their runs are full-split runs."""
+    monkeypatch.setitem(datasets.OFFICIAL_SIZES, "voc21", 3)
+    monkeypatch.setitem(datasets.OFFICIAL_SIZES, "ade20k", 2)
+
+
+def _job(data, results, *extra):
+    return ["model=tiny", f"data_root={data}", f"results_dir={results}", "progress=false", *extra]
+
+
+def test_code_version_follows_the_computing_source_only(tmp_path):
+    package = tmp_path / "pkg"
+    shutil.copytree(REPO / "pearl", package, ignore=shutil.ignore_patterns("__pycache__"))
+    first = code_version(package)
+    code_version.cache_clear()
+    assert code_version(package) == first  # unchanged code: same version
+    (package / "__pycache__").mkdir(exist_ok=True)
+    (package / "__pycache__" / "x.pyc").write_bytes(b"cache")
+    (package / "tables.py").write_text((package / "tables.py").read_text() + "\n# a table-only change\n")
+    code_version.cache_clear()
+    assert code_version(package) == first  # caches and the modules after the metric do not count
+    tlp = package / "refine" / "tlp.py"
+    tlp.write_text(tlp.read_text() + "\n# changed\n")
+    code_version.cache_clear()
+    changed = code_version(package)
+    assert changed != first
+    protocol_file = package / "resources" / "protocols" / "pearl.yaml"
+    protocol_file.write_text(protocol_file.read_text().replace("0.08", "0.09", 1))
+    code_version.cache_clear()
+    assert code_version(package) not in (first, changed)
+    code_version.cache_clear()
+
+
+def test_a_code_change_reruns_the_job_and_the_old_record_stays_as_history(data, tmp_path, monkeypatch,
+                                                                          official_synthetic):
+    first = runner.run_job(_compose(_job(data, tmp_path)))
+    assert first[0] == "ran" and runner.run_job(_compose(_job(data, tmp_path)))[0] == "skipped"
+    monkeypatch.setattr(runner, "code_version", lambda: "0123456789abcdef")  # as after a commit to the package
+    second = runner.run_job(_compose(_job(data, tmp_path)))
+    assert second[0] == "ran" and second[1].config_hash != first[1].config_hash
+    assert sorted(r.code_version for r in load_records(tmp_path)) == sorted([first[1].code_version,
+                                                                             "0123456789abcdef"])
+    # the table uses the current code's record; the older one fills only with --include-stale, marked
+    write_tables(tmp_path, models=(TINY,))
+    row = pd.read_csv(tmp_path / "tiny_seed0" / "main.csv").set_index("row").loc["PEARL"]
+    assert row["VOC21_record"] == first[1].config_hash and pd.isna(row["VOC21_flags"])
+    monkeypatch.undo()
+
+
+def test_identity_holds_what_made_the_number_and_not_operational_settings(data, tmp_path):
+    plan = runner._plan(_compose(_job(data, tmp_path)))
+    same = [runner._plan(_compose(_job(data, tmp_path / "other", extra))).run_hash
+            for extra in ("window_batch_size=2", "workers=2", "text_cache_dir=/tmp/elsewhere", "on_error=skip",
+                          "progress=true", "device=cpu")]
+    assert set(same) == {plan.run_hash}
+    different = {runner._plan(_compose(_job(data, tmp_path, extra))).run_hash
+                 for extra in ("tlp_grid=40", "max_images=2", "model.seed=1", "model.precision=bf16", "tlp=false")}
+    assert len(different) == 5 and plan.run_hash not in different
+    identity = plan.identity
+    assert identity["code_version"] == code_version() and identity["dataset"]["evaluated"] == 3
+    assert len(identity["classes"]) == 21 and identity["templates"] and identity["model"]["seed"] == 0
+    # a changed data file (same name, other size) changes the identity
+    label = next((data / datasets.LAYOUTS["voc21"].label_dir).glob("*.png"))
+    backup = label.read_bytes()
+    label.write_bytes(backup + b"\0")
+    try:
+        assert runner._plan(_compose(_job(data, tmp_path))).run_hash != plan.run_hash
+    finally:
+        label.write_bytes(backup)
+
+
+def test_checkpoint_files_are_identified_by_content(tmp_path):
+    from omegaconf import OmegaConf
+    first, second = tmp_path / "a.pt", tmp_path / "b.pt"
+    first.write_bytes(b"weights one")
+    second.write_bytes(b"weights two")
+
+    def identity(path):
+        return runner.model_identity(OmegaConf.create({"name": "ViT-B-16", "pretrained": str(path)}), "fp32")
+    one, two = identity(first), identity(second)
+    assert one["file_sha256"] != two["file_sha256"] and one["label"] == "ViT-B-16:a.pt"
+    tag = runner.model_identity(OmegaConf.create({"name": "ViT-B-16-quickgelu", "pretrained": "openai"}), "fp16")
+    assert tag["label"] == records.DEFAULT_MODEL and tag["pretrained"] == "openai"
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe\x00garbage", b"[]", b"{}", b'"text"'])
+def test_unreadable_or_invalid_records_are_named_skipped_and_rerun(data, tmp_path, content):
+    record = runner.run(_compose(_job(data, tmp_path)))
+    path = tmp_path / "runs" / f"{record.config_hash}.json"
+    path.write_bytes(content)
+    with pytest.warns(RuntimeWarning, match=str(path.name)):
+        assert load_records(tmp_path) == []
+    with pytest.warns(RuntimeWarning, match="runs again"):
+        status, again = runner.run_job(_compose(_job(data, tmp_path)))
+    assert status == "ran" and json.loads(path.read_text())["mIoU"] == pytest.approx(record.mIoU)
+
+
+@pytest.mark.parametrize(("change", "reason"), [({"mIoU": "abc"}, "mIoU"), ({"mIoU": None}, "mIoU"),
+                                                ({"image_count": 0}, "image_count"),
+                                                ({"schema_version": 1}, "schema version 1"), ({"pa": "yes"}, "pa")])
+def test_records_without_a_valid_metric_or_schema_are_not_finished_runs(data, tmp_path, change, reason):
+    record = runner.run(_compose(_job(data, tmp_path)))
+    path = tmp_path / "runs" / f"{record.config_hash}.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | change))
+    with pytest.warns(RuntimeWarning, match=reason):
+        assert runner.run_job(_compose(_job(data, tmp_path)))[0] == "ran"
+
+
+def _cell(results, table, row, column="VOC21_ours", model_folder="tiny_seed0"):
+    return pd.read_csv(results / model_folder / f"{table}.csv").set_index("row").loc[row, column]
+
+
+def test_tables_select_by_identity_not_recency(data, tmp_path, official_synthetic):
+    results = tmp_path / "res"
+    default = runner.run(_compose(_job(data, results)))
+    assert default.full_split
+    write_tables(results, models=(TINY,))
+    before = pd.read_csv(results / "tiny_seed0" / "main.csv")
+    assert _cell(results, "main", "PEARL") == round(default.mIoU, 2)
+    # PEARL's VOC protocol is resize_short=336: the same run is also Table 5's 336 row
+    assert _cell(results, "resolution", "short side 336") == round(default.mIoU, 2)
+    assert pd.isna(_cell(results, "resolution", "short side 224"))
+
+    partial = runner.run(_compose(_job(data, results, "max_images=1")))
+    grid = runner.run(_compose(_job(data, results, "tlp_grid=40")))
+    other_model = runner.run(_compose(_job(data, results, "model.seed=1")))
+    explicit = runner.run_job(_compose(_job(data, results, "resize_short=336")))
+    small = runner.run(_compose(_job(data, results, "resize_short=224")))
+    assert explicit[0] == "skipped" and explicit[1].config_hash == default.config_hash
+    assert not partial.full_split and {grid.mIoU, other_model.mIoU, partial.mIoU} != {default.mIoU}
+
+    write_tables(results, models=(TINY, "tiny:seed1"))
+    after = pd.read_csv(results / "tiny_seed0" / "main.csv")
+    pd.testing.assert_frame_equal(before, after)  # newer partial / other-model / other-param runs: no effect
+    assert _cell(results, "resolution", "short side 224") == round(small.mIoU, 2)
+    assert _cell(results, "resolution", "short side 336") == round(default.mIoU, 2)
+    assert _cell(results, "main", "PEARL", model_folder="tiny_seed1") == round(other_model.mIoU, 2)
+    backbones = pd.read_csv(results / "backbones.csv").set_index("row")
+    assert backbones.loc["PEARL tiny:seed0", "VOC21_ours"] == round(default.mIoU, 2)
+    assert backbones.loc["PEARL tiny:seed1", "VOC21_ours"] == round(other_model.mIoU, 2)
+    assert pd.isna(backbones.loc["PEARL ViT-B/16", "VOC21_ours"])
+
+    # partial runs fill only on request, marked
+    write_tables(results, models=(TINY,), include_partial=True)
+    assert _cell(results, "main", "PEARL", "VOC21_flags") == "of 2"  # the full run still wins over the partial one
+    assert _cell(results, "main", "PEARL") == round(default.mIoU, 2)
+
+    write_tables(results, models=(TINY,), pivots=("tlp_grid",))
+    pivot = pd.read_csv(results / "tiny_seed0" / "pivot_tlp_grid.csv")
+    pearl_rows = pivot[(pivot.method == "pearl") & pivot.pa & pivot.tlp].set_index("tlp_grid")
+    assert pearl_rows.loc[40, "VOC21"] == round(grid.mIoU, 2) and pearl_rows.loc[80, "VOC21"] == round(default.mIoU, 2)
+    assert 224 not in pearl_rows.index  # a resize run is not a tlp_grid point
+
+
+def test_grid_figure_from_the_pivot(data, tmp_path, official_synthetic):
+    from PIL import Image
+
+    from pearl.figures import grid_figure, grid_points
+    from pearl.tables import Selection
+    results = tmp_path / "res"
+    runs = {grid: runner.run(_compose(_job(data, results, "dataset=ade20k", f"tlp_grid={grid}")))
+            for grid in (40, 80, 160)}
+    runner.run(_compose(_job(data, results, "dataset=ade20k", "resize_short=224")))
+    selection = Selection(TINY)
+    points = grid_points(load_records(results), selection)
+    assert points[["tlp_grid", "mIoU"]].values.tolist() == [[g, round(r.mIoU, 2)] for g, r in runs.items()]
+    path = grid_figure(load_records(results), tmp_path / "fig.png", selection)
+    assert path.stat().st_size > 1000 and Image.open(path).size[0] > 100
+
+
+def test_tables_on_an_empty_results_folder_fail_and_write_nothing(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "pearl.tables", "--results", str(tmp_path / "none")],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert out.returncode != 0 and "no result records" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "none").exists() and list(tmp_path.iterdir()) == []
+
+
+BAD = [("on_error=skpi", "on_error"), ("+tlp_gird=40", "tlp_gird"), ("device=gpu", "device"),
+       ("workers=0", "workers"), ("max_images=0", "max_images"), ("max_images=-1", "max_images"),
+       ("pa=maybe", "pa"), ("tlp=1", "tlp"), ("force=yes", "force"), ("profile=bogus", "profile"),
+       ("alpha_kk=abc", "alpha_kk"), ("tlp_pool=foo", "tlp_pool"), ("resize_short=-1", "resize_short"),
+       ("tlp_grid=4.5", "tlp_grid"), ("model.precision=fp8", "model.precision"), ("+model.foo=1", "model.foo"),
+       ("+dataset.extra=1", "dataset.extra"), ("window_batch_size=0", "window_batch_size")]
+
+
+@pytest.mark.parametrize(("override", "key"), BAD)
+def test_invalid_keys_and_values_fail_in_one_line_before_any_model(data, tmp_path, monkeypatch, capsys, override,
+                                                                   key):
+    built = []
+    monkeypatch.setattr(runner, "build_model", lambda *args: built.append(args))
+    monkeypatch.delenv("PEARL_TRACEBACK", raising=False)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    status = cli.execute(_compose(_job(data, tmp_path, override)), description=override)
+    err = capsys.readouterr().err.strip()
+    assert status == "failed" and built == [] and cli.exit_code() == 1
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and key in err
+    value = override.split("=", 1)[1]
+    assert value in err or key.startswith(("model.", "dataset.", "tlp_gird"))
+    cli._outcomes.clear()
+
+
+def test_pa_for_a_method_without_query_key_fails_before_loading(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "build_model", lambda *args: pytest.fail("a model was built"))
+    with pytest.raises(ValueError, match="query·key"):
+        runner.run(_compose(_job(data, tmp_path, "method=naclip", "pa=true")))
+
+
+def test_traceback_switch_raises_the_error(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("PEARL_TRACEBACK", "1")
+    from pearl.errors import ConfigError
+    with pytest.raises(ConfigError, match="on_error"):
+        cli.execute(_compose(_job(data, tmp_path, "on_error=skpi")))
+    cli._outcomes.clear()
+
+
+def test_help_lists_every_key_with_its_meaning():
+    out = subprocess.run([sys.executable, str(REPO / "run.py"), "--help"], capture_output=True, text=True,
+                         timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    import pearl
+    from pearl.config import RUN_KEYS
+    for name, spec in list(RUN_KEYS.items()) + list(pearl.PARAMS.items()):
+        assert f"  {name} (default " in out.stdout and spec.meaning in out.stdout, name
+
+
+def test_smoke_recipe_writes_its_tables_where_it_was_told(tmp_path):
+    results = tmp_path / "smoke-results"
+    out = subprocess.run(["bash", str(REPO / "experiments" / "smoke.sh"), f"results_dir={results}",
+                          f"hydra.sweep.dir={tmp_path / 'sweep'}", "progress=false"], capture_output=True, text=True,
+                         timeout=600, cwd=tmp_path, env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+                                                         "WANDB_MODE": "disabled", "HOME": str(tmp_path)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (results / "tiny_seed0" / "main.csv").is_file() and (results / "backbones.csv").is_file()
