@@ -19,14 +19,24 @@ from tqdm import tqdm
 
 from . import __version__
 from .backbone import load_clip
-from .data import DatasetError, build_dataset
-from .metrics import ConfusionMatrix
 from .config import validate_config
+from .data import DatasetError, build_dataset
 from .errors import ConfigError
+from .metrics import ConfusionMatrix
 from .params import PARAMS
 from .protocols import class_names, protocol
-from .records import (DEFAULT_MODEL, SCHEMA_VERSION, RunRecord, code_version, config_hash, file_sha256, find_record,
-                      git_commit, record_path, write_record)
+from .records import (
+    DEFAULT_MODEL,
+    SCHEMA_VERSION,
+    RunRecord,
+    code_version,
+    config_hash,
+    file_sha256,
+    find_record,
+    git_commit,
+    record_path,
+    write_record,
+)
 from .segmentor import Segmentor, resolve_settings
 from .settings import OPERATIONAL_PARAMS, deviations
 from .text import TEMPLATES, load_vocabulary
@@ -263,7 +273,7 @@ def run(cfg: DictConfig, group: str | None = None) -> RunRecord | None:
 
 
 def run_job(cfg: DictConfig, group: str | None = None) -> tuple[str, RunRecord | None]:
-    """("ran" | "skipped" | "dry_run", record): evaluate one (method, pa, tlp, dataset, model) configuration; returns its result record.
+    """("ran" | "skipped" | "dry_run", record): evaluate one (method, pa, tlp, dataset, model) configuration.
 
     A finished record of the same identity (same code version included) is returned without
     evaluating unless ``cfg.force``. Nothing is written unless the whole dataset was evaluated.

@@ -133,7 +133,8 @@ class Segmentor:
         self.prototypes = text_prototypes(self.model, tokenizer, self.vocabulary.queries, self.device,
                                           self.params["text_cache_dir"])
         self.query_to_class = torch.tensor(self.vocabulary.query_to_class, device=self.device)
-        self.affinity = text_affinity(self.prototypes, self.tlp_config.tau_s, self.tlp_config.beta) if self.tlp else None
+        self.affinity = (text_affinity(self.prototypes, self.tlp_config.tau_s, self.tlp_config.beta) if self.tlp
+                         else None)
 
     def _prepare_model(self, model, precision: str | None):
         """Move the model to the device and, when asked, to ``precision`` (in place).
@@ -194,7 +195,8 @@ class Segmentor:
         patch = patch_size(self.model.visual)
         if min(tensor.shape[1:]) < patch:
             raise ValueError(f"image of size {rgb.shape[1]}×{rgb.shape[0]} is {tensor.shape[2]}×{tensor.shape[1]} "
-                             f"after the rescale: smaller than one {patch}-pixel patch; use a larger image or resize_short")
+                             f"after the rescale: smaller than one {patch}-pixel patch; use a larger image or "
+                             f"resize_short")
         return _Image(tensor, rgb.shape[:2], windows)
 
     def _padding(self, window: Window) -> tuple[int, int, int, int]:
@@ -274,7 +276,8 @@ class Segmentor:
             return logits
         guide = self._upsample(item.input.float(), item.ori_shape)[None]
         if self.params["pamr"]:
-            logits = pamr(guide, logits[None], self.params["pamr_iters"], self.params["pamr_dilations"])[0].to(self.dtype)
+            logits = pamr(guide, logits[None], self.params["pamr_iters"], self.params["pamr_dilations"])[0]
+            logits = logits.to(self.dtype)
         if self.tlp and self.params["tlp_site"] == "post_fusion":
             logits = tlp(logits[None], guide, self.affinity, self.tlp_config, info)[0].to(self.dtype)
         return logits

@@ -118,7 +118,8 @@ def text_prototypes(model, tokenizer, queries: Sequence[str], device: torch.devi
     the disk cache; None uses ``$PEARL_CACHE/text`` (default ``~/.cache/pearl/text``).
     """
     dtype = str(model.text_projection.dtype) if hasattr(model, "text_projection") else ""
-    key = hashlib.sha256("\x00".join([model_fingerprint(model), dtype, *queries, "\x01", *TEMPLATES]).encode()).hexdigest()
+    key_parts = [model_fingerprint(model), dtype, *queries, "\x01", *TEMPLATES]
+    key = hashlib.sha256("\x00".join(key_parts).encode()).hexdigest()
     if key not in _memory_cache:
         folder = None if cache_dir == "" else Path(cache_dir) if cache_dir else default_cache_dir()
         path = folder / f"{key}.pt" if folder else None

@@ -47,7 +47,8 @@ class WandbLogger:
         def action():
             for key in ("mIoU", "aAcc", "mAcc", "images_per_second"):
                 self.run.summary[key] = getattr(record, key)
-            table = self.wandb.Table(columns=["class", "IoU"], data=[[n, v] for n, v in zip(class_names, per_class_iou)])
+            rows = [[name, iou] for name, iou in zip(class_names, per_class_iou)]
+            table = self.wandb.Table(columns=["class", "IoU"], data=rows)
             self.run.log({"per_class_iou": table, "mIoU": record.mIoU, "aAcc": record.aAcc})
         self._safe(action, "summary logging")
         self._safe(lambda: self.run.finish(), "finish")

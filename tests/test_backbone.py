@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 import pearl
 from pearl import backbone
-from pearl.errors import WeightsError
 from pearl.backbone import dense_features, embed, positional_embedding
+from pearl.errors import WeightsError
 from pearl.methods import get_method
 from pearl.params import resolve
 

@@ -96,7 +96,8 @@ def test_folder_dataset(tmp_path):
     Image.fromarray(np.zeros((8, 12, 3), np.uint8)).save(tmp_path / "img" / "b.jpg")
     Image.fromarray(np.ones((8, 12), np.uint8)).save(tmp_path / "mask" / "a.png")
     (tmp_path / "classes.txt").write_text("background\ncat, kitten")
-    dataset = build_dataset("folder", images=tmp_path / "img", classes=tmp_path / "classes.txt", masks=tmp_path / "mask")
+    dataset = build_dataset("folder", images=tmp_path / "img", classes=tmp_path / "classes.txt",
+                            masks=tmp_path / "mask")
     assert dataset.class_names == ["background", "cat, kitten"] and len(dataset) == 2
     assert np.all(dataset[0].label == 1)
     with pytest.raises(DatasetError, match="b.png is missing"):

@@ -9,13 +9,12 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-from PIL import Image
 
 import pearl
+from pearl import runner
 from pearl.data.datasets import LAYOUTS
 from pearl.data.synthetic import write_dataset
 from pearl.records import load_records
-from pearl import runner
 from pearl.runner import run
 
 REPO = Path(__file__).resolve().parents[1]

@@ -178,3 +178,21 @@ def test_text_prototypes_are_the_template_ensemble(tiny_model, tokenizer):
     expected = feats.mean(0) / feats.mean(0).norm()
     assert seg.vocabulary.queries == ("cat", "kitten", "cup")
     assert torch.allclose(seg.prototypes[1], expected, atol=1e-6)
+
+
+def test_text_prompts_are_encoded_in_batches_across_queries(tiny_model, tokenizer, monkeypatch):
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    from pearl import text
+    monkeypatch.setattr(text, "PROMPTS_PER_FORWARD", 70)  # 3 queries × 80 templates = 240 prompts: 4 forwards
+    sizes = []
+    original = tiny_model.encode_text
+    monkeypatch.setattr(tiny_model, "encode_text", lambda tokens: sizes.append(len(tokens)) or original(tokens))
+    protos = text._encode(tiny_model, tokenizer, ["cat", "kitten", "cup"], torch.device("cpu"))
+    assert sizes == [70, 70, 70, 30]  # the chunks cross query boundaries
+    with torch.no_grad():
+        for row, query in enumerate(["cat", "kitten", "cup"]):
+            feats = original(tokenizer([t(query) for t in OPENAI_IMAGENET_TEMPLATES]))
+            feats = feats / feats.norm(dim=-1, keepdim=True)
+            expected = feats.mean(0) / feats.mean(0).norm()
+            assert torch.allclose(protos[row], expected, atol=1e-6), query

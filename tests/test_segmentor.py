@@ -51,7 +51,8 @@ def test_tlp_changes_the_logits_and_pa_changes_features(tiny_model, tokenizer, p
 def test_per_window_tlp_and_pamr_run(tiny_model, tokenizer, photos):
     for extra in ({"tlp": True, "tlp_site": "per_window"}, {"pamr": True}, {"tlp": True, "tlp_pool": "adaptive",
                                                                            "tlp_quadform": "full"}):
-        out = _segmentor(tiny_model, tokenizer, "naclip", slide_crop=64, slide_stride=32, **extra).predict(photos["coffee"])
+        segmentor = _segmentor(tiny_model, tokenizer, "naclip", slide_crop=64, slide_stride=32, **extra)
+        out = segmentor.predict(photos["coffee"])
         assert torch.isfinite(out.logits).all()
 
 
@@ -198,6 +199,7 @@ def test_windows_of_all_images_share_batched_forwards(tiny_model, tokenizer, pho
 
 def test_fp16_model_runs_and_stays_close_to_fp32(tokenizer, photos):
     from open_clip.model import convert_weights_to_lp
+
     from .conftest import make_tiny
     fp32 = _segmentor(make_tiny(), tokenizer, "pearl").predict(photos["chelsea"])
     half = make_tiny()

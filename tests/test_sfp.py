@@ -63,7 +63,8 @@ def _reference_sfp(model, hidden, grid):
     s = 1 / math.sqrt(32)
     a = (torch.softmax(s * k @ k.transpose(-1, -2), -1) + torch.softmax(s * q @ q.transpose(-1, -2), -1)
          + torch.softmax(m, -1)) / 3
-    out_proj = lambda heads: heads.transpose(0, 1).reshape(h * w, 64) @ block.attn.out_proj.weight.T + block.attn.out_proj.bias
+    out_proj = lambda heads: (heads.transpose(0, 1).reshape(h * w, 64) @ block.attn.out_proj.weight.T
+                              + block.attn.out_proj.bias)
     p3 = agg(s_post, out_proj(a @ v) + 0.3 * x(11)[0])
     layer_sum = sum(x(layer) for layer in range(4, 11))
     _, _, v2 = _split(block, block.ln_1(layer_sum[1:]))

@@ -154,7 +154,8 @@ def tlp(logits: torch.Tensor, guide: torch.Tensor, affinity: torch.Tensor, cfg: 
         res = (rhs - rho * x - cfg.tau * laplacian(x, w_h, w_v)).norm() / rhs.norm().clamp_min(1e-12)
         info.update(tlp_low_confidence=(conf < cfg.eps).float().mean().item(), tlp_rho_mean=rho.mean().item(),
                     tlp_rho_std=rho.std().item() if rho.numel() > 1 else 0.0,
-                    tlp_edge_weight_mean=torch.cat([w_h.flatten(), w_v.flatten()]).mean().item() if w_h.numel() + w_v.numel() else 0.0,
+                    tlp_edge_weight_mean=(torch.cat([w_h.flatten(), w_v.flatten()]).mean().item()
+                                          if w_h.numel() + w_v.numel() else 0.0),
                     tlp_cg_relative_residual=res.item())
     if pooled:
         x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
