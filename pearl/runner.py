@@ -47,6 +47,8 @@ log = logging.getLogger("pearl")
 def _device(requested: str) -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={requested!r} but no CUDA device is visible; use device=cpu or device=auto")
     return torch.device(requested)
 
 
@@ -150,6 +152,9 @@ class _Shard:
 
 def _plan(cfg: DictConfig) -> _Job:
     validate_config(cfg)
+    if cfg.dataset.name == "folder" and not cfg.dataset.get("masks"):
+        raise ConfigError("dataset=folder without dataset.masks has no ground truth, so no mIoU to record; set "
+                          "dataset.masks=DIR (label PNGs named <image stem><mask_suffix>)")
     dataset = _dataset(cfg)  # a missing dataset fails here, before any model is loaded
     device = _device(cfg.device)
     precision = _precision(cfg.model.precision, device)

@@ -217,6 +217,8 @@ BAD = [("on_error=skpi", "on_error"), ("+tlp_gird=40", "tlp_gird"), ("device=gpu
        ("alpha_kk=abc", "alpha_kk"), ("tlp_pool=foo", "tlp_pool"), ("resize_short=-1", "resize_short"),
        ("tlp_grid=4.5", "tlp_grid"), ("model.precision=fp8", "model.precision"), ("+model.foo=1", "model.foo"),
        ("+dataset.extra=1", "dataset.extra"), ("window_batch_size=0", "window_batch_size")]
+if not __import__("torch").cuda.is_available():
+    BAD.append(("device=cuda", "device"))
 
 
 @pytest.mark.parametrize(("override", "key"), BAD)
@@ -267,3 +269,13 @@ def test_smoke_recipe_writes_its_tables_where_it_was_told(tmp_path):
                                                          "WANDB_MODE": "disabled", "HOME": str(tmp_path)})
     assert out.returncode == 0, out.stderr[-3000:]
     assert (results / "tiny_seed0" / "main.csv").is_file() and (results / "backbones.csv").is_file()
+
+
+def test_folder_without_masks_is_refused_before_any_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(runner, "build_model", lambda *args: pytest.fail("a model was built"))
+    (tmp_path / "img").mkdir()
+    (tmp_path / "classes.txt").write_text("cat\nsky\n")
+    status = cli.execute(_compose(["model=tiny", "dataset=folder", f"dataset.images={tmp_path / 'img'}",
+                                   f"dataset.classes={tmp_path / 'classes.txt'}", f"results_dir={tmp_path}"]))
+    assert status == "failed" and "dataset.masks" in capsys.readouterr().err
+    cli._outcomes.clear()
