@@ -20,6 +20,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import UserError
+
 SCHEMA_VERSION = 2
 DEFAULT_MODEL = "ViT-B-16:openai"  # the model of the paper's tables; others get their own tables
 PACKAGE_ROOT = Path(__file__).resolve().parent
@@ -29,8 +31,9 @@ _CODE_SUFFIXES = (".py", ".yaml", ".txt", ".json", ".csv")
 _DOWNSTREAM_OF_THE_METRIC = ("tables.py", "figures.py", "wandb_logger.py", "cli.py")
 
 
-class RecordError(ValueError):
-    """A record file that is not a valid record of the current schema."""
+class RecordError(UserError, ValueError):
+    """A record file that is not a valid record of the current schema, or a results folder that
+    cannot hold records."""
 
 
 def config_hash(identity: dict) -> str:
@@ -178,6 +181,35 @@ def record_path(results_dir: str | os.PathLike, run_hash: str) -> Path:
     if not run_hash or not all(c.isalnum() or c in "-_" for c in run_hash):
         raise ValueError(f"record hash {run_hash!r} is not a plain name")
     return Path(results_dir) / "runs" / f"{run_hash}.json"
+
+
+def prepare_results_dir(results_dir: str | os.PathLike) -> Path:
+    """Create ``results_dir/runs``, prove it writable with a probe file, and remove temporary files
+    left by killed writers; raises RecordError naming the folder when it cannot be written."""
+    runs = Path(results_dir) / "runs"
+    probe = runs / f".probe.{os.getpid()}"
+    try:
+        runs.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise RecordError(f"results_dir={results_dir}: records cannot be written to {runs} ({error.strerror or error});"
+                          f" choose a writable folder") from None
+    for stale in runs.glob(".*.tmp"):
+        pid = stale.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            stale.unlink(missing_ok=True)
+    return runs
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _clean(value):

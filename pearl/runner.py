@@ -34,6 +34,7 @@ from .records import (
     file_sha256,
     find_record,
     git_commit,
+    prepare_results_dir,
     record_path,
     write_record,
 )
@@ -294,6 +295,7 @@ def run_job(cfg: DictConfig, group: str | None = None) -> tuple[str, RunRecord |
     if existing is not None and not cfg.force:
         log.info("skipping %s: record %s exists (force=true reruns it)", job.title, path)
         return "skipped", existing
+    prepare_results_dir(cfg.results_dir)  # an unwritable folder fails now, not after the evaluation
     logger = _wandb(cfg, job, group)
     start = time.perf_counter()
     if cfg.workers > 1:
@@ -304,12 +306,12 @@ def run_job(cfg: DictConfig, group: str | None = None) -> tuple[str, RunRecord |
     if record.split_matches_official is False:
         log.warning("%s has %d images, the official split has %d: the record says so", job.dataset.name,
                     record.dataset_size, record.expected_images)
-    path = write_record(cfg.results_dir, record)
+    log.info("%s: mIoU %.2f  aAcc %.2f  mAcc %.2f  (%d images, %.2f img/s evaluating, setup %.1f s, %d skipped)",
+             job.title, record.mIoU, record.aAcc, record.mAcc, record.image_count, record.images_per_second or 0,
+             record.setup_time_s, len(record.skipped))
     if logger is not None:
         logger.finish(record, list(job.dataset.class_names), [c["iou"] for c in record.per_class_iou])
-    log.info("%s: mIoU %.2f  aAcc %.2f  mAcc %.2f  (%d images, %.2f img/s evaluating, setup %.1f s, %d skipped) → %s",
-             job.title, record.mIoU, record.aAcc, record.mAcc, record.image_count, record.images_per_second or 0,
-             record.setup_time_s, len(record.skipped), path)
+    log.info("record → %s", write_record(cfg.results_dir, record))
     return "ran", record
 
 

@@ -279,3 +279,26 @@ def test_folder_without_masks_is_refused_before_any_model(tmp_path, monkeypatch,
                                    f"dataset.classes={tmp_path / 'classes.txt'}", f"results_dir={tmp_path}"]))
     assert status == "failed" and "dataset.masks" in capsys.readouterr().err
     cli._outcomes.clear()
+
+
+@pytest.mark.parametrize("where", ["file", "proc"])
+def test_an_unwritable_results_dir_fails_before_any_model(data, tmp_path, monkeypatch, capsys, where):
+    monkeypatch.setattr(runner, "build_model", lambda *args: pytest.fail("a model was built"))
+    target = tmp_path / "a-file" if where == "file" else Path("/proc/pearl-results")
+    if where == "file":
+        target.write_text("not a folder")
+    assert cli.execute(_compose(_job(data, target))) == "failed"
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and str(target) in err and "writable" in err
+    cli._outcomes.clear()
+
+
+def test_stale_temporary_records_of_dead_writers_are_removed(tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    dead = runs / ".abc.json.999999999.tmp"  # no such process
+    alive = runs / f".abc.json.{__import__('os').getpid()}.tmp"
+    dead.write_text("{")
+    alive.write_text("{")
+    records.prepare_results_dir(tmp_path)
+    assert not dead.exists() and alive.exists()
