@@ -253,13 +253,21 @@ def read_record(path: str | os.PathLike) -> RunRecord:
 
 
 def find_record(path: Path) -> RunRecord | None:
-    """The finished record at ``path``, or None (absent, or not a valid finished record: warned)."""
+    """The finished record at ``path``, or None: absent, or not a valid finished record, which is
+    then named in a warning and moved to ``runs/invalid/`` (kept for inspection, never read again)."""
     if not path.is_file():
         return None
     try:
         return read_record(path)
     except RecordError as error:
-        warnings.warn(f"ignoring {error}; the job runs again", RuntimeWarning, stacklevel=2)
+        aside = path.parent / "invalid" / path.name
+        try:
+            aside.parent.mkdir(exist_ok=True)
+            os.replace(path, aside)
+            where = f"moved to {aside}"
+        except OSError:
+            where = "left in place (the folder is not writable)"
+        warnings.warn(f"ignoring {error}; {where}; the job runs again", RuntimeWarning, stacklevel=2)
         return None
 
 
