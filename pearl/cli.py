@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from typing import Any
@@ -16,7 +15,6 @@ from omegaconf import DictConfig
 
 from .errors import UserError
 
-log = logging.getLogger("pearl")
 _outcomes: list[tuple[str, str]] = []  # (status, detail) of each job this process ran
 
 

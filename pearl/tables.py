@@ -229,8 +229,7 @@ def pivot(records: list[RunRecord], param: str, selection: Selection | None = No
           method: str | None = None) -> pd.DataFrame:
     """Rows = the values of ``param`` among runs that differ from their protocol in ``param`` alone
     (or not at all), per (method, pa, tlp, profile); columns = datasets (mIoU)."""
-    if param not in PARAMS:
-        raise SystemExit(f"--pivot {param!r} is not a parameter; valid: {', '.join(PARAMS)}")
+    _check_pivot(param)
     selection = selection or Selection()
     groups: dict[tuple, dict[str, list[RunRecord]]] = {}
     for r in records:
@@ -243,7 +242,12 @@ def pivot(records: list[RunRecord], param: str, selection: Selection | None = No
         key = (r.method, r.pa, r.tlp, r.profile, json.dumps(r.params[param]))
         groups.setdefault(key, {}).setdefault(r.dataset, []).append(r)
     out = []
-    for (method_name, pa, tlp, profile, value), by_dataset in sorted(groups.items()):
+    def order(item):  # numeric values in numeric order (40 before 160), others as text
+        *head, value = item[0]
+        value = json.loads(value)
+        return (*head, isinstance(value, str), value if isinstance(value, (int, float)) else 0, str(value))
+
+    for (method_name, pa, tlp, profile, value), by_dataset in sorted(groups.items(), key=order):
         line = {"method": method_name, "pa": pa, "tlp": tlp, "profile": profile, param: json.loads(value)}
         for dataset in DATASETS:
             cell = choose(by_dataset.get(dataset, []), selection)
@@ -253,6 +257,11 @@ def pivot(records: list[RunRecord], param: str, selection: Selection | None = No
     columns = ["method", "pa", "tlp", "profile", param] + [c for d in DATASETS
                                                            for c in (COLUMN_TITLES[d], f"{COLUMN_TITLES[d]}_flags")]
     return pd.DataFrame(out, columns=columns)
+
+
+def _check_pivot(param: str) -> None:
+    if param not in PARAMS:
+        raise ValueError(f"--pivot {param!r} is not a parameter; valid: {', '.join(PARAMS)}")
 
 
 def model_slug(model: str) -> str:
@@ -278,6 +287,8 @@ def write_tables(results_dir: str | Path = "results", paper_dir: str | Path | No
     ``out_dir/<model>/``; Table 6 (``backbones``) once. Raises NoRecords when there is nothing to
     tabulate (then nothing is written).
     """
+    for param in pivots:
+        _check_pivot(param)  # before anything is written
     records = load_records(results_dir)
     if not records:
         raise NoRecords(f"no result records under {Path(results_dir) / 'runs'}: run `python run.py ...` "
@@ -368,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         written, count = write_tables(results, args.paper, args.out, tuple(models), args.include_partial,
                                       args.include_stale, tuple(args.pivot))
-    except NoRecords as error:
+    except (NoRecords, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     print(f"{count} records → " + ", ".join(str(p) for p in written.values()))

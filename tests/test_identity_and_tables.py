@@ -188,6 +188,9 @@ def test_tables_select_by_identity_not_recency(data, tmp_path, official_syntheti
     pearl_rows = pivot[(pivot.method == "pearl") & pivot.pa & pivot.tlp].set_index("tlp_grid")
     assert pearl_rows.loc[40, "VOC21"] == round(grid.mIoU, 2) and pearl_rows.loc[80, "VOC21"] == round(default.mIoU, 2)
     assert 224 not in pearl_rows.index  # a resize run is not a tlp_grid point
+    assert list(pearl_rows.index) == [40, 80]  # numeric order
+    with pytest.raises(ValueError, match="tlp_gird"):
+        write_tables(results, models=(TINY,), pivots=("tlp_gird",))
 
 
 def test_grid_figure_from_the_pivot(data, tmp_path, official_synthetic):
