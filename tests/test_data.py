@@ -106,3 +106,32 @@ def test_folder_dataset(tmp_path):
     assert unlabelled[1].label is None
     with pytest.raises(DatasetError, match="image folder"):
         build_dataset("folder", images=tmp_path / "nope", classes=tmp_path / "classes.txt")
+
+
+def test_truncated_images_and_labels_are_errors_not_grey_pixels(tmp_path):
+    import cv2
+    write_dataset("ade20k", tmp_path, num_images=2, size=(64, 96))
+    layout = LAYOUTS["ade20k"]
+    photo = np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)
+    jpeg = tmp_path / layout.image_dir / "ADE_val_00000001.jpg"
+    cv2.imwrite(str(jpeg), photo)
+    complete = jpeg.read_bytes()
+    jpeg.write_bytes(complete[: len(complete) // 3])
+    assert cv2.imread(str(jpeg)) is not None  # OpenCV alone would score a half-grey image
+    label = tmp_path / layout.label_dir / "ADE_val_00000002.png"
+    data = label.read_bytes()
+    label.write_bytes(data[: len(data) - 20])  # IEND cut off
+    dataset = build_dataset("ade20k", tmp_path)
+    with pytest.raises(DatasetError, match="ADE_val_00000001.jpg is truncated .*JPEG end-of-image"):
+        dataset[0]
+    with pytest.raises(DatasetError, match="label .*ADE_val_00000002.png is truncated .*PNG IEND"):
+        dataset[1]
+    jpeg.write_bytes(complete + b"\0" * 100)  # trailing bytes after the end marker are fine
+    assert dataset[0].image.shape == (64, 96, 3)
+
+
+def test_decompression_bomb_sized_label_is_a_dataset_error(tmp_path, monkeypatch):
+    write_dataset("ade20k", tmp_path, num_images=1, size=(64, 96))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 96 // 4)  # the label is 4× the limit: a "bomb"
+    with pytest.raises(DatasetError, match="ADE_val_00000001.png is larger than Pillow's pixel limit"):
+        build_dataset("ade20k", tmp_path)[0]

@@ -66,8 +66,32 @@ LAYOUTS = {
 }
 
 
+_END_MARKERS = ((b"\xff\xd8", b"\xff\xd9", "JPEG end-of-image marker"), (b"\x89PNG", b"IEND", "PNG IEND chunk"))
+
+
+def _truncation(path: Path) -> str | None:
+    """What is missing at the end of a JPEG or PNG file cut short (None for a complete file).
+
+    OpenCV decodes a truncated JPEG into a half-grey image with only a stderr warning, so the end
+    markers are checked explicitly (within the last 4 KiB: trailing metadata is allowed)."""
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        handle.seek(0, os.SEEK_END)
+        handle.seek(max(0, handle.tell() - 4096))
+        tail = handle.read()
+    for magic, marker, name in _END_MARKERS:
+        if head.startswith(magic) and marker not in tail:
+            return name
+    return None
+
+
 def read_image(path: Path) -> np.ndarray:
-    """H×W×3 uint8 RGB via OpenCV colour decoding (grey files become 3 equal channels)."""
+    """H×W×3 uint8 RGB via OpenCV colour decoding (grey files become 3 equal channels).
+
+    A truncated JPEG or PNG is a DatasetError, never a partially decoded image."""
+    if path.is_file() and (missing := _truncation(path)):
+        raise DatasetError(f"image {path} is truncated (no {missing}): re-extract or re-download it, or run with "
+                           f"on_error=skip")
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None:
         raise DatasetError(f"cannot decode image {path}: the file is missing, empty or corrupt; re-extract it "
@@ -79,11 +103,17 @@ def read_label(path: Path, num_classes: int, reduce_zero_label: bool) -> np.ndar
     """H×W int64 label indices; 0 → 255 and k → k−1 under ``reduce_zero_label``; values checked."""
     if not path.is_file():
         raise DatasetError(f"label file {path} is missing; every image needs its label in the layout of {LAYOUT_HELP}")
+    if missing := _truncation(path):
+        raise DatasetError(f"label {path} is truncated (no {missing}): re-extract or re-convert it, or run with "
+                           f"on_error=skip")
     try:
         with Image.open(path) as handle:
             label = np.array(handle).astype(np.int64)
-    except (OSError, ValueError) as error:
-        raise DatasetError(f"cannot read label {path}: {error}") from error
+    except Image.DecompressionBombError as error:
+        raise DatasetError(f"label {path} is larger than Pillow's pixel limit ({error}); if the file is genuine, "
+                           f"raise PIL.Image.MAX_IMAGE_PIXELS before the run, else replace the file") from None
+    except (OSError, ValueError) as error:  # a truncated PNG ("image file is truncated") lands here
+        raise DatasetError(f"cannot read label {path}: {error}") from None
     if label.ndim != 2:
         raise DatasetError(f"label {path} has shape {label.shape}; expected a single-channel index PNG "
                            f"(palette or grey), not colour")
