@@ -135,3 +135,15 @@ def test_decompression_bomb_sized_label_is_a_dataset_error(tmp_path, monkeypatch
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 96 // 4)  # the label is 4× the limit: a "bomb"
     with pytest.raises(DatasetError, match="ADE_val_00000001.png is larger than Pillow's pixel limit"):
         build_dataset("ade20k", tmp_path)[0]
+
+
+def test_empty_split_file_and_duplicate_ids_are_named(tmp_path):
+    write_dataset("voc21", tmp_path, num_images=3, size=(32, 48))
+    split = tmp_path / LAYOUTS["voc21"].split_file
+    ids = split.read_text().split()
+    split.write_text("\n".join(ids + [ids[1]]) + "\n")
+    with pytest.raises(DatasetError, match=f"more than once .*{ids[1]}"):
+        build_dataset("voc21", tmp_path)
+    split.write_text("\n\n")
+    with pytest.raises(DatasetError, match="lists no image ids"):
+        build_dataset("voc21", tmp_path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -162,7 +163,15 @@ class SegmentationDataset:
         if missing:
             raise self._missing(missing)
         if layout.split_file:
-            ids = [line.strip() for line in (self.root / layout.split_file).read_text().splitlines() if line.strip()]
+            split = self.root / layout.split_file
+            ids = [line.strip() for line in split.read_text().splitlines() if line.strip()]
+            if not ids:
+                raise DatasetError(f"split file {split} lists no image ids; restore it from the dataset's archive")
+            duplicates = sorted(i for i, count in Counter(ids).items() if count > 1)
+            if duplicates:
+                raise DatasetError(f"split file {split} lists {len(duplicates)} id(s) more than once (e.g. "
+                                   f"{', '.join(duplicates[:5])}); each image must be evaluated once: remove the "
+                                   f"repeats")
             items = [(i, image_dir / f"{i}{layout.image_suffix}", label_dir / f"{i}{layout.label_suffix}") for i in ids]
         else:
             images = sorted(p for p in image_dir.rglob(f"*{layout.image_suffix}") if p.is_file())
