@@ -79,7 +79,8 @@ def _hub_reachable(timeout_s: float = 3.0) -> bool:
 
 def _require_reachable_weights(model_name: str, pretrained: str, cache_dir: str | None) -> None:
     """Fail within seconds, once per process, when the weights are neither cached nor downloadable."""
-    key = (model_name, pretrained, cache_dir or _hf_cache_dir())
+    folder = cache_dir or _hf_cache_dir()
+    key = (model_name, pretrained, folder)
     if key in _unreachable:
         raise WeightsError(_unreachable[key])
     hub = _hub_file(model_name, pretrained)
@@ -87,7 +88,7 @@ def _require_reachable_weights(model_name: str, pretrained: str, cache_dir: str 
         return  # a URL-only tag: open_clip's own download reports its errors
     from huggingface_hub import try_to_load_from_cache
     repo, filenames = hub
-    if any(isinstance(try_to_load_from_cache(repo, name, cache_dir=cache_dir or _hf_cache_dir()), str)
+    if any(isinstance(try_to_load_from_cache(repo, name, cache_dir=folder), str)
            for name in filenames):
         return
     if not _hub_reachable():

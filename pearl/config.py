@@ -10,6 +10,7 @@ from typing import Any, Callable, NamedTuple
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError
+from .methods import available_methods
 from .params import PARAMS
 from .protocols import DATASETS, PROFILES
 
@@ -90,7 +91,6 @@ def validate_config(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if not spec.check(value):
             raise _fail(key, value, spec.valid)
-    from .methods import available_methods
     if cfg.method.name not in available_methods():
         raise _fail("method", cfg.method.name, ", ".join(available_methods()))
     if cfg.dataset.name not in DATASETS + ("folder",):
@@ -105,7 +105,7 @@ def help_text() -> str:
         return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
     lines = ["Evaluate methods × PA × TLP × datasets; one record per job (python run.py -m key=a,b ...).", "",
-             "Config groups: method=" + "|".join(_methods()) + "  dataset=" + "|".join(DATASETS + ("folder",))
+             "Config groups: method=" + "|".join(available_methods()) + "  dataset=" + "|".join(DATASETS + ("folder",))
              + "  model=vit_b16|tiny|custom  logger=none|wandb", "", "Run keys:"]
     lines += [f"  {key} (default {default(spec.default)}): {spec.meaning}" for key, spec in RUN_KEYS.items()]
     lines += ["", "Segmentor parameters (null = the method's published per-dataset value, else this default):"]
@@ -113,8 +113,3 @@ def help_text() -> str:
     lines += ["", "Errors print one line; PEARL_TRACEBACK=1 (or HYDRA_FULL_ERROR=1) shows the traceback.",
               "Hydra's own flags: --hydra-help."]
     return "\n".join(lines).replace("$", "$$")  # the help template is a string.Template
-
-
-def _methods() -> list[str]:
-    from .methods import available_methods
-    return available_methods()

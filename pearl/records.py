@@ -85,6 +85,27 @@ def file_sha256(path: str | os.PathLike) -> str:
     return _file_sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
 
 
+OPENAI_FILE_SHA256 = {  # OpenAI's released TorchScript archives: the same weights as the ``openai`` tag
+    "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f": "ViT-B-16",
+}
+
+
+def model_label(name: str, pretrained: str | None = None, seed: int = 0) -> str:
+    """The ``NAME:TAG`` key that tables select a model by.
+
+    ``tiny`` → ``tiny:seed<seed>``; a checkpoint file → ``NAME:<file name>``, or ``NAME:openai`` for
+    OpenAI's own archive (recognised by its SHA-256); an OpenAI tag drops ``-quickgelu`` from the
+    name, since ``load_clip`` builds OpenAI weights with QuickGELU either way.
+    """
+    if name == "tiny":
+        return f"tiny:seed{seed}"
+    name = name.replace("/", "-")
+    if pretrained is not None and os.path.isfile(pretrained):
+        sha = file_sha256(pretrained)
+        return f"{OPENAI_FILE_SHA256[sha]}:openai" if sha in OPENAI_FILE_SHA256 else f"{name}:{Path(pretrained).name}"
+    return f"{name.removesuffix('-quickgelu') if pretrained == 'openai' else name}:{pretrained}"
+
+
 @dataclass
 class RunRecord:
     """One finished evaluation. ``identity`` (hashed into ``config_hash``) is what made the number;

@@ -34,6 +34,7 @@ from .records import (
     file_sha256,
     find_record,
     git_commit,
+    model_label,
     prepare_results_dir,
     record_path,
     write_record,
@@ -81,28 +82,17 @@ def _dataset(cfg: DictConfig):
     return build_dataset(data.name, cfg.data_root, cfg.max_images)
 
 
-OPENAI_FILE_SHA256 = {  # OpenAI's released TorchScript archives: the same weights as the ``openai`` tag
-    "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f": "ViT-B-16",
-}
-
-
 def model_identity(model_cfg: DictConfig, precision: str) -> dict:
     """What identifies the network: name and tag, or the checkpoint file's content hash; the tiny
     model's seed and config. ``label`` is the key the tables select by (``NAME:TAG``)."""
     if model_cfg.name == "tiny":
         return {"name": "tiny", "seed": model_cfg.seed, "config": OmegaConf.to_container(model_cfg.config),
-                "label": f"tiny:seed{model_cfg.seed}", "precision": precision}
+                "label": model_label("tiny", seed=model_cfg.seed), "precision": precision}
     name, pretrained = str(model_cfg.name).replace("/", "-"), model_cfg.pretrained
     identity = {"name": name, "pretrained": pretrained, "precision": precision}
     if pretrained is not None and os.path.isfile(pretrained):
-        sha = file_sha256(pretrained)
-        identity.update(pretrained=None, file=Path(pretrained).name, file_sha256=sha)
-        label = f"{OPENAI_FILE_SHA256[sha]}:openai" if sha in OPENAI_FILE_SHA256 else f"{name}:{Path(pretrained).name}"
-    else:
-        # load_clip builds OpenAI weights with QuickGELU either way: ViT-B-16-quickgelu:openai is ViT-B-16:openai
-        base = name.removesuffix("-quickgelu") if pretrained == "openai" else name
-        label = f"{base}:{pretrained}"
-    return identity | {"label": label}
+        identity.update(pretrained=None, file=Path(pretrained).name, file_sha256=file_sha256(pretrained))
+    return identity | {"label": model_label(name, pretrained)}
 
 
 def _settings(cfg: DictConfig) -> tuple[dict, dict, list[str] | str]:
@@ -333,7 +323,7 @@ def _record(cfg: DictConfig, job: _Job, shard: _Shard, wall: float) -> RunRecord
         image_count=shard.evaluated, dataset_size=dataset.total_images, expected_images=dataset.expected_images,
         split_matches_official=official, full_split=full_split, max_images=cfg.max_images, skipped=shard.skipped,
         nan_windows=shard.nan_windows,
-        # dataset means of the per-image PA / TLP diagnostics (docs/pearl.md)
+        # dataset means of the per-image PA / TLP diagnostics
         diagnostics={key: value / max(shard.evaluated, 1) for key, value in shard.diagnostic_sums.items()},
         setup_time_s=shard.setup_s, eval_time_s=shard.eval_s, wall_time_s=wall,
         images_per_second=shard.evaluated / shard.eval_s if shard.eval_s > 0 else None, workers=cfg.workers,

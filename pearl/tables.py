@@ -22,7 +22,7 @@ import pandas as pd
 
 from .params import PARAMS
 from .protocols import DATASETS
-from .records import DEFAULT_MODEL, RunRecord, code_version, load_records
+from .records import DEFAULT_MODEL, RunRecord, code_version, load_records, model_label
 from .settings import comparable, deviations, job_settings
 
 COLUMN_TITLES = {"voc21": "VOC21", "context60": "PC60", "coco_object": "Object", "voc20": "VOC20",
@@ -124,9 +124,10 @@ def candidates(records: list[RunRecord], row: Row, dataset: str, selection: Sele
     model = row.model or selection.model
     return [r for r in records
             if r.dataset == dataset and r.method == row.method and r.pa == row.pa and r.tlp == row.tlp
-            and r.profile == row.profile and r.model_label == model and comparable(r.params) == wanted
+            and r.profile == row.profile and r.model_label == model
             and (r.full_split or selection.include_partial)
-            and (r.code_version == selection.code or selection.include_stale)]
+            and (r.code_version == selection.code or selection.include_stale)
+            and comparable(r.params) == wanted]  # the costly comparison last, on the few that got this far
 
 
 def choose(found: list[RunRecord], selection: Selection) -> Cell:
@@ -345,11 +346,9 @@ def recipe_arguments(tokens: list[str]) -> tuple[str | None, str | None]:
 
 def _model_from_overrides(pairs: dict[str, str]) -> str | None:
     if pairs.get("model") == "tiny":
-        return f"tiny:seed{pairs.get('model.seed', 0)}"
+        return model_label("tiny", seed=int(pairs.get("model.seed", 0)))
     if "model.name" in pairs or "model.pretrained" in pairs:
-        name = pairs.get("model.name", "ViT-B-16").replace("/", "-")
-        pretrained = pairs.get("model.pretrained", "openai")
-        return f"{name.removesuffix('-quickgelu') if pretrained == 'openai' else name}:{pretrained}"
+        return model_label(pairs.get("model.name", "ViT-B-16"), pairs.get("model.pretrained", "openai"))
     return None
 
 

@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -37,3 +38,24 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 def photos():
     from skimage import data
     return {"chelsea": data.chelsea(), "coffee": data.coffee()}
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def compose(overrides: list[str]):
+    """run.py's config with ``overrides``, composed as Hydra does for one job."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+        return hydra_compose("config", overrides=overrides)
+
+
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory):
+    """Synthetic voc21 (3 images) and ade20k (2 images) in their real layouts, 48×64."""
+    from pearl.data.synthetic import write_dataset
+    root = tmp_path_factory.mktemp("synthetic")
+    write_dataset("voc21", root, num_images=3, size=(48, 64))
+    write_dataset("ade20k", root, num_images=2, size=(48, 64), seed=1)
+    return root

@@ -3,11 +3,9 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import pearl
@@ -17,38 +15,25 @@ from pearl.data.synthetic import write_dataset
 from pearl.records import load_records
 from pearl.runner import run
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _compose(overrides):
-    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-        return compose("config", overrides=overrides)
-
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    write_dataset("voc21", root, num_images=3, size=(48, 64))
-    write_dataset("ade20k", root, num_images=2, size=(48, 64), seed=1)
-    return root
+from .conftest import REPO, compose
 
 
 def test_config_exposes_every_parameter_as_a_plain_key():
-    cfg = _compose([])
+    cfg = compose([])
     assert all(name in cfg and cfg[name] is None for name in pearl.PARAMS)
     from pearl.config import CONFIG_GROUPS, RUN_KEYS
     assert set(cfg.keys()) == set(RUN_KEYS) | set(pearl.PARAMS) | set(CONFIG_GROUPS)  # nothing undocumented
     raw = OmegaConf.load(REPO / "conf" / "config.yaml")
     assert {key: OmegaConf.to_container(raw)[key] for key in RUN_KEYS} == {k: s.default for k, s in RUN_KEYS.items()}
     assert cfg.pa is None and cfg.tlp is None and cfg.method.name == "pearl" and cfg.model.name == "ViT-B-16"
-    cfg = _compose(["tlp=false", "alpha_kk=0.2", "method=naclip", "dataset=ade20k"])
+    cfg = compose(["tlp=false", "alpha_kk=0.2", "method=naclip", "dataset=ade20k"])
     assert cfg.tlp is False and cfg.alpha_kk == 0.2
 
 
 def test_run_record_skip_and_force(synthetic, tmp_path):
     overrides = ["model=tiny", "method=sclip", f"data_root={synthetic}", f"results_dir={tmp_path}", "progress=false",
                  "slide_crop=32", "slide_stride=16"]
-    record = run(_compose(overrides))
+    record = run(compose(overrides))
     files = list((tmp_path / "runs").glob("*.json"))
     assert len(files) == 1 and files[0].stem == record.config_hash
     saved = json.loads(files[0].read_text())
@@ -64,11 +49,11 @@ def test_run_record_skip_and_force(synthetic, tmp_path):
     assert saved["diagnostics"] == {}  # SCLIP without TLP has no PA / TLP diagnostics
     assert [c["class"] for c in saved["per_class_iou"]] == pearl.class_names("voc21")  # in class order
     mtime = files[0].stat().st_mtime_ns
-    again = run(_compose(overrides))
+    again = run(compose(overrides))
     assert again.to_dict() == saved and files[0].stat().st_mtime_ns == mtime  # skipped
-    run(_compose(overrides + ["force=true"]))
+    run(compose(overrides + ["force=true"]))
     assert files[0].stat().st_mtime_ns != mtime
-    with_tlp = run(_compose(overrides + ["tlp=true"]))
+    with_tlp = run(compose(overrides + ["tlp=true"]))
     assert len(list((tmp_path / "runs").glob("*.json"))) == 2
     diagnostics = with_tlp.diagnostics
     assert 0 <= diagnostics["tlp_low_confidence"] <= 1 and diagnostics["tlp_rho_mean"] > 0
@@ -81,9 +66,9 @@ def test_on_error_skip_counts_bad_files(tmp_path):
     overrides = ["model=tiny", "method=clearclip", "dataset=ade20k", f"data_root={root}",
                  f"results_dir={tmp_path / 'res'}", "progress=false"]
     with pytest.raises(Exception, match="ADE_val_00000002.jpg"):
-        run(_compose(overrides))
+        run(compose(overrides))
     assert not (tmp_path / "res" / "runs").exists() or not list((tmp_path / "res" / "runs").glob("*.json"))
-    record = run(_compose(overrides + ["on_error=skip"]))
+    record = run(compose(overrides + ["on_error=skip"]))
     assert record.image_count == 2 and record.skipped[0]["id"] == "ADE_val_00000002" and not record.full_split
 
 
@@ -93,13 +78,13 @@ def test_dry_run_prints_the_job_and_evaluates_nothing(synthetic, tmp_path, capsy
     overrides = ["model=tiny", f"data_root={synthetic}", f"results_dir={tmp_path}", "progress=false", "tlp_grid=40"]
     built = []
     monkeypatch.setattr(runner, "build_model", lambda *a: built.append(1))
-    assert runner.run_job(_compose(overrides + ["dry_run=true"]))[0] == "dry_run"
+    assert runner.run_job(compose(overrides + ["dry_run=true"]))[0] == "dry_run"
     out = capsys.readouterr().out
     assert "would run" in out and "tlp_grid=40" in out and "prob_thd=0.1" in out  # resolved, not null
     assert built == [] and not (tmp_path / "runs").exists()
     monkeypatch.undo()
-    record = run(_compose(overrides))
-    assert runner.run_job(_compose(overrides + ["dry_run=true"]))[0] == "dry_run"
+    record = run(compose(overrides))
+    assert runner.run_job(compose(overrides + ["dry_run=true"]))[0] == "dry_run"
     assert f"record exists: {tmp_path / 'runs' / record.config_hash}.json" in capsys.readouterr().out
 
 
@@ -107,8 +92,8 @@ def test_wandb_offline_logs_and_finishes(synthetic, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     overrides = ["model=tiny", "logger=wandb", f"logger.dir={tmp_path}", f"data_root={synthetic}",
                  f"results_dir={tmp_path / 'res'}", "progress=false", "logger.max_images=2"]
-    run(_compose(overrides + ["method=pearl"]), group="sweep-x")
-    run(_compose(overrides + ["method=naclip"]), group="sweep-x")
+    run(compose(overrides + ["method=pearl"]), group="sweep-x")
+    run(compose(overrides + ["method=naclip"]), group="sweep-x")
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 2  # one wandb run per job, each finished
     for run_dir in runs:
@@ -127,7 +112,7 @@ def test_wandb_failure_does_not_fail_the_run(synthetic, tmp_path, monkeypatch):
         raise RuntimeError("no wandb today")
     monkeypatch.setattr(wandb, "init", broken_init)
     with pytest.warns(RuntimeWarning, match="no wandb today"):
-        record = run(_compose(["model=tiny", "logger=wandb", f"data_root={synthetic}",
+        record = run(compose(["model=tiny", "logger=wandb", f"data_root={synthetic}",
                                f"results_dir={tmp_path}", "progress=false"]))
     assert record.image_count == 3
 
@@ -200,8 +185,8 @@ def test_sharded_evaluation_equals_one_process(synthetic, tmp_path):
     from pearl.runner import shard_indices
     assert [list(shard_indices(5, r, 3)) for r in range(3)] == [[0], [1, 2], [3, 4]]  # no padding, no overlap
     base = ["model=tiny", "method=naclip", f"data_root={synthetic}", "progress=false", "device=cpu"]
-    single = run(_compose(base + [f"results_dir={tmp_path / 'one'}"]))
-    sharded = run(_compose(base + [f"results_dir={tmp_path / 'two'}", "workers=2"]))
+    single = run(compose(base + [f"results_dir={tmp_path / 'one'}"]))
+    sharded = run(compose(base + [f"results_dir={tmp_path / 'two'}", "workers=2"]))
     assert sharded.workers == 2 and sharded.image_count == single.image_count == 3
     assert sharded.config_hash == single.config_hash  # workers do not change the identity
     assert sharded.mIoU == pytest.approx(single.mIoU, abs=1e-9)

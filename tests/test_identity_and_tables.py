@@ -7,29 +7,15 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from hydra import compose, initialize_config_dir
 
 from pearl import cli, records, runner
 from pearl.data import datasets
-from pearl.data.synthetic import write_dataset
 from pearl.records import code_version, load_records
 from pearl.tables import write_tables
 
-REPO = Path(__file__).resolve().parents[1]
+from .conftest import REPO, compose
+
 TINY = "tiny:seed0"
-
-
-def _compose(overrides):
-    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-        return compose("config", overrides=overrides)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("identity-data")
-    write_dataset("voc21", root, num_images=3, size=(48, 64))
-    write_dataset("ade20k", root, num_images=2, size=(48, 64), seed=1)
-    return root
 
 
 @pytest.fixture
@@ -39,8 +25,8 @@ def official_synthetic(monkeypatch):
     monkeypatch.setitem(datasets.OFFICIAL_SIZES, "ade20k", 2)
 
 
-def _job(data, results, *extra):
-    return ["model=tiny", f"data_root={data}", f"results_dir={results}", "progress=false", *extra]
+def _job(data_root, results, *extra):
+    return ["model=tiny", f"data_root={data_root}", f"results_dir={results}", "progress=false", *extra]
 
 
 def test_code_version_follows_the_computing_source_only(tmp_path):
@@ -66,12 +52,12 @@ def test_code_version_follows_the_computing_source_only(tmp_path):
     code_version.cache_clear()
 
 
-def test_a_code_change_reruns_the_job_and_the_old_record_stays_as_history(data, tmp_path, monkeypatch,
+def test_a_code_change_reruns_the_job_and_the_old_record_stays_as_history(synthetic, tmp_path, monkeypatch,
                                                                           official_synthetic):
-    first = runner.run_job(_compose(_job(data, tmp_path)))
-    assert first[0] == "ran" and runner.run_job(_compose(_job(data, tmp_path)))[0] == "skipped"
+    first = runner.run_job(compose(_job(synthetic, tmp_path)))
+    assert first[0] == "ran" and runner.run_job(compose(_job(synthetic, tmp_path)))[0] == "skipped"
     monkeypatch.setattr(runner, "code_version", lambda: "0123456789abcdef")  # as after a commit to the package
-    second = runner.run_job(_compose(_job(data, tmp_path)))
+    second = runner.run_job(compose(_job(synthetic, tmp_path)))
     assert second[0] == "ran" and second[1].config_hash != first[1].config_hash
     assert sorted(r.code_version for r in load_records(tmp_path)) == sorted([first[1].code_version,
                                                                              "0123456789abcdef"])
@@ -82,24 +68,24 @@ def test_a_code_change_reruns_the_job_and_the_old_record_stays_as_history(data, 
     monkeypatch.undo()
 
 
-def test_identity_holds_what_made_the_number_and_not_operational_settings(data, tmp_path):
-    plan = runner._plan(_compose(_job(data, tmp_path)))
-    same = [runner._plan(_compose(_job(data, tmp_path / "other", extra))).run_hash
+def test_identity_holds_what_made_the_number_and_not_operational_settings(synthetic, tmp_path):
+    plan = runner._plan(compose(_job(synthetic, tmp_path)))
+    same = [runner._plan(compose(_job(synthetic, tmp_path / "other", extra))).run_hash
             for extra in ("window_batch_size=2", "workers=2", "text_cache_dir=/tmp/elsewhere", "on_error=skip",
                           "progress=true", "device=cpu")]
     assert set(same) == {plan.run_hash}
-    different = {runner._plan(_compose(_job(data, tmp_path, extra))).run_hash
+    different = {runner._plan(compose(_job(synthetic, tmp_path, extra))).run_hash
                  for extra in ("tlp_grid=40", "max_images=2", "model.seed=1", "model.precision=bf16", "tlp=false")}
     assert len(different) == 5 and plan.run_hash not in different
     identity = plan.identity
     assert identity["code_version"] == code_version() and identity["dataset"]["evaluated"] == 3
     assert len(identity["classes"]) == 21 and identity["templates"] and identity["model"]["seed"] == 0
     # a changed data file (same name, other size) changes the identity
-    label = next((data / datasets.LAYOUTS["voc21"].label_dir).glob("*.png"))
+    label = next((synthetic / datasets.LAYOUTS["voc21"].label_dir).glob("*.png"))
     backup = label.read_bytes()
     label.write_bytes(backup + b"\0")
     try:
-        assert runner._plan(_compose(_job(data, tmp_path))).run_hash != plan.run_hash
+        assert runner._plan(compose(_job(synthetic, tmp_path))).run_hash != plan.run_hash
     finally:
         label.write_bytes(backup)
 
@@ -119,38 +105,38 @@ def test_checkpoint_files_are_identified_by_content(tmp_path):
 
 
 @pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe\x00garbage", b"[]", b"{}", b'"text"'])
-def test_unreadable_or_invalid_records_are_named_skipped_and_rerun(data, tmp_path, content):
-    record = runner.run(_compose(_job(data, tmp_path)))
+def test_unreadable_or_invalid_records_are_named_skipped_and_rerun(synthetic, tmp_path, content):
+    record = runner.run(compose(_job(synthetic, tmp_path)))
     path = tmp_path / "runs" / f"{record.config_hash}.json"
     path.write_bytes(content)
     with pytest.warns(RuntimeWarning, match=str(path.name)):
         assert load_records(tmp_path) == []
     assert (tmp_path / "runs" / "invalid" / path.name).read_bytes() == content and not path.exists()
-    assert runner.run_job(_compose(_job(data, tmp_path)))[0] == "ran"
+    assert runner.run_job(compose(_job(synthetic, tmp_path)))[0] == "ran"
     assert json.loads(path.read_text())["mIoU"] == pytest.approx(record.mIoU)
     path.write_bytes(content)
     with pytest.warns(RuntimeWarning, match="runs again"):
-        assert runner.run_job(_compose(_job(data, tmp_path)))[0] == "ran"  # found by the job itself
+        assert runner.run_job(compose(_job(synthetic, tmp_path)))[0] == "ran"  # found by the job itself
 
 
 @pytest.mark.parametrize(("change", "reason"), [({"mIoU": "abc"}, "mIoU"), ({"mIoU": None}, "mIoU"),
                                                 ({"image_count": 0}, "image_count"),
                                                 ({"schema_version": 1}, "schema version 1"), ({"pa": "yes"}, "pa")])
-def test_records_without_a_valid_metric_or_schema_are_not_finished_runs(data, tmp_path, change, reason):
-    record = runner.run(_compose(_job(data, tmp_path)))
+def test_records_without_a_valid_metric_or_schema_are_not_finished_runs(synthetic, tmp_path, change, reason):
+    record = runner.run(compose(_job(synthetic, tmp_path)))
     path = tmp_path / "runs" / f"{record.config_hash}.json"
     path.write_text(json.dumps(json.loads(path.read_text()) | change))
     with pytest.warns(RuntimeWarning, match=reason):
-        assert runner.run_job(_compose(_job(data, tmp_path)))[0] == "ran"
+        assert runner.run_job(compose(_job(synthetic, tmp_path)))[0] == "ran"
 
 
 def _cell(results, table, row, column="VOC21_ours", model_folder="tiny_seed0"):
     return pd.read_csv(results / model_folder / f"{table}.csv").set_index("row").loc[row, column]
 
 
-def test_tables_select_by_identity_not_recency(data, tmp_path, official_synthetic):
+def test_tables_select_by_identity_not_recency(synthetic, tmp_path, official_synthetic):
     results = tmp_path / "res"
-    default = runner.run(_compose(_job(data, results)))
+    default = runner.run(compose(_job(synthetic, results)))
     assert default.full_split
     write_tables(results, models=(TINY,))
     before = pd.read_csv(results / "tiny_seed0" / "main.csv")
@@ -159,11 +145,11 @@ def test_tables_select_by_identity_not_recency(data, tmp_path, official_syntheti
     assert _cell(results, "resolution", "short side 336") == round(default.mIoU, 2)
     assert pd.isna(_cell(results, "resolution", "short side 224"))
 
-    partial = runner.run(_compose(_job(data, results, "max_images=1")))
-    grid = runner.run(_compose(_job(data, results, "tlp_grid=40")))
-    other_model = runner.run(_compose(_job(data, results, "model.seed=1")))
-    explicit = runner.run_job(_compose(_job(data, results, "resize_short=336")))
-    small = runner.run(_compose(_job(data, results, "resize_short=224")))
+    partial = runner.run(compose(_job(synthetic, results, "max_images=1")))
+    grid = runner.run(compose(_job(synthetic, results, "tlp_grid=40")))
+    other_model = runner.run(compose(_job(synthetic, results, "model.seed=1")))
+    explicit = runner.run_job(compose(_job(synthetic, results, "resize_short=336")))
+    small = runner.run(compose(_job(synthetic, results, "resize_short=224")))
     assert explicit[0] == "skipped" and explicit[1].config_hash == default.config_hash
     assert not partial.full_split and {grid.mIoU, other_model.mIoU, partial.mIoU} != {default.mIoU}
 
@@ -193,15 +179,15 @@ def test_tables_select_by_identity_not_recency(data, tmp_path, official_syntheti
         write_tables(results, models=(TINY,), pivots=("tlp_gird",))
 
 
-def test_grid_figure_from_the_pivot(data, tmp_path, official_synthetic):
+def test_grid_figure_from_the_pivot(synthetic, tmp_path, official_synthetic):
     from PIL import Image
 
     from pearl.figures import grid_figure, grid_points
     from pearl.tables import Selection
     results = tmp_path / "res"
-    runs = {grid: runner.run(_compose(_job(data, results, "dataset=ade20k", f"tlp_grid={grid}")))
+    runs = {grid: runner.run(compose(_job(synthetic, results, "dataset=ade20k", f"tlp_grid={grid}")))
             for grid in (40, 80, 160)}
-    runner.run(_compose(_job(data, results, "dataset=ade20k", "resize_short=224")))
+    runner.run(compose(_job(synthetic, results, "dataset=ade20k", "resize_short=224")))
     selection = Selection(TINY)
     points = grid_points(load_records(results), selection)
     assert points[["tlp_grid", "mIoU"]].values.tolist() == [[g, round(r.mIoU, 2)] for g, r in runs.items()]
@@ -228,13 +214,13 @@ if not __import__("torch").cuda.is_available():
 
 
 @pytest.mark.parametrize(("override", "key"), BAD)
-def test_invalid_keys_and_values_fail_in_one_line_before_any_model(data, tmp_path, monkeypatch, capsys, override,
+def test_invalid_keys_and_values_fail_in_one_line_before_any_model(synthetic, tmp_path, monkeypatch, capsys, override,
                                                                    key):
     built = []
     monkeypatch.setattr(runner, "build_model", lambda *args: built.append(args))
     monkeypatch.delenv("PEARL_TRACEBACK", raising=False)
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
-    status = cli.execute(_compose(_job(data, tmp_path, override)), description=override)
+    status = cli.execute(compose(_job(synthetic, tmp_path, override)), description=override)
     err = capsys.readouterr().err.strip()
     assert status == "failed" and built == [] and cli.exit_code() == 1
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and key in err
@@ -243,17 +229,17 @@ def test_invalid_keys_and_values_fail_in_one_line_before_any_model(data, tmp_pat
     cli._outcomes.clear()
 
 
-def test_pa_for_a_method_without_query_key_fails_before_loading(data, tmp_path, monkeypatch):
+def test_pa_for_a_method_without_query_key_fails_before_loading(synthetic, tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "build_model", lambda *args: pytest.fail("a model was built"))
     with pytest.raises(ValueError, match="query·key"):
-        runner.run(_compose(_job(data, tmp_path, "method=naclip", "pa=true")))
+        runner.run(compose(_job(synthetic, tmp_path, "method=naclip", "pa=true")))
 
 
-def test_traceback_switch_raises_the_error(data, tmp_path, monkeypatch):
+def test_traceback_switch_raises_the_error(synthetic, tmp_path, monkeypatch):
     monkeypatch.setenv("PEARL_TRACEBACK", "1")
     from pearl.errors import ConfigError
     with pytest.raises(ConfigError, match="on_error"):
-        cli.execute(_compose(_job(data, tmp_path, "on_error=skpi")))
+        cli.execute(compose(_job(synthetic, tmp_path, "on_error=skpi")))
     cli._outcomes.clear()
 
 
@@ -281,19 +267,19 @@ def test_folder_without_masks_is_refused_before_any_model(tmp_path, monkeypatch,
     monkeypatch.setattr(runner, "build_model", lambda *args: pytest.fail("a model was built"))
     (tmp_path / "img").mkdir()
     (tmp_path / "classes.txt").write_text("cat\nsky\n")
-    status = cli.execute(_compose(["model=tiny", "dataset=folder", f"dataset.images={tmp_path / 'img'}",
+    status = cli.execute(compose(["model=tiny", "dataset=folder", f"dataset.images={tmp_path / 'img'}",
                                    f"dataset.classes={tmp_path / 'classes.txt'}", f"results_dir={tmp_path}"]))
     assert status == "failed" and "dataset.masks" in capsys.readouterr().err
     cli._outcomes.clear()
 
 
 @pytest.mark.parametrize("where", ["file", "proc"])
-def test_an_unwritable_results_dir_fails_before_any_model(data, tmp_path, monkeypatch, capsys, where):
+def test_an_unwritable_results_dir_fails_before_any_model(synthetic, tmp_path, monkeypatch, capsys, where):
     monkeypatch.setattr(runner, "build_model", lambda *args: pytest.fail("a model was built"))
     target = tmp_path / "a-file" if where == "file" else Path("/proc/pearl-results")
     if where == "file":
         target.write_text("not a folder")
-    assert cli.execute(_compose(_job(data, target))) == "failed"
+    assert cli.execute(compose(_job(synthetic, target))) == "failed"
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and str(target) in err and "writable" in err
     cli._outcomes.clear()
