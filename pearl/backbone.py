@@ -6,7 +6,10 @@ spec/engineering.md §1.4. Tokens are NLD (batch first), as in open_clip ≥ 2.2
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,6 +17,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
+from .checkpoints import check_plain_checkpoint_error, is_torchscript_archive, load_torchscript_weights
 from .errors import MissingFileError, WeightsError
 
 if TYPE_CHECKING:
@@ -27,15 +31,6 @@ def _hf_cache_dir() -> str:
     if os.environ.get("HF_HUB_CACHE"):
         return os.environ["HF_HUB_CACHE"]
     return str(Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub")
-
-
-def _is_torchscript(path: str) -> bool:
-    import zipfile
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return any(name.endswith("constants.pkl") for name in archive.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False
 
 
 _unreachable: dict[tuple, str] = {}  # (name, tag, cache) → the error: a sweep asks the Hub once, not per job
@@ -110,7 +105,7 @@ def load_clip(name: str = "ViT-B-16", pretrained: str | None = "openai", device:
         raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     model_name = name.replace("/", "-")
     is_file = pretrained is not None and os.path.isfile(pretrained)
-    torchscript = is_file and _is_torchscript(pretrained)
+    torchscript = is_file and is_torchscript_archive(pretrained)
     looks_like_path = bool(pretrained) and (os.sep in pretrained or pretrained.endswith(_CHECKPOINT_SUFFIXES))
     if looks_like_path and not is_file:
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(model_name)) or "none for this model"
@@ -127,17 +122,40 @@ def load_clip(name: str = "ViT-B-16", pretrained: str | None = "openai", device:
     if pretrained and not is_file:
         _require_reachable_weights(model_name, pretrained, cache_dir)
     kwargs = dict(precision=precision, device=device, force_quick_gelu=quick_gelu, cache_dir=cache_dir)
-    if torchscript:
-        kwargs["weights_only"] = False
-    try:
-        model = open_clip.create_model(model_name, pretrained=pretrained, **kwargs)
-    except RuntimeError as error:
-        if pretrained and not is_file:
-            raise WeightsError(f"could not load {model_name!r} weights {pretrained!r}: {error}. "
-                               + _offline_help(model_name, pretrained, cache_dir)) from error
-        raise
+    if torchscript:  # torch.load would unpickle it unrestricted: read the tensors ourselves
+        with _without_random_init_warning():  # the weights come next
+            model = open_clip.create_model(model_name, pretrained=None, **kwargs)
+        load_torchscript_weights(model, pretrained)
+    else:
+        model = _create_with_weights(model_name, pretrained, is_file, kwargs)
     model.eval()
     return model, open_clip.get_tokenizer(model_name)
+
+
+@contextlib.contextmanager
+def _without_random_init_warning():
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
+def _create_with_weights(model_name: str, pretrained: str | None, is_file: bool, kwargs: dict):
+    """open_clip's own loading (``torch.load(weights_only=True)`` for a file), errors made ours."""
+    try:
+        return open_clip.create_model(model_name, pretrained=pretrained, weights_only=True, **kwargs)
+    except (RuntimeError, pickle.UnpicklingError) as error:
+        refused = check_plain_checkpoint_error(pretrained, error) if is_file else None
+        if refused is not None:
+            raise refused from None
+        if pretrained and not is_file:
+            raise WeightsError(f"could not load {model_name!r} weights {pretrained!r}: {error}. "
+                               + _offline_help(model_name, pretrained, kwargs["cache_dir"])) from error
+        raise
 
 
 def grid_size(visual) -> tuple[int, int]:

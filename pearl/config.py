@@ -9,6 +9,7 @@ from typing import Any, Callable, NamedTuple
 
 from omegaconf import DictConfig, OmegaConf
 
+from .data.datasets import DEFAULT_MAX_PIXELS
 from .errors import ConfigError
 from .methods import available_methods
 from .params import PARAMS
@@ -52,6 +53,8 @@ RUN_KEYS: dict[str, RunKey] = {
                        lambda v: v in ("raise", "skip"), "raise, skip"),
     "max_images": RunKey(None, "evaluate only the first N images (a partial run: never fills a table cell)",
                          lambda v: v is None or _int_at_least(1)(v), "an integer ≥ 1 or null"),
+    "max_pixels": RunKey(DEFAULT_MAX_PIXELS, "largest image or label read (width × height); a larger file is a "
+                         "dataset error (obeys on_error)", _int_at_least(1), "an integer ≥ 1"),
     "device": RunKey("auto", "auto = cuda if available, else cpu", _device, "auto, cpu, cuda, cuda:N, mps"),
     "workers": RunKey(1, "processes (one GPU each) that split one job's dataset", _int_at_least(1),
                       "an integer ≥ 1"),

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 IGNORE_INDEX = 255
+PIXELS_PER_UPDATE = 2 ** 22
 
 
 class ConfusionMatrix:
@@ -29,12 +30,13 @@ class ConfusionMatrix:
         """Add one image: pred and gt [H, W] integer maps of the same size."""
         if pred.shape != gt.shape:
             raise ValueError(f"prediction {tuple(pred.shape)} and label {tuple(gt.shape)} differ in size")
-        pred = pred.to(self.matrix.device).flatten().long()
-        gt = gt.to(self.matrix.device).flatten().long()
-        keep = gt != IGNORE_INDEX
-        pred, gt = pred[keep], gt[keep]
+        pred, gt = pred.flatten(), gt.flatten()
         c = self.num_classes
-        self.matrix += torch.bincount(gt * c + pred, minlength=c * c).view(c, c)
+        for start in range(0, pred.numel(), PIXELS_PER_UPDATE):  # bounded temporaries on huge images
+            chunk_pred = pred[start:start + PIXELS_PER_UPDATE].to(self.matrix.device).long()
+            chunk_gt = gt[start:start + PIXELS_PER_UPDATE].to(self.matrix.device).long()
+            keep = chunk_gt != IGNORE_INDEX
+            self.matrix += torch.bincount(chunk_gt[keep] * c + chunk_pred[keep], minlength=c * c).view(c, c)
 
     def all_reduce(self) -> None:
         """Sum the matrix over a torch.distributed group (no-op when not initialised)."""

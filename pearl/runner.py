@@ -78,8 +78,9 @@ def _dataset(cfg: DictConfig):
     if data.name == "folder":
         return build_dataset("folder", images=data.images, classes=data.classes, masks=data.get("masks"),
                              mask_suffix=data.get("mask_suffix", ".png"),
-                             reduce_zero_label=data.get("reduce_zero_label", False), max_images=cfg.max_images)
-    return build_dataset(data.name, cfg.data_root, cfg.max_images)
+                             reduce_zero_label=data.get("reduce_zero_label", False), max_images=cfg.max_images,
+                             max_pixels=cfg.max_pixels)
+    return build_dataset(data.name, cfg.data_root, cfg.max_images, cfg.max_pixels)
 
 
 def model_identity(model_cfg: DictConfig, precision: str) -> dict:
@@ -185,27 +186,34 @@ def _evaluate(cfg: DictConfig, job: _Job, indices: range, device: torch.device, 
                disable=not (cfg.progress and show_progress))
     for index in bar:
         try:
-            sample = dataset[index]
+            info = _score_image(seg, dataset, index, cm, logger)
         except DatasetError as error:
             if cfg.on_error != "skip":
                 raise
             skipped.append({"index": index, "id": dataset.items[index][0], "error": str(error)})
             continue
-        out = seg.predict(sample.image, on_device=True)
-        nan_windows += out.info.get("nan_windows", 0)
-        for key, value in out.info.items():
+        nan_windows += info.get("nan_windows", 0)
+        for key, value in info.items():
             if key.startswith(("pa_", "tlp_")):
                 diagnostic_sums[key] = diagnostic_sums.get(key, 0.0) + value
-        if sample.label is not None:
-            cm.update(out.labels, torch.from_numpy(sample.label))
-        if logger is not None:
-            logger.log_prediction(sample.image, out.labels.cpu().numpy(), sample.label, list(dataset.class_names),
-                                  sample.id)
         evaluated += 1
         if evaluated % 10 == 0 or index == indices[-1]:
             bar.set_postfix(mIoU=f"{cm.summary()['mIoU']:.2f}", refresh=False)
     return _Shard(cm, skipped, nan_windows, evaluated, diagnostic_sums, setup_s,
                   time.perf_counter() - start - setup_s)
+
+
+def _score_image(seg: Segmentor, dataset, index: int, cm: ConfusionMatrix, logger) -> dict:
+    """Read, segment and score one image; returns its diagnostics. Image, label and prediction are
+    released on return, before the next image is read (one prediction alive at a time)."""
+    sample = dataset[index]
+    out = seg.predict(sample.image, on_device=True)
+    if sample.label is not None:
+        cm.update(out.labels, torch.from_numpy(sample.label))
+    if logger is not None:
+        logger.log_prediction(sample.image, out.labels.cpu().numpy(), sample.label, list(dataset.class_names),
+                              sample.id)
+    return out.info
 
 
 def shard_indices(size: int, rank: int, world: int) -> range:

@@ -20,19 +20,36 @@ from .backbone import PRECISIONS, dense_features, patch_size
 from .methods import get_method
 from .preprocess import Window, normalise, rescale, sliding_windows, to_rgb_uint8
 from .refine.pamr import pamr
-from .refine.tlp import TLPConfig, text_affinity, tlp
+from .refine.tlp import TLPConfig, pool_to_grid, propagate, text_affinity, tlp, working_dtype
 from .text import Vocabulary, load_vocabulary, text_prototypes
 
+FULL_SIZE_BUDGET = 2 ** 28  # query × pixel values held at once at the original size (1 GiB in fp32)
+SLAB_VALUES = 2 ** 24        # query × pixel values per column slab above that budget
 
-@dataclass
+
 class Prediction:
     """One image's result. labels [H, W] long; probs [C, H, W] (before the area filter and prob_thd);
-    logits [Q, H, W] (after refinement, before logit_scale); info: diagnostics."""
+    logits [Q, H, W] (after refinement, before logit_scale); info: diagnostics.
 
-    labels: torch.Tensor
-    probs: torch.Tensor
-    logits: torch.Tensor
-    info: dict = field(default_factory=dict)
+    For an image whose Q×H×W exceeds ``FULL_SIZE_BUDGET`` the labels are decided in column slabs
+    and ``probs`` / ``logits`` are computed when first read (docs/memory.md)."""
+
+    def __init__(self, labels: torch.Tensor, probs, logits, info: dict | None = None) -> None:
+        self.labels = labels
+        self._probs, self._logits = probs, logits  # a tensor, or a function computing it
+        self.info = info if info is not None else {}
+
+    @property
+    def probs(self) -> torch.Tensor:
+        if callable(self._probs):
+            self._probs = self._probs()
+        return self._probs
+
+    @property
+    def logits(self) -> torch.Tensor:
+        if callable(self._logits):
+            self._logits = self._logits()
+        return self._logits
 
 
 @dataclass
@@ -43,30 +60,90 @@ class _Image:
     patch_logits: list = field(default_factory=list)  # per window: [Q, h', w']
 
 
+def _upsample(x: torch.Tensor, size) -> torch.Tensor:
+    """Bilinear resize of [C, h, w] to ``size`` (align_corners=False), as mmseg's ``resize``."""
+    return F.interpolate(x[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
+
+
+@dataclass
+class _OriginalSize:
+    """Query logits at the original size [Q, H, W], held as the tensor ``source`` [Q, h, w] they are
+    bilinearly upsampled from (then cast to ``dtype``), so that they never have to exist whole."""
+
+    source: torch.Tensor
+    size: tuple[int, int]
+    dtype: torch.dtype
+
+    @property
+    def values(self) -> int:
+        return self.source.shape[0] * self.size[0] * self.size[1]
+
+    def full(self, queries: slice = slice(None)) -> torch.Tensor:
+        source = self.source[queries]
+        if tuple(source.shape[1:]) != tuple(self.size):
+            source = _upsample(source, self.size)
+        return source.to(self.dtype)
+
+    def column_slabs(self, width: int):
+        """(first column, [Q, H, width] logits) for consecutive column slabs.
+
+        The bilinear kernel interpolates along the width first; that pass runs once over the whole
+        width, the pass along the height per slab (fp32 logits: the full resize's values)."""
+        height, full_width = self.size
+        resized = tuple(self.source.shape[1:]) != tuple(self.size)
+        across = (F.interpolate(self.source.float(), size=full_width, mode="linear", align_corners=False)
+                  if resized else self.source)
+        for start in range(0, full_width, width):
+            slab = across[:, :, start:start + width]
+            if resized:
+                slab = F.interpolate(slab.transpose(1, 2), size=height, mode="linear",
+                                     align_corners=False).transpose(1, 2)
+            yield start, slab.to(self.dtype)
+
+
+def class_probabilities(logits: torch.Tensor, query_to_class: torch.Tensor, num_classes: int,
+                        logit_scale: float) -> torch.Tensor:
+    """[C, H, W]: softmax(logit_scale·L) over all queries (in L's dtype), then the max over each
+    class's queries (no renormalisation); protocol.md §8."""
+    query_probs = torch.softmax(logits * logit_scale, dim=0)
+    if logits.shape[0] == num_classes:
+        return query_probs
+    probs = torch.zeros((num_classes, *logits.shape[1:]), dtype=query_probs.dtype, device=logits.device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="index_reduce", category=UserWarning)  # "in beta"
+        return probs.index_reduce_(0, query_to_class, query_probs, "amax")  # probabilities ≥ 0: zeros are neutral
+
+
+def area_keep(argmax_counts: torch.Tensor, area_thd: float) -> torch.Tensor:
+    """[C − 1] 0/1: the foreground classes whose argmax area exceeds ``area_thd`` of all foreground
+    argmax pixels (SCLIP/SFP's area filter)."""
+    counts = argmax_counts[1:]
+    return (counts > area_thd * counts.sum()).float()
+
+
+def labels_from(probs: torch.Tensor, keep: torch.Tensor | None, prob_thd: float) -> torch.Tensor:
+    """[H, W]: argmax over the kept classes (first index on ties); below ``prob_thd`` → 0."""
+    filtered = probs
+    if keep is not None:
+        filtered = probs.clone()
+        filtered[1:] *= keep.to(probs.dtype)[:, None, None]
+    labels = filtered.argmax(dim=0)
+    labels[filtered.amax(dim=0) < prob_thd] = 0
+    return labels
+
+
 def decide(logits: torch.Tensor, query_to_class: torch.Tensor, num_classes: int, logit_scale: float,
            area_thd: float = 0.0, prob_thd: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(labels [H, W], class probabilities [C, H, W]) from query logits [Q, H, W]; protocol.md §8.
 
-    softmax(logit_scale·L) over all queries (in L's dtype); class probability = max over its
-    queries (no renormalisation); optional area filter; argmax (first index on ties); pixels whose
-    top probability is strictly below prob_thd → 0. The returned probabilities are pre-filter.
+    ``class_probabilities``; optional area filter; argmax (first index on ties); pixels whose top
+    probability is strictly below prob_thd → 0. The returned probabilities are pre-filter.
     """
-    query_probs = torch.softmax(logits * logit_scale, dim=0)
-    if logits.shape[0] == num_classes:
-        probs = query_probs
-    else:
-        probs = torch.zeros((num_classes, *logits.shape[1:]), dtype=query_probs.dtype, device=logits.device)
-        for query, owner in enumerate(query_to_class.tolist()):
-            probs[owner] = torch.maximum(probs[owner], query_probs[query])
-    filtered = probs
+    probs = class_probabilities(logits, query_to_class, num_classes, logit_scale)
+    keep = None
     if area_thd > 0:
-        counts = torch.bincount(probs.argmax(dim=0).flatten(), minlength=num_classes)[1:]
-        keep = (counts > area_thd * counts.sum()).to(probs.dtype)
-        filtered = probs.clone()
-        filtered[1:] *= keep[:, None, None]
-    labels = filtered.argmax(dim=0)
-    labels[filtered.amax(dim=0) < prob_thd] = 0
-    return labels, probs
+        keep = area_keep(torch.bincount(probs.argmax(dim=0).flatten(), minlength=num_classes), area_thd)
+    return labels_from(probs, keep, prob_thd), probs
 
 
 def resolve_settings(method: str, pa: bool | None, tlp: bool | None, params: dict) -> tuple[type, dict]:
@@ -174,15 +251,37 @@ class Segmentor:
         results = []
         for item in prepared:
             info = dict(forward_info, windows=len(item.windows))
-            logits = self._fuse(item, info)
-            logits = self._refine(item, logits, info)
-            labels, probs = decide(logits, self.query_to_class, self.vocabulary.num_classes,
-                                   self.params["logit_scale"], self.params["area_thd"], self.params["prob_thd"])
-            out = Prediction(labels, probs.float(), logits.float(), info)
-            if not on_device:
-                out = Prediction(labels.cpu(), out.probs.cpu(), out.logits.cpu(), info)
-            results.append(out)
+            logits = self._refine(item, self._fuse(item, info), info)
+            out = self._decide(logits, info)
+            results.append(out if on_device else self._to_cpu(out))
         return results
+
+    def _decide(self, logits: _OriginalSize, info: dict) -> Prediction:
+        """The decision at the original size: whole, or in column slabs above ``FULL_SIZE_BUDGET``."""
+        rule = (self.query_to_class, self.vocabulary.num_classes, self.params["logit_scale"])
+        if logits.values <= FULL_SIZE_BUDGET:
+            full = logits.full()
+            labels, probs = decide(full, *rule, self.params["area_thd"], self.params["prob_thd"])
+            return Prediction(labels, probs.float(), full.float(), info)
+        width = max(1, SLAB_VALUES // (logits.source.shape[0] * logits.size[0]))
+        keep = None
+        if self.params["area_thd"] > 0:  # the filter needs the whole image's argmax areas first
+            counts = torch.zeros(rule[1], dtype=torch.long, device=self.device)
+            for _, slab in logits.column_slabs(width):
+                counts += torch.bincount(class_probabilities(slab, *rule).argmax(dim=0).flatten(), minlength=rule[1])
+            keep = area_keep(counts, self.params["area_thd"])
+        labels = torch.empty(logits.size, dtype=torch.long, device=self.device)
+        for start, slab in logits.column_slabs(width):
+            labels[:, start:start + slab.shape[2]] = labels_from(class_probabilities(slab, *rule), keep,
+                                                                 self.params["prob_thd"])
+        return Prediction(labels, lambda: class_probabilities(logits.full(), *rule).float(),
+                          lambda: logits.full().float(), info)
+
+    @staticmethod
+    def _to_cpu(out: Prediction) -> Prediction:
+        def moved(value):
+            return (lambda: value().cpu()) if callable(value) else value.cpu()
+        return Prediction(out.labels.cpu(), moved(out._probs), moved(out._logits), out.info)
 
     def _prepare_image(self, image) -> _Image:
         rgb = to_rgb_uint8(image)
@@ -234,9 +333,6 @@ class Segmentor:
                     stats[key].append(value)
         return {key: float(np.mean(values)) for key, values in stats.items()}
 
-    def _upsample(self, logits: torch.Tensor, size) -> torch.Tensor:
-        return F.interpolate(logits[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
-
     def _window_tlp(self, logits: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
         return tlp(logits[None], guide[None].float(), self.affinity, self.tlp_config)[0].to(self.dtype)
 
@@ -251,10 +347,10 @@ class Segmentor:
         if self.params["slide_crop"] <= 0:
             logits = item.patch_logits[0]
             if self.method.whole_upsample_via_input or per_window_tlp:
-                logits = self._upsample(logits, (height, width))
+                logits = _upsample(logits, (height, width))
                 if per_window_tlp:
                     logits = self._window_tlp(logits, item.input)
-            return self._upsample(logits, item.ori_shape)
+            return _OriginalSize(logits, item.ori_shape, logits.dtype)
         canvas_dtype = self.dtype if self.method.fuse_in_model_dtype else torch.float32
         canvas = torch.zeros((self.vocabulary.num_queries, height, width), dtype=canvas_dtype, device=self.device)
         count = torch.zeros((1, height, width), dtype=canvas_dtype, device=self.device)
@@ -268,16 +364,45 @@ class Segmentor:
                 logits = self._window_tlp(logits, item.input[:, window.y1:window.y2, window.x1:window.x2])
             canvas[:, window.y1:window.y2, window.x1:window.x2] += logits
             count[:, window.y1:window.y2, window.x1:window.x2] += 1
-        return self._upsample(canvas / count, item.ori_shape)
+        return _OriginalSize(canvas / count, item.ori_shape, canvas_dtype)
 
-    def _refine(self, item: _Image, logits: torch.Tensor, info: dict) -> torch.Tensor:
-        """PAMR and post-fusion TLP on the original-size logits, guided by the upsampled input (fp32)."""
-        if not (self.params["pamr"] or (self.tlp and self.params["tlp_site"] == "post_fusion")):
+    def _refine(self, item: _Image, logits: _OriginalSize, info: dict) -> _OriginalSize:
+        """PAMR and post-fusion TLP on the original-size logits, guided by the upsampled input (fp32).
+
+        Above ``FULL_SIZE_BUDGET`` TLP's input is resized and pooled a few queries at a time and its
+        output stays on TLP's grid (``_OriginalSize`` resizes it per slab); PAMR always works whole.
+        """
+        post_fusion_tlp = self.tlp and self.params["tlp_site"] == "post_fusion"
+        if not (self.params["pamr"] or post_fusion_tlp):
             return logits
-        guide = self._upsample(item.input.float(), item.ori_shape)[None]
         if self.params["pamr"]:
-            logits = pamr(guide, logits[None], self.params["pamr_iters"], self.params["pamr_dilations"])[0]
-            logits = logits.to(self.dtype)
-        if self.tlp and self.params["tlp_site"] == "post_fusion":
-            logits = tlp(logits[None], guide, self.affinity, self.tlp_config, info)[0].to(self.dtype)
-        return logits
+            guide = _upsample(item.input.float(), item.ori_shape)[None]
+            refined = pamr(guide, logits.full()[None], self.params["pamr_iters"], self.params["pamr_dilations"])[0]
+            logits = _OriginalSize(refined.to(self.dtype), item.ori_shape, self.dtype)
+            if post_fusion_tlp and logits.values <= FULL_SIZE_BUDGET:
+                return self._whole_tlp(logits, guide, info)
+        elif post_fusion_tlp and logits.values <= FULL_SIZE_BUDGET:
+            return self._whole_tlp(logits, _upsample(item.input.float(), item.ori_shape)[None], info)
+        return self._chunked_tlp(item, logits, info) if post_fusion_tlp else logits
+
+    def _whole_tlp(self, logits: _OriginalSize, guide: torch.Tensor, info: dict) -> _OriginalSize:
+        refined = tlp(logits.full()[None], guide, self.affinity, self.tlp_config, info)[0].to(self.dtype)
+        return _OriginalSize(refined, logits.size, self.dtype)
+
+    def _chunked_tlp(self, item: _Image, logits: _OriginalSize, info: dict) -> _OriginalSize:
+        """TLP with its original-size input built a few channels at a time (channels resize and pool
+        independently, so the pooled grid equals the whole computation's)."""
+        dtype = working_dtype(logits.dtype)
+        pixels = logits.size[0] * logits.size[1]
+        step = max(1, SLAB_VALUES // pixels)
+
+        def pooled(channels, count: int) -> torch.Tensor:
+            return torch.cat([pool_to_grid(channels(slice(start, start + step))[None].to(dtype), self.tlp_config)[0]
+                              for start in range(0, count, step)], dim=1)
+
+        z = pooled(logits.full, logits.source.shape[0])
+        guide = pooled(lambda rgb: _upsample(item.input[rgb].float(), item.ori_shape), 3)
+        refined = propagate(z, guide, self.affinity.to(dtype), self.tlp_config, info)[0]
+        if tuple(refined.shape[1:]) == tuple(logits.size):  # not pooled: already full size
+            return _OriginalSize(refined.to(self.dtype), logits.size, self.dtype)
+        return _OriginalSize(refined, logits.size, self.dtype)

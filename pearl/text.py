@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +111,21 @@ def _encode(model, tokenizer, queries: Sequence[str], device: torch.device) -> t
     return mean / mean.norm(dim=-1, keepdim=True)
 
 
+def _read_cache(path: Path, num_queries: int) -> torch.Tensor | None:
+    """The cached [Q, D] prototypes, or None after warning about and deleting a file that is not one."""
+    try:
+        protos = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(protos, torch.Tensor) and protos.ndim == 2 and protos.shape[0] == num_queries:
+            return protos
+        problem = f"holds {type(protos).__name__} {tuple(getattr(protos, 'shape', ()))}, not [{num_queries}, D]"
+    except Exception as error:  # any unreadable file is rebuilt; what was wrong goes into the warning
+        problem = f"could not be read ({type(error).__name__}: {str(error)[:120]})"
+    warnings.warn(f"text-prototype cache {path} {problem}; deleted it and encoding the prompts again",
+                  RuntimeWarning, stacklevel=3)
+    path.unlink(missing_ok=True)
+    return None
+
+
 def text_prototypes(model, tokenizer, queries: Sequence[str], device: torch.device,
                     cache_dir: str | os.PathLike | None = None) -> torch.Tensor:
     """[Q, D] prototypes in the text tower's dtype, cached in memory and on disk.
@@ -123,8 +139,9 @@ def text_prototypes(model, tokenizer, queries: Sequence[str], device: torch.devi
     if key not in _memory_cache:
         folder = None if cache_dir == "" else Path(cache_dir) if cache_dir else default_cache_dir()
         path = folder / f"{key}.pt" if folder else None
-        if path is not None and path.is_file():
-            _memory_cache[key] = torch.load(path, map_location="cpu")
+        cached = _read_cache(path, len(queries)) if path is not None and path.is_file() else None
+        if cached is not None:
+            _memory_cache[key] = cached
         else:
             protos = _encode(model, tokenizer, queries, device).cpu()
             if path is not None:

@@ -43,3 +43,15 @@ def test_area_filter_drops_small_foreground_classes_but_never_background():
 def test_ties_take_the_first_class():
     labels, _ = decide(torch.zeros(4, 2, 2), torch.arange(4), 4, logit_scale=40)
     assert torch.all(labels == 0)
+
+
+def test_synonym_max_is_exact_for_unsorted_owners_and_nan():
+    torch.manual_seed(0)
+    logits = torch.randn(7, 5, 6)
+    logits[4, 2, 3] = float("nan")  # SFP's released purification can leave NaN logits
+    owners = [2, 0, 2, 1, 0, 2, 1]
+    labels, probs = decide(logits, torch.tensor(owners), 3, logit_scale=40)
+    q = torch.softmax(40 * logits, dim=0)
+    for c in range(3):
+        expected = torch.stack([q[i] for i, owner in enumerate(owners) if owner == c]).amax(dim=0)
+        assert torch.equal(probs[c].nan_to_num(-1), expected.nan_to_num(-1)), c

@@ -191,3 +191,34 @@ def test_sharded_evaluation_equals_one_process(synthetic, tmp_path):
     assert sharded.config_hash == single.config_hash  # workers do not change the identity
     assert sharded.mIoU == pytest.approx(single.mIoU, abs=1e-9)
     assert sharded.per_class_iou == single.per_class_iou
+
+
+def test_runner_holds_one_prediction_at_a_time_and_obeys_on_error_for_oversized_files(synthetic, tmp_path,
+                                                                                     monkeypatch):
+    import weakref
+
+    from pearl.segmentor import Segmentor
+    original, alive = Segmentor.predict, []
+
+    def predict(self, image, on_device=False):
+        assert all(ref() is None for ref in alive), "the previous prediction is still referenced"
+        out = original(self, image, on_device)
+        alive.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(Segmentor, "predict", predict)
+    root = write_dataset("ade20k", tmp_path / "data", num_images=3, size=(32, 48))
+    write_dataset("ade20k", tmp_path / "large", num_images=3, size=(64, 96))
+    layout = LAYOUTS["ade20k"]
+    for folder, suffix in ((layout.image_dir, ".jpg"), (layout.label_dir, ".png")):
+        name = f"ADE_val_00000002{suffix}"
+        (root / folder / name).write_bytes((tmp_path / "large" / folder / name).read_bytes())
+    overrides = ["model=tiny", "dataset=ade20k", f"data_root={root}", f"results_dir={tmp_path / 'res'}",
+                 "progress=false"]
+    assert run(compose(overrides)).image_count == 3 and len(alive) == 3
+    from pearl.data import DatasetError
+    limited = overrides + ["max_pixels=6000", f"results_dir={tmp_path / 'limited'}"]
+    with pytest.raises(DatasetError, match=r"ADE_val_00000002.jpg is 96×64 = 6,144 pixels, above max_pixels=6,000"):
+        run(compose(limited))
+    record = run(compose(limited + ["on_error=skip"]))
+    assert record.image_count == 2 and record.skipped[0]["id"] == "ADE_val_00000002"

@@ -168,6 +168,29 @@ def test_text_prototypes_disk_cache(tiny_model, tokenizer, tmp_path):
     other = text.text_prototypes(tiny_model, tokenizer, ["dog", "cat"], torch.device("cpu"), tmp_path)
     assert len(list(tmp_path.glob("*.pt"))) == 2 and torch.allclose(other[0], first[1], atol=1e-6)
 
+@pytest.mark.parametrize("damage", ["truncated", "payload", "wrong_shape"])
+def test_corrupt_text_cache_is_named_deleted_and_rebuilt(tiny_model, tokenizer, tmp_path, damage):
+    from pearl import text
+    text._memory_cache.clear()
+    first = text.text_prototypes(tiny_model, tokenizer, ["cat", "dog"], torch.device("cpu"), tmp_path)
+    (cache_file,) = tmp_path.glob("*.pt")
+    text._memory_cache.clear()
+    marker = tmp_path / "marker"
+    if damage == "truncated":
+        cache_file.write_bytes(cache_file.read_bytes()[:100])
+    elif damage == "payload":
+        class Payload:
+            def __reduce__(self):
+                return (open, (str(marker), "w"))
+        torch.save(Payload(), cache_file)
+    else:
+        torch.save(torch.zeros(3, 32), cache_file)
+    with pytest.warns(RuntimeWarning, match=rf"cache {cache_file} .*deleted it and encoding the prompts again"):
+        again = text.text_prototypes(tiny_model, tokenizer, ["cat", "dog"], torch.device("cpu"), tmp_path)
+    assert torch.equal(again, first) and not marker.exists()
+    assert torch.equal(torch.load(cache_file, weights_only=True), first)  # rewritten whole
+
+
 
 def test_readme_documents_every_parameter():
     from pathlib import Path
@@ -213,3 +236,23 @@ def test_fp16_model_runs_and_stays_close_to_fp32(tokenizer, photos):
     assert torch.equal(converted.predict(photos["chelsea"]).labels, out.labels)
     with pytest.raises(ValueError, match="precision 'fp8'"):
         _segmentor(make_tiny(), tokenizer, "pearl", precision="fp8")
+
+
+@pytest.mark.parametrize("method,extra", [("pearl", {}), ("pearl", {"tlp": False}), ("pearl", {"slide_crop": 0}),
+                                          ("pearl", {"tlp_pool": "adaptive"}), ("naclip", {"pamr": True}),
+                                          ("sclip", {"area_thd": 0.1, "prob_thd": 0.3}), ("clearclip", {}),
+                                          ("vanilla", {"slide_crop": 0})])
+def test_original_size_in_slabs_matches_the_whole_computation(tiny_model, tokenizer, photos, monkeypatch,
+                                                              method, extra):
+    from pearl import segmentor as module
+    seg = _segmentor(tiny_model, tokenizer, method, **extra)
+    whole = seg.predict(photos["coffee"])
+    assert not callable(whole._probs)
+    monkeypatch.setattr(module, "FULL_SIZE_BUDGET", 0)     # every image is "too large"
+    monkeypatch.setattr(module, "SLAB_VALUES", 40_000)     # a few columns per slab
+    tiled = seg.predict(photos["coffee"])
+    assert callable(tiled._probs) and callable(tiled._logits)  # nothing Q×H×W was kept
+    assert torch.equal(tiled.labels, whole.labels)
+    assert torch.equal(tiled.logits, whole.logits) and torch.equal(tiled.probs, whole.probs)
+    if seg.tlp:
+        assert tiled.info["tlp_rho_mean"] == whole.info["tlp_rho_mean"]

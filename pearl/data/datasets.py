@@ -7,6 +7,7 @@ VOC), as MMSeg's ``LoadImageFromFile`` / ``LoadAnnotations`` do; protocol.md §1
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from collections import Counter
@@ -22,6 +23,7 @@ from ..errors import UserError
 from ..protocols import canonical_dataset, class_names
 
 LAYOUT_HELP = "the README section 'Datasets' (MMSegmentation layouts, spec/protocol.md §10)"
+DEFAULT_MAX_PIXELS = 2 * 89_478_485  # Pillow's decompression-bomb threshold: about 13,000 × 13,000
 OFFICIAL_SIZES = {"voc21": 1449, "voc20": 1449, "context60": 5105, "context59": 5105, "coco_object": 5000,
                   "coco_stuff": 5000, "cityscapes": 500, "ade20k": 2000}
 
@@ -86,13 +88,40 @@ def _truncation(path: Path) -> str | None:
     return None
 
 
-def read_image(path: Path) -> np.ndarray:
+@contextlib.contextmanager
+def _pillow_unlimited():
+    """Pillow's own pixel limit off: ``_require_pixels`` applies ours (``max_pixels``) instead."""
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def _require_pixels(path: Path, size: tuple[int, int], max_pixels: int, what: str) -> None:
+    width, height = size
+    if width * height > max_pixels:
+        raise DatasetError(f"{what} {path} is {width}×{height} = {width * height:,} pixels, above max_pixels="
+                           f"{max_pixels:,}; if the file is genuine raise max_pixels (a run key), else replace it, "
+                           f"or run with on_error=skip")
+
+
+def read_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """H×W×3 uint8 RGB via OpenCV colour decoding (grey files become 3 equal channels).
 
-    A truncated JPEG or PNG is a DatasetError, never a partially decoded image."""
+    A truncated JPEG or PNG is a DatasetError, never a partially decoded image; so is one of more
+    than ``max_pixels`` pixels (read from the header, before decoding)."""
     if path.is_file() and (missing := _truncation(path)):
         raise DatasetError(f"image {path} is truncated (no {missing}): re-extract or re-download it, or run with "
                            f"on_error=skip")
+    if path.is_file():
+        try:
+            with _pillow_unlimited(), Image.open(path) as handle:
+                size = handle.size
+        except (OSError, ValueError):
+            size = (0, 0)  # a format Pillow cannot parse: OpenCV decides below
+        _require_pixels(path, size, max_pixels, "image")
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None:
         raise DatasetError(f"cannot decode image {path}: the file is missing, empty or corrupt; re-extract it "
@@ -100,7 +129,8 @@ def read_image(path: Path) -> np.ndarray:
     return np.ascontiguousarray(image[:, :, ::-1])
 
 
-def read_label(path: Path, num_classes: int, reduce_zero_label: bool) -> np.ndarray:
+def read_label(path: Path, num_classes: int, reduce_zero_label: bool,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """H×W int64 label indices; 0 → 255 and k → k−1 under ``reduce_zero_label``; values checked."""
     if not path.is_file():
         raise DatasetError(f"label file {path} is missing; every image needs its label in the layout of {LAYOUT_HELP}")
@@ -108,11 +138,9 @@ def read_label(path: Path, num_classes: int, reduce_zero_label: bool) -> np.ndar
         raise DatasetError(f"label {path} is truncated (no {missing}): re-extract or re-convert it, or run with "
                            f"on_error=skip")
     try:
-        with Image.open(path) as handle:
+        with _pillow_unlimited(), Image.open(path) as handle:
+            _require_pixels(path, handle.size, max_pixels, "label")
             label = np.array(handle).astype(np.int64)
-    except Image.DecompressionBombError as error:
-        raise DatasetError(f"label {path} is larger than Pillow's pixel limit ({error}); if the file is genuine, "
-                           f"raise PIL.Image.MAX_IMAGE_PIXELS before the run, else replace the file") from None
     except (OSError, ValueError) as error:  # a truncated PNG ("image file is truncated") lands here
         raise DatasetError(f"cannot read label {path}: {error}") from None
     if label.ndim != 2:
@@ -135,8 +163,10 @@ class SegmentationDataset:
     ``__init__`` checks the layout before any model is loaded; ``__getitem__`` reads one sample.
     """
 
-    def __init__(self, name: str, root: str | os.PathLike, max_images: int | None = None) -> None:
+    def __init__(self, name: str, root: str | os.PathLike, max_images: int | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.name = canonical_dataset(name)
+        self.max_pixels = max_pixels
         self.root = Path(root).expanduser().resolve()
         self.layout = LAYOUTS[self.name]
         self.class_names = class_names(self.name)
@@ -146,7 +176,17 @@ class SegmentationDataset:
         self.total_images = len(self.items)
         if max_images is not None:
             self.items = self.items[:max_images]
+        self._require_files()
         self.expected_images = OFFICIAL_SIZES[self.name]
+
+    def _require_files(self) -> None:
+        """Every image and label to be evaluated exists (checked before any model is built)."""
+        missing = [path for _, image, label in self.items for path in (image, label)
+                   if path is not None and not path.is_file()]
+        if missing:
+            raise DatasetError(f"{len(missing)} file(s) that dataset {self.name!r} lists are missing (e.g. "
+                               f"{', '.join(str(p) for p in missing[:3])}); every listed image needs its file and "
+                               f"its label, laid out as in {LAYOUT_HELP}: restore them, or remove their ids")
 
     def _missing(self, what: list[Path]) -> DatasetError:
         return DatasetError(
@@ -200,8 +240,8 @@ class SegmentationDataset:
 
     def __getitem__(self, index: int) -> Sample:
         sample_id, image_path, label_path = self.items[index]
-        image = read_image(image_path)
-        label = read_label(label_path, self.num_classes, self.reduce_zero_label)
+        image = read_image(image_path, self.max_pixels)
+        label = read_label(label_path, self.num_classes, self.reduce_zero_label, self.max_pixels)
         if label.shape != image.shape[:2]:
             raise DatasetError(f"label {label_path} is {label.shape[1]}×{label.shape[0]} but image {image_path} is "
                                f"{image.shape[1]}×{image.shape[0]}; labels must be at the image's resolution")
@@ -219,9 +259,10 @@ class FolderDataset(SegmentationDataset):
 
     def __init__(self, images: str | os.PathLike, classes: str | os.PathLike, masks: str | os.PathLike | None = None,
                  mask_suffix: str = ".png", reduce_zero_label: bool = False, max_images: int | None = None,
-                 name: str = "folder") -> None:
+                 name: str = "folder", max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         from ..protocols import parse_class_lines
         self.name = name
+        self.max_pixels = max_pixels
         self.root = Path(images).expanduser().resolve()
         self.masks = Path(masks).expanduser().resolve() if masks else None
         classes_path = Path(classes).expanduser()
@@ -244,12 +285,13 @@ class FolderDataset(SegmentationDataset):
         self.total_images = len(self.items)
         if max_images is not None:
             self.items = self.items[:max_images]
+        self._require_files()
         self.expected_images = None
 
     def __getitem__(self, index: int) -> Sample:
         sample_id, image_path, label_path = self.items[index]
         if label_path is None:
-            return Sample(read_image(image_path), None, sample_id)
+            return Sample(read_image(image_path, self.max_pixels), None, sample_id)
         return super().__getitem__(index)
 
     def fingerprint(self) -> dict:
@@ -261,9 +303,9 @@ DATASET_CLASSES = {name: SegmentationDataset for name in LAYOUTS} | {"folder": F
 
 
 def build_dataset(name: str, root: str | os.PathLike | None = None, max_images: int | None = None,
-                  **folder_options) -> SegmentationDataset:
+                  max_pixels: int = DEFAULT_MAX_PIXELS, **folder_options) -> SegmentationDataset:
     """A benchmark by name under ``root`` (default ``$PEARL_DATA`` or ``./data``), or ``folder``."""
     if name == "folder":
-        return FolderDataset(max_images=max_images, **folder_options)
+        return FolderDataset(max_images=max_images, max_pixels=max_pixels, **folder_options)
     root = root if root is not None else os.environ.get("PEARL_DATA", "./data")
-    return SegmentationDataset(name, root, max_images)
+    return SegmentationDataset(name, root, max_images, max_pixels)

@@ -58,15 +58,18 @@ def pooling_strides(height: int, width: int, grid: int) -> tuple[int, int]:
     return max(1, round(height / grid)), max(1, round(width / grid))
 
 
-def _pool(logits: torch.Tensor, guide: torch.Tensor, cfg: TLPConfig):
-    height, width = logits.shape[-2:]
+def pool_to_grid(x: torch.Tensor, cfg: TLPConfig) -> tuple[torch.Tensor, bool]:
+    """(x [B, C, h, w] on TLP's grid, whether it was pooled) for x [B, C, H, W].
+
+    Channels are pooled independently, so pooling logits in chunks of queries gives the same grid.
+    """
+    height, width = x.shape[-2:]
     if cfg.pool == "adaptive":
-        size = (cfg.grid, cfg.grid)
-        return F.adaptive_avg_pool2d(logits, size), F.adaptive_avg_pool2d(guide, size), True
+        return F.adaptive_avg_pool2d(x, (cfg.grid, cfg.grid)), True
     stride = pooling_strides(height, width, cfg.grid)
     if stride == (1, 1):
-        return logits, guide, False
-    return F.avg_pool2d(logits, stride, stride), F.avg_pool2d(guide, stride, stride), True
+        return x, False
+    return F.avg_pool2d(x, stride, stride), True
 
 
 def _pair_terms(p: torch.Tensor, affinity: torch.Tensor, quadform: str):
@@ -136,18 +139,14 @@ def conjugate_gradient(rho: torch.Tensor, z: torch.Tensor, w_h: torch.Tensor, w_
     return x
 
 
-def tlp(logits: torch.Tensor, guide: torch.Tensor, affinity: torch.Tensor, cfg: TLPConfig = TLPConfig(),
-        info: dict | None = None) -> torch.Tensor:
-    """Refined logits [B, Q, H, W] (fp32; fp64 inputs stay fp64) by TLP; pearl.md §3.2 steps 1–14."""
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    logits, guide, affinity = logits.to(dtype), guide.to(dtype), affinity.to(dtype)
-    height, width = logits.shape[-2:]
-    z, small_guide, pooled = _pool(logits, guide, cfg)
+def propagate(z: torch.Tensor, guide: torch.Tensor, affinity: torch.Tensor, cfg: TLPConfig = TLPConfig(),
+              info: dict | None = None) -> torch.Tensor:
+    """Refined logits X [B, Q, h, w] from pooled logits Z [B, Q, h, w] and guide [B, 3, h, w] (steps 3–13)."""
     p = torch.softmax(cfg.softmax_temp * z, dim=1)
     conf = p.amax(dim=1)
     agreement, weighted = _pair_terms(p, affinity, cfg.quadform)
     rho = (conf.clamp_min(cfg.eps) ** 2 * (1 + agreement.clamp(0, 1)))[:, None]
-    w_h, w_v = edge_weights(p, weighted, small_guide, cfg)
+    w_h, w_v = edge_weights(p, weighted, guide, cfg)
     x = conjugate_gradient(rho, z, w_h, w_v, cfg.tau, cfg.cg_iters)
     if info is not None:
         rhs = rho * z
@@ -157,6 +156,23 @@ def tlp(logits: torch.Tensor, guide: torch.Tensor, affinity: torch.Tensor, cfg: 
                     tlp_edge_weight_mean=(torch.cat([w_h.flatten(), w_v.flatten()]).mean().item()
                                           if w_h.numel() + w_v.numel() else 0.0),
                     tlp_cg_relative_residual=res.item())
+    return x
+
+
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """TLP runs in fp32 (fp64 inputs stay fp64)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tlp(logits: torch.Tensor, guide: torch.Tensor, affinity: torch.Tensor, cfg: TLPConfig = TLPConfig(),
+        info: dict | None = None) -> torch.Tensor:
+    """Refined logits [B, Q, H, W] (fp32; fp64 inputs stay fp64) by TLP; pearl.md §3.2 steps 1–14."""
+    dtype = working_dtype(logits.dtype)
+    logits, guide, affinity = logits.to(dtype), guide.to(dtype), affinity.to(dtype)
+    height, width = logits.shape[-2:]
+    z, pooled = pool_to_grid(logits, cfg)
+    small_guide, _ = pool_to_grid(guide, cfg)
+    x = propagate(z, small_guide, affinity, cfg, info)
     if pooled:
         x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
     return x
