@@ -11,8 +11,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from pearl import cli
 from pearl.config import help_text
+from pearl.records import path_component
 
 OmegaConf.register_new_resolver("pearl_help", help_text, replace=True)
+OmegaConf.register_new_resolver("pearl_path", path_component, replace=True)  # job folders stay in the sweep
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

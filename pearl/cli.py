@@ -23,8 +23,9 @@ def _show_traceback() -> bool:
 
 
 def execute(cfg: DictConfig, group: str | None = None, description: str = "") -> str:
-    """Run one job; returns "ran", "skipped", "dry_run" or "failed". A user error (bad key or value,
-    missing dataset or weights) is printed as one line, not raised, unless PEARL_TRACEBACK=1."""
+    """Run one job; returns "ran", "skipped", "busy" (another process is running it), "dry_run" or
+    "failed". A user error (bad key or value, missing dataset or weights) is printed as one line,
+    not raised, unless PEARL_TRACEBACK=1."""
     from .runner import run_job
     try:
         status, _ = run_job(cfg, group)
@@ -39,9 +40,12 @@ def execute(cfg: DictConfig, group: str | None = None, description: str = "") ->
 
 
 def summary_line() -> str:
-    counts = {key: sum(1 for status, _ in _outcomes if status == key) for key in ("ran", "skipped", "failed",
-                                                                               "dry_run")}
-    line = f"sweep: {counts['ran']} ran, {counts['skipped']} skipped, {counts['failed']} failed"
+    counts = {key: sum(1 for status, _ in _outcomes if status == key) for key in ("ran", "skipped", "busy",
+                                                                               "failed", "dry_run")}
+    line = f"sweep: {counts['ran']} ran, {counts['skipped']} skipped, "
+    if counts["busy"]:
+        line += f"{counts['busy']} being run by another process, "
+    line += f"{counts['failed']} failed"
     if counts["dry_run"]:
         line += f", {counts['dry_run']} dry-run"
     failed = [detail for status, detail in _outcomes if status == "failed"]

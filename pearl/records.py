@@ -198,6 +198,14 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def path_component(text: str) -> str:
+    """``text`` as one safe file or folder name: characters other than letters, digits, ``-_.``
+    become ``_`` and leading dots too (no ``..``, no hidden names, never a path)."""
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(text))
+    stripped = name.lstrip(".")
+    return "_" * (len(name) - len(stripped)) + stripped or "_"
+
+
 def record_path(results_dir: str | os.PathLike, run_hash: str) -> Path:
     if not run_hash or not all(c.isalnum() or c in "-_" for c in run_hash):
         raise ValueError(f"record hash {run_hash!r} is not a plain name")

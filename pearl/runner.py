@@ -22,6 +22,7 @@ from .backbone import load_clip
 from .config import validate_config
 from .data import DatasetError, build_dataset
 from .errors import ConfigError
+from .locks import read_owner, try_lock
 from .metrics import ConfusionMatrix
 from .params import PARAMS
 from .protocols import class_names, protocol
@@ -277,10 +278,12 @@ def run(cfg: DictConfig, group: str | None = None) -> RunRecord | None:
 
 
 def run_job(cfg: DictConfig, group: str | None = None) -> tuple[str, RunRecord | None]:
-    """("ran" | "skipped" | "dry_run", record): evaluate one (method, pa, tlp, dataset, model) configuration.
+    """("ran" | "skipped" | "busy" | "dry_run", record): evaluate one (method, pa, tlp, dataset, model)
+    configuration.
 
     A finished record of the same identity (same code version included) is returned without
-    evaluating unless ``cfg.force``. Nothing is written unless the whole dataset was evaluated.
+    evaluating unless ``cfg.force``. A job another process is evaluating (it holds
+    ``runs/<hash>.lock``) is left to it: "busy", no record. Nothing is written unless the whole dataset was evaluated.
     ``cfg.workers > 1`` splits the dataset over that many processes (GPUs), summing their
     confusion matrices. ``cfg.dry_run`` prints the resolved job and evaluates nothing.
     """
@@ -294,6 +297,21 @@ def run_job(cfg: DictConfig, group: str | None = None) -> tuple[str, RunRecord |
         log.info("skipping %s: record %s exists (force=true reruns it)", job.title, path)
         return "skipped", existing
     prepare_results_dir(cfg.results_dir)  # an unwritable folder fails now, not after the evaluation
+    lock = try_lock(path.with_suffix(".lock"))
+    if lock is None:
+        owner = read_owner(path.with_suffix(".lock"))
+        log.info("skipping %s: being evaluated by another process (pid %s on %s, since %s)", job.title,
+                 owner.get("pid", "?"), owner.get("host", "?"), owner.get("started", "?"))
+        return "busy", None
+    with lock:
+        existing = None if cfg.force else find_record(path)
+        if existing is not None:  # finished by another process since we looked
+            log.info("skipping %s: record %s exists (force=true reruns it)", job.title, path)
+            return "skipped", existing
+        return "ran", _evaluate_and_record(cfg, job, group)
+
+
+def _evaluate_and_record(cfg: DictConfig, job: _Job, group: str | None) -> RunRecord:
     logger = _wandb(cfg, job, group)
     start = time.perf_counter()
     if cfg.workers > 1:
@@ -310,7 +328,7 @@ def run_job(cfg: DictConfig, group: str | None = None) -> tuple[str, RunRecord |
     if logger is not None:
         logger.finish(record, list(job.dataset.class_names), [c["iou"] for c in record.per_class_iou])
     log.info("record → %s", write_record(cfg.results_dir, record))
-    return "ran", record
+    return record
 
 
 def _record(cfg: DictConfig, job: _Job, shard: _Shard, wall: float) -> RunRecord:

@@ -22,7 +22,7 @@ import pandas as pd
 
 from .params import PARAMS
 from .protocols import DATASETS
-from .records import DEFAULT_MODEL, RunRecord, code_version, load_records, model_label
+from .records import DEFAULT_MODEL, RunRecord, code_version, load_records, model_label, path_component
 from .settings import comparable, deviations, job_settings
 
 COLUMN_TITLES = {"voc21": "VOC21", "context60": "PC60", "coco_object": "Object", "voc20": "VOC20",
@@ -265,10 +265,6 @@ def _check_pivot(param: str) -> None:
         raise ValueError(f"--pivot {param!r} is not a parameter; valid: {', '.join(PARAMS)}")
 
 
-def model_slug(model: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in model)
-
-
 def _write(table: pd.DataFrame, out_dir: Path, name: str, note: str, markdown: bool = True) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / f"{name}.csv"
@@ -308,7 +304,7 @@ def write_tables(results_dir: str | Path = "results", paper_dir: str | Path | No
             print(f"no records of model {model}; its tables are not written")
             continue
         selection = Selection(model, include_partial, include_stale)
-        folder = out_dir if model == DEFAULT_MODEL else out_dir / model_slug(model)
+        folder = out_dir if model == DEFAULT_MODEL else out_dir / path_component(model)
         key_prefix = "" if model == DEFAULT_MODEL else f"{model}/"
         for name, rows in TABLES.items():
             for metric, suffix in (("mIoU", ""), ("aAcc", "_pacc")):

@@ -294,3 +294,23 @@ def test_stale_temporary_records_of_dead_writers_are_removed(tmp_path):
     alive.write_text("{")
     records.prepare_results_dir(tmp_path)
     assert not dead.exists() and alive.exists()
+
+
+def test_names_never_become_paths_outside_their_folders(synthetic, tmp_path):
+    import dataclasses
+    import subprocess
+    import sys
+
+    from pearl.records import path_component, record_path, write_record
+    assert path_component("../..") == "___.." and path_component("..") == "__" and path_component("") == "_"
+    assert path_component("ViT-B-16:openai") == "ViT-B-16_openai" and path_component(".hidden") == "_hidden"
+    record = runner.run(compose(_job(synthetic, tmp_path / "res")))
+    with pytest.raises(ValueError, match="not a plain name"):
+        write_record(tmp_path / "res", dataclasses.replace(record, config_hash="../../evil"))
+    with pytest.raises(ValueError, match="not a plain name"):
+        record_path(tmp_path, "a/b")
+    sweep = tmp_path / "sweep"
+    subprocess.run([sys.executable, "run.py", "-m", "model=tiny", "dataset.name=../..", f"hydra.sweep.dir={sweep}"],
+                   cwd=REPO, capture_output=True, timeout=120)
+    (job_folder,) = [p for p in sweep.iterdir() if p.is_dir()]
+    assert job_folder.name == "0_pearl_.._.._paNone_tlpNone" and not (tmp_path / ".hydra").exists()
