@@ -241,7 +241,7 @@ def test_fp16_model_runs_and_stays_close_to_fp32(tokenizer, photos):
 @pytest.mark.parametrize("method,extra", [("pearl", {}), ("pearl", {"tlp": False}), ("pearl", {"slide_crop": 0}),
                                           ("pearl", {"tlp_pool": "adaptive"}), ("naclip", {"pamr": True}),
                                           ("sclip", {"area_thd": 0.1, "prob_thd": 0.3}), ("clearclip", {}),
-                                          ("vanilla", {"slide_crop": 0})])
+                                          ("sfp", {"sfp_nan_guard": True}), ("vanilla", {"slide_crop": 0})])
 def test_original_size_in_slabs_matches_the_whole_computation(tiny_model, tokenizer, photos, monkeypatch,
                                                               method, extra):
     from pearl import segmentor as module
