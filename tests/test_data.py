@@ -167,3 +167,22 @@ def test_empty_split_file_and_duplicate_ids_are_named(tmp_path):
     split.write_text("\n\n")
     with pytest.raises(DatasetError, match="lists no image ids"):
         build_dataset("voc21", tmp_path)
+
+
+def test_jpeg_damaged_inside_is_an_error_not_a_smeared_image(tmp_path):
+    import cv2
+    from skimage import data
+    write_dataset("ade20k", tmp_path, num_images=1, size=(64, 96))
+    jpeg = tmp_path / LAYOUTS["ade20k"].image_dir / "ADE_val_00000001.jpg"
+    label = tmp_path / LAYOUTS["ade20k"].label_dir / "ADE_val_00000001.png"
+    cv2.imwrite(str(jpeg), data.astronaut()[:, :, ::-1])
+    Image.fromarray(np.zeros((512, 512), np.uint8)).save(label)
+    damaged = bytearray(jpeg.read_bytes())
+    middle = len(damaged) // 2
+    damaged[middle:middle + 40] = bytes(0xFF if i % 7 == 0 else b ^ 0x5A
+                                        for i, b in enumerate(damaged[middle:middle + 40], start=middle))
+    jpeg.write_bytes(bytes(damaged))  # the end-of-image marker is intact
+    assert cv2.imread(str(jpeg)) is not None  # OpenCV alone returns an image (and only prints a warning)
+    with pytest.raises(DatasetError, match=r"ADE_val_00000001.jpg decodes only with a decoder warning "
+                                           r"\(Corrupt JPEG data"):
+        build_dataset("ade20k", tmp_path)[0]

@@ -10,6 +10,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
+import sys
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +110,32 @@ def _require_pixels(path: Path, size: tuple[int, int], max_pixels: int, what: st
                            f"or run with on_error=skip")
 
 
+_DECODER_MESSAGE = re.compile(r"JPEG|libpng|TIFF|webp|imread_", re.IGNORECASE)
+
+
+def _decode_noting_warnings(path: Path) -> tuple[np.ndarray | None, str]:
+    """(OpenCV's colour decoding, the first line the decoder wrote to stderr, "" if none).
+
+    libjpeg reports damaged data ("Corrupt JPEG data: …") on the process's stderr and returns an
+    image anyway; file descriptor 2 is redirected for the call so that such a warning is seen."""
+    with tempfile.TemporaryFile() as captured:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(captured.fileno(), 2)
+        try:
+            image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        captured.seek(0)
+        text = captured.read().decode("utf-8", "replace")
+    complaints = [line.strip() for line in text.splitlines() if _DECODER_MESSAGE.search(line)]
+    others = "".join(line + "\n" for line in text.splitlines() if line.strip() and not _DECODER_MESSAGE.search(line))
+    if others:  # written meanwhile by someone else (another thread): pass it on
+        sys.stderr.write(others)
+    return image, complaints[0] if complaints else ""
+
+
 def read_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """H×W×3 uint8 RGB via OpenCV colour decoding (grey files become 3 equal channels).
 
@@ -122,10 +151,13 @@ def read_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
         except (OSError, ValueError):
             size = (0, 0)  # a format Pillow cannot parse: OpenCV decides below
         _require_pixels(path, size, max_pixels, "image")
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    image, complaint = _decode_noting_warnings(path)
     if image is None:
         raise DatasetError(f"cannot decode image {path}: the file is missing, empty or corrupt; re-extract it "
                            f"or run with on_error=skip")
+    if complaint:
+        raise DatasetError(f"image {path} decodes only with a decoder warning ({complaint}): the file is damaged; "
+                           f"re-extract or re-download it, or run with on_error=skip")
     return np.ascontiguousarray(image[:, :, ::-1])
 
 
