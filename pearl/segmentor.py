@@ -299,9 +299,11 @@ class Segmentor:
         return _Image(tensor, rgb.shape[:2], windows)
 
     def _padding(self, window: Window) -> tuple[int, int, int, int]:
-        """(left, right, top, bottom) zero padding of a crop: to a multiple of the patch size for
-        ClearCLIP (``clearclip_segmentor.py`` ``compute_padsize``), none otherwise."""
-        if not self.method.pad_crops_to_patch:
+        """(left, right, top, bottom) zero padding of a sliding-window crop: to a multiple of the
+        patch size for ClearCLIP (``clearclip_segmentor.py`` ``compute_padsize``, called only in
+        ``forward_slide``), none otherwise. A whole image is never padded (the patch conv drops
+        the remainder, as upstream)."""
+        if not self.method.pad_crops_to_patch or self.params["slide_crop"] <= 0:
             return 0, 0, 0, 0
         patch = patch_size(self.model.visual)
         pad_h, pad_w = (-(window.y2 - window.y1)) % patch, (-(window.x2 - window.x1)) % patch

@@ -76,6 +76,12 @@ def _forward_feature(model, img, method, pa, arch, protos):
     return logits
 
 
+def _clearclip_padsize(height: int, width: int, patch: int = 16) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom): ClearCLIP ``compute_padsize``, the odd pixel right and bottom."""
+    pad_w, pad_h = (patch - width % patch) % patch, (patch - height % patch) % patch
+    return pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2
+
+
 def _reference(model, protos, query_idx, rgb, method, pa, tlp_on, params, affinity):
     bgr = rgb[:, :, ::-1]  # as cv2.imread gives it
     h0, w0 = bgr.shape[:2]
@@ -94,8 +100,11 @@ def _reference(model, protos, query_idx, rgb, method, pa, tlp_on, params, affini
                 y2, x2 = min(hi * stride + crop, h_img), min(wi * stride + crop, w_img)
                 y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
                 crop_img = inputs[:, :, y1:y2, x1:x2]
-                logit = _forward_feature(model, crop_img, method, pa, arch, protos)
-                logit = F.interpolate(logit, size=crop_img.shape[-2:], mode="bilinear", align_corners=False)
+                pad = _clearclip_padsize(*crop_img.shape[-2:]) if method == "clearclip" else (0, 0, 0, 0)
+                padded = F.pad(crop_img, pad)
+                logit = _forward_feature(model, padded, method, pa, arch, protos)
+                logit = F.interpolate(logit, size=padded.shape[-2:], mode="bilinear", align_corners=False)
+                logit = logit[:, :, pad[2]:pad[2] + crop_img.shape[2], pad[0]:pad[0] + crop_img.shape[3]]
                 preds += F.pad(logit, (x1, w_img - x2, y1, h_img - y2))
                 count[:, :, y1:y2, x1:x2] += 1
         logits = F.interpolate(preds / count, size=(h0, w0), mode="bilinear", align_corners=False)
@@ -126,11 +135,17 @@ CASES = [(m, pa, t) for m in ("vanilla", "sclip", "naclip", "clearclip", "pearl"
          for t in (False, True) if not pa or m in ("vanilla", "pearl")]
 
 
+# (resize_short, slide_crop): 96 keeps both photographs at multiples of 16 (96×144); 100 and the
+# 72-pixel crops do not, which is where padding (ClearCLIP) and the conv's floor matter.
+MODES = {"slide": (96, 64), "whole": (96, 0), "slide_odd": (100, 72), "whole_odd": (100, 0)}
+
+
 @pytest.mark.parametrize("method, pa, tlp_on", CASES)
-@pytest.mark.parametrize("mode", ["slide", "whole"])
+@pytest.mark.parametrize("mode", list(MODES))
 def test_segmentor_agrees_with_upstream_flow(tiny_model, tokenizer, photos, method, pa, tlp_on, mode):
-    params = dict(resize_short=96, slide_crop=64 if mode == "slide" else 0, slide_stride=48, logit_scale=40,
-                  prob_thd=0.1 if mode == "slide" else 0.0, area_thd=0.1 if method == "sclip" else 0.0)
+    short, crop = MODES[mode]
+    params = dict(resize_short=short, slide_crop=crop, slide_stride=48, logit_scale=40,
+                  prob_thd=0.1 if crop else 0.0, area_thd=0.1 if method == "sclip" else 0.0)
     seg = pearl.Segmentor(tiny_model, CLASSES, method=method, pa=pa, tlp=tlp_on, tokenizer=tokenizer, **params)
     with torch.no_grad():
         for name in ("chelsea", "coffee"):
