@@ -6,6 +6,8 @@ CLS token at T index 0.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 SOLVERS = ("polar", "svd")
@@ -29,18 +31,22 @@ def polar_newton_schulz(m: torch.Tensor, iters: int = 5) -> torch.Tensor:
     return m @ w / norm.sqrt()
 
 
-def polar_svd(m: torch.Tensor) -> torch.Tensor:
-    """Exact orthogonal polar factor U Vᵀ of m = UΣVᵀ; the identity where the SVD fails."""
+def polar_svd(m: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(exact orthogonal polar factor U Vᵀ of m = UΣVᵀ, whether the SVD failed).
+
+    Where ``torch.linalg.svd`` fails the released code falls back to R = I for the whole batch; so
+    do we, but the caller warns and counts it (``pa_svd_fallback``)."""
     try:
         u, _, vh = torch.linalg.svd(m)
-    except RuntimeError:  # released behaviour: fall back to R = I
-        return torch.eye(m.shape[-1], dtype=m.dtype, device=m.device).expand_as(m).clone()
-    return u @ vh
+    except RuntimeError:
+        return torch.eye(m.shape[-1], dtype=m.dtype, device=m.device).expand_as(m).clone(), True
+    return u @ vh, False
 
 
 def procrustes_rotation(q: torch.Tensor, k: torch.Tensor, solver: str = "polar", iters: int = 5
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(R [B, h, d, d], centred keys K_c [B, h, T, d]) for queries/keys [B, h, T, d].
+                        ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(R [B, h, d, d], centred keys K_c [B, h, T, d], whether the SVD solver fell back to R = I)
+    for queries/keys [B, h, T, d].
 
     Token weights π_n = ‖q_n‖ with the CLS weight zeroed, normalised (+1e−6); centroids are
     π-weighted; all T tokens are centred; M = K_cᵀ Q_c (unweighted).
@@ -52,12 +58,11 @@ def procrustes_rotation(q: torch.Tensor, k: torch.Tensor, solver: str = "polar",
     k_centred = k - (weights[..., None] * k).sum(dim=-2, keepdim=True)
     cross = k_centred.transpose(-1, -2) @ q_centred
     if solver == "polar":
-        rotation = polar_newton_schulz(cross, iters)
-    elif solver == "svd":
-        rotation = polar_svd(cross)
-    else:
-        raise ValueError(f"pa_solver {solver!r} is not one of {', '.join(SOLVERS)}")
-    return rotation, k_centred
+        return polar_newton_schulz(cross, iters), k_centred, False
+    if solver == "svd":
+        rotation, failed = polar_svd(cross)
+        return rotation, k_centred, failed
+    raise ValueError(f"pa_solver {solver!r} is not one of {', '.join(SOLVERS)}")
 
 
 def procrustes_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -68,7 +73,10 @@ def procrustes_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
     Λ = (s·q)(k R)ᵀ + α_kk·s·K_c K_cᵀ (uncentred keys rotated, centred keys in the key-key term);
     A = softmax(Λ) over all T keys; output A·v. ``alpha_kk = 0`` drops the key-key term.
     """
-    rotation, k_centred = procrustes_rotation(q, k, solver, iters)
+    rotation, k_centred, svd_failed = procrustes_rotation(q, k, solver, iters)
+    if svd_failed:
+        warnings.warn("pa_solver=svd: the SVD failed, so this batch used R = I (no alignment), as the released "
+                      "code does; the record counts it (pa_svd_fallback)", RuntimeWarning, stacklevel=2)
     logits = (q * scale) @ (k @ rotation).transpose(-1, -2)
     if alpha_kk:
         logits = logits + alpha_kk * scale * (k_centred @ k_centred.transpose(-1, -2))
@@ -77,5 +85,6 @@ def procrustes_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
     stats = {
         "pa_orthogonality_error": torch.linalg.matrix_norm(rotation.transpose(-1, -2) @ rotation - eye).mean().item(),
         "pa_min_singular_value": torch.linalg.svdvals(rotation).amin(dim=-1).mean().item(),
+        "pa_svd_fallback": float(svd_failed),
     }
     return out, stats

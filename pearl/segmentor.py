@@ -190,7 +190,6 @@ class Segmentor:
         method_cls, self.params = resolve_settings(method, pa, tlp, params)
         self.method = method_cls()
         self.pa, self.tlp = self.params["pa"], self.params["tlp"]
-        self.method_name = method
         self.tlp_config = TLPConfig(
             grid=self.params["tlp_grid"], cg_iters=self.params["tlp_cg_iters"], pool=self.params["tlp_pool"],
             softmax_temp=self.params["tlp_softmax_temp"], quadform=self.params["tlp_quadform"],

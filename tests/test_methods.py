@@ -178,9 +178,24 @@ def test_pa_matches_reference(solver):
 
 def test_svd_rotation_is_orthogonal():
     torch.manual_seed(3)
-    rotation, _ = procrustes_rotation(torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8), solver="svd")
+    rotation, _, failed = procrustes_rotation(torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8), solver="svd")
     eye = torch.eye(8)
-    assert torch.allclose(rotation.transpose(-1, -2) @ rotation, eye.expand_as(rotation), atol=1e-5)
+    assert torch.allclose(rotation.transpose(-1, -2) @ rotation, eye.expand_as(rotation), atol=1e-5) and not failed
+
+
+def test_svd_failure_falls_back_to_identity_with_a_warning_and_a_count(monkeypatch):
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 10, 8) for _ in range(3))
+
+    def failing_svd(m):
+        raise RuntimeError("linalg.svd: The algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "svd", failing_svd)
+    with pytest.warns(RuntimeWarning, match="the SVD failed, so this batch used R = I"):
+        out, stats = procrustes_attention(q, k, v, 8 ** -0.5, alpha_kk=0.0, solver="svd")
+    assert stats["pa_svd_fallback"] == 1.0
+    unaligned = torch.softmax((q * 8 ** -0.5) @ k.transpose(-1, -2), dim=-1) @ v  # R = I: plain attention
+    assert torch.allclose(out, unaligned, atol=1e-6)
 
 
 @pytest.mark.parametrize("nu, expected", [(1.0, 1.000), (0.125, 0.999), (0.05, 0.967), (0.02, 0.822),
@@ -196,7 +211,7 @@ def test_polar_five_steps_shrinks_weak_directions_as_spec_table(nu, expected):
 def test_polar_approaches_svd_with_more_iterations():
     torch.manual_seed(4)
     m = torch.randn(6, 6, dtype=torch.float64) + 3 * torch.eye(6, dtype=torch.float64)
-    exact = polar_svd(m)
+    exact, _ = polar_svd(m)
     errors = [torch.linalg.norm(polar_newton_schulz(m, iters) - exact).item() for iters in (1, 3, 5, 30)]
     assert errors[0] > errors[1] > errors[2] > errors[3]
     assert errors[-1] < 1e-4  # the floor is set by the released +1e-6·I regulariser

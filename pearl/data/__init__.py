@@ -1,13 +1,4 @@
 """Datasets in their MMSegmentation on-disk layouts (protocol.md §10) and a generic folder set."""
-from .datasets import (
-                       DATASET_CLASSES,
-                       OFFICIAL_SIZES,
-                       DatasetError,
-                       FolderDataset,
-                       Sample,
-                       SegmentationDataset,
-                       build_dataset,
-)
+from .datasets import OFFICIAL_SIZES, DatasetError, FolderDataset, Sample, SegmentationDataset, build_dataset
 
-__all__ = ["DATASET_CLASSES", "DatasetError", "FolderDataset", "Sample", "SegmentationDataset", "build_dataset",
-           "OFFICIAL_SIZES"]
+__all__ = ["DatasetError", "FolderDataset", "Sample", "SegmentationDataset", "build_dataset", "OFFICIAL_SIZES"]

@@ -16,7 +16,6 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import cv2
 import numpy as np
@@ -279,10 +278,6 @@ class SegmentationDataset:
                                f"{image.shape[1]}×{image.shape[0]}; labels must be at the image's resolution")
         return Sample(image, label, sample_id)
 
-    def __iter__(self) -> Iterator[Sample]:
-        for index in range(len(self)):
-            yield self[index]
-
 
 class FolderDataset(SegmentationDataset):
     """Any folder of images, optional masks (``<stem><mask_suffix>`` in ``masks``) and a class file."""
@@ -329,9 +324,6 @@ class FolderDataset(SegmentationDataset):
     def fingerprint(self) -> dict:
         return super().fingerprint() | {"class_lines": list(self.class_names), "masks": str(self.masks),
                                         "mask_suffix": self.mask_suffix}
-
-
-DATASET_CLASSES = {name: SegmentationDataset for name in LAYOUTS} | {"folder": FolderDataset}
 
 
 def build_dataset(name: str, root: str | os.PathLike | None = None, max_images: int | None = None,

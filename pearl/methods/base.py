@@ -20,7 +20,6 @@ class Method(abc.ABC):
     """
 
     name: ClassVar[str]
-    upstream: ClassVar[str]
     default_pa: ClassVar[bool] = False
     default_tlp: ClassVar[bool] = False
     default_arch: ClassVar[str] = "reduced"

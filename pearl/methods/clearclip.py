@@ -14,7 +14,6 @@ from .base import Method, finish_block
 @register
 class ClearCLIP(Method):
     name = "clearclip"
-    upstream = "mc-lan/ClearCLIP@ad68a404d55d48d27330b93554eb64a234ff717f"
     pad_crops_to_patch = True
     fuse_in_model_dtype = True
 

@@ -28,7 +28,6 @@ def neighbourhood_bias(grid_h: int, grid_w: int, std: float) -> torch.Tensor:
 @register
 class NACLIP(Method):
     name = "naclip"
-    upstream = "sinahmr/NACLIP@0cac3a651f753b11315ea799cfbfabf79da1bd76"
     whole_upsample_via_input = True
 
     def __init__(self) -> None:

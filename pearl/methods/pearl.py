@@ -10,7 +10,6 @@ from .base import Method, query_key_block
 @register
 class Pearl(Method):
     name = "pearl"
-    upstream = "PGSmall/PEARL@c26062b5062b73f712cbe10846fb3a51e313a6fa"
     default_pa = True
     default_tlp = True
     default_arch = "reduced"

@@ -13,7 +13,6 @@ from .base import Method, finish_block
 @register
 class SCLIP(Method):
     name = "sclip"
-    upstream = "wangf3014/SCLIP@b56bd3014b9e8a3ee3450bcfc53700a67d627b7a"
 
     def last_block(self, blocks, x, hidden, grid, params, info):
         block = blocks[-1]

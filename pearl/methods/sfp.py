@@ -101,7 +101,6 @@ def aggregate(sim: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 @register
 class SFP(Method):
     name = "sfp"
-    upstream = "Kimsure/SFP@2804f5b7c628eb99137b6b06f241489cb8d6d6a4 (SFP_ICCV/)"
     needs_hidden_states = True
 
     def _outliers(self, blocks, hidden, params) -> torch.Tensor:

@@ -10,7 +10,6 @@ from .base import Method, query_key_block
 @register
 class Vanilla(Method):
     name = "vanilla"
-    upstream = "PGSmall/PEARL@c26062b clip/model.py (arch='vanilla', attn_strategy='vanilla')"
     default_arch = "vanilla"
     has_query_key_term = True
     whole_upsample_via_input = True  # its protocol is PEARL's (NACLIP-style) segmentor
