@@ -186,3 +186,15 @@ def test_jpeg_damaged_inside_is_an_error_not_a_smeared_image(tmp_path):
     with pytest.raises(DatasetError, match=r"ADE_val_00000001.jpg decodes only with a decoder warning "
                                            r"\(Corrupt JPEG data"):
         build_dataset("ade20k", tmp_path)[0]
+
+
+def test_images_are_decoded_to_rgb_with_known_colours(tmp_path):
+    (tmp_path / "img").mkdir()
+    colours = np.zeros((4, 6, 3), np.uint8)
+    colours[:, :2] = (255, 0, 0)
+    colours[:, 2:4] = (0, 255, 0)
+    colours[:, 4:] = (0, 0, 255)
+    Image.fromarray(colours).save(tmp_path / "img" / "flags.png")  # lossless: exact colours
+    (tmp_path / "classes.txt").write_text("background\nred")
+    sample = build_dataset("folder", images=tmp_path / "img", classes=tmp_path / "classes.txt")[0]
+    assert sample.image[0, 0].tolist() == [255, 0, 0] and sample.image[0, 5].tolist() == [0, 0, 255]

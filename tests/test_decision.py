@@ -55,3 +55,14 @@ def test_synonym_max_is_exact_for_unsorted_owners_and_nan():
     for c in range(3):
         expected = torch.stack([q[i] for i, owner in enumerate(owners) if owner == c]).amax(dim=0)
         assert torch.equal(probs[c].nan_to_num(-1), expected.nan_to_num(-1)), c
+
+
+def test_prob_threshold_reads_the_probabilities_after_the_area_filter():
+    # pixel 0: class 2 wins with 0.9 but covers 1 of 10 foreground pixels and is filtered;
+    # what remains at pixel 0 is below prob_thd, so it becomes class 0
+    probs = torch.full((3, 1, 10), 0.02)
+    probs[1, 0, 1:] = 0.9
+    probs[2, 0, 0], probs[1, 0, 0] = 0.9, 0.06
+    logits = torch.log(probs)  # logit_scale 1: softmax gives back the normalised probabilities
+    labels, _ = decide(logits, torch.arange(3), 3, logit_scale=1.0, area_thd=0.2, prob_thd=0.3)
+    assert labels[0, 0] == 0 and labels[0, 1:].tolist() == [1] * 9

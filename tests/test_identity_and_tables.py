@@ -314,3 +314,22 @@ def test_names_never_become_paths_outside_their_folders(synthetic, tmp_path):
                    cwd=REPO, capture_output=True, timeout=120)
     (job_folder,) = [p for p in sweep.iterdir() if p.is_dir()]
     assert job_folder.name == "0_pearl_.._.._paNone_tlpNone" and not (tmp_path / ".hydra").exists()
+
+
+def test_a_write_that_fails_midway_leaves_the_previous_record_whole(synthetic, tmp_path, monkeypatch):
+    import dataclasses
+    import os
+
+    from pearl.records import read_record, write_record
+    record = runner.run(compose(_job(synthetic, tmp_path)))
+    path = tmp_path / "runs" / f"{record.config_hash}.json"
+    before = path.read_bytes()
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)  # fails after the new content was written somewhere
+    with pytest.raises(OSError, match="No space"):
+        write_record(tmp_path, dataclasses.replace(record, mIoU=1.0))
+    assert path.read_bytes() == before and read_record(path).mIoU == record.mIoU
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == [path.name]  # no temporary file left

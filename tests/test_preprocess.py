@@ -13,6 +13,8 @@ from pearl.preprocess import normalise, rescale, rescaled_size, sliding_windows,
     ((7, 13), 336, (336, 624)),        # 13·48 = 624 exactly
     ((13, 7), 10, (19, 10)),           # f = 10/7: 13·1.4286 = 18.57 → int(19.07) = 19
     ((3, 2000), 336, (3, 2048)),       # long-side cap binds: f = 2048/2000 = 1.024 → 3.072 + .5 → 3
+    ((4, 9), 2, (2, 5)),               # 9·0.5 = 4.5: int(4.5 + 0.5) = 5 (round() would give 4, half-to-even)
+    ((4, 13), 2, (2, 7)),              # 6.5 → 7 (round(): 6)
 ])
 def test_rescaled_size_rule(hw, short, expected):
     assert rescaled_size(*hw, short) == expected

@@ -158,3 +158,40 @@ def test_pamr_matches_per_pixel_reference():
     logits = torch.rand(1, 2, 7, 9, generator=g, dtype=torch.float64)
     out = pamr(image.double(), logits, iters=3, dilations=(1, 2))
     assert np.allclose(out[0].numpy(), _reference_pamr(image, logits, 3, (1, 2)), atol=1e-5)
+
+
+def test_newton_schulz_is_the_released_iteration_to_float64_precision():
+    import numpy as np
+
+    from pearl.procrustes import polar_newton_schulz
+    rng = np.random.default_rng(0)
+    m = rng.normal(size=(5, 5)) @ np.diag([1.0, 0.3, 0.05, 1e-3, 1e-5])  # weak directions: the +1e-6·I matters
+    gram = m.T @ m
+    a = max(np.linalg.norm(gram), 1e-6)
+    y, w, eye = gram / a + 1e-6 * np.eye(5), np.eye(5), np.eye(5)
+    for _ in range(5):
+        t = 0.5 * (3 * eye - w @ y)
+        y, w = y @ t, t @ w
+    expected = m @ w / np.sqrt(a)
+    ours = polar_newton_schulz(torch.from_numpy(m), iters=5).numpy()
+    assert np.abs(ours - expected).max() < 1e-12
+
+
+def test_conjugate_gradient_starts_from_z():
+    from pearl.refine.tlp import conjugate_gradient
+    torch.manual_seed(0)
+    z, rho = torch.randn(1, 3, 4, 5), torch.rand(1, 1, 4, 5) + 0.1
+    w_h, w_v = torch.rand(1, 4, 4), torch.rand(1, 3, 5)
+    assert torch.equal(conjugate_gradient(rho, z, w_h, w_v, tau=1.0, iters=0), z)  # no step taken: X0 = Z
+
+
+def test_tlp_pools_by_integer_stride_and_upsamples_without_corner_alignment():
+    from pearl.refine.tlp import TLPConfig, tlp
+    torch.manual_seed(1)
+    logits, guide = torch.randn(1, 3, 40, 60), torch.randn(1, 3, 40, 60)
+    cfg = TLPConfig(grid=10, cg_iters=0)  # CG from Z with no step: TLP reduces to pool → upsample
+    stride_h, stride_w = round(40 / 10), round(60 / 10)  # 4 and 6
+    pooled = logits.reshape(1, 3, 40 // stride_h, stride_h, 60 // stride_w, stride_w).mean(dim=(3, 5))
+    expected = torch.nn.functional.interpolate(pooled, size=(40, 60), mode="bilinear", align_corners=False)
+    out = tlp(logits, guide, torch.eye(3), cfg)
+    assert torch.allclose(out, expected, atol=1e-6)

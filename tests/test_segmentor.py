@@ -256,3 +256,25 @@ def test_original_size_in_slabs_matches_the_whole_computation(tiny_model, tokeni
     assert torch.equal(tiled.logits, whole.logits) and torch.equal(tiled.probs, whole.probs)
     if seg.tlp:
         assert tiled.info["tlp_rho_mean"] == whole.info["tlp_rho_mean"]
+
+
+@pytest.mark.parametrize("method, fp16_values", [("clearclip", True), ("naclip", False)])
+def test_clearclip_fuses_in_the_model_dtype_and_the_others_in_fp32(tokenizer, photos, method, fp16_values):
+    from .conftest import make_tiny
+    seg = pearl.Segmentor(make_tiny(), CLASSES, method=method, tokenizer=tokenizer, precision="fp16",
+                          resize_short=100, slide_crop=64, slide_stride=48)
+    logits = seg.predict(photos["coffee"]).logits
+    assert torch.equal(logits.half().float(), logits) is fp16_values  # an fp16 canvas holds fp16 values only
+
+
+def test_text_cache_key_covers_the_templates(tiny_model, tokenizer, tmp_path, monkeypatch):
+    from pearl import text
+    text._memory_cache.clear()
+    first = text.text_prototypes(tiny_model, tokenizer, ["cat", "dog"], torch.device("cpu"), tmp_path)
+    monkeypatch.setattr(text, "TEMPLATES", ("a photo of a {}.",))
+    text._memory_cache.clear()
+    single = text.text_prototypes(tiny_model, tokenizer, ["cat", "dog"], torch.device("cpu"), tmp_path)
+    assert len(list(tmp_path.glob("*.pt"))) == 2 and not torch.allclose(first, single)
+    with torch.no_grad():
+        expected = tiny_model.encode_text(tokenizer(["a photo of a cat.", "a photo of a dog."]))
+    assert torch.allclose(single, expected / expected.norm(dim=-1, keepdim=True), atol=1e-6)
