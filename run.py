@@ -10,9 +10,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from pearl import cli
-from pearl.config import help_text
+from pearl.config import help_text, register_config_groups
 from pearl.records import path_component
 
+register_config_groups()
 OmegaConf.register_new_resolver("pearl_help", help_text, replace=True)
 OmegaConf.register_new_resolver("pearl_path", path_component, replace=True)  # job folders stay in the sweep
 

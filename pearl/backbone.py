@@ -11,7 +11,6 @@ import logging
 import os
 import pickle
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import open_clip
 import torch
@@ -19,9 +18,7 @@ import torch.nn.functional as F
 
 from .checkpoints import check_plain_checkpoint_error, is_torchscript_archive, load_torchscript_weights
 from .errors import MissingFileError, WeightsError
-
-if TYPE_CHECKING:
-    from .methods import Method
+from .methods.base import Method
 
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -201,35 +198,7 @@ def embed(visual, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
     return visual.ln_pre(x), grid
 
 
-def split_heads(block, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, v [B, heads, T, d] of ``block``'s in_proj (with bias) applied to ``y`` = ln_1(x)."""
-    attn = block.attn
-    q, k, v = F.linear(y, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-    batch, tokens, width = y.shape
-    heads = attn.num_heads
-
-    def to_heads(t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(batch, tokens, heads, width // heads).transpose(1, 2)
-
-    return to_heads(q), to_heads(k), to_heads(v)
-
-
-def merge_heads(block, out: torch.Tensor) -> torch.Tensor:
-    """out_proj of heads [B, heads, T, d] → [B, T, C]."""
-    batch, heads, tokens, dim = out.shape
-    return block.attn.out_proj(out.transpose(1, 2).reshape(batch, tokens, heads * dim))
-
-
-def head_scale(block) -> float:
-    return (block.attn.embed_dim // block.attn.num_heads) ** -0.5
-
-
-def mlp_residual(block, y: torch.Tensor) -> torch.Tensor:
-    """y + MLP(LN2(y)) with open_clip's layer scale."""
-    return y + block.ls_2(block.mlp(block.ln_2(y)))
-
-
-def dense_features(visual, images: torch.Tensor, method: "Method", params: dict) -> tuple[torch.Tensor, dict]:
+def dense_features(visual, images: torch.Tensor, method: Method, params: dict) -> tuple[torch.Tensor, dict]:
     """Unit-norm patch features [B, h', w', D] with ``method`` computing the last block.
 
     Blocks 1..L−1 are open_clip's own modules. Returns the features and a dict of diagnostics.

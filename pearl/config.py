@@ -102,6 +102,18 @@ def validate_config(cfg: DictConfig) -> None:
         raise _fail("model.precision", cfg.model.precision, ", ".join(PRECISION_CHOICES))
 
 
+def register_config_groups() -> None:
+    """Put one ``method/<name>`` option per registered method and one ``dataset/<name>`` option per
+    benchmark into Hydra's config store, so that neither needs a YAML file (``dataset/folder.yaml``,
+    which has keys of its own, stays a file). Called by run.py and the tests before composing."""
+    from hydra.core.config_store import ConfigStore
+    store = ConfigStore.instance()
+    for name in available_methods():
+        store.store(group="method", name=name, node={"name": name})
+    for name in DATASETS:
+        store.store(group="dataset", name=name, node={"name": name})
+
+
 def help_text() -> str:
     """Every key with its default and meaning, for ``python run.py --help``."""
     def default(value) -> str:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from . import params as param_specs
 from .backbone import PRECISIONS, dense_features, patch_size
-from .methods import get_method
+from .methods import get_method, pa_methods
 from .preprocess import Window, normalise, rescale, sliding_windows, to_rgb_uint8
 from .refine.pamr import pamr
 from .refine.tlp import TLPConfig, pool_to_grid, propagate, text_affinity, tlp, working_dtype
@@ -162,7 +162,7 @@ def resolve_settings(method: str, pa: bool | None, tlp: bool | None, params: dic
         raise ValueError(
             f"pa=True has no meaning for method {method!r}: its last-block attention has no query·key term "
             f"(only key·key / query·query products), and rotating the keys by an orthogonal R leaves k·kᵀ and "
-            f"q·qᵀ unchanged. PA applies to: vanilla, pearl.")
+            f"q·qᵀ unchanged. PA applies to: {', '.join(pa_methods())}.")
     if resolved["arch"] is None:
         resolved["arch"] = method_cls.default_arch
     resolved.update(pa=pa, tlp=tlp)

@@ -47,6 +47,9 @@ def compose(overrides: list[str]):
     """run.py's config with ``overrides``, composed as Hydra does for one job."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+
+    from pearl.config import register_config_groups
+    register_config_groups()
     with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
         return hydra_compose("config", overrides=overrides)
 

@@ -5,10 +5,11 @@ import pytest
 import torch
 
 import pearl
+from pearl.methods import pa_methods
 from pearl.text import load_vocabulary
 
 CLASSES = ["sky, wall, tree", "cat, kitten", "cup", "table"]
-PA_METHODS = ("vanilla", "pearl")
+PA_METHODS = pa_methods()
 SETTINGS = [(m, pa, tlp) for m in pearl.available_methods() for pa in (False, True) for tlp in (False, True)
             if not pa or m in PA_METHODS]
 

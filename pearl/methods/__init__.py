@@ -2,11 +2,13 @@
 
 A method says how the last ViT block computes (and, for SFP, which earlier layers it reads);
 windows, fusion, refinement and the decision rule are shared (``pearl.segmentor``).
-Modules here are imported automatically, so adding a method is adding one file (plus its
-``resources/protocols/<name>.yaml``).
+Each module registers its class with ``@register``; the modules are found and imported the first
+time the registry is asked (never while this package is still being initialised), so adding a
+method is adding one file plus its ``resources/protocols/<name>.yaml``.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import pkgutil
 
@@ -23,20 +25,25 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
-def _import_all() -> None:
+@functools.lru_cache(maxsize=None)
+def _discover() -> None:
     for info in pkgutil.iter_modules(__path__):
         if info.name != "base":
             importlib.import_module(f"{__name__}.{info.name}")
 
 
 def available_methods() -> list[str]:
+    _discover()
     return sorted(_REGISTRY)
 
 
 def get_method(name: str) -> type[Method]:
+    _discover()
     if name not in _REGISTRY:
         raise ValueError(f"unknown method {name!r}; valid: {', '.join(available_methods())}")
     return _REGISTRY[name]
 
 
-_import_all()
+def pa_methods() -> list[str]:
+    """Methods whose last-block attention has a query·key term, the only ones PA can change."""
+    return [name for name in available_methods() if get_method(name).has_query_key_term]

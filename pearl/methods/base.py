@@ -6,7 +6,7 @@ from typing import ClassVar
 
 import torch
 
-from ..backbone import head_scale, merge_heads, mlp_residual, split_heads
+from ..blocks import head_scale, merge_heads, mlp_residual, split_heads
 from ..procrustes import procrustes_attention
 
 

@@ -6,7 +6,7 @@ window canvas is kept in the model dtype, as ``clearclip_segmentor.py`` does.
 """
 import torch
 
-from ..backbone import head_scale, split_heads
+from ..blocks import head_scale, split_heads
 from . import register
 from .base import Method, finish_block
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backbone import head_scale, split_heads
+from ..blocks import head_scale, split_heads
 from . import register
 from .base import Method, finish_block
 

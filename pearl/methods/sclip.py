@@ -5,7 +5,7 @@ maps are summed, not averaged (rows sum to 2); products are formed before the sc
 """
 import torch
 
-from ..backbone import head_scale, split_heads
+from ..blocks import head_scale, split_heads
 from . import register
 from .base import Method, finish_block
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..backbone import head_scale, merge_heads, split_heads
+from ..blocks import head_scale, merge_heads, split_heads
 from . import register
 from .base import Method
 

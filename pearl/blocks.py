@@ -1,0 +1,37 @@
+"""Pieces of an open_clip ``ResidualAttentionBlock`` that the methods' last blocks reuse.
+
+A leaf module: the methods import it, and the backbone imports the methods (never the reverse).
+Tokens are NLD (batch first), as in open_clip ≥ 2.26.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def split_heads(block, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v [B, heads, T, d] of ``block``'s in_proj (with bias) applied to ``y`` = ln_1(x)."""
+    attn = block.attn
+    q, k, v = F.linear(y, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    batch, tokens, width = y.shape
+    heads = attn.num_heads
+
+    def to_heads(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(batch, tokens, heads, width // heads).transpose(1, 2)
+
+    return to_heads(q), to_heads(k), to_heads(v)
+
+
+def merge_heads(block, out: torch.Tensor) -> torch.Tensor:
+    """out_proj of heads [B, heads, T, d] → [B, T, C]."""
+    batch, heads, tokens, dim = out.shape
+    return block.attn.out_proj(out.transpose(1, 2).reshape(batch, tokens, heads * dim))
+
+
+def head_scale(block) -> float:
+    return (block.attn.embed_dim // block.attn.num_heads) ** -0.5
+
+
+def mlp_residual(block, y: torch.Tensor) -> torch.Tensor:
+    """y + MLP(LN2(y)) with open_clip's layer scale."""
+    return y + block.ls_2(block.mlp(block.ln_2(y)))
