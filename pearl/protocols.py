@@ -11,12 +11,9 @@ from pathlib import Path
 
 import yaml
 
-DATASETS = ("voc21", "context60", "coco_object", "voc20", "context59", "coco_stuff", "cityscapes", "ade20k")
-# spec/ calls the Pascal Context sets pc60/pc59; users of MMSeg call them context60/59.
-DATASET_ALIASES = {"pc60": "context60", "pc59": "context59", "city": "cityscapes", "city_scapes": "cityscapes"}
+from .benchmarks import BENCHMARKS, DATASET_ALIASES, DATASETS
+
 PROFILES = ("own", "pearl", "clearclip", "naclip_v1", "naclip_readme")
-# The class-file stem of each dataset in resources/classes/.
-_CLASS_FILE_STEM = {"context60": "pc60", "context59": "pc59"}
 _WINDOW_KEYS = ("resize_short", "slide_crop", "slide_stride", "logit_scale", "prob_thd")
 
 
@@ -85,7 +82,7 @@ def class_file(dataset: str, method: str | None = None, profile: str = "own") ->
     """Path of the class-name file that ``method`` (None = base files) uses on ``dataset``."""
     dataset = canonical_dataset(dataset)
     variant = _row(method, dataset, profile)["names"] if method else "base"
-    stem = _CLASS_FILE_STEM.get(dataset, dataset)
+    stem = BENCHMARKS[dataset].class_stem
     return _resource("classes", f"{stem}.txt" if variant == "base" else f"{stem}.{variant}.txt")
 
 

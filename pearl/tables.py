@@ -20,13 +20,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from .benchmarks import BENCHMARKS, DATASETS
 from .params import PARAMS
-from .protocols import DATASETS
 from .records import DEFAULT_MODEL, RunRecord, code_version, load_records, model_label, path_component
 from .settings import comparable, deviations, job_settings
 
-COLUMN_TITLES = {"voc21": "VOC21", "context60": "PC60", "coco_object": "Object", "voc20": "VOC20",
-                 "context59": "PC59", "coco_stuff": "Stuff", "cityscapes": "City", "ade20k": "ADE"}
+COLUMN_TITLES = {name: benchmark.title for name, benchmark in BENCHMARKS.items()}
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 import pearl
 from pearl import runner
-from pearl.data.datasets import LAYOUTS
+from pearl.benchmarks import BENCHMARKS
 from pearl.data.synthetic import write_dataset
 from pearl.records import load_records
 from pearl.runner import run
@@ -62,7 +62,7 @@ def test_run_record_skip_and_force(synthetic, tmp_path):
 
 def test_on_error_skip_counts_bad_files(tmp_path):
     root = write_dataset("ade20k", tmp_path / "data", num_images=3, size=(32, 48))
-    (root / LAYOUTS["ade20k"].image_dir / "ADE_val_00000002.jpg").write_bytes(b"broken")
+    (root / BENCHMARKS["ade20k"].image_dir / "ADE_val_00000002.jpg").write_bytes(b"broken")
     overrides = ["model=tiny", "method=clearclip", "dataset=ade20k", f"data_root={root}",
                  f"results_dir={tmp_path / 'res'}", "progress=false"]
     with pytest.raises(Exception, match="ADE_val_00000002.jpg"):
@@ -209,7 +209,7 @@ def test_runner_holds_one_prediction_at_a_time_and_obeys_on_error_for_oversized_
     monkeypatch.setattr(Segmentor, "predict", predict)
     root = write_dataset("ade20k", tmp_path / "data", num_images=3, size=(32, 48))
     write_dataset("ade20k", tmp_path / "large", num_images=3, size=(64, 96))
-    layout = LAYOUTS["ade20k"]
+    layout = BENCHMARKS["ade20k"]
     for folder, suffix in ((layout.image_dir, ".jpg"), (layout.label_dir, ".png")):
         name = f"ADE_val_00000002{suffix}"
         (root / folder / name).write_bytes((tmp_path / "large" / folder / name).read_bytes())

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from pearl import cli, records, runner
-from pearl.data import datasets
+from pearl.benchmarks import BENCHMARKS
 from pearl.records import code_version, load_records
 from pearl.tables import write_tables
 
@@ -21,8 +21,9 @@ TINY = "tiny:seed0"
 @pytest.fixture
 def official_synthetic(monkeypatch):
     """Treat the synthetic splits as the official ones, so that their runs are full-split runs."""
-    monkeypatch.setitem(datasets.OFFICIAL_SIZES, "voc21", 3)
-    monkeypatch.setitem(datasets.OFFICIAL_SIZES, "ade20k", 2)
+    import dataclasses
+    for name, size in (("voc21", 3), ("ade20k", 2)):
+        monkeypatch.setitem(BENCHMARKS, name, dataclasses.replace(BENCHMARKS[name], official_size=size))
 
 
 def _job(data_root, results, *extra):
@@ -81,7 +82,7 @@ def test_identity_holds_what_made_the_number_and_not_operational_settings(synthe
     assert identity["code_version"] == code_version() and identity["dataset"]["evaluated"] == 3
     assert len(identity["classes"]) == 21 and identity["templates"] and identity["model"]["seed"] == 0
     # a changed data file (same name, other size) changes the identity
-    label = next((synthetic / datasets.LAYOUTS["voc21"].label_dir).glob("*.png"))
+    label = next((synthetic / BENCHMARKS["voc21"].label_dir).glob("*.png"))
     backup = label.read_bytes()
     label.write_bytes(backup + b"\0")
     try:

@@ -1,4 +1,4 @@
 """Datasets in their MMSegmentation on-disk layouts (protocol.md §10) and a generic folder set."""
-from .datasets import OFFICIAL_SIZES, DatasetError, FolderDataset, Sample, SegmentationDataset, build_dataset
+from .datasets import DatasetError, FolderDataset, Sample, SegmentationDataset, build_dataset
 
-__all__ = ["DatasetError", "FolderDataset", "Sample", "SegmentationDataset", "build_dataset", "OFFICIAL_SIZES"]
+__all__ = ["DatasetError", "FolderDataset", "Sample", "SegmentationDataset", "build_dataset"]

@@ -21,13 +21,12 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from ..benchmarks import BENCHMARKS
 from ..errors import UserError
 from ..protocols import canonical_dataset, class_names
 
 LAYOUT_HELP = "the README section 'Datasets' (MMSegmentation layouts, spec/protocol.md §10)"
 DEFAULT_MAX_PIXELS = 2 * 89_478_485  # Pillow's decompression-bomb threshold: about 13,000 × 13,000
-OFFICIAL_SIZES = {"voc21": 1449, "voc20": 1449, "context60": 5105, "context59": 5105, "coco_object": 5000,
-                  "coco_stuff": 5000, "cityscapes": 500, "ade20k": 2000}
 
 
 class DatasetError(UserError, RuntimeError):
@@ -39,36 +38,6 @@ class Sample:
     image: np.ndarray      # H×W×3 uint8 RGB, original resolution
     label: np.ndarray | None  # H×W int64, 255 = ignore; None for unlabelled folder images
     id: str
-
-
-@dataclass(frozen=True)
-class _Layout:
-    image_dir: str
-    label_dir: str
-    image_suffix: str
-    label_suffix: str
-    split_file: str | None = None   # one id per line; None = scan image_dir recursively, sorted
-    reduce_zero_label: bool = False
-
-
-_VOC = _Layout("VOCdevkit/VOC2012/JPEGImages", "VOCdevkit/VOC2012/SegmentationClass", ".jpg", ".png",
-               "VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt")
-_CONTEXT = _Layout("VOCdevkit/VOC2010/JPEGImages", "VOCdevkit/VOC2010/SegmentationClassContext", ".jpg", ".png",
-                   "VOCdevkit/VOC2010/ImageSets/SegmentationContext/val.txt")
-LAYOUTS = {
-    "voc21": _VOC,
-    "voc20": _Layout(**{**_VOC.__dict__, "reduce_zero_label": True}),
-    "context60": _CONTEXT,
-    "context59": _Layout(**{**_CONTEXT.__dict__, "reduce_zero_label": True}),
-    "coco_object": _Layout("coco_stuff164k/images/val2017", "coco_stuff164k/annotations/val2017", ".jpg",
-                           "_instanceTrainIds.png"),
-    "coco_stuff": _Layout("coco_stuff164k/images/val2017", "coco_stuff164k/annotations/val2017", ".jpg",
-                          "_labelTrainIds.png"),
-    "cityscapes": _Layout("cityscapes/leftImg8bit/val", "cityscapes/gtFine/val", "_leftImg8bit.png",
-                          "_gtFine_labelTrainIds.png"),
-    "ade20k": _Layout("ADEChallengeData2016/images/validation", "ADEChallengeData2016/annotations/validation",
-                      ".jpg", ".png", reduce_zero_label=True),
-}
 
 
 _END_MARKERS = ((b"\xff\xd8", b"\xff\xd9", "JPEG end-of-image marker"), (b"\x89PNG", b"IEND", "PNG IEND chunk"))
@@ -199,7 +168,7 @@ class SegmentationDataset:
         self.name = canonical_dataset(name)
         self.max_pixels = max_pixels
         self.root = Path(root).expanduser().resolve()
-        self.layout = LAYOUTS[self.name]
+        self.layout = BENCHMARKS[self.name]
         self.class_names = class_names(self.name)
         self.num_classes = len(self.class_names)
         self.reduce_zero_label = self.layout.reduce_zero_label
@@ -208,7 +177,7 @@ class SegmentationDataset:
         if max_images is not None:
             self.items = self.items[:max_images]
         self._require_files()
-        self.expected_images = OFFICIAL_SIZES[self.name]
+        self.expected_images = self.layout.official_size
 
     def _require_files(self) -> None:
         """Every image and label to be evaluated exists (checked before any model is built)."""

@@ -18,12 +18,9 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from ..benchmarks import BENCHMARKS
 from ..protocols import canonical_dataset
-from .datasets import LAYOUTS
 
-# Number of raw label values written per dataset (before reduce_zero_label).
-RAW_CLASSES = {"voc21": 21, "voc20": 21, "context60": 60, "context59": 60, "coco_object": 171, "coco_stuff": 171,
-               "cityscapes": 19, "ade20k": 151}
 _VOC_PALETTE = [v for i in range(256) for v in ((i * 37) % 256, (i * 91) % 256, (i * 151) % 256)]
 
 
@@ -67,14 +64,14 @@ def write_dataset(name: str, root: str | Path, num_images: int = 3, size: tuple[
     """Write ``num_images`` images and labels of ``name`` under ``root`` in its MMSeg layout; returns root."""
     name = canonical_dataset(name)
     root = Path(root)
-    layout = LAYOUTS[name]
+    layout = BENCHMARKS[name]
     rng = np.random.default_rng(seed)
     ids = []
     for index in range(num_images):
         stem = {"cityscapes": f"synthcity/synthcity_{index:06d}_000019", "ade20k": f"ADE_val_{index + 1:08d}",
                 "coco_object": f"{index + 1:012d}", "coco_stuff": f"{index + 1:012d}"}.get(name, f"2008_{index:06d}")
         ids.append(stem)
-        label = _label_map(rng, size, RAW_CLASSES[name], boundary=name in ("voc21", "voc20"))
+        label = _label_map(rng, size, layout.raw_label_values, boundary=name in ("voc21", "voc20"))
         _save_image(root / layout.image_dir / f"{stem}{layout.image_suffix}", _image(rng, label))
         if name in ("coco_object", "coco_stuff"):
             # COCO-Stuff trainIds 0..79 are the things: COCO-Object = thing + 1, stuff and unlabelled → 0

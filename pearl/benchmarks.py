@@ -1,0 +1,52 @@
+"""The eight benchmarks' facts, in one table: layout, split, official size, class file, label
+convention, table column. Everything else (datasets, protocols, the synthetic generator, the
+tables, Hydra's ``dataset=`` options) reads them from here; adding a benchmark is one entry
+(plus its class file and a row per method protocol). Layouts are MMSegmentation's
+(docs/datasets.md).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    title: str              # the tables' column (as the paper's)
+    official_size: int      # validation images of the official split
+    class_stem: str         # resources/classes/<stem>.txt (and <stem>.<variant>.txt)
+    image_dir: str          # under data_root
+    label_dir: str
+    image_suffix: str
+    label_suffix: str
+    split_file: str | None = None   # one id per line; None = every image under image_dir, sorted
+    reduce_zero_label: bool = False  # label 0 ignored (255), k → k−1
+    raw_label_values: int = 0       # distinct raw label values before reduce_zero_label (synthetic data)
+    aliases: tuple[str, ...] = ()
+
+
+_VOC = dict(image_dir="VOCdevkit/VOC2012/JPEGImages", label_dir="VOCdevkit/VOC2012/SegmentationClass",
+            image_suffix=".jpg", label_suffix=".png", split_file="VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt",
+            official_size=1449, raw_label_values=21)
+_CONTEXT = dict(image_dir="VOCdevkit/VOC2010/JPEGImages", label_dir="VOCdevkit/VOC2010/SegmentationClassContext",
+                image_suffix=".jpg", label_suffix=".png",
+                split_file="VOCdevkit/VOC2010/ImageSets/SegmentationContext/val.txt", official_size=5105,
+                raw_label_values=60)
+_COCO = dict(image_dir="coco_stuff164k/images/val2017", label_dir="coco_stuff164k/annotations/val2017",
+             image_suffix=".jpg", official_size=5000, raw_label_values=171)
+
+BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
+    Benchmark("voc21", "VOC21", class_stem="voc21", **_VOC),
+    Benchmark("context60", "PC60", class_stem="pc60", aliases=("pc60",), **_CONTEXT),
+    Benchmark("coco_object", "Object", class_stem="coco_object", label_suffix="_instanceTrainIds.png", **_COCO),
+    Benchmark("voc20", "VOC20", class_stem="voc20", reduce_zero_label=True, **_VOC),
+    Benchmark("context59", "PC59", class_stem="pc59", reduce_zero_label=True, aliases=("pc59",), **_CONTEXT),
+    Benchmark("coco_stuff", "Stuff", class_stem="coco_stuff", label_suffix="_labelTrainIds.png", **_COCO),
+    Benchmark("cityscapes", "City", 500, "cityscapes", "cityscapes/leftImg8bit/val", "cityscapes/gtFine/val",
+              "_leftImg8bit.png", "_gtFine_labelTrainIds.png", raw_label_values=19, aliases=("city", "city_scapes")),
+    Benchmark("ade20k", "ADE", 2000, "ade20k", "ADEChallengeData2016/images/validation",
+              "ADEChallengeData2016/annotations/validation", ".jpg", ".png", reduce_zero_label=True,
+              raw_label_values=151),
+)}
+DATASETS: tuple[str, ...] = tuple(BENCHMARKS)  # the paper's column order
+DATASET_ALIASES: dict[str, str] = {alias: b.name for b in BENCHMARKS.values() for alias in b.aliases}
