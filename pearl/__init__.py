@@ -1,6 +1,6 @@
 """pearl-ovss: training-free open-vocabulary semantic segmentation with a frozen CLIP.
 
-Public API (api.md): ``load_clip``, ``Segmentor``, ``protocol``, ``class_names``.
+Public API (docs/api.md): ``load_clip``, ``Segmentor``, ``protocol``, ``class_names``.
 """
 from .backbone import load_clip
 from .methods import available_methods

@@ -2,7 +2,7 @@
 
 We hook open_clip's own modules (``conv1``, ``class_embedding``, ``positional_embedding``,
 ``ln_pre``, ``transformer.resblocks``, ``ln_post``, ``proj``) rather than vendoring a CLIP copy;
-spec/engineering.md §1.4. Tokens are NLD (batch first), as in open_clip ≥ 2.26.
+docs/engineering.md §1.4. Tokens are NLD (batch first), as in open_clip ≥ 2.26.
 """
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ def load_clip(name: str = "ViT-B-16", pretrained: str | None = "openai", device:
 
     ``pretrained``: an open_clip tag, a local checkpoint file (safetensors, state dict or OpenAI's
     TorchScript ``ViT-B-16.pt``), or None for random weights. OpenAI weights are built with
-    QuickGELU (a plain ``ViT-B-16`` + ``openai`` would silently use GELU; engineering.md §1.1).
+    QuickGELU (a plain ``ViT-B-16`` + ``openai`` would silently use GELU; docs/engineering.md §1.1).
     ``quick_gelu`` forces the activation either way; None decides from the tag or file.
     """
     if precision not in PRECISIONS:
@@ -169,7 +169,7 @@ def positional_embedding(visual, grid_h: int, grid_w: int) -> torch.Tensor:
     """[1 + h'w', C] positional embedding for an h'×w' grid, fp32.
 
     Interpolated bicubically with the explicit scale factor ((h'+0.1)/14, (w'+0.1)/14), not
-    ``size=`` (the DINO "+0.1" trick; protocol.md §6.4). As in NACLIP/PEARL ``clip/model.py``
+    ``size=`` (the DINO "+0.1" trick; docs/protocol.md §6.4). As in NACLIP/PEARL ``clip/model.py``
     ``VisionTransformer.forward``, the stock embedding is used whenever the token count equals the
     native one.
     """

@@ -1,4 +1,4 @@
-"""Segmentation metrics as MMSeg ``IoUMetric`` computes them (protocol.md §9, engineering.md §5).
+"""Segmentation metrics as MMSeg ``IoUMetric`` computes them (docs/protocol.md §9, docs/engineering.md §5).
 
 One int64 confusion matrix per run, accumulated on the evaluation device; rows = ground truth,
 columns = prediction; pixels whose ground truth is 255 are dropped.

@@ -1,4 +1,4 @@
-"""Every Segmentor parameter: one flat name, its default and its meaning (api.md).
+"""Every Segmentor parameter: one flat name, its default and its meaning (docs/api.md).
 
 The defaults are PEARL's released settings; method-specific names only affect their method.
 ``pearl.protocol(method, dataset)`` gives the per-dataset values.
@@ -103,3 +103,15 @@ def _check(name: str, value: Any) -> Any:
     if isinstance(default, int) and float(value) != int(value):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     return type(default)(value)
+
+
+def markdown_table() -> str:
+    """The README's parameter table, generated from ``PARAMS`` (``python -m pearl.params``)."""
+    def shown(value) -> str:
+        return str(value).lower() if isinstance(value, bool) else repr(value)
+    lines = ["| name | default | meaning |", "|---|---|---|"]
+    return "\n".join(lines + [f"| `{name}` | `{shown(p.default)}` | {p.meaning} |" for name, p in PARAMS.items()])
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -1,6 +1,6 @@
 """Image-side preprocessing: keep-ratio rescale, normalisation, window placement.
 
-Follows spec/protocol.md §2, §3 and §6.2 (MMCV ``imrescale`` and MMSeg ``slide_inference``).
+Follows docs/protocol.md §2, §3 and §6.2 (MMCV ``imrescale`` and MMSeg ``slide_inference``).
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-# OpenAI CLIP mean/std on the 0-255 scale, RGB order (protocol.md §3).
+# OpenAI CLIP mean/std on the 0-255 scale, RGB order (docs/protocol.md §3).
 CLIP_MEAN = (122.771, 116.746, 104.094)
 CLIP_STD = (68.501, 66.632, 70.323)
 

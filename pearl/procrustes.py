@@ -1,6 +1,6 @@
 """PEARL's Procrustes alignment (PA) of keys to queries inside the last block.
 
-pearl.md §2, after PGSmall/PEARL@c26062b ``pearl/attn.py`` (``pa_attn``,
+docs/pearl.md §2, after PGSmall/PEARL@c26062b ``pearl/attn.py`` (``pa_attn``,
 ``_polar_unitary_newton_schulz``). All arithmetic is fp32; tensors are [B, heads, T, d] with the
 CLS token at T index 0.
 """

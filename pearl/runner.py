@@ -56,7 +56,7 @@ def _device(requested: str) -> torch.device:
 
 
 def _precision(requested: str, device: torch.device) -> str:
-    if requested == "auto":  # released code: fp16 on GPU, fp32 on CPU (protocol.md §7)
+    if requested == "auto":  # released code: fp16 on GPU, fp32 on CPU (docs/protocol.md §7)
         return "fp16" if device.type == "cuda" else "fp32"
     return requested
 
@@ -218,7 +218,7 @@ def _score_image(seg: Segmentor, dataset, index: int, cm: ConfusionMatrix, logge
 
 
 def shard_indices(size: int, rank: int, world: int) -> range:
-    """Contiguous, non-padding shard of ``range(size)`` (no image twice, none dropped; engineering.md §6)."""
+    """Contiguous, non-padding shard of ``range(size)`` (no image twice, none dropped; docs/engineering.md §6)."""
     return range(size * rank // world, size * (rank + 1) // world)
 
 

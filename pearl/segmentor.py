@@ -1,6 +1,6 @@
 """Segmentor: image → rescale → windows → batched dense forward → fusion → refinement → decision.
 
-The pipeline of spec/protocol.md §1–8 shared by every method; methods only supply the last block.
+The pipeline of docs/protocol.md §1–8 shared by every method; methods only supply the last block.
 Windows of all images given to ``predict_batch`` are batched by shape into one forward each.
 """
 from __future__ import annotations
@@ -104,7 +104,7 @@ class _OriginalSize:
 def class_probabilities(logits: torch.Tensor, query_to_class: torch.Tensor, num_classes: int,
                         logit_scale: float) -> torch.Tensor:
     """[C, H, W]: softmax(logit_scale·L) over all queries (in L's dtype), then the max over each
-    class's queries (no renormalisation); protocol.md §8."""
+    class's queries (no renormalisation); docs/protocol.md §8."""
     query_probs = torch.softmax(logits * logit_scale, dim=0)
     if logits.shape[0] == num_classes:
         return query_probs
@@ -134,7 +134,7 @@ def labels_from(probs: torch.Tensor, keep: torch.Tensor | None, prob_thd: float)
 
 def decide(logits: torch.Tensor, query_to_class: torch.Tensor, num_classes: int, logit_scale: float,
            area_thd: float = 0.0, prob_thd: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(labels [H, W], class probabilities [C, H, W]) from query logits [Q, H, W]; protocol.md §8.
+    """(labels [H, W], class probabilities [C, H, W]) from query logits [Q, H, W]; docs/protocol.md §8.
 
     ``class_probabilities``; optional area filter; argmax (first index on ties); pixels whose top
     probability is strictly below prob_thd → 0. The returned probabilities are pre-filter.
@@ -178,7 +178,7 @@ def resolve_settings(method: str, pa: bool | None, tlp: bool | None, params: dic
 
 
 class Segmentor:
-    """Training-free OVSS with a frozen open_clip model; see api.md and the README.
+    """Training-free OVSS with a frozen open_clip model; see docs/api.md and the README.
 
     ``model`` is moved to ``device`` and, if ``precision`` differs from its own, converted, both
     in place. ``precision`` None keeps the model's own.
@@ -217,7 +217,7 @@ class Segmentor:
 
         Lower precision converts conv/linear/attention weights and the projections, as OpenAI's
         ``clip.load`` on GPU and open_clip's ``convert_weights_to_lp`` do; LayerNorms and
-        embeddings stay fp32 (protocol.md §7).
+        embeddings stay fp32 (docs/protocol.md §7).
         """
         dtype = model.visual.conv1.weight.dtype
         if precision is not None:
@@ -338,7 +338,7 @@ class Segmentor:
         return tlp(logits[None], guide[None].float(), self.affinity, self.tlp_config)[0].to(self.dtype)
 
     def _fuse(self, item: _Image, info: dict) -> torch.Tensor:
-        """Query logits [Q, H, W] at the original size; protocol.md §6.2–6.5."""
+        """Query logits [Q, H, W] at the original size; docs/protocol.md §6.2–6.5."""
         per_window_tlp = self.tlp and self.params["tlp_site"] == "per_window"
         info["nan_windows"] = int(torch.stack([torch.isnan(w).any() for w in item.patch_logits]).sum())  # one sync
         if info["nan_windows"]:

@@ -1,6 +1,6 @@
 """Text side: the 80-template prompt ensemble, synonym queries and their prototypes.
 
-Follows spec/protocol.md §4–5 (SCLIP/NACLIP/PEARL ``get_cls_idx`` and the prototype loop in
+Follows docs/protocol.md §4–5 (SCLIP/NACLIP/PEARL ``get_cls_idx`` and the prototype loop in
 ``naclip.py``): one prototype per *name*; the class of each name is kept in ``query_to_class``.
 """
 from __future__ import annotations

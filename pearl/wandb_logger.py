@@ -1,7 +1,7 @@
 """Optional Weights & Biases logging of one run. A wandb failure never fails the evaluation.
 
 One wandb run per evaluation job, finished at the end (a Hydra sweep runs many jobs in one
-process; engineering.md §3). Honours ``WANDB_MODE`` (online / offline / disabled).
+process; docs/engineering.md §3). Honours ``WANDB_MODE`` (online / offline / disabled).
 """
 from __future__ import annotations
 

@@ -138,7 +138,7 @@ def test_clearclip_ignores_keys_but_not_queries(tiny_model, tokens):
 
 
 def _reference_pa(q, k, v, alpha, iters=5, solver="polar"):
-    """Per-head PA written out from pearl.md §2 with explicit loops."""
+    """Per-head PA written out from docs/pearl.md §2 with explicit loops."""
     b, h, t, d = q.shape
     out = torch.empty_like(v)
     for bi in range(b):

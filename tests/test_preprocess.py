@@ -6,7 +6,7 @@ from pearl.preprocess import normalise, rescale, rescaled_size, sliding_windows,
 
 
 @pytest.mark.parametrize("hw, short, expected", [
-    ((375, 500), 336, (336, 448)),     # protocol.md §2 worked examples (H, W)
+    ((375, 500), 336, (336, 448)),     # docs/protocol.md §2 worked examples (H, W)
     ((333, 500), 336, (336, 505)),
     ((480, 640), 336, (336, 448)),
     ((1024, 2048), 560, (560, 1120)),
@@ -31,7 +31,7 @@ def test_rescale_is_cv2_bilinear_uint8():
 
 
 def _mmseg_windows(h_img, w_img, crop, stride):
-    """Independent transcription of MMSeg slide_inference's loop (protocol.md §6.2)."""
+    """Independent transcription of MMSeg slide_inference's loop (docs/protocol.md §6.2)."""
     h_grids = max(h_img - crop + stride - 1, 0) // stride + 1
     w_grids = max(w_img - crop + stride - 1, 0) // stride + 1
     out = []

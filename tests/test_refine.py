@@ -1,4 +1,4 @@
-"""TLP and PAMR against direct transcriptions of pearl.md §3 and methods.md §4.1."""
+"""TLP and PAMR against direct transcriptions of docs/pearl.md §3 and docs/methods.md §4.1."""
 import numpy as np
 import pytest
 import torch
@@ -119,7 +119,7 @@ def test_text_affinity_formula():
 
 
 def _reference_pamr(image, logits, iters, dilations):
-    """Per-pixel loops of methods.md §4.1."""
+    """Per-pixel loops of docs/methods.md §4.1."""
     img, lab = image[0].numpy(), logits[0].numpy().copy()
     _, h, w = img.shape
     offsets = [(dy * d, dx * d) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1)]

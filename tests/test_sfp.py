@@ -1,4 +1,4 @@
-"""SFP against a literal transcription of methods.md §6.1 (loops over outlier cells)."""
+"""SFP against a literal transcription of docs/methods.md §6.1 (loops over outlier cells)."""
 import math
 
 import pytest

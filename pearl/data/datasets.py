@@ -3,7 +3,7 @@
 Each dataset yields the original-resolution RGB image, the label map with the protocol's
 conventions (255 = ignored; ``reduce_zero_label`` where it applies) and an id. Images are
 decoded with OpenCV (colour, BGR → RGB) and labels with Pillow as raw indices (palette index for
-VOC), as MMSeg's ``LoadImageFromFile`` / ``LoadAnnotations`` do; protocol.md §1, §10.
+VOC), as MMSeg's ``LoadImageFromFile`` / ``LoadAnnotations`` do; docs/protocol.md §1, §10.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from ..benchmarks import BENCHMARKS
 from ..errors import UserError
 from ..protocols import canonical_dataset, class_names
 
-LAYOUT_HELP = "the README section 'Datasets' (MMSegmentation layouts, spec/protocol.md §10)"
+LAYOUT_HELP = "docs/datasets.md (MMSegmentation layouts)"
 DEFAULT_MAX_PIXELS = 2 * 89_478_485  # Pillow's decompression-bomb threshold: about 13,000 × 13,000
 
 

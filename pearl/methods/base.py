@@ -27,7 +27,7 @@ class Method(abc.ABC):
     has_query_key_term: ClassVar[bool] = False
     needs_hidden_states: ClassVar[bool] = False
     # Whole-image mode: upsample patch logits to the input size, then to the original size
-    # (NACLIP/PEARL); otherwise straight to the original size (SCLIP/SFP/ClearCLIP). protocol.md §6.5
+    # (NACLIP/PEARL); otherwise straight to the original size (SCLIP/SFP/ClearCLIP). docs/protocol.md §6.5
     whole_upsample_via_input: ClassVar[bool] = False
     # ClearCLIP: pad crops to a multiple of the patch size; fuse in the model dtype.
     pad_crops_to_patch: ClassVar[bool] = False
@@ -57,7 +57,7 @@ def query_key_block(block, x: torch.Tensor, params: dict, info: dict) -> torch.T
     """Last block with softmax(s·q kᵀ) attention, or PEARL's Procrustes alignment when ``pa``.
 
     Plain attention scales q first, as NACLIP/PEARL ``custom_attn`` ('vanilla' strategy). PA runs
-    in fp32 (pearl.md §2) and its output is cast back to the activation dtype.
+    in fp32 (docs/pearl.md §2) and its output is cast back to the activation dtype.
     """
     q, k, v = split_heads(block, block.ln_1(x))
     scale = head_scale(block)

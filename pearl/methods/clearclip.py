@@ -1,7 +1,7 @@
 """ClearCLIP: softmax(s·q qᵀ) attention in a reduced block (no residual, no FFN).
 
 mc-lan/ClearCLIP@ad68a40 ``open_clip/transformer.py`` with model_type='ClearCLIP',
-ignore_residual=True (methods.md §5). Crops are padded to a multiple of the patch size and the
+ignore_residual=True (docs/methods.md §5). Crops are padded to a multiple of the patch size and the
 window canvas is kept in the model dtype, as ``clearclip_segmentor.py`` does.
 """
 import torch

@@ -1,6 +1,6 @@
 """NACLIP: softmax(s·k kᵀ + Ω) in a reduced block, Ω a Gaussian neighbourhood bias.
 
-sinahmr/NACLIP@0cac3a6 ``clip/model.py`` (arch='reduced', attn_strategy='naclip'); methods.md §4.
+sinahmr/NACLIP@0cac3a6 ``clip/model.py`` (arch='reduced', attn_strategy='naclip'); docs/methods.md §4.
 """
 from __future__ import annotations
 

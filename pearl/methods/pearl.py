@@ -1,4 +1,4 @@
-"""PEARL: Procrustes-aligned attention in a reduced last block (pearl.md §2).
+"""PEARL: Procrustes-aligned attention in a reduced last block (docs/pearl.md §2).
 
 PGSmall/PEARL@c26062b ``clip/model.py`` (``custom_attn``) and ``pearl/attn.py`` (``pa_attn``).
 ``pa=False`` is the released ``--attn vanilla`` switch: plain q·k attention, block still reduced.

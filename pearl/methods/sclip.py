@@ -1,6 +1,6 @@
 """SCLIP: correlative self-attention softmax(s·q qᵀ) + softmax(s·k kᵀ), residual and MLP kept.
 
-wangf3014/SCLIP@b56bd30 ``clip/model.py`` (``custom_attn(csa=True)``); methods.md §3. The two
+wangf3014/SCLIP@b56bd30 ``clip/model.py`` (``custom_attn(csa=True)``); docs/methods.md §3. The two
 maps are summed, not averaged (rows sum to 2); products are formed before the scale.
 """
 import torch

@@ -2,7 +2,7 @@
 multi-layer branch in place of the last block.
 
 Kimsure/SFP@2804f5b ``SFP_ICCV/clip/model.py`` (``VisionTransformer.forward``, ``custom_attn``,
-``mean_interpolation``, ``adaptively_aggregate``) as specified in methods.md §6.1. Layer numbers
+``mean_interpolation``, ``adaptively_aggregate``) as specified in docs/methods.md §6.1. Layer numbers
 x_ℓ are block outputs, 1-based; the released code hard-codes them for a 12-block ViT.
 """
 from __future__ import annotations

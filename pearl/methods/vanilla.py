@@ -1,7 +1,7 @@
 """Vanilla CLIP dense features: the full last block (residual and MLP kept).
 
 Architecture as PGSmall/PEARL and sinahmr/NACLIP ``clip/model.py`` with arch='vanilla',
-attn_strategy='vanilla' (methods.md §2). ``pa=True`` swaps in Procrustes-aligned attention.
+attn_strategy='vanilla' (docs/methods.md §2). ``pa=True`` swaps in Procrustes-aligned attention.
 """
 from . import register
 from .base import Method, query_key_block

@@ -1,6 +1,6 @@
 """PAMR (pixel-adaptive mask refinement) as NACLIP applies it after fusion.
 
-methods.md §4.1, after sinahmr/NACLIP@0cac3a6 ``pamr.py`` (from visinf/1-stage-wseg) and
+docs/methods.md §4.1, after sinahmr/NACLIP@0cac3a6 ``pamr.py`` (from visinf/1-stage-wseg) and
 ``naclip.py`` ``predict``. fp32; image [B, 3, H, W] normalised RGB, logits [B, Q, H, W].
 """
 from __future__ import annotations

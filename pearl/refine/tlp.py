@@ -1,6 +1,6 @@
 """PEARL's text-aware Laplacian propagation (TLP), released behaviour and the paper's variants.
 
-pearl.md §3, after PGSmall/PEARL@c26062b ``pearl/prop.py`` (``TLP``). Everything here is fp32.
+docs/pearl.md §3, after PGSmall/PEARL@c26062b ``pearl/prop.py`` (``TLP``). Everything here is fp32.
 Shapes: logits [B, Q, H, W], guide image [B, 3, H, W] (normalised RGB), text affinity G [Q, Q].
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ GRAD_NORMS = ("mean", "none")
 
 @dataclass(frozen=True)
 class TLPConfig:
-    """Defaults are the released constants (pearl.md §3.3)."""
+    """Defaults are the released constants (docs/pearl.md §3.3)."""
 
     grid: int = 80
     cg_iters: int = 25
@@ -45,7 +45,7 @@ class TLPConfig:
 def text_affinity(prototypes: torch.Tensor, tau_s: float = 0.5, beta: float = 10.0) -> torch.Tensor:
     """G [Q, Q]: row-softmax of prototype cosines / τ_s, + β·I, row-normalised (+1e−6).
 
-    Computed in the prototypes' dtype (fp16 upstream) and returned as fp32 (pearl.md §3.1).
+    Computed in the prototypes' dtype (fp16 upstream) and returned as fp32 (docs/pearl.md §3.1).
     """
     unit = prototypes / prototypes.norm(dim=-1, keepdim=True)
     affinity = torch.softmax(unit @ unit.T / tau_s, dim=-1)
@@ -76,7 +76,7 @@ def _pair_terms(p: torch.Tensor, affinity: torch.Tensor, quadform: str):
     """(u [B, h, w], Gp [B, Q, h, w]): agreement and the G-weighted probabilities.
 
     ``diag`` uses only G's diagonal (the released einsum with a repeated subscript); ``full`` the
-    whole matrix, u = pᵀGp (pearl.md §6).
+    whole matrix, u = pᵀGp (docs/pearl.md §6).
     """
     if quadform == "diag":
         weighted = torch.diagonal(affinity)[None, :, None, None] * p
@@ -166,7 +166,7 @@ def working_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def tlp(logits: torch.Tensor, guide: torch.Tensor, affinity: torch.Tensor, cfg: TLPConfig = TLPConfig(),
         info: dict | None = None) -> torch.Tensor:
-    """Refined logits [B, Q, H, W] (fp32; fp64 inputs stay fp64) by TLP; pearl.md §3.2 steps 1–14."""
+    """Refined logits [B, Q, H, W] (fp32; fp64 inputs stay fp64) by TLP; docs/pearl.md §3.2 steps 1–14."""
     dtype = working_dtype(logits.dtype)
     logits, guide, affinity = logits.to(dtype), guide.to(dtype), affinity.to(dtype)
     height, width = logits.shape[-2:]
