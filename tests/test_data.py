@@ -73,11 +73,12 @@ def test_scan_order_is_sorted_by_path(root):
     assert build_dataset("cityscapes", root).items[0][0].startswith("synthcity/")
 
 
-def test_missing_dataset_names_dataset_paths_and_readme(tmp_path):
+def test_missing_dataset_names_dataset_paths_and_the_layout_doc(tmp_path):
     with pytest.raises(DatasetError) as error:
         build_dataset("ade20k", tmp_path)
     message = str(error.value)
-    assert "'ade20k'" in message and "ADEChallengeData2016/images/validation" in message and "README" in message
+    assert "'ade20k'" in message and "ADEChallengeData2016/images/validation" in message
+    assert "docs/datasets.md" in message
 
 
 def test_missing_label_corrupt_image_and_wrong_size(tmp_path):

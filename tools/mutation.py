@@ -1,0 +1,159 @@
+"""Mutation pass: plausible one-line slips, each run against the test suite; a slip that no test
+notices "survives" and needs a test.
+
+    python tools/mutation.py                 # every slip; prints killed / survived and the score
+    python tools/mutation.py --only rescale  # slips whose name contains "rescale"
+
+Each slip is applied to a fresh copy of the repository (the working tree is never touched). The
+tests most likely to notice it run first with ``-x``; a slip they miss runs the whole suite.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Slip(NamedTuple):
+    name: str
+    path: str
+    old: str
+    new: str
+    first: str  # the test file(s) to run first
+
+
+SLIPS = [
+    Slip("bgr-left", "pearl/data/datasets.py", "return np.ascontiguousarray(image[:, :, ::-1])",
+         "return np.ascontiguousarray(image)", "tests/test_data.py"),
+    Slip("rescale-round", "pearl/preprocess.py", "int(height * factor + 0.5), int(width * factor + 0.5)",
+         "round(height * factor), round(width * factor)", "tests/test_preprocess.py"),
+    Slip("rescale-nearest", "pearl/preprocess.py", "cv2.INTER_LINEAR", "cv2.INTER_NEAREST",
+         "tests/test_preprocess.py"),
+    Slip("mean-order", "pearl/preprocess.py", "CLIP_MEAN = (122.771, 116.746, 104.094)",
+         "CLIP_MEAN = (104.094, 116.746, 122.771)", "tests/test_preprocess.py"),
+    Slip("window-snap", "pearl/preprocess.py", "spans.append((max(end - crop, 0), end))",
+         "spans.append((i * stride, end))", "tests/test_preprocess.py"),
+    Slip("pos-size", "pearl/backbone.py",
+         "scale_factor=((grid_h + 0.1) / native_h, (grid_w + 0.1) / native_w)", "size=(grid_h, grid_w)",
+         "tests/test_backbone.py"),
+    Slip("pos-bilinear", "pearl/backbone.py", 'mode="bicubic"', 'mode="bilinear"', "tests/test_backbone.py"),
+    Slip("ns-regulariser", "pearl/procrustes.py", "y = gram / norm + 1e-6 * eye", "y = gram / norm",
+         "tests/test_refine.py tests/test_methods.py"),
+    Slip("pa-cls-weight", "pearl/procrustes.py", "weights[..., 0] = 0.0", "pass", "tests/test_methods.py"),
+    Slip("pa-kk-uncentred", "pearl/procrustes.py", "alpha_kk * scale * (k_centred @ k_centred.transpose(-1, -2))",
+         "alpha_kk * scale * (k @ k.transpose(-1, -2))", "tests/test_methods.py"),
+    Slip("pa-rotate-centred", "pearl/procrustes.py", "(q * scale) @ (k @ rotation).transpose(-1, -2)",
+         "(q * scale) @ (k_centred @ rotation).transpose(-1, -2)", "tests/test_methods.py"),
+    Slip("sclip-average", "pearl/methods/sclip.py", "torch.softmax((k @ k.transpose(-1, -2)) * scale, dim=-1)",
+         "torch.softmax((k @ k.transpose(-1, -2)) * scale, dim=-1) * 0.5", "tests/test_methods.py"),
+    Slip("cg-from-zero", "pearl/refine/tlp.py", "    x = z.clone()", "    x = torch.zeros_like(z)",
+         "tests/test_refine.py"),
+    Slip("tlp-align-corners", "pearl/refine/tlp.py",
+         'x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)',
+         'x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=True)', "tests/test_refine.py"),
+    Slip("tlp-round", "pearl/refine/tlp.py", "max(1, round(height / grid)), max(1, round(width / grid))",
+         "max(1, height // grid), max(1, width // grid)", "tests/test_refine.py"),
+    Slip("tlp-eps", "pearl/refine/tlp.py", "conf.clamp_min(cfg.eps) ** 2", "conf ** 2", "tests/test_refine.py"),
+    Slip("tlp-grey", "pearl/refine/tlp.py", "0.299 * guide[:, 0] + 0.587 * guide[:, 1] + 0.114 * guide[:, 2]",
+         "0.114 * guide[:, 0] + 0.587 * guide[:, 1] + 0.299 * guide[:, 2]", "tests/test_refine.py"),
+    Slip("affinity-beta", "pearl/refine/tlp.py", "affinity = affinity + beta * torch.eye",
+         "affinity = affinity + 0 * torch.eye", "tests/test_refine.py"),
+    Slip("prob-thd-prefilter", "pearl/segmentor.py", "labels[filtered.amax(dim=0) < prob_thd] = 0",
+         "labels[probs.amax(dim=0) < prob_thd] = 0", "tests/test_decision.py"),
+    Slip("prob-thd-le", "pearl/segmentor.py", "labels[filtered.amax(dim=0) < prob_thd] = 0",
+         "labels[filtered.amax(dim=0) <= prob_thd] = 0", "tests/test_decision.py"),
+    Slip("area-ge", "pearl/segmentor.py", "(counts > area_thd * counts.sum())", "(counts >= area_thd * counts.sum())",
+         "tests/test_decision.py"),
+    Slip("area-background", "pearl/segmentor.py", "counts = argmax_counts[1:]", "counts = argmax_counts",
+         "tests/test_decision.py"),
+    Slip("synonym-sum", "pearl/segmentor.py", 'query_probs, "amax")', 'query_probs, "sum")',
+         "tests/test_decision.py"),
+    Slip("clearclip-pad-one-side", "pearl/segmentor.py",
+         "return pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2", "return 0, pad_w, 0, pad_h",
+         "tests/test_reference_pipeline.py"),
+    Slip("clearclip-fp32-canvas", "pearl/segmentor.py",
+         "canvas_dtype = self.dtype if self.method.fuse_in_model_dtype else torch.float32",
+         "canvas_dtype = torch.float32", "tests/test_segmentor.py"),
+    Slip("clearclip-pad-whole", "pearl/segmentor.py",
+         'if not self.method.pad_crops_to_patch or self.params["slide_crop"] <= 0:',
+         "if not self.method.pad_crops_to_patch:", "tests/test_reference_pipeline.py"),
+    Slip("whole-one-step", "pearl/segmentor.py", "if self.method.whole_upsample_via_input or per_window_tlp:",
+         "if per_window_tlp:", "tests/test_reference_pipeline.py"),
+    Slip("fuse-sum", "pearl/segmentor.py", "return _OriginalSize(canvas / count, item.ori_shape, canvas_dtype)",
+         "return _OriginalSize(canvas, item.ori_shape, canvas_dtype)", "tests/test_reference_pipeline.py"),
+    Slip("cache-key-templates", "pearl/text.py",
+         'key_parts = [model_fingerprint(model), dtype, *queries, "\\x01", *TEMPLATES]',
+         "key_parts = [model_fingerprint(model), dtype, *queries]", "tests/test_segmentor.py"),
+    Slip("prototype-no-renorm", "pearl/text.py", "return mean / mean.norm(dim=-1, keepdim=True)", "return mean",
+         "tests/test_reference_pipeline.py"),
+    Slip("metric-no-ignore", "pearl/metrics.py", "keep = chunk_gt != IGNORE_INDEX",
+         "keep = chunk_gt >= 0", "tests/test_metrics.py"),
+    Slip("metric-mean-iou-zero", "pearl/metrics.py", '"mIoU": float(np.nanmean(iou) * 100)',
+         '"mIoU": float(np.nansum(iou) / len(iou) * 100)', "tests/test_metrics.py"),
+    Slip("reduce-zero-label", "pearl/data/datasets.py", "        label[label == 0] = 255\n", "",
+         "tests/test_data.py"),
+    Slip("record-in-place", "pearl/records.py", '    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")',
+         "    tmp = path", "tests/test_identity_and_tables.py"),
+    Slip("identity-without-max-images", "pearl/data/datasets.py",
+         '"evaluated": len(self.items), "files_sha256"', '"files_sha256"', "tests/test_identity_and_tables.py"),
+    Slip("cell-oldest", "pearl/tables.py", "r.full_split, r.finished_at))", "r.full_split, ''.join(chr(255 - ord(c)) "
+         "for c in r.finished_at)))", "tests/test_identity_and_tables.py"),
+    Slip("shard-overlap", "pearl/runner.py", "range(size * rank // world, size * (rank + 1) // world)",
+         "range(size * rank // world, min(size, size * (rank + 1) // world + 1))", "tests/test_harness.py"),
+    Slip("lock-ignored", "pearl/runner.py", "    if lock is None:\n", "    if lock is None and False:\n",
+         "tests/test_locks.py"),
+    Slip("checkpoint-unrestricted", "pearl/checkpoints.py", "        if (module, name) in _ALLOWED:",
+         "        import importlib\n        return getattr(importlib.import_module(module), name)\n"
+         "        if (module, name) in _ALLOWED:", "tests/test_checkpoints.py"),
+    Slip("truncation-unchecked", "pearl/data/datasets.py", "    if path.is_file() and (missing := _truncation(path)):",
+         "    if False and (missing := _truncation(path)):", "tests/test_data.py"),
+]
+
+
+def _run(folder: Path, tests: list[str]) -> bool:
+    """Whether the tests pass in ``folder``."""
+    done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+                          cwd=folder, capture_output=True, text=True)
+    return done.returncode == 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="", help="run only the slips whose name contains this")
+    args = parser.parse_args()
+    slips = [s for s in SLIPS if args.only in s.name]
+    survivors = []
+    with tempfile.TemporaryDirectory() as scratch:
+        copy = Path(scratch) / "repo"
+        shutil.copytree(REPO, copy, ignore=shutil.ignore_patterns(".git", ".venv*", "__pycache__", "results",
+                                                                  "multirun", "outputs", "data"))
+        for slip in slips:
+            target = copy / slip.path
+            original = target.read_text(encoding="utf-8")
+            if slip.old not in original:
+                print(f"stale   {slip.name}: {slip.path} no longer contains the line", flush=True)
+                survivors.append(slip.name)
+                continue
+            target.write_text(original.replace(slip.old, slip.new, 1), encoding="utf-8")
+            start = time.perf_counter()
+            survived = _run(copy, slip.first.split()) and _run(copy, ["tests"])
+            target.write_text(original, encoding="utf-8")
+            print(f"{'SURVIVED' if survived else 'killed  '} {slip.name} ({time.perf_counter() - start:.0f} s)",
+                  flush=True)
+            if survived:
+                survivors.append(slip.name)
+    killed = len(slips) - len(survivors)
+    print(f"mutation score: {killed}/{len(slips)} killed" + (f"; survived: {', '.join(survivors)}" if survivors
+                                                              else ""))
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
