@@ -10,6 +10,7 @@ tests most likely to notice it run first with ``-x``; a slip they miss runs the 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -119,8 +120,9 @@ SLIPS = [
 
 def _run(folder: Path, tests: list[str]) -> bool:
     """Whether the tests pass in ``folder``."""
+    env = {**os.environ, "PYTHONPATH": str(folder)}  # the copy's package, not an installed one
     done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
-                          cwd=folder, capture_output=True, text=True)
+                          cwd=folder, capture_output=True, text=True, env=env)
     return done.returncode == 0
 
 
