@@ -118,6 +118,11 @@ SLIPS = [
 ]
 
 
+def _not_source(folder: str, names: list[str]) -> list[str]:
+    top_level = {".git", "results", "multirun", "outputs", "data"} if Path(folder) == REPO else set()
+    return [n for n in names if n in top_level or n == "__pycache__" or n.startswith(".venv")]
+
+
 def _run(folder: Path, tests: list[str]) -> bool:
     """Whether the tests pass in ``folder``."""
     env = {**os.environ, "PYTHONPATH": str(folder)}  # the copy's package, not an installed one
@@ -134,8 +139,7 @@ def main() -> int:
     survivors = []
     with tempfile.TemporaryDirectory() as scratch:
         copy = Path(scratch) / "repo"
-        shutil.copytree(REPO, copy, ignore=shutil.ignore_patterns(".git", ".venv*", "__pycache__", "results",
-                                                                  "multirun", "outputs", "data"))
+        shutil.copytree(REPO, copy, ignore=_not_source)
         for slip in slips:
             target = copy / slip.path
             original = target.read_text(encoding="utf-8")
