@@ -118,11 +118,6 @@ SLIPS = [
 ]
 
 
-def _not_source(folder: str, names: list[str]) -> list[str]:
-    top_level = {".git", "results", "multirun", "outputs", "data"} if Path(folder) == REPO else set()
-    return [n for n in names if n in top_level or n == "__pycache__" or n.startswith(".venv")]
-
-
 def _run(folder: Path, tests: list[str]) -> bool:
     """Whether the tests pass in ``folder``."""
     env = {**os.environ, "PYTHONPATH": str(folder)}  # the copy's package, not an installed one
@@ -139,7 +134,10 @@ def main() -> int:
     survivors = []
     with tempfile.TemporaryDirectory() as scratch:
         copy = Path(scratch) / "repo"
-        shutil.copytree(REPO, copy, ignore=_not_source)
+        for name in subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                                   text=True, check=True).stdout.splitlines():  # the sources, nothing built
+            (copy / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, copy / name)
         for slip in slips:
             target = copy / slip.path
             original = target.read_text(encoding="utf-8")
