@@ -198,8 +198,9 @@ def embed(visual, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
     return visual.ln_pre(x), grid
 
 
-def dense_features(visual, images: torch.Tensor, method: Method, params: dict) -> tuple[torch.Tensor, dict]:
-    """Unit-norm patch features [B, h', w', D] with ``method`` computing the last block.
+def dense_features(visual, images: torch.Tensor, method: Method) -> tuple[torch.Tensor, dict]:
+    """Unit-norm patch features [B, h', w', D] with ``method`` (built with its own config)
+    computing the last block.
 
     Blocks 1..L−1 are open_clip's own modules. Returns the features and a dict of diagnostics.
     """
@@ -213,7 +214,7 @@ def dense_features(visual, images: torch.Tensor, method: Method, params: dict) -
         if method.needs_hidden_states:
             hidden.append(x)
     info: dict = {}
-    patches = method.last_block(blocks, x, hidden, grid, params, info)
+    patches = method.last_block(blocks, x, hidden, grid, info)
     feats = visual.ln_post(patches)
     if visual.proj is not None:
         feats = feats @ visual.proj

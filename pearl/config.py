@@ -103,11 +103,13 @@ def validate_config(cfg: DictConfig) -> None:
 
 
 def register_config_groups() -> None:
-    """Put one ``method/<name>`` option per registered method and one ``dataset/<name>`` option per
-    benchmark into Hydra's config store, so that neither needs a YAML file (``dataset/folder.yaml``,
-    which has keys of its own, stays a file). Called by run.py and the tests before composing."""
+    """Put into Hydra's config store what would otherwise be repeated in YAML: one ``method/<name>``
+    option per registered method, one ``dataset/<name>`` option per benchmark (``dataset/folder.yaml``
+    has keys of its own and stays a file), and ``segmentor_params``, every Segmentor parameter as a
+    null key. Called by run.py and the tests before composing."""
     from hydra.core.config_store import ConfigStore
     store = ConfigStore.instance()
+    store.store(name="segmentor_params", node={name: None for name in PARAMS})
     for name in available_methods():
         store.store(group="method", name=name, node={"name": name})
     for name in DATASETS:

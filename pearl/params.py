@@ -1,40 +1,59 @@
-"""Every Segmentor parameter: one flat name, its default and its meaning (docs/api.md).
+"""Every Segmentor parameter: one flat name, its default, its meaning and its valid values.
 
-The defaults are PEARL's released settings; method-specific names only affect their method.
-``pearl.protocol(method, dataset)`` gives the per-dataset values.
+The flat names are the public interface (``Segmentor(**params)``, the command line, the records).
+Inside, :func:`build_config` turns the resolved values into each stage's typed config once
+(``WindowConfig``, ``DecisionConfig``, ``TLPConfig``, ``PAMRConfig``, each method's ``Config``),
+whose field defaults read this table. The defaults are PEARL's released settings;
+``pearl.protocol(method, dataset)`` gives the per-dataset values (docs/api.md).
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import dataclasses
+from typing import Any, Callable, NamedTuple
 
 
 class Param(NamedTuple):
     default: Any
     meaning: str
     choices: tuple = ()
+    check: Callable[[Any], bool] | None = None  # a range rule beyond the type
+    valid: str = ""                             # that rule, as the error states it
+
+
+def _at_least(low: float) -> Callable[[Any], bool]:
+    return lambda value: value >= low
+
+
+def _above(low: float) -> Callable[[Any], bool]:
+    return lambda value: value > low
 
 
 PARAMS: dict[str, Param] = {
-    "resize_short": Param(336, "short side after the keep-ratio rescale (0 = no resize)"),
-    "resize_long": Param(2048, "cap on the long side of the rescale"),
-    "slide_crop": Param(224, "window side in pixels; 0 = whole image in one pass"),
-    "slide_stride": Param(112, "window stride in pixels"),
-    "logit_scale": Param(40.0, "temperature applied to cosine logits before the softmax over queries"),
-    "prob_thd": Param(0.0, "pixels whose top class probability is below this become class 0"),
+    "resize_short": Param(336, "short side after the keep-ratio rescale (0 = no resize)", check=_at_least(0),
+                          valid="≥ 0"),
+    "resize_long": Param(2048, "cap on the long side of the rescale", check=_above(0), valid="> 0"),
+    "slide_crop": Param(224, "window side in pixels; 0 = whole image in one pass", check=_at_least(0), valid="≥ 0"),
+    "slide_stride": Param(112, "window stride in pixels", check=_above(0), valid="> 0"),
+    "logit_scale": Param(40.0, "temperature applied to cosine logits before the softmax over queries",
+                         check=_above(0), valid="> 0"),
+    "prob_thd": Param(0.0, "pixels whose top class probability is below this become class 0",
+                      check=lambda v: 0 <= v <= 1, valid="in [0, 1]"),
     "area_thd": Param(0.0, "SCLIP/SFP area filter: foreground classes covering ≤ this fraction of the "
-                           "foreground-predicted pixels are dropped; 0 = off"),
+                           "foreground-predicted pixels are dropped; 0 = off", check=lambda v: 0 <= v < 1,
+                      valid="in [0, 1)"),
     "arch": Param(None, "last block: 'reduced' (no residual, no FFN) or 'vanilla' (full block); "
                         "None = the method's own (pearl: reduced, vanilla: vanilla)", (None, "reduced", "vanilla")),
     "alpha_kk": Param(0.08, "weight of PEARL's key-key term α_kk·s·K_cK_cᵀ (0.3 on ADE20K and Cityscapes)"),
     "use_kk": Param(True, "PEARL's key-key term on/off (off = the paper's Ã = softmax(s·Q K̃ᵀ))"),
     "pa_solver": Param("polar", "PA rotation: 'polar' (released 5-step Newton–Schulz) or 'svd' (exact UVᵀ)",
                        ("polar", "svd")),
-    "pa_iters": Param(5, "Newton–Schulz iterations of the polar solver"),
+    "pa_iters": Param(5, "Newton–Schulz iterations of the polar solver", check=_at_least(0), valid="≥ 0"),
     "tlp_site": Param("post_fusion", "where TLP runs: 'post_fusion' (released: once, on the fused logits at the "
                                      "original size) or 'per_window' (paper: on each window before fusion)",
                       ("post_fusion", "per_window")),
-    "tlp_grid": Param(80, "TLP target grid side (224 on Cityscapes)"),
-    "tlp_cg_iters": Param(25, "conjugate-gradient iterations, from X0 = Z, no early stop"),
+    "tlp_grid": Param(80, "TLP target grid side (224 on Cityscapes)", check=_at_least(1), valid="≥ 1"),
+    "tlp_cg_iters": Param(25, "conjugate-gradient iterations, from X0 = Z, no early stop", check=_at_least(0),
+                          valid="≥ 0"),
     "tlp_pool": Param("int_stride", "'int_stride' (released: stride round(H/grid), floor pooling) or 'adaptive' "
                                     "(paper: adaptive pooling to grid×grid)", ("int_stride", "adaptive")),
     "tlp_softmax_temp": Param(1.0, "temperature of the softmax that gives TLP's probabilities (released: 1, raw "
@@ -51,9 +70,10 @@ PARAMS: dict[str, Param] = {
     "tlp_kappa": Param(5.0, "edge sharpness κ"),
     "tlp_eps": Param(0.05, "confidence floor of TLP's data weight"),
     "pamr": Param(False, "NACLIP's PAMR refinement after fusion (the comparison tables use NACLIP without it)"),
-    "pamr_iters": Param(10, "PAMR iterations"),
+    "pamr_iters": Param(10, "PAMR iterations", check=_at_least(0), valid="≥ 0"),
     "pamr_dilations": Param((8, 16), "PAMR neighbour dilations"),
-    "naclip_gauss_std": Param(5.0, "std (in patches) of NACLIP's Gaussian neighbourhood bias"),
+    "naclip_gauss_std": Param(5.0, "std (in patches) of NACLIP's Gaussian neighbourhood bias", check=_above(0),
+                              valid="> 0"),
     "sfp_outlier": Param("som", "SFP outlier detector: 'som' (released), 'l2' or 'lof'", ("som", "l2", "lof")),
     "sfp_purify": Param(True, "SFP purification of outlier tokens on/off"),
     "sfp_res_cls": Param(0.3, "SFP's CLS residual weight (also sets its res_cls·5 detection scale)"),
@@ -102,7 +122,25 @@ def _check(name: str, value: Any) -> Any:
         raise ValueError(f"{name} must be a number, got {value!r}")
     if isinstance(default, int) and float(value) != int(value):
         raise ValueError(f"{name} must be an integer, got {value!r}")
-    return type(default)(value)
+    value = type(default)(value)
+    if spec.check is not None and not spec.check(value):
+        raise ValueError(f"{name}={value!r} is out of range: it must be {spec.valid}")
+    return value
+
+
+def param_name(prefix: str, field_name: str) -> str:
+    """The flat name of a config field: the stage's prefix + the field (``lambda_`` → ``tlp_lambda``)."""
+    return prefix + field_name.rstrip("_")
+
+
+def build_config(cls, resolved: dict, prefix: str = ""):
+    """A stage's typed config from resolved flat parameters: field ``f`` takes ``prefix + f``."""
+    return cls(**{f.name: resolved[param_name(prefix, f.name)] for f in dataclasses.fields(cls)})
+
+
+def default(name: str) -> Any:
+    """The default of a parameter, for a config field's default."""
+    return PARAMS[name].default
 
 
 def markdown_table() -> str:

@@ -4,6 +4,7 @@ Follows docs/protocol.md §2, §3 and §6.2 (MMCV ``imrescale`` and MMSeg ``slid
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import cv2
@@ -11,9 +12,21 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .params import default
+
 # OpenAI CLIP mean/std on the 0-255 scale, RGB order (docs/protocol.md §3).
 CLIP_MEAN = (122.771, 116.746, 104.094)
 CLIP_STD = (68.501, 66.632, 70.323)
+
+
+@dataclass(frozen=True)
+class WindowConfig:
+    """Rescale and window placement (docs/protocol.md §2, §6.2); the parameters of the same names."""
+
+    resize_short: int = default("resize_short")
+    resize_long: int = default("resize_long")
+    slide_crop: int = default("slide_crop")
+    slide_stride: int = default("slide_stride")
 
 
 class Window(NamedTuple):

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from . import params as param_specs
 from .backbone import PRECISIONS, dense_features, patch_size
 from .methods import get_method, pa_methods
-from .preprocess import Window, normalise, rescale, sliding_windows, to_rgb_uint8
-from .refine.pamr import pamr
+from .preprocess import Window, WindowConfig, normalise, rescale, sliding_windows, to_rgb_uint8
+from .refine.pamr import PAMRConfig, pamr
 from .refine.tlp import TLPConfig, pool_to_grid, propagate, text_affinity, tlp, working_dtype
 from .text import Vocabulary, load_vocabulary, text_prototypes
 
@@ -166,15 +166,16 @@ def resolve_settings(method: str, pa: bool | None, tlp: bool | None, params: dic
     if resolved["arch"] is None:
         resolved["arch"] = method_cls.default_arch
     resolved.update(pa=pa, tlp=tlp)
-    checks = [("resize_short", resolved["resize_short"] >= 0), ("resize_long", resolved["resize_long"] > 0),
-              ("slide_crop", resolved["slide_crop"] >= 0), ("slide_stride", resolved["slide_stride"] > 0),
-              ("logit_scale", resolved["logit_scale"] > 0), ("prob_thd", 0 <= resolved["prob_thd"] <= 1),
-              ("area_thd", 0 <= resolved["area_thd"] < 1), ("pa_iters", resolved["pa_iters"] >= 0),
-              ("pamr_iters", resolved["pamr_iters"] >= 0), ("naclip_gauss_std", resolved["naclip_gauss_std"] > 0)]
-    for name, ok in checks:
-        if not ok:
-            raise ValueError(f"{name}={resolved[name]!r} is out of range; see the README's parameter table")
     return method_cls, resolved
+
+
+@dataclass(frozen=True)
+class DecisionConfig:
+    """The decision rule's settings (docs/protocol.md §8); the parameters of the same names."""
+
+    logit_scale: float = param_specs.default("logit_scale")
+    prob_thd: float = param_specs.default("prob_thd")
+    area_thd: float = param_specs.default("area_thd")
 
 
 class Segmentor:
@@ -188,14 +189,14 @@ class Segmentor:
                  pa: bool | None = None, tlp: bool | None = None, tokenizer=None, device: str | torch.device = "cpu",
                  precision: str | None = None, window_batch_size: int = 64, **params) -> None:
         method_cls, self.params = resolve_settings(method, pa, tlp, params)
-        self.method = method_cls()
-        self.pa, self.tlp = self.params["pa"], self.params["tlp"]
-        self.tlp_config = TLPConfig(
-            grid=self.params["tlp_grid"], cg_iters=self.params["tlp_cg_iters"], pool=self.params["tlp_pool"],
-            softmax_temp=self.params["tlp_softmax_temp"], quadform=self.params["tlp_quadform"],
-            grad_norm=self.params["tlp_grad_norm"], edge_clamp=self.params["tlp_edge_clamp"],
-            tau=self.params["tlp_tau"], lam=self.params["tlp_lambda"], tau_s=self.params["tlp_tau_s"],
-            beta=self.params["tlp_beta"], kappa=self.params["tlp_kappa"], eps=self.params["tlp_eps"])
+        # the one conversion from flat names to each stage's typed config
+        build = param_specs.build_config
+        self.method = method_cls(build(method_cls.Config, self.params, method_cls.config_prefix))
+        self.windows = build(WindowConfig, self.params)
+        self.decision = build(DecisionConfig, self.params)
+        self.tlp_config = build(TLPConfig, self.params, "tlp_")
+        self.pamr_config = build(PAMRConfig, self.params, "pamr_")
+        self.pa, self.tlp, self.pamr = self.params["pa"], self.params["tlp"], self.params["pamr"]
         if window_batch_size < 1:
             raise ValueError(f"window_batch_size must be ≥ 1, got {window_batch_size}")
         self.window_batch_size = window_batch_size
@@ -257,22 +258,22 @@ class Segmentor:
 
     def _decide(self, logits: _OriginalSize, info: dict) -> Prediction:
         """The decision at the original size: whole, or in column slabs above ``FULL_SIZE_BUDGET``."""
-        rule = (self.query_to_class, self.vocabulary.num_classes, self.params["logit_scale"])
+        rule = (self.query_to_class, self.vocabulary.num_classes, self.decision.logit_scale)
         if logits.values <= FULL_SIZE_BUDGET:
             full = logits.full()
-            labels, probs = decide(full, *rule, self.params["area_thd"], self.params["prob_thd"])
+            labels, probs = decide(full, *rule, self.decision.area_thd, self.decision.prob_thd)
             return Prediction(labels, probs.float(), full.float(), info)
         width = max(1, SLAB_VALUES // (logits.source.shape[0] * logits.size[0]))
         keep = None
-        if self.params["area_thd"] > 0:  # the filter needs the whole image's argmax areas first
+        if self.decision.area_thd > 0:  # the filter needs the whole image's argmax areas first
             counts = torch.zeros(rule[1], dtype=torch.long, device=self.device)
             for _, slab in logits.column_slabs(width):
                 counts += torch.bincount(class_probabilities(slab, *rule).argmax(dim=0).flatten(), minlength=rule[1])
-            keep = area_keep(counts, self.params["area_thd"])
+            keep = area_keep(counts, self.decision.area_thd)
         labels = torch.empty(logits.size, dtype=torch.long, device=self.device)
         for start, slab in logits.column_slabs(width):
             labels[:, start:start + slab.shape[2]] = labels_from(class_probabilities(slab, *rule), keep,
-                                                                 self.params["prob_thd"])
+                                                                 self.decision.prob_thd)
         return Prediction(labels, lambda: class_probabilities(logits.full(), *rule).float(),
                           lambda: logits.full().float(), info)
 
@@ -284,12 +285,12 @@ class Segmentor:
 
     def _prepare_image(self, image) -> _Image:
         rgb = to_rgb_uint8(image)
-        resized = rescale(rgb, self.params["resize_short"], self.params["resize_long"])
+        resized = rescale(rgb, self.windows.resize_short, self.windows.resize_long)
         tensor = normalise(resized).to(self.device)
         if self.method.fuse_in_model_dtype:
             tensor = tensor.to(self.dtype)  # ClearCLIP casts its input before the window loop
-        windows = sliding_windows(tensor.shape[1], tensor.shape[2], self.params["slide_crop"],
-                                  self.params["slide_stride"])
+        windows = sliding_windows(tensor.shape[1], tensor.shape[2], self.windows.slide_crop,
+                                  self.windows.slide_stride)
         patch = patch_size(self.model.visual)
         if min(tensor.shape[1:]) < patch:
             raise ValueError(f"image of size {rgb.shape[1]}×{rgb.shape[0]} is {tensor.shape[2]}×{tensor.shape[1]} "
@@ -302,7 +303,7 @@ class Segmentor:
         patch size for ClearCLIP (``clearclip_segmentor.py`` ``compute_padsize``, called only in
         ``forward_slide``), none otherwise. A whole image is never padded (the patch conv drops
         the remainder, as upstream)."""
-        if not self.method.pad_crops_to_patch or self.params["slide_crop"] <= 0:
+        if not self.method.pad_crops_to_patch or self.windows.slide_crop <= 0:
             return 0, 0, 0, 0
         patch = patch_size(self.model.visual)
         pad_h, pad_w = (-(window.y2 - window.y1)) % patch, (-(window.x2 - window.x1)) % patch
@@ -326,7 +327,7 @@ class Segmentor:
             for start in range(0, len(group), self.window_batch_size):
                 chunk = group[start:start + self.window_batch_size]
                 batch = torch.stack([crop for _, _, crop in chunk])
-                feats, info = dense_features(self.model.visual, batch, self.method, self.params)
+                feats, info = dense_features(self.model.visual, batch, self.method)
                 logits = (feats.to(self.dtype) @ self.prototypes.T).permute(0, 3, 1, 2)
                 for (item, index, _), window_logits in zip(chunk, logits):
                     item.patch_logits[index] = window_logits
@@ -339,13 +340,13 @@ class Segmentor:
 
     def _fuse(self, item: _Image, info: dict) -> torch.Tensor:
         """Query logits [Q, H, W] at the original size; docs/protocol.md §6.2–6.5."""
-        per_window_tlp = self.tlp and self.params["tlp_site"] == "per_window"
+        per_window_tlp = self.tlp and self.tlp_config.site == "per_window"
         info["nan_windows"] = int(torch.stack([torch.isnan(w).any() for w in item.patch_logits]).sum())  # one sync
         if info["nan_windows"]:
             warnings.warn(f"{info['nan_windows']} of {len(item.windows)} windows produced NaN logits (SFP's released "
                           f"purification zeroes isolated outliers; sfp_nan_guard=True avoids it)", RuntimeWarning)
         height, width = item.input.shape[1:]
-        if self.params["slide_crop"] <= 0:
+        if self.windows.slide_crop <= 0:
             logits = item.patch_logits[0]
             if self.method.whole_upsample_via_input or per_window_tlp:
                 logits = _upsample(logits, (height, width))
@@ -373,12 +374,12 @@ class Segmentor:
         Above ``FULL_SIZE_BUDGET`` TLP's input is resized and pooled a few queries at a time and its
         output stays on TLP's grid (``_OriginalSize`` resizes it per slab); PAMR always works whole.
         """
-        post_fusion_tlp = self.tlp and self.params["tlp_site"] == "post_fusion"
-        if not (self.params["pamr"] or post_fusion_tlp):
+        post_fusion_tlp = self.tlp and self.tlp_config.site == "post_fusion"
+        if not (self.pamr or post_fusion_tlp):
             return logits
-        if self.params["pamr"]:
+        if self.pamr:
             guide = _upsample(item.input.float(), item.ori_shape)[None]
-            refined = pamr(guide, logits.full()[None], self.params["pamr_iters"], self.params["pamr_dilations"])[0]
+            refined = pamr(guide, logits.full()[None], self.pamr_config.iters, self.pamr_config.dilations)[0]
             logits = _OriginalSize(refined.to(self.dtype), item.ori_shape, self.dtype)
             if post_fusion_tlp and logits.values <= FULL_SIZE_BUDGET:
                 return self._whole_tlp(logits, guide, info)

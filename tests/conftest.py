@@ -43,6 +43,17 @@ def photos():
 REPO = Path(__file__).resolve().parents[1]
 
 
+def build_method(name: str, **overrides):
+    """The method ``name`` built with its own config from flat parameter overrides (as Segmentor does);
+    ``pa`` and ``arch`` default to off and the method's own."""
+    from pearl.methods import get_method
+    from pearl.params import build_config, resolve
+    cls = get_method(name)
+    params = resolve({k: v for k, v in overrides.items() if k not in ("pa", "arch")})
+    params.update(pa=overrides.get("pa", False), arch=overrides.get("arch", cls.default_arch))
+    return cls(build_config(cls.Config, params, cls.config_prefix))
+
+
 def compose(overrides: list[str]):
     """run.py's config with ``overrides``, composed as Hydra does for one job."""
     from hydra import compose as hydra_compose

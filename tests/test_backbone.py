@@ -9,23 +9,15 @@ import pearl
 from pearl import backbone
 from pearl.backbone import dense_features, embed, positional_embedding
 from pearl.errors import WeightsError
-from pearl.methods import get_method
-from pearl.params import resolve
 
-from .conftest import TINY_CFG
-
-
-def _params(**overrides):
-    p = resolve(overrides)
-    p.update(pa=False, tlp=False, arch=overrides.get("arch", "vanilla"))
-    return p
+from .conftest import TINY_CFG, build_method
 
 
 def test_vanilla_dense_forward_reproduces_stock_open_clip(tiny_model):
     """Embed + blocks + vanilla last block at native size = open_clip's own forward (exactly, fp32)."""
     visual = tiny_model.visual
     images = torch.randn(2, 3, 64, 64)
-    feats, _ = dense_features(visual, images, get_method("vanilla")(), _params())
+    feats, _ = dense_features(visual, images, build_method("vanilla"))
     visual.output_tokens = True
     try:
         _, tokens = visual(images)

@@ -7,16 +7,11 @@ import torch
 
 from pearl.methods import available_methods, get_method
 from pearl.methods.naclip import neighbourhood_bias
-from pearl.params import resolve
 from pearl.procrustes import polar_newton_schulz, polar_svd, procrustes_attention, procrustes_rotation
 
+from .conftest import build_method
+
 HEADS, DIM = 2, 32
-
-
-def _params(**overrides):
-    p = resolve({k: v for k, v in overrides.items() if k not in ("pa", "tlp", "arch")})
-    p.update(pa=overrides.get("pa", False), tlp=False, arch=overrides.get("arch", "reduced"))
-    return p
 
 
 def _qkv(block, x):
@@ -49,7 +44,8 @@ def tokens():
 
 def _run(name, tiny_model, x, **overrides):
     blocks = tiny_model.visual.transformer.resblocks
-    return get_method(name)().last_block(blocks, x, [], (3, 4), _params(**overrides), {})
+    overrides.setdefault("arch", "reduced")
+    return build_method(name, **overrides).last_block(blocks, x, [], (3, 4), {})
 
 
 def test_registry_lists_the_six_methods():

@@ -207,9 +207,9 @@ def test_windows_of_all_images_share_batched_forwards(tiny_model, tokenizer, pho
     calls = []
     original = module.dense_features
 
-    def counting(visual, images, method, params):
+    def counting(visual, images, method):
         calls.append(images.shape[0])
-        return original(visual, images, method, params)
+        return original(visual, images, method)
     monkeypatch.setattr(module, "dense_features", counting)
     seg = _segmentor(tiny_model, tokenizer, "pearl", slide_crop=64, slide_stride=32)
     seg.predict(photos["chelsea"])
@@ -281,3 +281,31 @@ def test_text_cache_key_covers_the_templates(tiny_model, tokenizer, tmp_path, mo
     with torch.no_grad():
         expected = tiny_model.encode_text(tokenizer(["a photo of a cat.", "a photo of a dog."]))
     assert torch.allclose(single, expected / expected.norm(dim=-1, keepdim=True), atol=1e-6)
+
+
+def test_every_parameter_reaches_exactly_one_stage_config():
+    from dataclasses import fields
+
+    from pearl.methods import get_method
+    from pearl.params import PARAMS, param_name
+    from pearl.preprocess import WindowConfig
+    from pearl.refine.pamr import PAMRConfig
+    from pearl.refine.tlp import TLPConfig
+    from pearl.segmentor import DecisionConfig
+    stages = {(WindowConfig, ""), (DecisionConfig, ""), (TLPConfig, "tlp_"), (PAMRConfig, "pamr_")}
+    stages |= {(get_method(m).Config, get_method(m).config_prefix) for m in pearl.available_methods()}
+    readers: dict[str, list[str]] = {}
+    for cls, prefix in stages:
+        for f in fields(cls):
+            readers.setdefault(param_name(prefix, f.name), []).append(cls.__name__)
+    switches = {"pamr", "text_cache_dir"}  # read by the Segmentor itself: PAMR on/off, the text cache
+    assert set(readers) - {"pa"} == set(PARAMS) - switches  # pa: the pa= switch, resolved beside PARAMS
+    assert all(len(owners) == 1 for owners in readers.values()), readers
+    assert [f.name for f in fields(get_method("naclip").Config)] == ["gauss_std"]  # its own settings only
+
+
+def test_a_parameter_walks_from_the_flat_name_to_its_stage(tiny_model, tokenizer):
+    seg = _segmentor(tiny_model, tokenizer, "naclip", naclip_gauss_std=2.5, tlp=True, tlp_lambda=0.5, prob_thd=0.2)
+    assert seg.method.config.gauss_std == 2.5 and seg.tlp_config.lambda_ == 0.5 and seg.decision.prob_thd == 0.2
+    with pytest.raises(ValueError, match=r"naclip_gauss_std=0.0 is out of range: it must be > 0"):
+        _segmentor(tiny_model, tokenizer, "naclip", naclip_gauss_std=0)

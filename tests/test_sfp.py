@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from pearl.backbone import embed
-from pearl.methods import get_method
 from pearl.methods.sfp import purify
-from pearl.params import resolve
+
+from .conftest import build_method
 
 
 def _hidden(model, images):
@@ -76,9 +76,7 @@ def test_sfp_matches_reference(tiny_model):
     torch.manual_seed(7)
     images = torch.randn(1, 3, 160, 176)
     hidden, grid = _hidden(tiny_model, images)
-    params = resolve({})
-    params.update(pa=False, tlp=False, arch="reduced")
-    ours = get_method("sfp")().last_block(tiny_model.visual.transformer.resblocks, hidden[-1], hidden, grid, params, {})
+    ours = build_method("sfp").last_block(tiny_model.visual.transformer.resblocks, hidden[-1], hidden, grid, {})
     expected, cells = _reference_sfp(tiny_model, hidden, grid)
     assert cells  # the random model does produce outliers
     assert torch.allclose(ours[0], expected, atol=1e-4)
@@ -101,13 +99,10 @@ def test_sfp_needs_twelve_blocks_or_an_explicit_layer_map(tiny_model):
     model = copy.deepcopy(tiny_model)
     model.visual.transformer.resblocks = model.visual.transformer.resblocks[:6]
     hidden, grid = _hidden(model, torch.randn(1, 3, 64, 64))
-    params = resolve({})
-    params.update(pa=False, tlp=False, arch="reduced")
-    method = get_method("sfp")()
     with pytest.raises(ValueError, match="12-block"):
-        method.last_block(model.visual.transformer.resblocks, hidden[-1], hidden, grid, params, {})
-    params["sfp_layers"] = (4, 2, 2, 4)
-    out = method.last_block(model.visual.transformer.resblocks, hidden[-1], hidden, grid, params, {})
+        build_method("sfp").last_block(model.visual.transformer.resblocks, hidden[-1], hidden, grid, {})
+    mapped = build_method("sfp", sfp_layers=(4, 2, 2, 4))
+    out = mapped.last_block(model.visual.transformer.resblocks, hidden[-1], hidden, grid, {})
     assert out.shape == (1, 16, 64)
 
 

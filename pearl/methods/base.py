@@ -2,24 +2,47 @@
 from __future__ import annotations
 
 import abc
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from ..blocks import head_scale, merge_heads, mlp_residual, split_heads
+from ..params import default
 from ..procrustes import procrustes_attention
+
+
+@dataclass(frozen=True)
+class NoConfig:
+    """A method without settings of its own."""
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """The query·key last block of vanilla and PEARL: block form and Procrustes alignment."""
+
+    arch: str = "reduced"
+    pa: bool = False
+    pa_solver: str = default("pa_solver")
+    pa_iters: int = default("pa_iters")
+    alpha_kk: float = default("alpha_kk")
+    use_kk: bool = default("use_kk")
 
 
 class Method(abc.ABC):
     """How the last block computes. Subclasses set the class attributes and ``last_block``.
 
-    ``last_block(blocks, x, hidden, grid, params, info)`` receives the open_clip resblocks, the
-    input of the last block x [B, T, C] (CLS first), the outputs of blocks 1..L−1 when
-    ``needs_hidden_states`` (else an empty list), the grid (h', w'), the resolved parameters and a
-    dict for diagnostics; it returns the patch tokens [B, h'w', C] before ``ln_post``.
+    A method is built with its own config (``Config``, a dataclass whose field ``f`` is the flat
+    parameter ``config_prefix + f``; ``pearl.params.build_config`` makes it) and nothing else.
+    ``last_block(blocks, x, hidden, grid, info)`` receives the open_clip resblocks, the input of
+    the last block x [B, T, C] (CLS first), the outputs of blocks 1..L−1 when
+    ``needs_hidden_states`` (else an empty list), the grid (h', w') and a dict for diagnostics; it
+    returns the patch tokens [B, h'w', C] before ``ln_post``.
     """
 
     name: ClassVar[str]
+    Config: ClassVar[type] = NoConfig
+    config_prefix: ClassVar[str] = ""
     default_pa: ClassVar[bool] = False
     default_tlp: ClassVar[bool] = False
     default_arch: ClassVar[str] = "reduced"
@@ -33,9 +56,12 @@ class Method(abc.ABC):
     pad_crops_to_patch: ClassVar[bool] = False
     fuse_in_model_dtype: ClassVar[bool] = False
 
+    def __init__(self, config=None) -> None:
+        self.config = config if config is not None else self.Config()
+
     @abc.abstractmethod
     def last_block(self, blocks, x: torch.Tensor, hidden: list[torch.Tensor], grid: tuple[int, int],
-                   params: dict, info: dict) -> torch.Tensor:
+                   info: dict) -> torch.Tensor:
         """Patch tokens [B, h'w', C] before ln_post."""
 
 
@@ -53,7 +79,7 @@ def finish_block(block, x: torch.Tensor, heads_out: torch.Tensor, arch: str) -> 
     return out[:, 1:]
 
 
-def query_key_block(block, x: torch.Tensor, params: dict, info: dict) -> torch.Tensor:
+def query_key_block(block, x: torch.Tensor, config: AttentionConfig, info: dict) -> torch.Tensor:
     """Last block with softmax(s·q kᵀ) attention, or PEARL's Procrustes alignment when ``pa``.
 
     Plain attention scales q first, as NACLIP/PEARL ``custom_attn`` ('vanilla' strategy). PA runs
@@ -61,11 +87,11 @@ def query_key_block(block, x: torch.Tensor, params: dict, info: dict) -> torch.T
     """
     q, k, v = split_heads(block, block.ln_1(x))
     scale = head_scale(block)
-    if params["pa"]:
+    if config.pa:
         out, stats = procrustes_attention(
-            q.float(), k.float(), v.float(), scale, alpha_kk=params["alpha_kk"] if params["use_kk"] else 0.0,
-            solver=params["pa_solver"], iters=params["pa_iters"])
+            q.float(), k.float(), v.float(), scale, alpha_kk=config.alpha_kk if config.use_kk else 0.0,
+            solver=config.pa_solver, iters=config.pa_iters)
         info.update(stats)
     else:
         out = torch.softmax((q * scale) @ k.transpose(-1, -2), dim=-1) @ v
-    return finish_block(block, x, out, params["arch"])
+    return finish_block(block, x, out, config.arch)

@@ -17,7 +17,7 @@ class ClearCLIP(Method):
     pad_crops_to_patch = True
     fuse_in_model_dtype = True
 
-    def last_block(self, blocks, x, hidden, grid, params, info):
+    def last_block(self, blocks, x, hidden, grid, info):
         block = blocks[-1]
         q, _, v = split_heads(block, block.ln_1(x))
         attn = torch.softmax((q @ q.transpose(-1, -2)) * head_scale(block), dim=-1)

@@ -4,9 +4,12 @@ sinahmr/NACLIP@0cac3a6 ``clip/model.py`` (arch='reduced', attn_strategy='naclip'
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..blocks import head_scale, split_heads
+from ..params import default
 from . import register
 from .base import Method, finish_block
 
@@ -25,12 +28,21 @@ def neighbourhood_bias(grid_h: int, grid_w: int, std: float) -> torch.Tensor:
     return omega
 
 
+@dataclass(frozen=True)
+class NACLIPConfig:
+    gauss_std: float = default("naclip_gauss_std")
+
+
 @register
 class NACLIP(Method):
     name = "naclip"
     whole_upsample_via_input = True
 
-    def __init__(self) -> None:
+    Config = NACLIPConfig
+    config_prefix = "naclip_"
+
+    def __init__(self, config: NACLIPConfig | None = None) -> None:
+        super().__init__(config)
         self._bias_cache: dict = {}
 
     def _bias(self, grid, std, like: torch.Tensor) -> torch.Tensor:
@@ -39,8 +51,8 @@ class NACLIP(Method):
             self._bias_cache[key] = neighbourhood_bias(*grid, std).to(device=like.device, dtype=like.dtype)
         return self._bias_cache[key]
 
-    def last_block(self, blocks, x, hidden, grid, params, info):
+    def last_block(self, blocks, x, hidden, grid, info):
         block = blocks[-1]
         _, k, v = split_heads(block, block.ln_1(x))
-        logits = (k @ k.transpose(-1, -2)) * head_scale(block) + self._bias(grid, params["naclip_gauss_std"], k)
+        logits = (k @ k.transpose(-1, -2)) * head_scale(block) + self._bias(grid, self.config.gauss_std, k)
         return finish_block(block, x, torch.softmax(logits, dim=-1) @ v, "reduced")

@@ -4,11 +4,12 @@ PGSmall/PEARL@c26062b ``clip/model.py`` (``custom_attn``) and ``pearl/attn.py`` 
 ``pa=False`` is the released ``--attn vanilla`` switch: plain q·k attention, block still reduced.
 """
 from . import register
-from .base import Method, query_key_block
+from .base import AttentionConfig, Method, query_key_block
 
 
 @register
 class Pearl(Method):
+    Config = AttentionConfig
     name = "pearl"
     default_pa = True
     default_tlp = True
@@ -16,5 +17,5 @@ class Pearl(Method):
     has_query_key_term = True
     whole_upsample_via_input = True
 
-    def last_block(self, blocks, x, hidden, grid, params, info):
-        return query_key_block(blocks[-1], x, params, info)
+    def last_block(self, blocks, x, hidden, grid, info):
+        return query_key_block(blocks[-1], x, self.config, info)

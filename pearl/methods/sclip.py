@@ -14,7 +14,7 @@ from .base import Method, finish_block
 class SCLIP(Method):
     name = "sclip"
 
-    def last_block(self, blocks, x, hidden, grid, params, info):
+    def last_block(self, blocks, x, hidden, grid, info):
         block = blocks[-1]
         q, k, v = split_heads(block, block.ln_1(x))
         scale = head_scale(block)

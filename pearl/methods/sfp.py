@@ -7,10 +7,13 @@ x_ℓ are block outputs, 1-based; the released code hard-codes them for a 12-blo
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from ..blocks import head_scale, merge_heads, split_heads
+from ..params import default
 from . import register
 from .base import Method
 
@@ -98,23 +101,34 @@ def aggregate(sim: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return (sim / (sim.sum(dim=-1, keepdim=True) + 1e-6)) @ tokens
 
 
+@dataclass(frozen=True)
+class SFPConfig:
+    outlier: str = default("sfp_outlier")
+    purify: bool = default("sfp_purify")
+    res_cls: float = default("sfp_res_cls")
+    nan_guard: bool = default("sfp_nan_guard")
+    layers: tuple | None = default("sfp_layers")
+
+
 @register
 class SFP(Method):
     name = "sfp"
     needs_hidden_states = True
+    Config = SFPConfig
+    config_prefix = "sfp_"
 
-    def _outliers(self, blocks, hidden, params) -> torch.Tensor:
-        mode = params["sfp_outlier"]
+    def _outliers(self, blocks, hidden) -> torch.Tensor:
+        mode = self.config.outlier
         if mode == "som":
-            return _som_outliers(blocks, hidden[-2], params["sfp_res_cls"], NUM_OUTLIERS)
+            return _som_outliers(blocks, hidden[-2], self.config.res_cls, NUM_OUTLIERS)
         if mode == "l2":
             return _l2_outliers(_patches(hidden[-1]), NUM_OUTLIERS)
         if mode == "lof":
             return _lof_outliers(_patches(hidden[-1]))
         raise ValueError(f"sfp_outlier {mode!r} is not one of {', '.join(OUTLIERS)}")
 
-    def last_block(self, blocks, x, hidden, grid, params, info):
-        layers = params["sfp_layers"]
+    def last_block(self, blocks, x, hidden, grid, info):
+        layers = self.config.layers
         if layers is None:
             if len(blocks) != 12:
                 raise ValueError(
@@ -125,10 +139,10 @@ class SFP(Method):
         pre, post, first, last = layers
         block = blocks[-1]
         x_last = hidden[-1]
-        guard = params["sfp_nan_guard"]
-        res_cls = params["sfp_res_cls"]
-        if params["sfp_purify"]:
-            outliers = self._outliers(blocks, hidden, params)
+        guard = self.config.nan_guard
+        res_cls = self.config.res_cls
+        if self.config.purify:
+            outliers = self._outliers(blocks, hidden)
             main = purify(_patches(x_last), outliers, grid, guard)
             pre_tokens = purify(_patches(hidden[pre - 1]), outliers, grid, guard)
         else:

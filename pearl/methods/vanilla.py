@@ -4,15 +4,16 @@ Architecture as PGSmall/PEARL and sinahmr/NACLIP ``clip/model.py`` with arch='va
 attn_strategy='vanilla' (docs/methods.md §2). ``pa=True`` swaps in Procrustes-aligned attention.
 """
 from . import register
-from .base import Method, query_key_block
+from .base import AttentionConfig, Method, query_key_block
 
 
 @register
 class Vanilla(Method):
+    Config = AttentionConfig
     name = "vanilla"
     default_arch = "vanilla"
     has_query_key_term = True
     whole_upsample_via_input = True  # its protocol is PEARL's (NACLIP-style) segmentor
 
-    def last_block(self, blocks, x, hidden, grid, params, info):
-        return query_key_block(blocks[-1], x, params, info)
+    def last_block(self, blocks, x, hidden, grid, info):
+        return query_key_block(blocks[-1], x, self.config, info)

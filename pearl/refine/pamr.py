@@ -5,10 +5,13 @@ docs/methods.md §4.1, after sinahmr/NACLIP@0cac3a6 ``pamr.py`` (from visinf/1-s
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from ..params import default
 
 _OFFSETS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
 
@@ -33,6 +36,14 @@ def pamr_affinity(image: torch.Tensor, dilations: Sequence[int] = (8, 16)) -> to
     diffs = torch.cat([_without_centre(t) for t in taps], dim=2) - image[:, :, None]
     affinity = -(diffs.abs() / (1e-8 + 0.1 * sigma)).mean(dim=1, keepdim=True)
     return torch.softmax(affinity, dim=2)
+
+
+@dataclass(frozen=True)
+class PAMRConfig:
+    """PAMR's settings: the parameters ``pamr_iters``, ``pamr_dilations`` (pearl.params)."""
+
+    iters: int = default("pamr_iters")
+    dilations: tuple[int, ...] = default("pamr_dilations")
 
 
 def pamr(image: torch.Tensor, logits: torch.Tensor, iters: int = 10, dilations: Sequence[int] = (8, 16)

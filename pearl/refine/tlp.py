@@ -10,36 +10,28 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-POOLS = ("int_stride", "adaptive")
-QUADFORMS = ("diag", "full")
-GRAD_NORMS = ("mean", "none")
+from ..params import default
 
 
 @dataclass(frozen=True)
 class TLPConfig:
-    """Defaults are the released constants (docs/pearl.md §3.3)."""
+    """TLP's settings; field ``f`` is the parameter ``tlp_f`` (``lambda_`` → ``tlp_lambda``), whose
+    default, meaning and valid values ``pearl.params`` defines (the released constants, docs/pearl.md §3.3)."""
 
-    grid: int = 80
-    cg_iters: int = 25
-    pool: str = "int_stride"
-    softmax_temp: float = 1.0
-    quadform: str = "diag"
-    grad_norm: str = "mean"
-    edge_clamp: bool = True
-    tau: float = 1.0
-    lam: float = 1.0
-    tau_s: float = 0.5
-    beta: float = 10.0
-    kappa: float = 5.0
-    eps: float = 0.05
-
-    def __post_init__(self) -> None:
-        for value, valid, name in ((self.pool, POOLS, "tlp_pool"), (self.quadform, QUADFORMS, "tlp_quadform"),
-                                   (self.grad_norm, GRAD_NORMS, "tlp_grad_norm")):
-            if value not in valid:
-                raise ValueError(f"{name} {value!r} is not one of {', '.join(valid)}")
-        if self.grid < 1 or self.cg_iters < 0:
-            raise ValueError(f"tlp_grid must be ≥ 1 and tlp_cg_iters ≥ 0, got {self.grid}, {self.cg_iters}")
+    site: str = default("tlp_site")
+    grid: int = default("tlp_grid")
+    cg_iters: int = default("tlp_cg_iters")
+    pool: str = default("tlp_pool")
+    softmax_temp: float = default("tlp_softmax_temp")
+    quadform: str = default("tlp_quadform")
+    grad_norm: str = default("tlp_grad_norm")
+    edge_clamp: bool = default("tlp_edge_clamp")
+    tau: float = default("tlp_tau")
+    lambda_: float = default("tlp_lambda")
+    tau_s: float = default("tlp_tau_s")
+    beta: float = default("tlp_beta")
+    kappa: float = default("tlp_kappa")
+    eps: float = default("tlp_eps")
 
 
 def text_affinity(prototypes: torch.Tensor, tau_s: float = 0.5, beta: float = 10.0) -> torch.Tensor:
@@ -96,8 +88,8 @@ def edge_weights(p: torch.Tensor, weighted: torch.Tensor, guide: torch.Tensor, c
         grad_y = grad_y / (grad_y.mean(dim=(1, 2), keepdim=True) + 1e-6)
     gate_x = (p[:, :, :, 1:] * weighted[:, :, :, :-1]).sum(dim=1)
     gate_y = (p[:, :, 1:, :] * weighted[:, :, :-1, :]).sum(dim=1)
-    w_h = torch.exp(-cfg.kappa * grad_x) * (1 + cfg.lam * gate_x.clamp(0, 1))
-    w_v = torch.exp(-cfg.kappa * grad_y) * (1 + cfg.lam * gate_y.clamp(0, 1))
+    w_h = torch.exp(-cfg.kappa * grad_x) * (1 + cfg.lambda_ * gate_x.clamp(0, 1))
+    w_v = torch.exp(-cfg.kappa * grad_y) * (1 + cfg.lambda_ * gate_y.clamp(0, 1))
     if cfg.edge_clamp:
         w_h, w_v = w_h.clamp(0, 1), w_v.clamp(0, 1)
     return w_h, w_v
