@@ -66,3 +66,14 @@ def test_prob_threshold_reads_the_probabilities_after_the_area_filter():
     logits = torch.log(probs)  # logit_scale 1: softmax gives back the normalised probabilities
     labels, _ = decide(logits, torch.arange(3), 3, logit_scale=1.0, area_thd=0.2, prob_thd=0.3)
     assert labels[0, 0] == 0 and labels[0, 1:].tolist() == [1] * 9
+
+
+def test_area_filter_drops_a_class_exactly_at_the_threshold():
+    # 10 foreground pixels: class 1 wins 9, class 2 wins 1 = exactly 0.1 of them: not strictly more, dropped
+    logits = torch.zeros(3, 1, 11)
+    logits[1, 0, :9] = 1
+    logits[2, 0, 9] = 1
+    logits[0, 0, 10] = 1
+    logits[1, 0, 9] = 0.5  # the runner-up at the dropped pixel
+    labels, _ = decide(logits, torch.arange(3), 3, logit_scale=10, area_thd=0.1)
+    assert labels[0, 9] == 1

@@ -50,8 +50,10 @@ SLIPS = [
     Slip("pa-cls-weight", "pearl/procrustes.py", "weights[..., 0] = 0.0", "pass", "tests/test_methods.py"),
     Slip("pa-kk-uncentred", "pearl/procrustes.py", "alpha_kk * scale * (k_centred @ k_centred.transpose(-1, -2))",
          "alpha_kk * scale * (k @ k.transpose(-1, -2))", "tests/test_methods.py"),
-    Slip("pa-rotate-centred", "pearl/procrustes.py", "(q * scale) @ (k @ rotation).transpose(-1, -2)",
-         "(q * scale) @ (k_centred @ rotation).transpose(-1, -2)", "tests/test_methods.py"),
+    # (rotating the centred instead of the uncentred keys is an equivalent slip: it shifts each query's
+    # logits by a constant, which the softmax removes; so the slip here uncentres the queries of M)
+    Slip("pa-queries-uncentred", "pearl/procrustes.py", "cross = k_centred.transpose(-1, -2) @ q_centred",
+         "cross = k_centred.transpose(-1, -2) @ q", "tests/test_methods.py"),
     Slip("sclip-average", "pearl/methods/sclip.py", "torch.softmax((k @ k.transpose(-1, -2)) * scale, dim=-1)",
          "torch.softmax((k @ k.transpose(-1, -2)) * scale, dim=-1) * 0.5", "tests/test_methods.py"),
     Slip("cg-from-zero", "pearl/refine/tlp.py", "    x = z.clone()", "    x = torch.zeros_like(z)",
