@@ -10,30 +10,7 @@ from pearl.methods.naclip import neighbourhood_bias
 from pearl.procrustes import polar_newton_schulz, polar_svd, procrustes_attention, procrustes_rotation
 
 from .conftest import build_method
-
-HEADS, DIM = 2, 32
-
-
-def _qkv(block, x):
-    """Per head q, k, v [B, h, T, d] written out from in_proj (test-side transcription)."""
-    y = block.ln_1(x)
-    w, b = block.attn.in_proj_weight, block.attn.in_proj_bias
-    width = x.shape[-1]
-    out = []
-    for part in range(3):
-        t = y @ w[part * width:(part + 1) * width].T + b[part * width:(part + 1) * width]
-        out.append(t.view(x.shape[0], x.shape[1], HEADS, DIM).transpose(1, 2))
-    return out
-
-
-def _out_proj(block, heads):
-    b, h, t, d = heads.shape
-    return heads.transpose(1, 2).reshape(b, t, h * d) @ block.attn.out_proj.weight.T + block.attn.out_proj.bias
-
-
-def _full_block(block, x, heads):
-    y = x + _out_proj(block, heads)
-    return y + block.mlp(block.ln_2(y))
+from .reference import blocks as ref
 
 
 @pytest.fixture
@@ -56,9 +33,9 @@ def test_registry_lists_the_six_methods():
 
 def test_vanilla_full_block(tiny_model, tokens):
     block = tiny_model.visual.transformer.resblocks[-1]
-    q, k, v = _qkv(block, tokens)
-    attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(DIM), dim=-1)
-    expected = _full_block(block, tokens, attn @ v)[:, 1:]
+    q, k, v = ref.qkv(block, tokens)
+    attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(ref.DIM), dim=-1)
+    expected = ref.full_block(block, tokens, attn @ v)[:, 1:]
     assert torch.allclose(_run("vanilla", tiny_model, tokens, arch="vanilla"), expected, atol=1e-5)
     # stock open_clip block gives the same
     assert torch.allclose(block(tokens)[:, 1:], expected, atol=1e-5)
@@ -66,10 +43,10 @@ def test_vanilla_full_block(tiny_model, tokens):
 
 def test_sclip_sums_two_maps(tiny_model, tokens):
     block = tiny_model.visual.transformer.resblocks[-1]
-    q, k, v = _qkv(block, tokens)
-    s = DIM ** -0.5
+    q, k, v = ref.qkv(block, tokens)
+    s = ref.DIM ** -0.5
     attn = torch.softmax(s * q @ q.transpose(-1, -2), -1) + torch.softmax(s * k @ k.transpose(-1, -2), -1)
-    expected = _full_block(block, tokens, attn @ v)[:, 1:]
+    expected = ref.full_block(block, tokens, attn @ v)[:, 1:]
     assert torch.allclose(_run("sclip", tiny_model, tokens), expected, atol=1e-5)
 
 
@@ -116,9 +93,9 @@ def test_naclip_bias_matrix():
 
 def test_naclip_last_block(tiny_model, tokens):
     block = tiny_model.visual.transformer.resblocks[-1]
-    _, k, v = _qkv(block, tokens)
-    attn = torch.softmax(k @ k.transpose(-1, -2) / math.sqrt(DIM) + neighbourhood_bias(3, 4, 5.0), dim=-1)
-    expected = _out_proj(block, attn @ v)[:, 1:]
+    _, k, v = ref.qkv(block, tokens)
+    attn = torch.softmax(k @ k.transpose(-1, -2) / math.sqrt(ref.DIM) + neighbourhood_bias(3, 4, 5.0), dim=-1)
+    expected = ref.out_proj(block, attn @ v)[:, 1:]
     assert torch.allclose(_run("naclip", tiny_model, tokens), expected, atol=1e-5)
 
 
@@ -133,41 +110,13 @@ def test_clearclip_ignores_keys_but_not_queries(tiny_model, tokens):
     assert not torch.allclose(_run("clearclip", model, tokens), base, atol=1e-3)
 
 
-def _reference_pa(q, k, v, alpha, iters=5, solver="polar"):
-    """Per-head PA written out from docs/pearl.md §2 with explicit loops."""
-    b, h, t, d = q.shape
-    out = torch.empty_like(v)
-    for bi in range(b):
-        for hi in range(h):
-            qh, kh, vh = q[bi, hi].double(), k[bi, hi].double(), v[bi, hi].double()
-            pi = qh.norm(dim=1)
-            pi[0] = 0
-            pi = pi / (pi.sum() + 1e-6)
-            qc, kc = qh - pi @ qh, kh - pi @ kh
-            m = kc.T @ qc
-            if solver == "svd":
-                u, _, vt = torch.linalg.svd(m)
-                r = u @ vt
-            else:
-                gram = m.T @ m
-                a = max(torch.linalg.norm(gram).item(), 1e-6)
-                y, w = gram / a + 1e-6 * torch.eye(d, dtype=gram.dtype), torch.eye(d, dtype=gram.dtype)
-                for _ in range(iters):
-                    tm = 0.5 * (3 * torch.eye(d, dtype=gram.dtype) - w @ y)
-                    y, w = y @ tm, tm @ w
-                r = m @ w / math.sqrt(a)
-            s = d ** -0.5
-            logits = (s * qh) @ (kh @ r).T + alpha * s * kc @ kc.T
-            out[bi, hi] = (torch.softmax(logits, -1) @ vh).float()
-    return out
-
-
 @pytest.mark.parametrize("solver", ["polar", "svd"])
-def test_pa_matches_reference(solver):
+@pytest.mark.parametrize("alpha", [0.3, 0.0])  # 0: the paper's attention without the key-key term
+def test_pa_matches_reference(solver, alpha):
     torch.manual_seed(2)
     q, k, v = (torch.randn(2, 3, 9, 16) for _ in range(3))
-    out, stats = procrustes_attention(q, k, v, 16 ** -0.5, alpha_kk=0.3, solver=solver)
-    assert torch.allclose(out, _reference_pa(q, k, v, 0.3, solver=solver), atol=1e-4)
+    out, stats = procrustes_attention(q, k, v, 16 ** -0.5, alpha_kk=alpha, solver=solver)
+    assert torch.allclose(out, ref.procrustes_attention(q, k, v, alpha, solver=solver), atol=1e-4)
     if solver == "svd":
         assert stats["pa_orthogonality_error"] < 1e-4
 
@@ -225,11 +174,11 @@ def test_pa_invariant_to_rotating_the_keys(solver):
 
 def test_pearl_pa_off_is_plain_query_key_attention_in_reduced_block(tiny_model, tokens):
     block = tiny_model.visual.transformer.resblocks[-1]
-    q, k, v = _qkv(block, tokens)
-    attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(DIM), dim=-1)
-    expected = _out_proj(block, attn @ v)[:, 1:]
+    q, k, v = ref.qkv(block, tokens)
+    attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(ref.DIM), dim=-1)
+    expected = ref.out_proj(block, attn @ v)[:, 1:]
     assert torch.allclose(_run("pearl", tiny_model, tokens, pa=False), expected, atol=1e-5)
     with_pa = _run("pearl", tiny_model, tokens, pa=True)
-    assert torch.allclose(with_pa, _out_proj(block, _reference_pa(q, k, v, 0.08))[:, 1:], atol=1e-4)
+    assert torch.allclose(with_pa, ref.out_proj(block, ref.procrustes_attention(q, k, v, 0.08))[:, 1:], atol=1e-4)
     no_kk = _run("pearl", tiny_model, tokens, pa=True, use_kk=False)
-    assert torch.allclose(no_kk, _out_proj(block, _reference_pa(q, k, v, 0.0))[:, 1:], atol=1e-4)
+    assert torch.allclose(no_kk, ref.out_proj(block, ref.procrustes_attention(q, k, v, 0.0))[:, 1:], atol=1e-4)

@@ -6,6 +6,8 @@ import torch
 from pearl.refine.pamr import pamr
 from pearl.refine.tlp import TLPConfig, pooling_strides, text_affinity, tlp
 
+from .reference import tlp as ref
+
 H, W, Q = 5, 6, 3
 
 
@@ -17,66 +19,28 @@ def _problem(seed=0):
     return logits, guide, affinity
 
 
-def _reference_system(z, guide, affinity, quadform="diag", cfg=TLPConfig()):
-    """Dense (diag ρ + τ𝓛) and ρ⊙Z for a grid small enough not to pool, written with loops."""
-    z, guide, g = z[0].numpy(), guide[0].numpy(), affinity.numpy()
-    p = np.exp(z) / np.exp(z).sum(0)
-    gmat = np.diag(np.diag(g)) if quadform == "diag" else g
-    n = H * W
-    rho = np.zeros(n)
-    for i in range(H):
-        for j in range(W):
-            pi = p[:, i, j]
-            u = min(max(pi @ gmat @ pi, 0), 1)
-            rho[i * W + j] = max(pi.max(), cfg.eps) ** 2 * (1 + u)
-    gray = 0.299 * guide[0] + 0.587 * guide[1] + 0.114 * guide[2]
-    gx = np.abs(gray[:, 1:] - gray[:, :-1])
-    gy = np.abs(gray[1:] - gray[:-1])
-    gx, gy = gx / (gx.mean() + 1e-6), gy / (gy.mean() + 1e-6)
-    lap = np.zeros((n, n))
-    for i in range(H):
-        for j in range(W):
-            for di, dj, grad in ((0, 1, gx), (1, 0, gy)):
-                if i + di >= H or j + dj >= W:
-                    continue
-                a, b = i * W + j, (i + di) * W + j + dj
-                gate = p[:, i + di, j + dj] @ gmat @ p[:, i, j]
-                w = min(max(np.exp(-5 * grad[i, j]) * (1 + min(max(gate, 0), 1)), 0), 1)
-                lap[a, a] += w
-                lap[b, b] += w
-                lap[a, b] -= w
-                lap[b, a] -= w
-    matrix = np.diag(rho) + lap
-    rhs = rho[None] * z.reshape(Q, n)
-    return matrix, rhs
+# each paper variant of docs/pearl.md §6 that changes the system (switch, constants that make it bite)
+VARIANTS = [({}, {}), ({"quadform": "full"}, {}), ({"softmax_temp": 40.0}, {}), ({"grad_norm": "none"}, {}),
+            ({"edge_clamp": False}, {"kappa": 0.1}), ({"lambda_": 0.5, "kappa": 2.0, "eps": 0.2, "tau": 3.0}, {})]
 
 
-def _hand_cg(matrix, rhs, x0, iters):
-    x = x0.copy()
-    e = rhs - x @ matrix.T
-    p, r = e.copy(), (e * e).sum()
-    for _ in range(iters):
-        ap = p @ matrix.T
-        a = r / ((p * ap).sum() + 1e-12)
-        x, e = x + a * p, e - a * ap
-        r2 = (e * e).sum()
-        p, r = e + r2 / (r + 1e-12) * p, r2
-    return x
-
-
-@pytest.mark.parametrize("quadform", ["diag", "full"])
-def test_tlp_converges_to_the_dense_solution(quadform):
+@pytest.mark.parametrize("switch, context", VARIANTS, ids=lambda v: ",".join(v) or "-")
+def test_tlp_converges_to_the_dense_solution(switch, context):
     logits, guide, affinity = _problem()
-    matrix, rhs = _reference_system(logits, guide, affinity, quadform)
+    cfg = TLPConfig(grid=80, cg_iters=300, **context, **switch)
+    matrix, rhs = ref.dense_system(logits, guide, affinity, cfg)
     exact = np.linalg.solve(matrix, rhs.T).T.reshape(Q, H, W)
-    out = tlp(logits, guide, affinity, TLPConfig(grid=80, cg_iters=300, quadform=quadform))
+    out = tlp(logits, guide, affinity, cfg)
     assert np.allclose(out[0].numpy(), exact, atol=1e-8)
+    if switch:  # and the switch does change TLP's result
+        without = ref.dense_system(logits, guide, affinity, TLPConfig(grid=80, cg_iters=300, **context))
+        assert not np.allclose(exact, np.linalg.solve(without[0], without[1].T).T.reshape(Q, H, W), atol=1e-6)
 
 
 def test_released_25_steps_equal_hand_run_cg():
     logits, guide, affinity = _problem(1)
-    matrix, rhs = _reference_system(logits, guide, affinity)
-    expected = _hand_cg(matrix, rhs, logits[0].numpy().reshape(Q, -1), 25).reshape(Q, H, W)
+    matrix, rhs = ref.dense_system(logits, guide, affinity)
+    expected = ref.conjugate_gradient(matrix, rhs, logits[0].numpy().reshape(Q, -1), 25).reshape(Q, H, W)
     out = tlp(logits, guide, affinity)
     assert np.allclose(out[0].numpy(), expected, atol=1e-10)
     few = tlp(logits, guide, affinity, TLPConfig(cg_iters=2))
