@@ -1,7 +1,8 @@
 """The eight benchmarks' facts, in one table: layout, split, official size, class file, label
 convention, table column. Everything else (datasets, protocols, the synthetic generator, the
-tables, Hydra's ``dataset=`` options) reads them from here; adding a benchmark is one entry
-(plus its class file and a row per method protocol). Layouts are MMSegmentation's
+tables, Hydra's ``dataset=`` options) reads them from here; adding a benchmark is one entry plus
+its class file (with ``protocol_like`` naming the benchmark whose published settings the methods
+use on it, unless their protocol files get a row of their own). Layouts are MMSegmentation's
 (docs/datasets.md).
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ class Benchmark:
     reduce_zero_label: bool = False  # label 0 ignored (255), k → k−1
     raw_label_values: int = 0       # distinct raw label values before reduce_zero_label (synthetic data)
     aliases: tuple[str, ...] = ()
+    protocol_like: str | None = None  # whose published per-method settings to use where a method has none
 
 
 _VOC = dict(image_dir="VOCdevkit/VOC2012/JPEGImages", label_dir="VOCdevkit/VOC2012/SegmentationClass",

@@ -44,12 +44,17 @@ def _row(method: str, dataset: str, profile: str) -> dict:
     dataset = canonical_dataset(dataset)
     if profile not in PROFILES:
         raise ValueError(f"unknown protocol profile {profile!r}; valid: {', '.join(PROFILES)}")
-    row = dict(_method_table(method)["datasets"][dataset])
+    rows = _method_table(method)["datasets"]
+    like = BENCHMARKS[dataset].protocol_like
+    if dataset not in rows and like is None:
+        raise ValueError(f"method {method!r} has no published settings for {dataset!r}: add a row to "
+                         f"pearl/resources/protocols/{method}.yaml or set protocol_like in pearl/benchmarks.py")
+    row = dict(rows[dataset] if dataset in rows else rows[like])
     if profile == "pearl":
-        ref = _method_table("pearl")["datasets"][dataset]
+        ref = _row("pearl", dataset, "own")
         row.update({k: ref[k] for k in _WINDOW_KEYS + ("tlp_grid",)}, area_thd=0.0, names="base")
     elif profile == "clearclip":
-        ref = _method_table("clearclip")["datasets"][dataset]
+        ref = _row("clearclip", dataset, "own")
         row.update({k: ref[k] for k in _WINDOW_KEYS + ("names",)}, area_thd=0.0)
         if method == "vanilla" and row["prob_thd"] > 0:
             row["prob_thd"] = 0.2  # ClearCLIP maintainer's CLIP setting, mc-lan/ClearCLIP#2
@@ -83,7 +88,10 @@ def class_file(dataset: str, method: str | None = None, profile: str = "own") ->
     dataset = canonical_dataset(dataset)
     variant = _row(method, dataset, profile)["names"] if method else "base"
     stem = BENCHMARKS[dataset].class_stem
-    return _resource("classes", f"{stem}.txt" if variant == "base" else f"{stem}.{variant}.txt")
+    path = _resource("classes", f"{stem}.txt" if variant == "base" else f"{stem}.{variant}.txt")
+    if not path.is_file() and BENCHMARKS[dataset].protocol_like:  # a borrowed row's variant names another file
+        path = _resource("classes", f"{stem}.txt")
+    return path
 
 
 def parse_class_lines(text: str) -> list[str]:
