@@ -11,6 +11,7 @@ import platform
 import socket
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -355,7 +356,7 @@ def _record(cfg: DictConfig, job: _Job, shard: _Shard, wall: float) -> RunRecord
         images_per_second=shard.evaluated / shard.eval_s if shard.eval_s > 0 else None, workers=cfg.workers,
         device=_device_name(job.device), precision=job.precision, package_version=__version__,
         git_commit=git_commit(), torch_version=torch.__version__, host=socket.gethostname(),
-        platform=platform.platform(), finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        platform=platform.platform(), finished_at=datetime.now().astimezone().isoformat(timespec="microseconds"))
 
 
 def _print_dry_run(job: _Job, path: Path, existing: RunRecord | None) -> None:

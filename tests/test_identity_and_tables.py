@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -334,3 +335,20 @@ def test_a_write_that_fails_midway_leaves_the_previous_record_whole(synthetic, t
         write_record(tmp_path, dataclasses.replace(record, mIoU=1.0))
     assert path.read_bytes() == before and read_record(path).mIoU == record.mIoU
     assert [p.name for p in (tmp_path / "runs").iterdir()] == [path.name]  # no temporary file left
+
+
+def test_among_equally_good_records_the_newest_fills_the_cell(tmp_path, official_synthetic):
+    from pearl.data.synthetic import write_dataset
+    data = write_dataset("voc21", tmp_path / "data", num_images=3, size=(48, 64))
+    results = tmp_path / "res"
+    older = runner.run(compose(_job(data, results)))
+    label = next((data / BENCHMARKS["voc21"].label_dir).glob("*.png"))
+    from PIL import Image
+    relabelled = Image.open(label)
+    Image.fromarray((np.array(relabelled) == 0).astype(np.uint8)).save(label)  # re-converted data: new identity
+    newer = runner.run(compose(_job(data, results)))
+    assert newer.config_hash != older.config_hash and newer.mIoU != older.mIoU
+    write_tables(results, models=(TINY,))
+    assert _cell(results, "main", "PEARL") == round(newer.mIoU, 2)
+    assert _cell(results, "main", "PEARL", "VOC21_record") == newer.config_hash
+    assert _cell(results, "main", "PEARL", "VOC21_flags") == "of 2"
