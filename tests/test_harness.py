@@ -123,6 +123,7 @@ def _sweep(args, cwd):
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # a subprocess of run.py / pearl.tables
 def test_sweep_tables_and_resume_in_a_subprocess(synthetic, tmp_path):
     results = tmp_path / "results"
     args = ["method=pearl,naclip", "tlp=true,false", "dataset=voc21", "model=tiny", f"data_root={synthetic}",

@@ -197,6 +197,7 @@ def test_grid_figure_from_the_pivot(synthetic, tmp_path, official_synthetic):
     assert path.stat().st_size > 1000 and Image.open(path).size[0] > 100
 
 
+@pytest.mark.slow  # a subprocess of run.py / pearl.tables
 def test_tables_on_an_empty_results_folder_fail_and_write_nothing(tmp_path):
     out = subprocess.run([sys.executable, "-m", "pearl.tables", "--results", str(tmp_path / "none")],
                          capture_output=True, text=True, timeout=120, cwd=tmp_path,
@@ -245,6 +246,7 @@ def test_traceback_switch_raises_the_error(synthetic, tmp_path, monkeypatch):
     cli._outcomes.clear()
 
 
+@pytest.mark.slow  # a subprocess of run.py / pearl.tables
 def test_help_lists_every_key_with_its_meaning():
     out = subprocess.run([sys.executable, str(REPO / "run.py"), "--help"], capture_output=True, text=True,
                          timeout=120, cwd=REPO)
@@ -255,6 +257,7 @@ def test_help_lists_every_key_with_its_meaning():
         assert f"  {name} (default " in out.stdout and spec.meaning in out.stdout, name
 
 
+@pytest.mark.slow  # a subprocess of run.py / pearl.tables
 def test_smoke_recipe_writes_its_tables_where_it_was_told(tmp_path):
     results = tmp_path / "smoke-results"
     out = subprocess.run(["bash", str(REPO / "experiments" / "smoke.sh"), f"results_dir={results}",
@@ -298,6 +301,7 @@ def test_stale_temporary_records_of_dead_writers_are_removed(tmp_path):
     assert not dead.exists() and alive.exists()
 
 
+@pytest.mark.slow  # a subprocess of run.py / pearl.tables
 def test_names_never_become_paths_outside_their_folders(synthetic, tmp_path):
     import dataclasses
     import subprocess

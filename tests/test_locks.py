@@ -6,6 +6,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from pearl import runner
 from pearl.locks import read_owner, try_lock
 from pearl.records import record_path
@@ -51,6 +53,7 @@ def test_a_lock_whose_owner_was_killed_is_taken_over(synthetic, tmp_path):
     assert runner.run_job(cfg)[0] == "ran"
 
 
+@pytest.mark.slow  # a subprocess of run.py / pearl.tables
 def test_two_identical_sweeps_started_together_evaluate_each_job_once(synthetic, tmp_path):
     command = [sys.executable, "run.py", "-m", *_job(synthetic, tmp_path), "tlp=true,false",
                f"hydra.sweep.dir={tmp_path / 'sweep'}"]
