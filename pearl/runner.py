@@ -223,11 +223,11 @@ def shard_indices(size: int, rank: int, world: int) -> range:
     return range(size * rank // world, size * (rank + 1) // world)
 
 
-def _worker(rank: int, world: int, cfg_dict: dict, init_file: str, result_file: str) -> None:
-    """One evaluation process of a multi-device job: its shard, then one all-reduce of the matrix."""
+def _worker(rank: int, world: int, cfg_dict: dict, job: _Job, init_file: str, result_file: str) -> None:
+    """One evaluation process of a multi-device job (planned once, by the parent): its shard, then
+    one all-reduce of the matrix."""
     import torch.distributed as dist
     cfg = OmegaConf.create(cfg_dict)
-    job = _plan(cfg)
     device = torch.device("cuda", rank) if job.device.type == "cuda" else job.device
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -256,7 +256,7 @@ def _evaluate_distributed(cfg: DictConfig, job: _Job) -> _Shard:
                          f"set workers to at most that")
     with tempfile.TemporaryDirectory() as tmp:
         result_file = f"{tmp}/result.pt"
-        mp.spawn(_worker, args=(world, OmegaConf.to_container(cfg, resolve=True), f"{tmp}/init", result_file),
+        mp.spawn(_worker, args=(world, OmegaConf.to_container(cfg, resolve=True), job, f"{tmp}/init", result_file),
                  nprocs=world, join=True)
         result = torch.load(result_file)
     skipped = [item for part in result["gathered"] for item in part[0]]
