@@ -85,7 +85,7 @@ SLIPS = [
          "canvas_dtype = self.dtype if self.method.fuse_in_model_dtype else torch.float32",
          "canvas_dtype = torch.float32", "tests/test_segmentor.py"),
     Slip("clearclip-pad-whole", "pearl/segmentor.py",
-         'if not self.method.pad_crops_to_patch or self.params["slide_crop"] <= 0:',
+         'if not self.method.pad_crops_to_patch or self.windows.slide_crop <= 0:',
          "if not self.method.pad_crops_to_patch:", "tests/test_reference_pipeline.py"),
     Slip("whole-one-step", "pearl/segmentor.py", "if self.method.whole_upsample_via_input or per_window_tlp:",
          "if per_window_tlp:", "tests/test_reference_pipeline.py"),
