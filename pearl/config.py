@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from .data.datasets import DEFAULT_MAX_PIXELS
 from .errors import ConfigError
 from .methods import available_methods
-from .params import PARAMS
+from .params import PARAMS, valid_values
 from .protocols import DATASETS, PROFILES
 
 
@@ -126,7 +126,8 @@ def help_text() -> str:
              + "  model=vit_b16|tiny|custom  logger=none|wandb", "", "Run keys:"]
     lines += [f"  {key} (default {default(spec.default)}): {spec.meaning}" for key, spec in RUN_KEYS.items()]
     lines += ["", "Segmentor parameters (null = the method's published per-dataset value, else this default):"]
-    lines += [f"  {name} (default {default(p.default)}): {p.meaning}" for name, p in PARAMS.items()]
+    lines += [f"  {name} (default {default(p.default)}; {valid_values(name)}): {p.meaning}"
+              for name, p in PARAMS.items()]
     lines += ["", "Errors print one line; PEARL_TRACEBACK=1 (or HYDRA_FULL_ERROR=1) shows the traceback.",
               "Hydra's own flags: --hydra-help."]
     return "\n".join(lines).replace("$", "$$")  # the help template is a string.Template

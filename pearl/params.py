@@ -143,12 +143,28 @@ def default(name: str) -> Any:
     return PARAMS[name].default
 
 
+def valid_values(name: str) -> str:
+    """What ``name`` accepts, in words (its choices, its range, or its type)."""
+    spec = PARAMS[name]
+    if spec.choices:
+        return ", ".join("null" if c is None else str(c) for c in spec.choices)
+    if name in _SEQUENCE_PARAMS:
+        return "list of integers" + (" or null" if spec.default is None else "")
+    if isinstance(spec.default, bool):
+        return "true, false"
+    if spec.default is None or isinstance(spec.default, str):
+        return "a string or null"
+    kind = "integer" if isinstance(spec.default, int) else "number"
+    return f"{kind} {spec.valid}" if spec.valid else kind
+
+
 def markdown_table() -> str:
     """The README's parameter table, generated from ``PARAMS`` (``python -m pearl.params``)."""
     def shown(value) -> str:
         return str(value).lower() if isinstance(value, bool) else repr(value)
-    lines = ["| name | default | meaning |", "|---|---|---|"]
-    return "\n".join(lines + [f"| `{name}` | `{shown(p.default)}` | {p.meaning} |" for name, p in PARAMS.items()])
+    lines = ["| name | default | valid | meaning |", "|---|---|---|---|"]
+    return "\n".join(lines + [f"| `{name}` | `{shown(p.default)}` | {valid_values(name)} | {p.meaning} |"
+                               for name, p in PARAMS.items()])
 
 
 if __name__ == "__main__":

@@ -166,7 +166,8 @@ def test_readme_parameter_table_is_the_one_generated_from_params():
     from pearl.params import markdown_table
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert markdown_table() in readme, "README's parameter table differs from PARAMS: paste `python -m pearl.params`"
-    assert "| `tlp_grid` | `80` | TLP target grid side" in markdown_table()  # format: name, default, meaning
+    assert "| `tlp_grid` | `80` | integer ≥ 1 | TLP target grid side" in markdown_table()
+    assert "| `tlp_pool` | `'int_stride'` | int_stride, adaptive |" in markdown_table()
 
 
 def test_windows_of_all_images_share_batched_forwards(tiny_model, tokenizer, photos, monkeypatch):
