@@ -192,7 +192,8 @@ class SegmentationDataset:
         return DatasetError(
             f"dataset {self.name!r} not found under data_root={self.root}: missing "
             + ", ".join(str(p) for p in what)
-            + f". Set data_root (or $PEARL_DATA) to the folder that holds it, laid out as in {LAYOUT_HELP}.")
+            + f". Set data_root (or $PEARL_DATA) to the folder that holds it, laid out as in {LAYOUT_HELP}; "
+              f"`python -m pearl.data check {self.name} --root DIR` says what is missing.")
 
     def _list(self) -> list[tuple[str, Path, Path]]:
         layout = self.layout
