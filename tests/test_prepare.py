@@ -144,3 +144,98 @@ def test_check_command_exits_nonzero_when_any_dataset_is_not_ready(tmp_path, off
     lines = capsys.readouterr().out.splitlines()
     assert lines[-2].startswith("ok        ade20k") and lines[-1].startswith("NOT READY cityscapes: dataset")
     assert main(["check", "voc2012"]) == 2
+
+
+class _Server:
+    """A local HTTP server with range requests; ``cut_first`` ends the first transfer halfway."""
+
+    def __init__(self, payload: bytes, cut_first: bool = False):
+        import http.server
+        import threading
+        server_self = self
+        self.payload, self.cut, self.ranges = payload, cut_first, []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                header = self.headers.get("Range")
+                start = int(header.split("=")[1].rstrip("-")) if header else 0
+                server_self.ranges.append(start)
+                body = server_self.payload[start:]
+                self.send_response(206 if header else 200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if server_self.cut:
+                    server_self.cut = False
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    self.connection.shutdown(2)  # the connection drops mid-transfer
+                    return
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}/archive.tar"
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+def _archive(tmp_path) -> bytes:
+    import io
+    import tarfile
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as bundle:
+        data = os.urandom(300_000)
+        info = tarfile.TarInfo("VOCdevkit/VOC2012/hello.bin")
+        info.size = len(data)
+        bundle.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def test_an_interrupted_download_resumes_and_is_checked(tmp_path):
+    import hashlib
+
+    from pearl.data.download import DownloadError, extract, fetch
+    payload = _archive(tmp_path)
+    server = _Server(payload, cut_first=True)
+    target = tmp_path / "downloads" / "archive.tar"
+    pinned = "sha256:" + hashlib.sha256(payload).hexdigest()
+    try:
+        with pytest.raises(DownloadError, match="run again to resume"):
+            fetch(server.url, target, pinned, progress=False)
+        part = target.with_name("archive.tar.part")
+        assert 0 < part.stat().st_size < len(payload) and not target.exists()
+        assert fetch(server.url, target, pinned, progress=False) == pinned
+        assert server.ranges == [0, len(payload) // 2]  # the second request resumed where the first stopped
+        assert target.read_bytes() == payload and not part.exists()
+        extract(target, tmp_path)
+        assert (tmp_path / "VOCdevkit" / "VOC2012" / "hello.bin").stat().st_size == 300_000
+        target.unlink()
+        with pytest.raises(DownloadError, match=r"archive.tar has md5 [0-9a-f]+, expected 0+: deleted it"):
+            fetch(server.url, target, "md5:" + "0" * 32, progress=False)
+        assert not target.exists()
+    finally:
+        server.close()
+
+
+def test_archives_that_would_write_outside_their_folder_are_refused(tmp_path):
+    import io
+    import tarfile
+
+    from pearl.data.download import DownloadError, extract
+    evil = tmp_path / "evil.tar"
+    with tarfile.open(evil, "w") as bundle:
+        info = tarfile.TarInfo("../escaped.txt")
+        info.size = 1
+        bundle.addfile(info, io.BytesIO(b"x"))
+    with pytest.raises(DownloadError, match="outside its folder"):
+        extract(evil, tmp_path / "data")
+    assert not (tmp_path / "escaped.txt").exists()
+
+
+def test_datasets_behind_a_login_get_instructions(tmp_path, capsys):
+    assert main(["prepare", "cityscapes", "--download", "--root", str(tmp_path)]) == 2
+    assert "register at https://www.cityscapes-dataset.com" in capsys.readouterr().err

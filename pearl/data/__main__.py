@@ -1,7 +1,7 @@
 """``python -m pearl.data``: check and prepare the benchmarks (docs/datasets.md).
 
     python -m pearl.data check [DATASET ...] [--root DIR] [--deep]
-    python -m pearl.data prepare DATASET [--root DIR] [--workers N]
+    python -m pearl.data prepare DATASET [--root DIR] [--workers N] [--download]
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 from ..benchmarks import BENCHMARKS, DATASETS
 from .check import check
 from .convert import RULES, conversion_jobs, convert_files
+from .download import DownloadError, download
 
 AS_SHIPPED = ("voc21", "voc20", "ade20k")
 NOT_YET = {name: "build VOCdevkit/VOC2010/SegmentationClassContext and ImageSets/SegmentationContext/val.txt with "
@@ -41,6 +42,13 @@ def _prepare(args) -> int:
     if name not in BENCHMARKS:
         print(f"error: unknown dataset {name!r}; valid: {', '.join(DATASETS)}", file=sys.stderr)
         return 2
+    if args.download:
+        try:
+            for line in download(name, root, progress=not args.quiet):
+                print(line, flush=True)
+        except DownloadError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     if name in NOT_YET:
         print(f"error: prepare {name}: {NOT_YET[name]}", file=sys.stderr)
         return 2
@@ -74,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     preparing.add_argument("--root", help="data_root (default $PEARL_DATA, else ./data)")
     preparing.add_argument("--workers", type=int, default=0, help="processes (default: one per CPU)")
     preparing.add_argument("--quiet", action="store_true", help="no progress bar")
+    preparing.add_argument("--download", action="store_true",
+                           help="fetch the official archives first (resumable, digest-checked)")
     args = parser.parse_args(argv)
     return _check(args) if args.command == "check" else _prepare(args)
 
