@@ -19,24 +19,20 @@ import time
 
 def _measure(method: str, width: int, height: int, untiled: bool) -> dict:
     import cv2
-    import open_clip
     import torch
     from skimage import data
 
     import pearl
     from pearl import segmentor as seg_module
+    from pearl.backbone import tiny_clip
     from pearl.metrics import ConfusionMatrix
     from pearl.protocols import class_names
 
     if untiled:
         seg_module.FULL_SIZE_BUDGET = 2 ** 62
-    torch.manual_seed(0)
-    model = open_clip.CLIP(embed_dim=32, quick_gelu=True,
-                           vision_cfg={"image_size": 64, "layers": 12, "width": 64, "head_width": 32, "patch_size": 16},
-                           text_cfg={"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2,
-                                     "layers": 2}).eval()
+    model, tokenizer = tiny_clip()
     classes = class_names("voc21", method)
-    seg = pearl.Segmentor(model, classes, method=method, tokenizer=open_clip.get_tokenizer("ViT-B-16"),
+    seg = pearl.Segmentor(model, classes, method=method, tokenizer=tokenizer,
                           text_cache_dir="", **pearl.protocol(method, "voc21"))
     image = cv2.resize(data.astronaut(), (width, height), interpolation=cv2.INTER_LINEAR)
     label = torch.from_numpy((image[:, :, 0] // 13).astype("int64"))  # any map with values 0..19

@@ -16,15 +16,7 @@ import torch
 
 import pearl
 from pearl import segmentor as seg_module
-
-
-def _tiny_model():
-    import open_clip
-    torch.manual_seed(0)
-    return open_clip.CLIP(embed_dim=32, quick_gelu=True,
-                          vision_cfg={"image_size": 64, "layers": 12, "width": 64, "head_width": 32, "patch_size": 16},
-                          text_cfg={"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2,
-                                    "layers": 2}).eval(), open_clip.get_tokenizer("ViT-B-16")
+from pearl.backbone import tiny_clip
 
 
 class StageTimer:
@@ -76,7 +68,7 @@ def main() -> None:
     photos = [data.chelsea(), data.coffee(), data.astronaut()]
     images = [photos[i % 3] for i in range(args.images)]
     if args.model == "tiny":
-        model, tokenizer = _tiny_model()
+        model, tokenizer = tiny_clip()
     else:
         model, tokenizer = pearl.load_clip(args.model, args.pretrained, args.device, args.precision)
     device = torch.device(args.device)

@@ -141,6 +141,19 @@ def _without_random_init_warning():
         root.removeFilter(keep)
 
 
+# A tiny CLIP for offline smoke runs and the tests: 12 blocks (SFP reads fixed layer positions),
+# width 64 in 2 heads of 32, 16-pixel patches. Random weights: its mIoU is a smoke figure, never a result.
+TINY_CONFIG = {"embed_dim": 32, "quick_gelu": True,
+               "vision_cfg": {"image_size": 64, "layers": 12, "width": 64, "head_width": 32, "patch_size": 16},
+               "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+
+
+def tiny_clip(seed: int = 0, config: dict | None = None):
+    """(model, tokenizer): the seeded random tiny CLIP (``config`` overrides ``TINY_CONFIG``), eval mode."""
+    torch.manual_seed(seed)
+    return open_clip.CLIP(**(config or TINY_CONFIG)).eval(), open_clip.get_tokenizer("ViT-B-16")
+
+
 def _create_with_weights(model_name: str, pretrained: str | None, is_file: bool, kwargs: dict):
     """open_clip's own loading (``torch.load(weights_only=True)`` for a file), errors made ours."""
     try:

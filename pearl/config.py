@@ -9,6 +9,7 @@ from typing import Any, Callable, NamedTuple
 
 from omegaconf import DictConfig, OmegaConf
 
+from .backbone import TINY_CONFIG
 from .data.datasets import DEFAULT_MAX_PIXELS
 from .errors import ConfigError
 from .methods import available_methods
@@ -105,11 +106,14 @@ def validate_config(cfg: DictConfig) -> None:
 def register_config_groups() -> None:
     """Put into Hydra's config store what would otherwise be repeated in YAML: one ``method/<name>``
     option per registered method, one ``dataset/<name>`` option per benchmark (``dataset/folder.yaml``
-    has keys of its own and stays a file), and ``segmentor_params``, every Segmentor parameter as a
-    null key. Called by run.py and the tests before composing."""
+    has keys of its own and stays a file), ``model/tiny`` (``pearl.backbone.TINY_CONFIG``) and
+    ``segmentor_params``, every Segmentor parameter as a null key. Called by run.py and the tests
+    before composing."""
     from hydra.core.config_store import ConfigStore
     store = ConfigStore.instance()
     store.store(name="segmentor_params", node={name: None for name in PARAMS})
+    store.store(group="model", name="tiny", node={"name": "tiny", "pretrained": None, "precision": "auto", "seed": 0,
+                                                  "config": TINY_CONFIG})  # random weights: smoke figures only
     for name in available_methods():
         store.store(group="method", name=name, node={"name": name})
     for name in DATASETS:

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from . import __version__
-from .backbone import load_clip
+from .backbone import load_clip, tiny_clip
 from .config import validate_config
 from .data import DatasetError, build_dataset
 from .errors import ConfigError
@@ -65,13 +65,11 @@ def _precision(requested: str, device: torch.device) -> str:
 def build_model(model_cfg: DictConfig, device: torch.device, precision: str):
     """(model, tokenizer): an open_clip model by name/tag/file, or the seeded random ``tiny`` model."""
     if model_cfg.name == "tiny":
-        import open_clip
-        torch.manual_seed(model_cfg.seed)
-        model = open_clip.CLIP(**OmegaConf.to_container(model_cfg.config, resolve=True)).eval()
+        model, tokenizer = tiny_clip(model_cfg.seed, OmegaConf.to_container(model_cfg.config, resolve=True))
         if precision != "fp32":
             from open_clip.model import convert_weights_to_lp
             convert_weights_to_lp(model, {"fp16": torch.float16, "bf16": torch.bfloat16}[precision])
-        return model.to(device), open_clip.get_tokenizer("ViT-B-16")
+        return model.to(device), tokenizer
     return load_clip(model_cfg.name, model_cfg.pretrained, device, precision, model_cfg.get("cache_dir"))
 
 

@@ -8,15 +8,11 @@ import torch
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 
-# 12 blocks so that SFP's fixed layer positions (x4, x9, x10, x11) exist; 2 heads of 32 dims.
-TINY_CFG = {"embed_dim": 32, "quick_gelu": True,
-            "vision_cfg": {"image_size": 64, "layers": 12, "width": 64, "head_width": 32, "patch_size": 16},
-            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+from pearl.backbone import tiny_clip  # noqa: E402
 
 
 def make_tiny(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return open_clip.CLIP(**TINY_CFG).eval()
+    return tiny_clip(seed)[0]
 
 
 @pytest.fixture(scope="session")

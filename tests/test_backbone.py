@@ -7,10 +7,11 @@ import torch.nn.functional as F
 
 import pearl
 from pearl import backbone
+from pearl.backbone import TINY_CONFIG as TINY_CFG
 from pearl.backbone import dense_features, embed, positional_embedding
 from pearl.errors import WeightsError
 
-from .conftest import TINY_CFG, build_method
+from .conftest import build_method
 
 
 def test_vanilla_dense_forward_reproduces_stock_open_clip(tiny_model):

@@ -8,11 +8,12 @@ import open_clip
 import pytest
 import torch
 
+from pearl.backbone import TINY_CONFIG as TINY_CFG
 from pearl.backbone import load_clip
 from pearl.checkpoints import is_torchscript_archive, torchscript_state_dict
 from pearl.errors import WeightsError
 
-from .conftest import TINY_CFG, make_tiny
+from .conftest import make_tiny
 
 
 @pytest.fixture(scope="module")
