@@ -1,0 +1,58 @@
+"""python -m pearl.segment, offline with the tiny model on scikit-image's photographs."""
+import numpy as np
+from PIL import Image
+
+from pearl.segment import main, palette
+
+
+def _photos(tmp_path, photos):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name, array in photos.items():
+        Image.fromarray(array).save(folder / f"{name}.png")
+    return folder
+
+
+def test_segment_a_folder_writes_overlay_labels_and_probs(tmp_path, photos, capsys):
+    folder = _photos(tmp_path, photos)
+    out = tmp_path / "out"
+    classes = "background, sky, wall; cat, kitten; cup; table"
+    assert main([str(folder), "--classes", classes, "--model", "tiny", "--out", str(out), "--save-probs",
+                 "--resize_short", "112", "--tlp_grid", "40"]) == 0
+    assert "2 image(s) segmented with pearl" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{n}_{kind}" for n in photos
+                                                            for kind in ("overlay.png", "labels.png", "probs.npy"))
+    for name, array in photos.items():
+        labels_png = Image.open(out / f"{name}_labels.png")
+        overlay = Image.open(out / f"{name}_overlay.png")
+        assert labels_png.mode == "P" and labels_png.size == overlay.size == (array.shape[1], array.shape[0])
+        labels = np.array(labels_png)
+        assert labels.max() < 4
+        present = sorted(np.unique(labels).tolist())
+        legend = overlay.text["legend"].splitlines()
+        names = ["background, sky, wall", "cat, kitten", "cup", "table"]
+        assert legend == [f"{i}: {names[i]}" for i in present]  # exactly the classes present
+        assert labels_png.getpalette()[:12] == palette(4).ravel().tolist()
+        probs = np.load(out / f"{name}_probs.npy")
+        assert probs.dtype == np.float16 and probs.shape == (4, *array.shape[:2])
+        # no prob_thd / area filter by default: the labels are the argmax (float16 may tie a few pixels)
+        assert (probs.astype(np.float32).argmax(0) == labels).mean() > 0.999
+
+
+def test_segment_bad_input_is_one_line(tmp_path, photos, capsys):
+    folder = _photos(tmp_path, photos)
+    assert main([str(tmp_path / "nope.jpg"), "--classes", "cat", "--model", "tiny"]) == 2
+    assert f"image or folder {tmp_path / 'nope.jpg'} does not exist" in capsys.readouterr().err
+    assert main([str(folder), "--classes", " ; ", "--model", "tiny"]) == 2
+    assert "class list is empty" in capsys.readouterr().err
+    assert main([str(folder), "--classes", "cat", "--method", "maskclip", "--model", "tiny"]) == 2
+    assert "unknown method 'maskclip'" in capsys.readouterr().err
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    assert main([str(broken), "--classes", "cat", "--model", "tiny", "--out", str(tmp_path / "o")]) == 2
+    assert "broken.jpg" in capsys.readouterr().err
+
+
+def test_palette_is_the_voc_colour_map():
+    assert palette(4).tolist() == [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0]]
+    assert palette(21)[15].tolist() == [192, 128, 128]  # VOC's person colour
