@@ -6,13 +6,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from ..benchmarks import BENCHMARKS, DATASETS
 from .check import check
 from .convert import RULES, conversion_jobs, convert_files
+from .datasets import default_data_root
 from .download import DownloadError, download
 
 AS_SHIPPED = ("voc21", "voc20", "ade20k")
@@ -22,7 +22,7 @@ NOT_YET = {name: "build VOCdevkit/VOC2010/SegmentationClassContext and ImageSets
 
 
 def _root(value: str | None) -> Path:
-    return Path(value or os.environ.get("PEARL_DATA", "./data")).expanduser()
+    return (Path(value) if value else default_data_root()).expanduser()
 
 
 def _check(args) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from .datasets import DatasetError, build_dataset
@@ -49,8 +50,7 @@ def check(name: str, root: str | Path, deep: bool = False) -> Report:
         image, label = mismatched[0]
         problems.append(f"{len(mismatched)} label(s) not the size of their image (e.g. {label}: {_size(label)} vs "
                         f"{image}: {_size(image)})")
-    indices = range(len(dataset)) if deep else sorted({round(i * (len(dataset) - 1) / max(SAMPLE - 1, 1))
-                                                      for i in range(min(SAMPLE, len(dataset)))})
+    indices = range(len(dataset)) if deep else np.unique(np.linspace(0, len(dataset) - 1, SAMPLE).round()).astype(int)
     bad = []
     for index in indices:
         try:

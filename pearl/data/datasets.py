@@ -8,6 +8,7 @@ VOC), as MMSeg's ``LoadImageFromFile`` / ``LoadAnnotations`` do; docs/protocol.m
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import re
@@ -81,22 +82,30 @@ def _require_pixels(path: Path, size: tuple[int, int], max_pixels: int, what: st
 _DECODER_MESSAGE = re.compile(r"JPEG|libpng|TIFF|webp|imread_", re.IGNORECASE)
 
 
+@functools.lru_cache(maxsize=None)
+def _stderr_capture():
+    """The file that receives the decoder's stderr, one per process and reused for every image."""
+    return tempfile.TemporaryFile()
+
+
 def _decode_noting_warnings(path: Path) -> tuple[np.ndarray | None, str]:
     """(OpenCV's colour decoding, the first line the decoder wrote to stderr, "" if none).
 
     libjpeg reports damaged data ("Corrupt JPEG data: …") on the process's stderr and returns an
     image anyway; file descriptor 2 is redirected for the call so that such a warning is seen."""
-    with tempfile.TemporaryFile() as captured:
-        sys.stderr.flush()
-        saved = os.dup(2)
-        os.dup2(captured.fileno(), 2)
-        try:
-            image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-        captured.seek(0)
-        text = captured.read().decode("utf-8", "replace")
+    captured = _stderr_capture()
+    captured.seek(0)
+    captured.truncate()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(captured.fileno(), 2)
+    try:
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    captured.seek(0)
+    text = captured.read().decode("utf-8", "replace")
     complaints = [line.strip() for line in text.splitlines() if _DECODER_MESSAGE.search(line)]
     others = "".join(line + "\n" for line in text.splitlines() if line.strip() and not _DECODER_MESSAGE.search(line))
     if others:  # written meanwhile by someone else (another thread): pass it on
@@ -109,10 +118,10 @@ def read_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
 
     A truncated JPEG or PNG is a DatasetError, never a partially decoded image; so is one of more
     than ``max_pixels`` pixels (read from the header, before decoding)."""
-    if path.is_file() and (missing := _truncation(path)):
-        raise DatasetError(f"image {path} is truncated (no {missing}): re-extract or re-download it, or run with "
-                           f"on_error=skip")
     if path.is_file():
+        if missing := _truncation(path):
+            raise DatasetError(f"image {path} is truncated (no {missing}): re-extract or re-download it, or run "
+                               f"with on_error=skip")
         try:
             with _pillow_unlimited(), Image.open(path) as handle:
                 size = handle.size
@@ -296,10 +305,15 @@ class FolderDataset(SegmentationDataset):
                                         "mask_suffix": self.mask_suffix}
 
 
+def default_data_root() -> Path:
+    """Where the benchmarks are when no root is given: ``$PEARL_DATA``, else ``./data``."""
+    return Path(os.environ.get("PEARL_DATA", "./data"))
+
+
 def build_dataset(name: str, root: str | os.PathLike | None = None, max_images: int | None = None,
                   max_pixels: int = DEFAULT_MAX_PIXELS, **folder_options) -> SegmentationDataset:
     """A benchmark by name under ``root`` (default ``$PEARL_DATA`` or ``./data``), or ``folder``."""
     if name == "folder":
         return FolderDataset(max_images=max_images, max_pixels=max_pixels, **folder_options)
-    root = root if root is not None else os.environ.get("PEARL_DATA", "./data")
+    root = root if root is not None else default_data_root()
     return SegmentationDataset(name, root, max_images, max_pixels)
