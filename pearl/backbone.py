@@ -11,6 +11,7 @@ import logging
 import os
 import pickle
 from pathlib import Path
+from typing import NamedTuple
 
 import open_clip
 import torch
@@ -211,25 +212,47 @@ def embed(visual, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
     return visual.ln_pre(x), grid
 
 
-def dense_features(visual, images: torch.Tensor, method: Method) -> tuple[torch.Tensor, dict]:
-    """Unit-norm patch features [B, h', w', D] with ``method`` (built with its own config)
-    computing the last block.
+class Trunk(NamedTuple):
+    """What blocks 1..L−1 give the last block: its input x [B, T, C] (CLS first), the outputs of
+    blocks 1..L−1 (empty unless kept) and the patch grid (h', w')."""
 
-    Blocks 1..L−1 are open_clip's own modules. Returns the features and a dict of diagnostics.
+    x: torch.Tensor
+    hidden: list
+    grid: tuple[int, int]
+
+
+def trunk(visual, images: torch.Tensor, keep_hidden: bool = False) -> Trunk:
+    """Patch embedding and blocks 1..L−1 (open_clip's own modules) for images [B, 3, H, W].
+
+    Independent of the method: jobs that differ only in the last block, the refinement or the
+    decision can share one trunk (docs/speed.md §3).
     """
     if visual.class_embedding is None or getattr(visual, "attn_pool", None) is not None:
         raise ValueError("only CLS-token ViT image towers (open_clip VisionTransformer) are supported")
     x, grid = embed(visual, images)
-    blocks = visual.transformer.resblocks
     hidden = []
-    for block in blocks[:-1]:
+    for block in visual.transformer.resblocks[:-1]:
         x = block(x)
-        if method.needs_hidden_states:
+        if keep_hidden:
             hidden.append(x)
-    info: dict = {}
-    patches = method.last_block(blocks, x, hidden, grid, info)
+    return Trunk(x, hidden, grid)
+
+
+def head(visual, shared: Trunk, method: Method, info: dict | None = None) -> torch.Tensor:
+    """Unit-norm patch features [B, h', w', D]: ``method``'s last block on the trunk, ``ln_post``
+    and the projection. ``info`` (a dict, or None for no diagnostics) receives the method's diagnostics."""
+    patches = method.last_block(visual.transformer.resblocks, shared.x, shared.hidden, shared.grid, info)
     feats = visual.ln_post(patches)
     if visual.proj is not None:
         feats = feats @ visual.proj
     feats = feats / feats.norm(dim=-1, keepdim=True)
-    return feats.reshape(feats.shape[0], grid[0], grid[1], -1), info
+    return feats.reshape(feats.shape[0], shared.grid[0], shared.grid[1], -1)
+
+
+def dense_features(visual, images: torch.Tensor, method: Method, diagnostics: bool = False
+                   ) -> tuple[torch.Tensor, dict]:
+    """Unit-norm patch features [B, h', w', D] with ``method`` (built with its own config)
+    computing the last block, and its diagnostics (0-dim tensors; empty unless ``diagnostics``)."""
+    info: dict | None = {} if diagnostics else None
+    feats = head(visual, trunk(visual, images, method.needs_hidden_states), method, info)
+    return feats, info or {}

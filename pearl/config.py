@@ -60,6 +60,12 @@ RUN_KEYS: dict[str, RunKey] = {
     "workers": RunKey(1, "processes (one GPU each) that split one job's dataset", _int_at_least(1),
                       "an integer ≥ 1"),
     "window_batch_size": RunKey(64, "windows per batched forward (speed only)", _int_at_least(1), "an integer ≥ 1"),
+    "batch_images": RunKey(8, "images whose windows share batched forwards (speed only)", _int_at_least(1),
+                           "an integer ≥ 1"),
+    "loader_workers": RunKey(2, "data-loader processes that decode and rescale images ahead (0 = in the main "
+                             "process; speed only)", _int_at_least(0), "an integer ≥ 0"),
+    "diagnostics": RunKey(False, "compute PA / TLP diagnostics into the record (extra work per image)", _bool,
+                          "true or false"),
     "progress": RunKey(True, "show a progress bar per job", _bool, "true or false"),
 }
 CONFIG_GROUPS = ("method", "dataset", "model", "logger")

@@ -35,8 +35,10 @@ class ConfusionMatrix:
         for start in range(0, pred.numel(), PIXELS_PER_UPDATE):  # bounded temporaries on huge images
             chunk_pred = pred[start:start + PIXELS_PER_UPDATE].to(self.matrix.device).long()
             chunk_gt = gt[start:start + PIXELS_PER_UPDATE].to(self.matrix.device).long()
-            keep = chunk_gt != IGNORE_INDEX
-            self.matrix += torch.bincount(chunk_gt[keep] * c + chunk_pred[keep], minlength=c * c).view(c, c)
+            # ignored pixels counted in one extra cell and dropped: no boolean indexing, so no device sync
+            cell = torch.where(chunk_gt != IGNORE_INDEX, chunk_gt * c + chunk_pred, c * c)
+            counts = torch.zeros(c * c + 1, dtype=torch.int64, device=cell.device)
+            self.matrix += counts.index_add_(0, cell, torch.ones_like(cell))[:-1].view(c, c)
 
     def all_reduce(self) -> None:
         """Sum the matrix over a torch.distributed group (no-op when not initialised)."""

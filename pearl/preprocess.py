@@ -87,6 +87,21 @@ def normalise(image: np.ndarray) -> torch.Tensor:
     return (tensor - mean) / std
 
 
+class PreparedImage(NamedTuple):
+    """An image ready for the device: ``input`` [3, H', W'] float32, rescaled and normalised, and
+    the original (H, W) the prediction is made at."""
+
+    input: torch.Tensor
+    original_size: tuple[int, int]
+
+
+def prepare_image(image, config: WindowConfig) -> PreparedImage:
+    """The CPU half of preprocessing (RGB conversion, keep-ratio rescale, normalisation): a pure
+    function of the image and the window config, so data-loader workers can run it."""
+    rgb = to_rgb_uint8(image)
+    return PreparedImage(normalise(rescale(rgb, config.resize_short, config.resize_long)), rgb.shape[:2])
+
+
 def window_starts(size: int, crop: int, stride: int) -> list[tuple[int, int]]:
     """(start, end) of the MMSeg windows along one axis; the last one is snapped to the border."""
     count = max(size - crop + stride - 1, 0) // stride + 1

@@ -13,7 +13,9 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
@@ -26,6 +28,7 @@ from .errors import ConfigError
 from .locks import read_owner, try_lock
 from .metrics import ConfusionMatrix
 from .params import PARAMS
+from .preprocess import PreparedImage, WindowConfig, prepare_image
 from .protocols import class_names, protocol
 from .records import (
     DEFAULT_MODEL,
@@ -41,7 +44,7 @@ from .records import (
     record_path,
     write_record,
 )
-from .segmentor import Segmentor, resolve_settings
+from .segmentor import Segmentor, predict_jointly, resolve_settings, warn_nan_windows
 from .settings import OPERATIONAL_PARAMS, deviations
 from .text import TEMPLATES, load_vocabulary
 
@@ -115,6 +118,7 @@ def _protocol_dataset(cfg: DictConfig) -> str:
 class _Job:
     """Everything resolved about one configuration before any model is loaded."""
 
+    method: str
     dataset: object
     device: torch.device
     precision: str
@@ -167,53 +171,150 @@ def _plan(cfg: DictConfig) -> _Job:
                      + [f"{k}={v}" for k, v in sorted(changed.items())]
                      + ([f"model={model['label']}"] if model["label"] != DEFAULT_MODEL else [])
                      + ([f"max_images={cfg.max_images}"] if cfg.max_images is not None else []))
-    return _Job(dataset, device, precision, overrides, params, classes, resolved, changed, model, identity,
-                config_hash(identity), title)
+    return _Job(cfg.method.name, dataset, device, precision, overrides, params, classes, resolved, changed, model,
+                identity, config_hash(identity), title)
 
 
-def _evaluate(cfg: DictConfig, job: _Job, indices: range, device: torch.device, logger=None,
-              show_progress: bool = True) -> _Shard:
-    """Run the Segmentor over ``indices`` of the dataset, accumulating the confusion matrix on ``device``."""
-    start = time.perf_counter()
-    model, tokenizer = build_model(cfg.model, device, job.precision)
-    seg = Segmentor(model, job.classes, method=cfg.method.name, pa=cfg.pa, tlp=cfg.tlp, tokenizer=tokenizer,
-                    device=device, window_batch_size=cfg.window_batch_size, **job.params)
-    setup_s = time.perf_counter() - start
-    dataset = job.dataset
-    cm = ConfusionMatrix(seg.vocabulary.num_classes, device)
-    skipped, nan_windows, evaluated, diagnostic_sums = [], 0, 0, {}
-    bar = tqdm(indices, desc=job.title, unit="img", dynamic_ncols=True,
-               disable=not (cfg.progress and show_progress))
-    for index in bar:
+IMAGES_PER_GROUP_PIXELS = 2 ** 23  # original-size pixels of the images predicted together (bounds host memory)
+
+
+class _Loaded(NamedTuple):
+    """One dataset item as a data-loader worker hands it over: prepared for the device, or the
+    error reading it raised (re-raised, or skipped, in the main process)."""
+
+    index: int
+    id: str
+    prepared: PreparedImage | None
+    label: torch.Tensor | None
+    image: np.ndarray | None  # the decoded image, only when a logger shows predictions
+    error: str | None
+
+
+class _Prepared(torch.utils.data.Dataset):
+    """The items of ``indices``, decoded, rescaled and normalised (in the loader's workers)."""
+
+    def __init__(self, dataset, indices: range, windows: WindowConfig, keep_images: bool) -> None:
+        self.dataset, self.indices, self.windows, self.keep_images = dataset, indices, windows, keep_images
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> _Loaded:
+        index = self.indices[position]
+        item_id = self.dataset.items[index][0]
         try:
-            info = _score_image(seg, dataset, index, cm, logger)
+            sample = self.dataset[index]
         except DatasetError as error:
-            if cfg.on_error != "skip":
-                raise
-            skipped.append({"index": index, "id": dataset.items[index][0], "error": str(error)})
-            continue
-        nan_windows += info.get("nan_windows", 0)
+            return _Loaded(index, item_id, None, None, None, str(error))
+        label = torch.from_numpy(sample.label) if sample.label is not None else None
+        return _Loaded(index, item_id, prepare_image(sample.image, self.windows), label,
+                       sample.image if self.keep_images else None, None)
+
+
+def _as_is(item):
+    return item
+
+
+def _loaded_items(cfg: DictConfig, dataset, indices: range, windows: WindowConfig, keep_images: bool,
+                  device: torch.device):
+    """The items in order, read ahead by ``cfg.loader_workers`` processes (none: in this process)."""
+    loader = torch.utils.data.DataLoader(
+        _Prepared(dataset, indices, windows, keep_images), batch_size=None, shuffle=False, collate_fn=_as_is,
+        num_workers=cfg.loader_workers, pin_memory=device.type == "cuda")
+    return iter(loader)
+
+
+def _image_groups(items, batch_images: int):
+    """Consecutive items predicted together: at most ``batch_images``, at most
+    ``IMAGES_PER_GROUP_PIXELS`` original pixels (an image larger than that goes alone)."""
+    group, pixels = [], 0
+    for item in items:
+        size = math.prod(item.prepared.original_size) if item.prepared is not None else 0
+        if group and (len(group) == batch_images or pixels + size > IMAGES_PER_GROUP_PIXELS):
+            yield group
+            group, pixels = [], 0
+        group.append(item)
+        pixels += size
+    if group:
+        yield group
+
+
+class _Tally:
+    """One job's running totals: its confusion matrix, skipped items and diagnostic sums (device tensors)."""
+
+    def __init__(self, num_classes: int, device: torch.device) -> None:
+        self.cm = ConfusionMatrix(num_classes, device)
+        self.skipped: list = []
+        self.evaluated = self.windows = 0
+        self.nan_windows = torch.zeros((), dtype=torch.long, device=device)
+        self.sums: dict = {}
+
+    def add(self, info: dict) -> None:
+        self.nan_windows += info.get("nan_windows", 0)
+        self.windows += info.get("windows", 0)
         for key, value in info.items():
             if key.startswith(("pa_", "tlp_")):
-                diagnostic_sums[key] = diagnostic_sums.get(key, 0.0) + value
-        evaluated += 1
-        if evaluated % 10 == 0 or index == indices[-1]:
-            bar.set_postfix(mIoU=f"{cm.summary()['mIoU']:.2f}", refresh=False)
-    return _Shard(cm, skipped, nan_windows, evaluated, diagnostic_sums, setup_s,
-                  time.perf_counter() - start - setup_s)
+                self.sums[key] = self.sums.get(key, 0.0) + value
+        self.evaluated += 1
+
+    def shard(self, setup_s: float, eval_s: float) -> "_Shard":
+        sums = {key: float(value) for key, value in self.sums.items()}  # the job's one device sync for them
+        return _Shard(self.cm, self.skipped, int(self.nan_windows), self.evaluated, sums, setup_s, eval_s)
 
 
-def _score_image(seg: Segmentor, dataset, index: int, cm: ConfusionMatrix, logger) -> dict:
-    """Read, segment and score one image; returns its diagnostics. Image, label and prediction are
-    released on return, before the next image is read (one prediction alive at a time)."""
-    sample = dataset[index]
-    out = seg.predict(sample.image, on_device=True)
-    if sample.label is not None:
-        cm.update(out.labels, torch.from_numpy(sample.label))
-    if logger is not None:
-        logger.log_prediction(sample.image, out.labels.cpu().numpy(), sample.label, list(dataset.class_names),
-                              sample.id)
-    return out.info
+def _segmentors(cfg: DictConfig, jobs: list[_Job], device: torch.device) -> list[Segmentor]:
+    model, tokenizer = build_model(cfg.model, device, jobs[0].precision)
+    return [Segmentor(model, job.classes, method=job.method, pa=job.resolved["pa"], tlp=job.resolved["tlp"],
+                      tokenizer=tokenizer, device=device, window_batch_size=cfg.window_batch_size,
+                      diagnostics=cfg.diagnostics, **job.params) for job in jobs]
+
+
+def _evaluate(cfg: DictConfig, jobs: list[_Job], indices: range, device: torch.device, logger=None,
+              show_progress: bool = True) -> list[_Shard]:
+    """Run the jobs' Segmentors over ``indices`` of their (shared) dataset, one confusion matrix
+    per job on ``device``. Several jobs share each image's decoding and blocks 1..L−1
+    (:func:`pearl.segmentor.predict_jointly`); their setup and evaluation times are the group's."""
+    start = time.perf_counter()
+    segmentors = _segmentors(cfg, jobs, device)
+    setup_s = time.perf_counter() - start
+    dataset = jobs[0].dataset
+    tallies = [_Tally(seg.vocabulary.num_classes, device) for seg in segmentors]
+    title = jobs[0].title if len(jobs) == 1 else f"{len(jobs)} jobs on {dataset.name} (one shared trunk)"
+    bar = tqdm(total=len(indices), desc=title, unit="img", dynamic_ncols=True,
+               disable=not (cfg.progress and show_progress))
+    items = _loaded_items(cfg, dataset, indices, segmentors[0].windows, logger is not None, device)
+    for group in _image_groups(items, cfg.batch_images):
+        ready = []
+        for item in group:
+            if item.error is None:
+                ready.append(item)
+            elif cfg.on_error == "skip":
+                for tally in tallies:
+                    tally.skipped.append({"index": item.index, "id": item.id, "error": item.error})
+            else:
+                raise DatasetError(item.error)
+        predictions = predict_jointly(segmentors, [item.prepared for item in ready], on_device=True)
+        for item in ready:  # not zip(): its reused result tuple would keep the previous predictions alive
+            outputs = next(predictions)
+            label = item.label.to(device, non_blocking=True) if item.label is not None else None
+            for tally, out in zip(tallies, outputs):
+                if label is not None:
+                    tally.cm.update(out.labels, label)
+                tally.add(out.info)
+            if logger is not None:
+                logger.log_prediction(item.image, outputs[0].labels.cpu().numpy(),
+                                      None if item.label is None else item.label.numpy(),
+                                      list(dataset.class_names), item.id)
+            del outputs, out  # this image's predictions are released before the next image's are made
+        bar.update(len(group))
+        if bar.n % 50 < len(group):  # a device sync: every 50 images, not every image
+            bar.set_postfix(mIoU=f"{tallies[0].cm.summary()['mIoU']:.2f}", refresh=False)
+    bar.close()
+    eval_s = time.perf_counter() - start - setup_s
+    shards = [tally.shard(setup_s, eval_s) for tally in tallies]
+    for shard, tally in zip(shards, tallies):
+        warn_nan_windows(shard.nan_windows, tally.windows)
+    return shards
 
 
 def shard_indices(size: int, rank: int, world: int) -> range:
@@ -232,7 +333,8 @@ def _worker(rank: int, world: int, cfg_dict: dict, job: _Job, init_file: str, re
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"file://{init_file}",
                             rank=rank, world_size=world)
     try:
-        shard = _evaluate(cfg, job, shard_indices(len(job.dataset), rank, world), device, show_progress=rank == 0)
+        shard = _evaluate(cfg, [job], shard_indices(len(job.dataset), rank, world), device,
+                          show_progress=rank == 0)[0]
         shard.cm.all_reduce()
         gathered = [None] * world
         dist.all_gather_object(gathered, (shard.skipped, shard.nan_windows, shard.evaluated, shard.diagnostic_sums,
@@ -292,6 +394,9 @@ def run_job(cfg: DictConfig, group: str | None = None) -> tuple[str, RunRecord |
     if cfg.dry_run:
         _print_dry_run(job, path, existing)
         return "dry_run", existing
+    if existing is not None and _lacks_diagnostics(cfg, job, existing):
+        log.info("rerunning %s: its record %s has no diagnostics and diagnostics=true asks for them", job.title, path)
+        existing = None
     if existing is not None and not cfg.force:
         log.info("skipping %s: record %s exists (force=true reruns it)", job.title, path)
         return "skipped", existing
@@ -304,10 +409,16 @@ def run_job(cfg: DictConfig, group: str | None = None) -> tuple[str, RunRecord |
         return "busy", None
     with lock:
         existing = None if cfg.force else find_record(path)
-        if existing is not None:  # finished by another process since we looked
+        # finished by another process since we looked
+        if existing is not None and not _lacks_diagnostics(cfg, job, existing):
             log.info("skipping %s: record %s exists (force=true reruns it)", job.title, path)
             return "skipped", existing
         return "ran", _evaluate_and_record(cfg, job, group)
+
+
+def _lacks_diagnostics(cfg: DictConfig, job: _Job, record: RunRecord) -> bool:
+    """Whether ``diagnostics=true`` asks for what ``record`` (made without them) lacks."""
+    return bool(cfg.diagnostics and (job.resolved["pa"] or job.resolved["tlp"]) and not record.diagnostics)
 
 
 def _evaluate_and_record(cfg: DictConfig, job: _Job, group: str | None) -> RunRecord:
@@ -316,7 +427,7 @@ def _evaluate_and_record(cfg: DictConfig, job: _Job, group: str | None) -> RunRe
     if cfg.workers > 1:
         shard = _evaluate_distributed(cfg, job)  # prediction images are not logged from worker processes
     else:
-        shard = _evaluate(cfg, job, range(len(job.dataset)), job.device, logger)
+        shard = _evaluate(cfg, [job], range(len(job.dataset)), job.device, logger)[0]
     record = _record(cfg, job, shard, time.perf_counter() - start)
     if record.split_matches_official is False:
         log.warning("%s has %d images, the official split has %d: the record says so", job.dataset.name,

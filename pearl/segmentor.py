@@ -8,17 +8,16 @@ from __future__ import annotations
 import os
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass, field
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Iterator, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import params as param_specs
-from .backbone import PRECISIONS, dense_features, patch_size
+from .backbone import PRECISIONS, Trunk, head, patch_size, trunk
 from .methods import get_method, pa_methods
-from .preprocess import Window, WindowConfig, normalise, rescale, sliding_windows, to_rgb_uint8
+from .preprocess import PreparedImage, Window, WindowConfig, prepare_image, sliding_windows
 from .refine.pamr import PAMRConfig, pamr
 from .refine.tlp import TLPConfig, pool_to_grid, propagate, text_affinity, tlp, working_dtype
 from .text import Vocabulary, load_vocabulary, text_prototypes
@@ -57,7 +56,6 @@ class _Image:
     input: torch.Tensor          # [3, H', W'] normalised, on device
     ori_shape: tuple[int, int]
     windows: list[Window]
-    patch_logits: list = field(default_factory=list)  # per window: [Q, h', w']
 
 
 def _upsample(x: torch.Tensor, size) -> torch.Tensor:
@@ -187,7 +185,8 @@ class Segmentor:
 
     def __init__(self, model, classes: Sequence[str] | str | os.PathLike, method: str = "pearl",
                  pa: bool | None = None, tlp: bool | None = None, tokenizer=None, device: str | torch.device = "cpu",
-                 precision: str | None = None, window_batch_size: int = 64, **params) -> None:
+                 precision: str | None = None, window_batch_size: int = 64, diagnostics: bool = False,
+                 **params) -> None:
         method_cls, self.params = resolve_settings(method, pa, tlp, params)
         # the one conversion from flat names to each stage's typed config
         build = param_specs.build_config
@@ -200,6 +199,7 @@ class Segmentor:
         if window_batch_size < 1:
             raise ValueError(f"window_batch_size must be ≥ 1, got {window_batch_size}")
         self.window_batch_size = window_batch_size
+        self.diagnostics = diagnostics
 
         self.device = torch.device(device)
         self.model = self._prepare_model(model, precision)
@@ -236,25 +236,27 @@ class Segmentor:
     def dtype(self) -> torch.dtype:
         return self.prototypes.dtype
 
+    def preprocess(self, image) -> PreparedImage:
+        """The CPU half of :meth:`predict`: RGB conversion, rescale, normalisation (data-loader
+        workers run it; ``predict`` and ``predict_batch`` accept its result in place of an image)."""
+        return prepare_image(image, self.windows)
+
     def predict(self, image, on_device: bool = False) -> Prediction:
         """Segment one H×W×3 uint8 RGB image (numpy, PIL, grey or RGBA converted)."""
         return self.predict_batch([image], on_device=on_device)[0]
 
-    @torch.no_grad()
     def predict_batch(self, images: Sequence, on_device: bool = False) -> list[Prediction]:
         """Segment several images; their windows share batched forward passes.
 
         ``on_device=True`` leaves the outputs on the segmentor's device (no copy to the CPU).
         """
-        prepared = [self._prepare_image(image) for image in images]
-        forward_info = self._forward_windows(prepared)
-        results = []
-        for item in prepared:
-            info = dict(forward_info, windows=len(item.windows))
-            logits = self._refine(item, self._fuse(item, info), info)
-            out = self._decide(logits, info)
-            results.append(out if on_device else self._to_cpu(out))
-        return results
+        return [outputs[0] for outputs in predict_jointly([self], images, on_device)]
+
+    def trunk_key(self) -> tuple:
+        """What blocks 1..L−1 of a window depend on: model, device, rescale and windows, the
+        input's dtype and padding. Segmentors with equal keys can share one trunk."""
+        return (id(self.model), self.device, self.windows, self.method.fuse_in_model_dtype and self.dtype,
+                self.method.pad_crops_to_patch)
 
     def _decide(self, logits: _OriginalSize, info: dict) -> Prediction:
         """The decision at the original size: whole, or in column slabs above ``FULL_SIZE_BUDGET``."""
@@ -281,22 +283,24 @@ class Segmentor:
     def _to_cpu(out: Prediction) -> Prediction:
         def moved(value):
             return (lambda: value().cpu()) if callable(value) else value.cpu()
-        return Prediction(out.labels.cpu(), moved(out._probs), moved(out._logits), out.info)
+        info = {key: value.item() if isinstance(value, torch.Tensor) else value for key, value in out.info.items()}
+        warn_nan_windows(info["nan_windows"], info["windows"])
+        return Prediction(out.labels.cpu(), moved(out._probs), moved(out._logits), info)
 
     def _prepare_image(self, image) -> _Image:
-        rgb = to_rgb_uint8(image)
-        resized = rescale(rgb, self.windows.resize_short, self.windows.resize_long)
-        tensor = normalise(resized).to(self.device)
+        prepared = image if isinstance(image, PreparedImage) else self.preprocess(image)
+        tensor = prepared.input.to(self.device, non_blocking=True)
         if self.method.fuse_in_model_dtype:
             tensor = tensor.to(self.dtype)  # ClearCLIP casts its input before the window loop
-        windows = sliding_windows(tensor.shape[1], tensor.shape[2], self.windows.slide_crop,
-                                  self.windows.slide_stride)
         patch = patch_size(self.model.visual)
         if min(tensor.shape[1:]) < patch:
-            raise ValueError(f"image of size {rgb.shape[1]}×{rgb.shape[0]} is {tensor.shape[2]}×{tensor.shape[1]} "
+            height, width = prepared.original_size
+            raise ValueError(f"image of size {width}×{height} is {tensor.shape[2]}×{tensor.shape[1]} "
                              f"after the rescale: smaller than one {patch}-pixel patch; use a larger image or "
                              f"resize_short")
-        return _Image(tensor, rgb.shape[:2], windows)
+        windows = sliding_windows(tensor.shape[1], tensor.shape[2], self.windows.slide_crop,
+                                  self.windows.slide_stride)
+        return _Image(tensor, tuple(prepared.original_size), windows)
 
     def _padding(self, window: Window) -> tuple[int, int, int, int]:
         """(left, right, top, bottom) zero padding of a sliding-window crop: to a multiple of the
@@ -314,40 +318,31 @@ class Segmentor:
         padding = self._padding(window)
         return F.pad(crop, padding) if any(padding) else crop
 
-    def _forward_windows(self, prepared: list[_Image]) -> dict:
-        """Fill each image's ``patch_logits`` with [Q, h', w'] cosine logits, one batched forward per shape."""
-        jobs = defaultdict(list)
-        for item in prepared:
-            item.patch_logits = [None] * len(item.windows)
-            for index, window in enumerate(item.windows):
-                crop = self._crop(item, window)
-                jobs[tuple(crop.shape)].append((item, index, crop))
-        stats = defaultdict(list)
-        for group in jobs.values():
-            for start in range(0, len(group), self.window_batch_size):
-                chunk = group[start:start + self.window_batch_size]
-                batch = torch.stack([crop for _, _, crop in chunk])
-                feats, info = dense_features(self.model.visual, batch, self.method)
-                logits = (feats.to(self.dtype) @ self.prototypes.T).permute(0, 3, 1, 2)
-                for (item, index, _), window_logits in zip(chunk, logits):
-                    item.patch_logits[index] = window_logits
-                for key, value in info.items():
-                    stats[key].append(value)
-        return {key: float(np.mean(values)) for key, values in stats.items()}
+    def _window_logits(self, shared: Trunk, stats: dict | None) -> torch.Tensor:
+        """[N, Q, h', w'] cosine logits of this method's last block on a shared trunk."""
+        info = {} if stats is not None else None
+        feats = head(self.model.visual, shared, self.method, info)
+        for key, value in (info or {}).items():
+            stats[key].append(value)
+        return (feats.to(self.dtype) @ self.prototypes.T).permute(0, 3, 1, 2)
+
+    def _predict_image(self, item: _Image, patch_logits: list, forward_info: dict, on_device: bool) -> Prediction:
+        info = dict(forward_info, windows=len(item.windows))
+        out = self._decide(self._refine(item, self._fuse(item, patch_logits, info), info), info)
+        return out if on_device else self._to_cpu(out)
 
     def _window_tlp(self, logits: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
         return tlp(logits[None], guide[None].float(), self.affinity, self.tlp_config)[0].to(self.dtype)
 
-    def _fuse(self, item: _Image, info: dict) -> torch.Tensor:
-        """Query logits [Q, H, W] at the original size; docs/protocol.md §6.2–6.5."""
+    def _fuse(self, item: _Image, patch_logits: list, info: dict) -> _OriginalSize:
+        """Query logits [Q, H, W] at the original size from each window's [Q, h', w'] logits;
+        docs/protocol.md §6.2–6.5."""
         per_window_tlp = self.tlp and self.tlp_config.site == "per_window"
-        info["nan_windows"] = int(torch.stack([torch.isnan(w).any() for w in item.patch_logits]).sum())  # one sync
-        if info["nan_windows"]:
-            warnings.warn(f"{info['nan_windows']} of {len(item.windows)} windows produced NaN logits (SFP's released "
-                          f"purification zeroes isolated outliers; sfp_nan_guard=True avoids it)", RuntimeWarning)
+        # a 0-dim tensor: read (a device sync) only when the prediction is copied to the CPU or the job ends
+        info["nan_windows"] = torch.stack([torch.isnan(w).any() for w in patch_logits]).sum()
         height, width = item.input.shape[1:]
         if self.windows.slide_crop <= 0:
-            logits = item.patch_logits[0]
+            logits = patch_logits[0]
             if self.method.whole_upsample_via_input or per_window_tlp:
                 logits = _upsample(logits, (height, width))
                 if per_window_tlp:
@@ -359,7 +354,7 @@ class Segmentor:
         first = item.windows[0]  # every window of one image has the same size and padding
         left, right, top, bottom = self._padding(first)
         crop_h, crop_w = first.y2 - first.y1, first.x2 - first.x1
-        upsampled = F.interpolate(torch.stack(item.patch_logits), size=(crop_h + top + bottom, crop_w + left + right),
+        upsampled = F.interpolate(torch.stack(patch_logits), size=(crop_h + top + bottom, crop_w + left + right),
                                   mode="bilinear", align_corners=False)[:, :, top:top + crop_h, left:left + crop_w]
         for window, logits in zip(item.windows, upsampled):
             if per_window_tlp:
@@ -387,8 +382,12 @@ class Segmentor:
             return self._whole_tlp(logits, _upsample(item.input.float(), item.ori_shape)[None], info)
         return self._chunked_tlp(item, logits, info) if post_fusion_tlp else logits
 
+    def _tlp_info(self, info: dict) -> dict | None:
+        return info if self.diagnostics else None
+
     def _whole_tlp(self, logits: _OriginalSize, guide: torch.Tensor, info: dict) -> _OriginalSize:
-        refined = tlp(logits.full()[None], guide, self.affinity, self.tlp_config, info)[0].to(self.dtype)
+        refined = tlp(logits.full()[None], guide, self.affinity, self.tlp_config, self._tlp_info(info))[0]
+        refined = refined.to(self.dtype)
         return _OriginalSize(refined, logits.size, self.dtype)
 
     def _chunked_tlp(self, item: _Image, logits: _OriginalSize, info: dict) -> _OriginalSize:
@@ -404,7 +403,65 @@ class Segmentor:
 
         z = pooled(logits.full, logits.source.shape[0])
         guide = pooled(lambda rgb: _upsample(item.input[rgb].float(), item.ori_shape), 3)
-        refined = propagate(z, guide, self.affinity.to(dtype), self.tlp_config, info)[0]
+        refined = propagate(z, guide, self.affinity.to(dtype), self.tlp_config, self._tlp_info(info))[0]
         if tuple(refined.shape[1:]) == tuple(logits.size):  # not pooled: already full size
             return _OriginalSize(refined.to(self.dtype), logits.size, self.dtype)
         return _OriginalSize(refined, logits.size, self.dtype)
+
+
+def warn_nan_windows(nan_windows: int, windows: int) -> None:
+    """The warning for windows whose logits hold NaN (SFP's released purification)."""
+    if nan_windows:
+        warnings.warn(f"{nan_windows} of {windows} windows produced NaN logits (SFP's released purification zeroes "
+                      f"isolated outliers; sfp_nan_guard=True avoids it)", RuntimeWarning, stacklevel=3)
+
+
+@torch.no_grad()
+def predict_jointly(segmentors: Sequence[Segmentor], images: Sequence, on_device: bool = False
+                    ) -> Iterator[list[Prediction]]:
+    """Per image (in order), one prediction per segmentor, computed on one shared trunk.
+
+    The segmentors must have equal :meth:`Segmentor.trunk_key` (same model, device, rescale,
+    windows, input dtype and padding): each image is prepared and cut into windows once, windows
+    of equal shape (of all the images) are batched, blocks 1..L−1 run once per batch, and each
+    segmentor's last block, fusion, refinement and decision run on that trunk. The result of each
+    segmentor is exactly what it computes alone. Predictions are made one image at a time as the
+    iterator advances, so only one image's are alive (docs/speed.md §2).
+    """
+    lead = segmentors[0]
+    if any(seg.trunk_key() != lead.trunk_key() for seg in segmentors[1:]):
+        raise ValueError("segmentors share a trunk only with the same model, device, rescale, windows, input dtype "
+                         "and padding")
+    prepared = [lead._prepare_image(image) for image in images]
+    patch_logits = [[[None] * len(item.windows) for item in prepared] for _ in segmentors]
+    stats = [defaultdict(list) if seg.diagnostics else None for seg in segmentors]
+    keep_hidden = any(seg.method.needs_hidden_states for seg in segmentors)
+    for chunk in _window_batches(lead, prepared):
+        shared = trunk(lead.model.visual, torch.stack([crop for _, _, crop in chunk]), keep_hidden)
+        for seg, logits_of, seg_stats in zip(segmentors, patch_logits, stats):
+            for (image_index, window_index, _), window_logits in zip(chunk, seg._window_logits(shared, seg_stats)):
+                logits_of[image_index][window_index] = window_logits
+    forward_info = [{key: torch.stack(values).mean() for key, values in (seg_stats or {}).items()}
+                    for seg_stats in stats]
+    for image_index, item in enumerate(prepared):
+        # no local name keeps the yielded predictions: the consumer's release frees them
+        yield [seg._predict_image(item, _take(logits_of, image_index), info, on_device)
+               for seg, logits_of, info in zip(segmentors, patch_logits, forward_info)]
+
+
+def _take(items: list, index: int):
+    """items[index], leaving None in its place (this image's window logits are used once)."""
+    value, items[index] = items[index], None
+    return value
+
+
+def _window_batches(seg: Segmentor, prepared: list[_Image]) -> Iterator[list[tuple[int, int, torch.Tensor]]]:
+    """Chunks of at most ``window_batch_size`` (image index, window index, crop) of equal crop shape."""
+    groups = defaultdict(list)
+    for image_index, item in enumerate(prepared):
+        for window_index, window in enumerate(item.windows):
+            crop = seg._crop(item, window)
+            groups[tuple(crop.shape)].append((image_index, window_index, crop))
+    for group in groups.values():
+        for start in range(0, len(group), seg.window_batch_size):
+            yield group[start:start + seg.window_batch_size]

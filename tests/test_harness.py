@@ -55,7 +55,11 @@ def test_run_record_skip_and_force(synthetic, tmp_path):
     assert files[0].stat().st_mtime_ns != mtime
     with_tlp = run(compose(overrides + ["tlp=true"]))
     assert len(list((tmp_path / "runs").glob("*.json"))) == 2
-    diagnostics = with_tlp.diagnostics
+    assert with_tlp.diagnostics == {}  # computed only when asked
+    asked = run(compose(overrides + ["tlp=true", "diagnostics=true"]))  # the record lacks them: rerun
+    assert len(list((tmp_path / "runs").glob("*.json"))) == 2 and asked.config_hash == with_tlp.config_hash
+    assert asked.mIoU == with_tlp.mIoU
+    diagnostics = asked.diagnostics
     assert 0 <= diagnostics["tlp_low_confidence"] <= 1 and diagnostics["tlp_rho_mean"] > 0
     assert 0 <= diagnostics["tlp_cg_relative_residual"] < 1
 
@@ -198,16 +202,17 @@ def test_runner_holds_one_prediction_at_a_time_and_obeys_on_error_for_oversized_
                                                                                      monkeypatch):
     import weakref
 
-    from pearl.segmentor import Segmentor
-    original, alive = Segmentor.predict, []
+    from pearl import runner as runner_module
+    original, alive = runner_module.predict_jointly, []
 
-    def predict(self, image, on_device=False):
-        assert all(ref() is None for ref in alive), "the previous prediction is still referenced"
-        out = original(self, image, on_device)
-        alive.append(weakref.ref(out))
-        return out
+    def predict_jointly(segmentors, images, on_device=False):
+        for outputs in original(segmentors, images, on_device):
+            assert all(ref() is None for ref in alive), "the previous prediction is still referenced"
+            alive.extend(weakref.ref(out) for out in outputs)
+            yield outputs
+            del outputs  # this wrapper must not be what keeps them
 
-    monkeypatch.setattr(Segmentor, "predict", predict)
+    monkeypatch.setattr(runner_module, "predict_jointly", predict_jointly)
     root = write_dataset("ade20k", tmp_path / "data", num_images=3, size=(32, 48))
     write_dataset("ade20k", tmp_path / "large", num_images=3, size=(64, 96))
     layout = BENCHMARKS["ade20k"]

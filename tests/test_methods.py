@@ -116,7 +116,7 @@ def test_clearclip_ignores_keys_but_not_queries(tiny_model, tokens):
 def test_pa_matches_reference(solver, alpha):
     torch.manual_seed(2)
     q, k, v = (torch.randn(2, 3, 9, 16) for _ in range(3))
-    out, stats = procrustes_attention(q, k, v, 16 ** -0.5, alpha_kk=alpha, solver=solver)
+    out, stats = procrustes_attention(q, k, v, 16 ** -0.5, alpha_kk=alpha, solver=solver, diagnostics=True)
     assert torch.allclose(out, ref.procrustes_attention(q, k, v, alpha, solver=solver), atol=1e-4)
     if solver == "svd":
         assert stats["pa_orthogonality_error"] < 1e-4
@@ -138,7 +138,7 @@ def test_svd_failure_falls_back_to_identity_with_a_warning_and_a_count(monkeypat
 
     monkeypatch.setattr(torch.linalg, "svd", failing_svd)
     with pytest.warns(RuntimeWarning, match="the SVD failed, so this batch used R = I"):
-        out, stats = procrustes_attention(q, k, v, 8 ** -0.5, alpha_kk=0.0, solver="svd")
+        out, stats = procrustes_attention(q, k, v, 8 ** -0.5, alpha_kk=0.0, solver="svd", diagnostics=True)
     assert stats["pa_svd_fallback"] == 1.0
     unaligned = torch.softmax((q * 8 ** -0.5) @ k.transpose(-1, -2), dim=-1) @ v  # R = I: plain attention
     assert torch.allclose(out, unaligned, atol=1e-6)

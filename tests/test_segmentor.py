@@ -16,12 +16,16 @@ def _segmentor(model, tokenizer, method, **kwargs):
 
 
 def test_tlp_changes_the_logits_and_pa_changes_features(tiny_model, tokenizer, photos):
-    base = _segmentor(tiny_model, tokenizer, "pearl", tlp=False).predict(photos["chelsea"])
-    refined = _segmentor(tiny_model, tokenizer, "pearl", tlp=True).predict(photos["chelsea"])
+    base = _segmentor(tiny_model, tokenizer, "pearl", tlp=False, diagnostics=True).predict(photos["chelsea"])
+    refined = _segmentor(tiny_model, tokenizer, "pearl", tlp=True, diagnostics=True).predict(photos["chelsea"])
     plain = _segmentor(tiny_model, tokenizer, "pearl", pa=False, tlp=False).predict(photos["chelsea"])
     assert not torch.allclose(base.logits, refined.logits)
     assert not torch.allclose(base.logits, plain.logits)
     assert "pa_orthogonality_error" in base.info and "tlp_cg_relative_residual" in refined.info
+    assert isinstance(refined.info["tlp_rho_mean"], float)  # read once, when copied to the CPU
+    quiet = _segmentor(tiny_model, tokenizer, "pearl", tlp=True).predict(photos["chelsea"])
+    assert set(quiet.info) == {"windows", "nan_windows"}  # none computed unless asked
+    assert torch.equal(quiet.labels, refined.labels)
 
 
 def test_sfp_released_nan_windows_are_counted_and_warned(tiny_model, tokenizer, photos):
@@ -173,12 +177,12 @@ def test_readme_parameter_table_is_the_one_generated_from_params():
 def test_windows_of_all_images_share_batched_forwards(tiny_model, tokenizer, photos, monkeypatch):
     from pearl import segmentor as module
     calls = []
-    original = module.dense_features
+    original = module.trunk
 
-    def counting(visual, images, method):
+    def counting(visual, images, keep_hidden):
         calls.append(images.shape[0])
-        return original(visual, images, method)
-    monkeypatch.setattr(module, "dense_features", counting)
+        return original(visual, images, keep_hidden)
+    monkeypatch.setattr(module, "trunk", counting)
     seg = _segmentor(tiny_model, tokenizer, "pearl", slide_crop=64, slide_stride=32)
     seg.predict(photos["chelsea"])
     assert len(calls) == 1 and calls[0] == 15  # 112×168 → 3 × 5 windows in one forward
@@ -216,7 +220,7 @@ def test_fp16_model_runs_and_stays_close_to_fp32(tokenizer, photos):
 def test_original_size_in_slabs_matches_the_whole_computation(tiny_model, tokenizer, photos, monkeypatch,
                                                               method, extra):
     from pearl import segmentor as module
-    seg = _segmentor(tiny_model, tokenizer, method, **extra)
+    seg = _segmentor(tiny_model, tokenizer, method, diagnostics=True, **extra)
     whole = seg.predict(photos["coffee"])
     assert not callable(whole._probs)
     monkeypatch.setattr(module, "FULL_SIZE_BUDGET", 0)     # every image is "too large"

@@ -36,8 +36,9 @@ class Method(abc.ABC):
     parameter ``config_prefix + f``; ``pearl.params.build_config`` makes it) and nothing else.
     ``last_block(blocks, x, hidden, grid, info)`` receives the open_clip resblocks, the input of
     the last block x [B, T, C] (CLS first), the outputs of blocks 1..L−1 when
-    ``needs_hidden_states`` (else an empty list), the grid (h', w') and a dict for diagnostics; it
-    returns the patch tokens [B, h'w', C] before ``ln_post``.
+    ``needs_hidden_states`` (else an empty list), the grid (h', w') and a dict to put diagnostics
+    in, or None when none were asked for (then computing them would be wasted work); it returns
+    the patch tokens [B, h'w', C] before ``ln_post``.
     """
 
     name: ClassVar[str]
@@ -61,7 +62,7 @@ class Method(abc.ABC):
 
     @abc.abstractmethod
     def last_block(self, blocks, x: torch.Tensor, hidden: list[torch.Tensor], grid: tuple[int, int],
-                   info: dict) -> torch.Tensor:
+                   info: dict | None) -> torch.Tensor:
         """Patch tokens [B, h'w', C] before ln_post."""
 
 
@@ -79,7 +80,7 @@ def finish_block(block, x: torch.Tensor, heads_out: torch.Tensor, arch: str) -> 
     return out[:, 1:]
 
 
-def query_key_block(block, x: torch.Tensor, config: AttentionConfig, info: dict) -> torch.Tensor:
+def query_key_block(block, x: torch.Tensor, config: AttentionConfig, info: dict | None) -> torch.Tensor:
     """Last block with softmax(s·q kᵀ) attention, or PEARL's Procrustes alignment when ``pa``.
 
     Plain attention scales q first, as NACLIP/PEARL ``custom_attn`` ('vanilla' strategy). PA runs
@@ -90,8 +91,9 @@ def query_key_block(block, x: torch.Tensor, config: AttentionConfig, info: dict)
     if config.pa:
         out, stats = procrustes_attention(
             q.float(), k.float(), v.float(), scale, alpha_kk=config.alpha_kk if config.use_kk else 0.0,
-            solver=config.pa_solver, iters=config.pa_iters)
-        info.update(stats)
+            solver=config.pa_solver, iters=config.pa_iters, diagnostics=info is not None)
+        if info is not None:
+            info.update(stats)
     else:
         out = torch.softmax((q * scale) @ k.transpose(-1, -2), dim=-1) @ v
     return finish_block(block, x, out, config.arch)

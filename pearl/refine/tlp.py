@@ -133,21 +133,24 @@ def conjugate_gradient(rho: torch.Tensor, z: torch.Tensor, w_h: torch.Tensor, w_
 
 def propagate(z: torch.Tensor, guide: torch.Tensor, affinity: torch.Tensor, cfg: TLPConfig = TLPConfig(),
               info: dict | None = None) -> torch.Tensor:
-    """Refined logits X [B, Q, h, w] from pooled logits Z [B, Q, h, w] and guide [B, 3, h, w] (steps 3–13)."""
+    """Refined logits X [B, Q, h, w] from pooled logits Z [B, Q, h, w] and guide [B, 3, h, w] (steps 3–13).
+
+    With an ``info`` dict, the diagnostics (confidence floor share, ρ, edge weights, the CG
+    residual) are added to it as 0-dim tensors."""
     p = torch.softmax(cfg.softmax_temp * z, dim=1)
     conf = p.amax(dim=1)
     agreement, weighted = _pair_terms(p, affinity, cfg.quadform)
     rho = (conf.clamp_min(cfg.eps) ** 2 * (1 + agreement.clamp(0, 1)))[:, None]
     w_h, w_v = edge_weights(p, weighted, guide, cfg)
     x = conjugate_gradient(rho, z, w_h, w_v, cfg.tau, cfg.cg_iters)
-    if info is not None:
+    if info is not None:  # 0-dim tensors: no device sync here
         rhs = rho * z
         res = (rhs - rho * x - cfg.tau * laplacian(x, w_h, w_v)).norm() / rhs.norm().clamp_min(1e-12)
-        info.update(tlp_low_confidence=(conf < cfg.eps).float().mean().item(), tlp_rho_mean=rho.mean().item(),
-                    tlp_rho_std=rho.std().item() if rho.numel() > 1 else 0.0,
-                    tlp_edge_weight_mean=(torch.cat([w_h.flatten(), w_v.flatten()]).mean().item()
-                                          if w_h.numel() + w_v.numel() else 0.0),
-                    tlp_cg_relative_residual=res.item())
+        edges = torch.cat([w_h.flatten(), w_v.flatten()])
+        info.update(tlp_low_confidence=(conf < cfg.eps).float().mean(), tlp_rho_mean=rho.mean(),
+                    tlp_rho_std=rho.std() if rho.numel() > 1 else rho.new_zeros(()),
+                    tlp_edge_weight_mean=edges.mean() if edges.numel() else rho.new_zeros(()),
+                    tlp_cg_relative_residual=res)
     return x
 
 
