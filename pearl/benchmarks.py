@@ -24,6 +24,7 @@ class Benchmark:
     reduce_zero_label: bool = False  # label 0 ignored (255), k → k−1
     raw_label_values: int = 0       # distinct raw label values before reduce_zero_label (synthetic data)
     aliases: tuple[str, ...] = ()
+    typical_size: tuple[int, int] = (375, 500)  # (H, W) of a typical validation image (pearl.bench times it)
     protocol_like: str | None = None  # whose published per-method settings to use where a method has none
 
 
@@ -35,7 +36,7 @@ _CONTEXT = dict(image_dir="VOCdevkit/VOC2010/JPEGImages", label_dir="VOCdevkit/V
                 split_file="VOCdevkit/VOC2010/ImageSets/SegmentationContext/val.txt", official_size=5105,
                 raw_label_values=60)
 _COCO = dict(image_dir="coco_stuff164k/images/val2017", label_dir="coco_stuff164k/annotations/val2017",
-             image_suffix=".jpg", official_size=5000, raw_label_values=171)
+             image_suffix=".jpg", official_size=5000, raw_label_values=171, typical_size=(480, 640))
 
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
     Benchmark("voc21", "VOC21", class_stem="voc21", **_VOC),
@@ -45,10 +46,11 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
     Benchmark("context59", "PC59", class_stem="pc59", reduce_zero_label=True, aliases=("pc59",), **_CONTEXT),
     Benchmark("coco_stuff", "Stuff", class_stem="coco_stuff", label_suffix="_labelTrainIds.png", **_COCO),
     Benchmark("cityscapes", "City", 500, "cityscapes", "cityscapes/leftImg8bit/val", "cityscapes/gtFine/val",
-              "_leftImg8bit.png", "_gtFine_labelTrainIds.png", raw_label_values=19, aliases=("city", "city_scapes")),
+              "_leftImg8bit.png", "_gtFine_labelTrainIds.png", raw_label_values=19, aliases=("city", "city_scapes"),
+              typical_size=(1024, 2048)),
     Benchmark("ade20k", "ADE", 2000, "ade20k", "ADEChallengeData2016/images/validation",
               "ADEChallengeData2016/annotations/validation", ".jpg", ".png", reduce_zero_label=True,
-              raw_label_values=151),
+              raw_label_values=151, typical_size=(512, 683)),
 )}
 DATASETS: tuple[str, ...] = tuple(BENCHMARKS)  # the paper's column order
 DATASET_ALIASES: dict[str, str] = {alias: b.name for b in BENCHMARKS.values() for alias in b.aliases}

@@ -28,7 +28,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parent
 # Source and resource files whose content is the code version; caches and build output are not, nor
 # the modules downstream of the metric, which read records and cannot change a number.
 _CODE_SUFFIXES = (".py", ".yaml", ".txt", ".json", ".csv")
-_DOWNSTREAM_OF_THE_METRIC = ("tables.py", "figures.py", "wandb_logger.py", "cli.py")
+_DOWNSTREAM_OF_THE_METRIC = ("tables.py", "figures.py", "wandb_logger.py", "cli.py", "bench.py")
 
 
 class RecordError(UserError, ValueError):

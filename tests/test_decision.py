@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from pearl.segmentor import decide
+from pearl.segmentor import decide, top_query_labels
 
 
 def test_synonym_max_without_renormalisation():
@@ -77,3 +78,15 @@ def test_area_filter_drops_a_class_exactly_at_the_threshold():
     logits[1, 0, 9] = 0.5  # the runner-up at the dropped pixel
     labels, _ = decide(logits, torch.arange(3), 3, logit_scale=10, area_thd=0.1)
     assert labels[0, 9] == 1
+
+
+@pytest.mark.parametrize("prob_thd", [0.0, 0.3, 0.6])
+def test_top_query_labels_equal_the_softmax_rule(prob_thd):
+    torch.manual_seed(5)
+    owners = torch.tensor([0, 1, 1, 2, 2, 2, 3])  # synonyms: the class max is over several queries
+    logits = torch.randn(7, 40, 50) * 0.05
+    logits[:, :3, :3] = float("nan")  # NaN features (SFP's released purification) decide alike
+    expected, _ = decide(logits, owners, 4, logit_scale=40, prob_thd=prob_thd)
+    assert torch.equal(top_query_labels(logits, owners, 40, prob_thd), expected)
+    if prob_thd:  # the threshold binds somewhere
+        assert not torch.equal(expected, decide(logits, owners, 4, logit_scale=40)[0])

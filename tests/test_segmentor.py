@@ -183,7 +183,8 @@ def test_windows_of_all_images_share_batched_forwards(tiny_model, tokenizer, pho
         calls.append(images.shape[0])
         return original(visual, images, keep_hidden)
     monkeypatch.setattr(module, "trunk", counting)
-    seg = _segmentor(tiny_model, tokenizer, "pearl", slide_crop=64, slide_stride=32)
+    assert _segmentor(tiny_model, tokenizer, "pearl").window_batch_size == 8  # the CPU default
+    seg = _segmentor(tiny_model, tokenizer, "pearl", slide_crop=64, slide_stride=32, window_batch_size=64)
     seg.predict(photos["chelsea"])
     assert len(calls) == 1 and calls[0] == 15  # 112×168 → 3 × 5 windows in one forward
     calls.clear()
@@ -222,7 +223,6 @@ def test_original_size_in_slabs_matches_the_whole_computation(tiny_model, tokeni
     from pearl import segmentor as module
     seg = _segmentor(tiny_model, tokenizer, method, diagnostics=True, **extra)
     whole = seg.predict(photos["coffee"])
-    assert not callable(whole._probs)
     monkeypatch.setattr(module, "FULL_SIZE_BUDGET", 0)     # every image is "too large"
     monkeypatch.setattr(module, "SLAB_VALUES", 40_000)     # a few columns per slab
     tiled = seg.predict(photos["coffee"])

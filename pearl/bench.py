@@ -1,0 +1,332 @@
+"""Speed benchmark: the evaluation path against a per-window reference loop (docs/speed.md §1).
+
+    python -m pearl.bench --quick                           # a few minutes on a CPU
+    python -m pearl.bench --device cuda --precision fp16    # every method, PA and TLP on and off
+
+For each method × PA × TLP and each benchmark size (the typical image of VOC, ADE20K, Cityscapes
+at each method's own protocol for that dataset) it prints and writes as CSV: images/s of the
+evaluation path (``predict_jointly`` on ``--batch-images`` images at a time, inputs prepared as the
+data-loader workers prepare them) and of the reference loop (one batch-1 forward per window, each
+window's logits upsampled and added on its own, one image at a time: the released
+implementations' structure), the speed-up, milliseconds per stage, PA's and TLP's share of the
+per-image time, the backbone's achieved TFLOP/s and peak memory. Random weights (the default,
+``--pretrained none``) time the same computation as real ones; any figure they give is a speed
+figure, never a result.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import math
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import segmentor as segmentor_module
+from .backbone import dense_features, load_clip, tiny_clip
+from .benchmarks import BENCHMARKS
+from .methods import available_methods, get_method
+from .methods import base as method_base
+from .preprocess import prepare_image
+from .protocols import class_names, protocol
+from .segmentor import Prediction, Segmentor, predict_jointly
+
+SIZES = ("voc21", "ade20k", "cityscapes")
+STAGES = ("preprocess", "backbone", "pa", "fusion", "tlp", "decision")
+QUICK_VARIANTS = (("pearl", True, True), ("pearl", False, False), ("naclip", False, False))
+
+
+def variants(methods: list[str]) -> list[tuple[str, bool, bool]]:
+    """(method, pa, tlp): PA on and off where the method has a query·key term, TLP on and off."""
+    out = []
+    for method in methods:
+        for pa in ((True, False) if get_method(method).has_query_key_term else (False,)):
+            out.extend((method, pa, tlp) for tlp in (True, False))
+    return out
+
+
+def bench_images(size: tuple[int, int], count: int) -> list[np.ndarray]:
+    """``count`` real photographs (scikit-image's) resized to (H, W) = ``size``."""
+    import cv2
+    from skimage import data
+    photos = (data.astronaut(), data.coffee(), data.chelsea())
+    return [cv2.resize(photos[i % len(photos)], (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+            for i in range(count)]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def reference_predict(seg: Segmentor, image) -> Prediction:
+    """One image the released way: a batch-1 forward per window, each window's logits upsampled to
+    the crop and added to the canvas on their own; then the same refinement and decision."""
+    item = seg._prepare_image(image)
+    windows = []
+    for window in item.windows:
+        feats, _ = dense_features(seg.model.visual, seg._crop(item, window)[None], seg.method)
+        windows.append((feats.to(seg.dtype) @ seg.prototypes.T).permute(0, 3, 1, 2))
+    info = {"windows": len(item.windows)}
+    if seg.windows.slide_crop <= 0:
+        fused = seg._fuse(item, [windows[0][0]], info)
+    else:
+        dtype = seg.dtype if seg.method.fuse_in_model_dtype else torch.float32
+        height, width = item.input.shape[1:]
+        canvas = torch.zeros((seg.vocabulary.num_queries, height, width), dtype=dtype, device=seg.device)
+        count = torch.zeros((1, height, width), dtype=dtype, device=seg.device)
+        for window, logits in zip(item.windows, windows):
+            left, right, top, bottom = seg._padding(window)
+            crop_h, crop_w = window.y2 - window.y1, window.x2 - window.x1
+            up = F.interpolate(logits, size=(crop_h + top + bottom, crop_w + left + right), mode="bilinear",
+                               align_corners=False)[0, :, top:top + crop_h, left:left + crop_w]
+            if seg.tlp and seg.tlp_config.site == "per_window":
+                up = seg._window_tlp(up, item.input[:, window.y1:window.y2, window.x1:window.x2])
+            canvas[:, window.y1:window.y2, window.x1:window.x2] += up
+            count[:, window.y1:window.y2, window.x1:window.x2] += 1
+        fused = segmentor_module._OriginalSize(canvas / count, item.ori_shape, dtype)
+    return seg._decide(seg._refine(item, fused, info), info)
+
+
+class StageTimes:
+    """Wall time per stage of the Segmentor (synchronised on CUDA), by wrapping its stage functions."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.totals = device, defaultdict(float)
+
+    @contextlib.contextmanager
+    def wrapped(self):
+        targets = [(segmentor_module, "trunk", "backbone"), (Segmentor, "_window_logits", "backbone"),
+                   (method_base, "procrustes_attention", "pa"), (Segmentor, "_fuse", "fusion"),
+                   (Segmentor, "_refine", "tlp"), (Segmentor, "_decide", "decision")]
+        originals = [(owner, name, getattr(owner, name)) for owner, name, _ in targets]
+        for owner, name, stage in targets:
+            setattr(owner, name, self._timed(getattr(owner, name), stage))
+        try:
+            yield self
+        finally:
+            for owner, name, original in originals:
+                setattr(owner, name, original)
+
+    def _timed(self, function, stage: str):
+        def timed(*args, **kwargs):
+            _sync(self.device)
+            start = time.perf_counter()
+            out = function(*args, **kwargs)
+            _sync(self.device)
+            self.totals[stage] += time.perf_counter() - start
+            return out
+        return timed
+
+    def per_image_ms(self, images: int) -> dict:
+        """Milliseconds per image per stage; PA runs inside the backbone's last block, so it is
+        taken out of the backbone's figure."""
+        ms = {stage: 1000 * self.totals.get(stage, 0.0) / images for stage in STAGES}
+        ms["backbone"] -= ms["pa"]
+        return ms
+
+
+class PeakMemory:
+    """Peak CUDA allocation and peak host RSS (Linux: VmHWM, reset through /proc/self/clear_refs)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        with contextlib.suppress(OSError):
+            Path("/proc/self/clear_refs").write_text("5")
+
+    def read(self) -> tuple[float | None, float | None]:
+        """(CUDA GiB or None, host GiB or None)."""
+        cuda = torch.cuda.max_memory_allocated(self.device) / 2 ** 30 if self.device.type == "cuda" else None
+        host = None
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            status = Path("/proc/self/status").read_text()
+            host = int(status.split("VmHWM:")[1].split()[0]) / 2 ** 20  # kB → GiB
+        return cuda, host
+
+
+def backbone_flops(seg: Segmentor, prepared) -> float:
+    """Floating-point operations of the backbone (trunk and last block) for one prepared image."""
+    from torch.utils.flop_counter import FlopCounterMode
+    item = seg._prepare_image(prepared)
+    crops = torch.stack([seg._crop(item, window) for window in item.windows])
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        dense_features(seg.model.visual, crops, seg.method)
+    return float(counter.get_total_flops())
+
+
+def _fast(segs: list[Segmentor], prepared: list, batch_images: int) -> None:
+    for start in range(0, len(prepared), batch_images):
+        for _ in predict_jointly(segs, prepared[start:start + batch_images], on_device=True):
+            pass
+
+
+def measure(seg: Segmentor, images: list[np.ndarray], batch_images: int, repeats: int, reference: bool) -> dict:
+    """Figures of one segmentor on ``images``: path and loop timed alternately ``repeats`` times
+    (medians), then one pass with stage timing, one FLOP count."""
+    device = seg.device
+    prepared = [seg.preprocess(image) for image in images]
+    _fast([seg], prepared[:1], 1)  # warm-up (allocator, kernels)
+    if reference:
+        reference_predict(seg, images[0])
+    fast_s, loop_s = [], []
+    memory = PeakMemory(device)
+    peaks = {}
+    for _ in range(repeats):
+        memory.reset()
+        _sync(device)
+        start = time.perf_counter()
+        _fast([seg], prepared, batch_images)
+        _sync(device)
+        fast_s.append(time.perf_counter() - start)
+        peaks["fast"] = memory.read()
+        if reference:
+            memory.reset()
+            start = time.perf_counter()
+            for image in images:
+                reference_predict(seg, image)
+            _sync(device)
+            loop_s.append(time.perf_counter() - start)
+            peaks["loop"] = memory.read()
+    stages = StageTimes(device)
+    start = time.perf_counter()
+    for image in images:
+        prepare_image(image, seg.windows)
+    stages.totals["preprocess"] = time.perf_counter() - start
+    with stages.wrapped():
+        _fast([seg], prepared, batch_images)
+    ms = stages.per_image_ms(len(images))
+    per_image_ms = 1000 * statistics.median(fast_s) / len(images)
+    flops = backbone_flops(seg, prepared[0])
+    row = {
+        "windows_per_image": len(seg._prepare_image(prepared[0]).windows),
+        "images_per_s": len(images) / statistics.median(fast_s),
+        "reference_images_per_s": len(images) / statistics.median(loop_s) if loop_s else None,
+        **{f"ms_{stage}": value for stage, value in ms.items()},
+        "pa_tlp_share": (ms["pa"] + ms["tlp"]) / sum(ms[s] for s in STAGES if s != "preprocess"),
+        "ms_per_image": per_image_ms,
+        "backbone_tflops": flops / (ms["backbone"] + ms["pa"]) / 1e9 if ms["backbone"] > 0 else None,
+        "peak_cuda_gib": peaks["fast"][0], "peak_rss_gib": peaks["fast"][1],
+        "reference_peak_cuda_gib": peaks.get("loop", (None, None))[0],
+        "reference_peak_rss_gib": peaks.get("loop", (None, None))[1],
+    }
+    row["speedup"] = (row["images_per_s"] / row["reference_images_per_s"]) if loop_s else None
+    return row
+
+
+def _format(value) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def table1_minutes(rows: list[dict]) -> dict[str, float]:
+    """Minutes for Table 1 (six methods × eight datasets, default PA/TLP), extrapolated from the
+    measured images/s: each dataset at the measured size whose protocol it resembles (VOC and
+    PASCAL Context: the VOC size; COCO and ADE20K: the ADE20K size; Cityscapes its own)."""
+    like = {"voc21": "voc21", "voc20": "voc21", "context60": "voc21", "context59": "voc21",
+            "coco_object": "ade20k", "coco_stuff": "ade20k", "ade20k": "ade20k", "cityscapes": "cityscapes"}
+    speed = {(row["method"], row["size"]): row["images_per_s"] for row in rows if row["default"]}
+    minutes = {}
+    for method in sorted({method for method, _ in speed}):
+        if all((method, like[d]) in speed for d in like):
+            minutes[method] = sum(BENCHMARKS[d].official_size / speed[(method, like[d])] for d in like) / 60
+    return minutes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pearl.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="ViT-B-16", help="open_clip architecture, or 'tiny' (default ViT-B-16)")
+    parser.add_argument("--pretrained", default="none",
+                        help="open_clip tag or checkpoint file; 'none' = random weights (speed only; default)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
+    parser.add_argument("--methods", default=",".join(available_methods()), help="comma-separated (default all)")
+    parser.add_argument("--sizes", default=",".join(SIZES),
+                        help=f"benchmarks whose typical image size and protocol to time (default {','.join(SIZES)})")
+    parser.add_argument("--images", type=int, default=8, help="images per measurement (default 8)")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating timed passes; medians (default 3)")
+    parser.add_argument("--batch-images", type=int, default=8, help="images predicted together (default 8)")
+    parser.add_argument("--window-batch-size", type=int, default=None,
+                        help="windows per forward (default: 8 on a CPU, 64 on a GPU)")
+    parser.add_argument("--no-reference", action="store_true", help="skip the reference loop")
+    parser.add_argument("--quick", action="store_true",
+                        help="pearl (PA+TLP, neither) and naclip, 2 images, 1 repeat: a few minutes on a CPU")
+    parser.add_argument("--out", default="benchmarks/results.csv", help="CSV written (default %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        device = torch.device(args.device)
+        sizes = args.sizes.split(",")
+        for size in sizes:
+            if size not in BENCHMARKS:
+                raise ValueError(f"--sizes: {size!r} is not one of {', '.join(BENCHMARKS)}")
+        methods = args.methods.split(",")
+        for method in methods:
+            get_method(method)
+        if args.images < 1 or args.repeats < 1 or args.batch_images < 1:
+            raise ValueError("--images, --repeats and --batch-images must be at least 1")
+    except (ValueError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    images, repeats = (2, 1) if args.quick else (args.images, args.repeats)
+    todo = list(QUICK_VARIANTS) if args.quick else variants(methods)
+    if args.model == "tiny":
+        model, tokenizer = tiny_clip()
+    else:
+        pretrained = None if args.pretrained == "none" else args.pretrained
+        model, tokenizer = load_clip(args.model, pretrained, device, args.precision)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    weights = "random weights" if args.pretrained == "none" or args.model == "tiny" else args.pretrained
+    print(f"pearl.bench: {args.model} ({weights}), {args.precision}, {name}, torch {torch.__version__}; "
+          f"{images} images per size, {repeats} repeat(s), batch_images={args.batch_images}", flush=True)
+    rows = []
+    for size in sizes:
+        pictures = bench_images(BENCHMARKS[size].typical_size, images)
+        for method, pa, tlp in todo:
+            cls = get_method(method)
+            seg = Segmentor(model, class_names(size, method), method=method, pa=pa, tlp=tlp, tokenizer=tokenizer,
+                            device=device, precision=args.precision, window_batch_size=args.window_batch_size,
+                            **protocol(method, size))
+            row = {"device": name, "model": args.model, "weights": weights, "precision": args.precision,
+                   "size": size, "height": pictures[0].shape[0], "width": pictures[0].shape[1], "method": method,
+                   "pa": pa, "tlp": tlp, "default": (pa, tlp) == (cls.default_pa, cls.default_tlp)}
+            row.update(measure(seg, pictures, args.batch_images, repeats, not args.no_reference))
+            rows.append(row)
+            speedup = f"{row['speedup']:.2f}× the loop" if row["speedup"] else "no loop"
+            stages = " ".join(f"{stage}={row['ms_' + stage]:.1f}" for stage in STAGES)
+            print(f"{size:10s} {method:9s} pa={pa!s:5s} tlp={tlp!s:5s} {row['windows_per_image']:3d} win  "
+                  f"{row['images_per_s']:7.2f} img/s  {speedup}  ms/img: {stages}  PA+TLP "
+                  f"{100 * row['pa_tlp_share']:.1f} %  backbone {_format(row['backbone_tflops'])} TFLOP/s  "
+                  f"peak {_format(row['peak_cuda_gib'])} GiB cuda, {_format(row['peak_rss_gib'])} GiB host "
+                  f"(loop {_format(row['reference_peak_rss_gib'])})", flush=True)
+    minutes = table1_minutes(rows)
+    for method, value in minutes.items():
+        print(f"Table 1 extrapolated, {method} on the 8 datasets "
+              f"({sum(b.official_size for b in BENCHMARKS.values())} images): {value:.1f} min")
+    if minutes:
+        print(f"Table 1 extrapolated, the {len(minutes)} methods measured: {sum(minutes.values()):.1f} min")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({k: (f"{v:.6g}" if isinstance(v, float) and math.isfinite(v) else v)
+                          for k, v in row.items()} for row in rows)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
