@@ -10,6 +10,7 @@ import os
 import platform
 import socket
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -24,8 +25,9 @@ from . import __version__
 from .backbone import load_clip, tiny_clip
 from .config import validate_config
 from .data import DatasetError, build_dataset
-from .errors import ConfigError
-from .locks import read_owner, try_lock
+from .errors import ConfigError, UserError
+from .locks import JobLock, read_owner, try_lock
+from .methods import get_method
 from .metrics import ConfusionMatrix
 from .params import PARAMS
 from .preprocess import PreparedImage, WindowConfig, prepare_image
@@ -317,6 +319,11 @@ def _evaluate(cfg: DictConfig, jobs: list[_Job], indices: range, device: torch.d
     return shards
 
 
+def _world_size() -> int:
+    """Processes of a torchrun launch (1 without one)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def shard_indices(size: int, rank: int, world: int) -> range:
     """Contiguous, non-padding shard of ``range(size)`` (no image twice, none dropped; docs/engineering.md §6)."""
     return range(size * rank // world, size * (rank + 1) // world)
@@ -390,6 +397,10 @@ def run_job(cfg: DictConfig, group: str | None = None) -> tuple[str, RunRecord |
     """
     job = _plan(cfg)
     path = record_path(cfg.results_dir, job.run_hash)
+    shared = _EVALUATED_TOGETHER.pop(job.run_hash, None)
+    if shared is not None:  # evaluated with other jobs of its sweep on one trunk; its lock is still held
+        with shared.lock:
+            return "ran", _finish_record(cfg, job, shared.shard, shared.wall_s, _wandb(cfg, job, group))
     existing = find_record(path)
     if cfg.dry_run:
         _print_dry_run(job, path, existing)
@@ -416,6 +427,93 @@ def run_job(cfg: DictConfig, group: str | None = None) -> tuple[str, RunRecord |
         return "ran", _evaluate_and_record(cfg, job, group)
 
 
+@dataclass
+class _Evaluated:
+    """A job evaluated ahead of its turn on a trunk shared with other jobs of its sweep."""
+
+    shard: _Shard
+    wall_s: float
+    lock: JobLock
+
+
+_EVALUATED_TOGETHER: dict[str, _Evaluated] = {}  # run hash → result, until that job's turn records it
+
+
+def shared_trunk_key(cfg: DictConfig, job: _Job) -> str | None:
+    """Jobs with the same key compute identical blocks 1..L−1 for every window (same data, model,
+    precision, device, rescale, windows, input dtype, padding, and the same batching), so one pass
+    can evaluate them all; None for a job that is evaluated alone (several processes, a logger
+    showing predictions, a dry run). docs/speed.md §3."""
+    if cfg.dry_run or cfg.workers > 1 or cfg.logger.name != "none" or _world_size() > 1:
+        return None
+    method = get_method(job.method)
+    windows = {name: job.resolved[name] for name in ("resize_short", "resize_long", "slide_crop", "slide_stride")}
+    return config_hash({"dataset": job.identity["dataset"], "data_root": cfg.data_root,
+                        "model": job.identity["model"], "device": str(job.device), "windows": windows,
+                        "model_dtype_input": method.fuse_in_model_dtype, "padding": method.pad_crops_to_patch,
+                        "batching": [cfg.batch_images, cfg.window_batch_size, cfg.loader_workers],
+                        "reading": [cfg.on_error, cfg.max_pixels, cfg.max_images]})
+
+
+def evaluate_together(cfgs: list[DictConfig]) -> list[int]:
+    """Evaluate the jobs of a sweep that can share a trunk, a group at a time, ahead of their
+    turns; each job's turn (:func:`run_job`) then writes its record. Jobs already recorded, held
+    by another process, alone in their group or failing to plan are left to their turn, which
+    reports them as usual. A group whose evaluation fails (a bad image with on_error=raise) is
+    also left to the turns, which report the error job by job. Returns the sizes of the groups
+    evaluated."""
+    groups: dict[str, list] = defaultdict(list)
+    for cfg in cfgs:
+        try:
+            job = _plan(cfg)
+        except UserError:
+            continue
+        key = shared_trunk_key(cfg, job)
+        existing = find_record(record_path(cfg.results_dir, job.run_hash))
+        if key is None or (existing is not None and not cfg.force and not _lacks_diagnostics(cfg, job, existing)):
+            continue
+        if all(job.run_hash != other.run_hash for _, other in groups[key]):
+            groups[key].append((cfg, job))
+    sizes = []
+    for members in groups.values():
+        locked = _lock_all(members) if len(members) > 1 else []
+        if len(locked) < 2:
+            for _, _, lock in locked:
+                lock.release()
+            continue
+        start = time.perf_counter()
+        try:
+            shards = _evaluate(locked[0][0], [job for _, job, _ in locked], range(len(locked[0][1].dataset)),
+                               locked[0][1].device)
+        except UserError as error:
+            log.warning("evaluating %d jobs on one trunk failed (%s); each job runs alone", len(locked), error)
+            for _, _, lock in locked:
+                lock.release()
+            continue
+        wall_s = time.perf_counter() - start
+        for (_, job, lock), shard in zip(locked, shards):
+            _EVALUATED_TOGETHER[job.run_hash] = _Evaluated(shard, wall_s, lock)
+        sizes.append(len(locked))
+    return sizes
+
+
+def _lock_all(members: list) -> list:
+    """(cfg, job, lock) for the members whose lock this process gets."""
+    locked = []
+    for cfg, job in members:
+        prepare_results_dir(cfg.results_dir)
+        path = record_path(cfg.results_dir, job.run_hash)
+        lock = try_lock(path.with_suffix(".lock"))
+        if lock is None:
+            continue
+        existing = find_record(path)  # finished by another process since we looked
+        if existing is not None and not cfg.force and not _lacks_diagnostics(cfg, job, existing):
+            lock.release()
+            continue
+        locked.append((cfg, job, lock))
+    return locked
+
+
 def _lacks_diagnostics(cfg: DictConfig, job: _Job, record: RunRecord) -> bool:
     """Whether ``diagnostics=true`` asks for what ``record`` (made without them) lacks."""
     return bool(cfg.diagnostics and (job.resolved["pa"] or job.resolved["tlp"]) and not record.diagnostics)
@@ -428,7 +526,11 @@ def _evaluate_and_record(cfg: DictConfig, job: _Job, group: str | None) -> RunRe
         shard = _evaluate_distributed(cfg, job)  # prediction images are not logged from worker processes
     else:
         shard = _evaluate(cfg, [job], range(len(job.dataset)), job.device, logger)[0]
-    record = _record(cfg, job, shard, time.perf_counter() - start)
+    return _finish_record(cfg, job, shard, time.perf_counter() - start, logger)
+
+
+def _finish_record(cfg: DictConfig, job: _Job, shard: _Shard, wall_s: float, logger) -> RunRecord:
+    record = _record(cfg, job, shard, wall_s)
     if record.split_matches_official is False:
         log.warning("%s has %d images, the official split has %d: the record says so", job.dataset.name,
                     record.dataset_size, record.expected_images)

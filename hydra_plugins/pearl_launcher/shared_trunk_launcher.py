@@ -1,0 +1,59 @@
+"""Hydra launcher ``hydra/launcher=shared_trunk`` (run.py's default): the jobs of a sweep that can
+share blocks 1..L−1 are evaluated together first, then every job runs in order as with Hydra's
+basic launcher, writing its own record (docs/speed.md §3).
+
+Hydra finds launchers only in the ``hydra_plugins`` namespace package, so this module lives
+here; the work is ``pearl.runner.evaluate_together``. (No ``from __future__ import annotations``:
+Hydra executes plugin modules outside ``sys.modules``, where dataclasses cannot resolve them.)
+"""
+
+import copy
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from hydra._internal.core_plugins.basic_launcher import BasicLauncher
+from hydra.core.config_store import ConfigStore
+from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
+from omegaconf import open_dict, read_write
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SharedTrunkLauncherConf:
+    _target_: str = "hydra_plugins.pearl_launcher.shared_trunk_launcher.SharedTrunkLauncher"
+
+
+ConfigStore.instance().store(group="hydra/launcher", name="shared_trunk", node=SharedTrunkLauncherConf)
+
+
+class SharedTrunkLauncher(BasicLauncher):
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from pearl.runner import evaluate_together
+        setup_globals()
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        sweep_configs = []
+        for number, overrides in enumerate(job_overrides, start=initial_job_idx):
+            sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+            with open_dict(sweep_config):
+                sweep_config.hydra.job.id = sweep_config.hydra.job.num = number
+            sweep_configs.append(sweep_config)
+        task_configs = []
+        for sweep_config in sweep_configs:
+            task_config = copy.deepcopy(sweep_config)
+            with read_write(task_config), open_dict(task_config):
+                del task_config["hydra"]
+            task_configs.append(task_config)
+        for size in evaluate_together(task_configs):
+            log.info("evaluated %d jobs on one shared trunk", size)
+        runs = []
+        for number, (overrides, sweep_config) in enumerate(zip(job_overrides, sweep_configs), start=initial_job_idx):
+            log.info(f"\t#{number} : {' '.join(filter_overrides(overrides))}")
+            runs.append(run_job(hydra_context=self.hydra_context, task_function=self.task_function,
+                                config=sweep_config, job_dir_key="hydra.sweep.dir",
+                                job_subdir_key="hydra.sweep.subdir"))
+            configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        return runs

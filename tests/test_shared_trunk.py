@@ -1,0 +1,86 @@
+"""Jobs of one sweep that share blocks 1..L−1 are evaluated in one pass, each writing the record it
+writes alone (docs/speed.md §3)."""
+import subprocess
+import sys
+
+import pytest
+
+from pearl import runner
+from pearl import segmentor as segmentor_module
+from pearl.locks import try_lock
+from pearl.records import record_path
+
+from .conftest import REPO, compose
+
+PEARL_SWEEP = [["method=pearl", f"pa={pa}", f"tlp={tlp}"] for pa in ("true", "false") for tlp in ("true", "false")]
+
+
+def _cfgs(synthetic, results, jobs):
+    return [compose(["model=tiny", f"data_root={synthetic}", f"results_dir={results}", "progress=false",
+                     "loader_workers=0", *job]) for job in jobs]
+
+
+def _trunk_calls(monkeypatch):
+    calls = []
+    original = segmentor_module.trunk
+
+    def counting(visual, images, keep_hidden=False):
+        calls.append(images.shape[0])
+        return original(visual, images, keep_hidden)
+    monkeypatch.setattr(segmentor_module, "trunk", counting)
+    return calls
+
+
+def test_a_sweep_shares_one_trunk_and_each_record_equals_the_job_alone(synthetic, tmp_path, monkeypatch):
+    jobs = PEARL_SWEEP + [["method=naclip"], ["method=sclip"]]  # sclip: other windows on VOC, so alone
+    alone = {}
+    calls = _trunk_calls(monkeypatch)
+    for cfg in _cfgs(synthetic, tmp_path / "alone", jobs):
+        status, record = runner.run_job(cfg)
+        assert status == "ran"
+        alone[record.config_hash] = record
+        if len(alone) == 1:
+            per_job = list(calls)  # the trunk passes of one job
+    assert len(calls) > 5 * len(per_job)
+    calls.clear()
+
+    cfgs = _cfgs(synthetic, tmp_path / "together", jobs)
+    assert runner.evaluate_together(cfgs) == [5]  # the four pearl variants and naclip
+    assert calls == per_job  # the five jobs' windows went through blocks 1..L−1 once
+    outcomes = [runner.run_job(cfg) for cfg in cfgs]
+    assert [status for status, _ in outcomes] == ["ran"] * 6
+    for _, record in outcomes:
+        twin = alone[record.config_hash]  # the same identity as the job run alone
+        assert (record.mIoU, record.aAcc, record.mAcc) == (twin.mIoU, twin.aAcc, twin.mAcc)
+        assert record.per_class_iou == twin.per_class_iou and record.image_count == twin.image_count
+    assert not list((tmp_path / "together" / "runs").glob("*.lock"))  # every lock released
+    assert runner.evaluate_together(cfgs) == []  # all recorded: nothing to do
+    assert [runner.run_job(cfg)[0] for cfg in cfgs] == ["skipped"] * 6
+
+
+def test_a_job_another_process_holds_is_left_out_of_the_group(synthetic, tmp_path):
+    cfgs = _cfgs(synthetic, tmp_path, PEARL_SWEEP[:3])
+    held_job = runner._plan(cfgs[0])
+    (tmp_path / "runs").mkdir()
+    held = try_lock(record_path(tmp_path, held_job.run_hash).with_suffix(".lock"))
+    assert runner.evaluate_together(cfgs) == [2]
+    assert [runner.run_job(cfg)[0] for cfg in cfgs] == ["busy", "ran", "ran"]
+    held.release()
+
+
+def test_jobs_with_a_logger_or_several_workers_are_evaluated_alone(synthetic, tmp_path):
+    cfgs = _cfgs(synthetic, tmp_path, [job + ["workers=2"] for job in PEARL_SWEEP[:2]])
+    assert runner.evaluate_together(cfgs) == []
+    assert runner.shared_trunk_key(cfgs[0], runner._plan(cfgs[0])) is None
+
+
+@pytest.mark.slow  # a subprocess of run.py
+def test_run_py_sweeps_share_the_trunk_by_default(synthetic, tmp_path):
+    command = [sys.executable, "run.py", "-m", "model=tiny", f"data_root={synthetic}", f"results_dir={tmp_path}",
+               "progress=false", "method=pearl", "pa=true,false", "tlp=true,false",
+               f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "evaluated 4 jobs on one shared trunk" in done.stdout + done.stderr
+    assert "sweep: 4 ran, 0 skipped, 0 failed" in done.stderr
+    assert len(list((tmp_path / "runs").glob("*.json"))) == 4
