@@ -225,6 +225,30 @@ def measure(seg: Segmentor, images: list[np.ndarray], batch_images: int, repeats
     return row
 
 
+def sweep_cost(model, tokenizer, size: str, device: torch.device, args, images: int, repeats: int) -> float:
+    """Time of the four-job sweep ``method=pearl pa=true,false tlp=true,false`` on one shared trunk,
+    as a multiple of one job (PEARL's default) alone; printed and returned."""
+    pictures = bench_images(BENCHMARKS[size].typical_size, images)
+    segs = [Segmentor(model, class_names(size, "pearl"), method="pearl", pa=pa, tlp=tlp, tokenizer=tokenizer,
+                      device=device, precision=args.precision, window_batch_size=args.window_batch_size,
+                      **protocol("pearl", size)) for pa in (True, False) for tlp in (True, False)]
+    prepared = [segs[0].preprocess(image) for image in pictures]
+    _fast(segs, prepared[:1], 1)
+    one, four = [], []
+    for _ in range(repeats):
+        for group, times in (([segs[0]], one), (segs, four)):
+            _sync(device)
+            start = time.perf_counter()
+            _fast(group, prepared, args.batch_images)
+            _sync(device)
+            times.append(time.perf_counter() - start)
+    ratio = statistics.median(four) / statistics.median(one)
+    print(f"{size:10s} sweep pearl pa=true,false tlp=true,false on one trunk: {ratio:.2f}× one job "
+          f"({1000 * statistics.median(four) / images:.0f} vs {1000 * statistics.median(one) / images:.0f} ms/img; "
+          f"4.00× evaluated one by one)", flush=True)
+    return ratio
+
+
 def _format(value) -> str:
     if value is None:
         return "n/a"
@@ -311,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{100 * row['pa_tlp_share']:.1f} %  backbone {_format(row['backbone_tflops'])} TFLOP/s  "
                   f"peak {_format(row['peak_cuda_gib'])} GiB cuda, {_format(row['peak_rss_gib'])} GiB host "
                   f"(loop {_format(row['reference_peak_rss_gib'])})", flush=True)
+    if any(method == "pearl" for method, _, _ in todo):
+        for size in sizes:
+            sweep_cost(model, tokenizer, size, device, args, images, repeats)
     minutes = table1_minutes(rows)
     for method, value in minutes.items():
         print(f"Table 1 extrapolated, {method} on the 8 datasets "

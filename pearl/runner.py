@@ -272,7 +272,7 @@ def _segmentors(cfg: DictConfig, jobs: list[_Job], device: torch.device) -> list
 
 
 def _evaluate(cfg: DictConfig, jobs: list[_Job], indices: range, device: torch.device, logger=None,
-              show_progress: bool = True) -> list[_Shard]:
+              show_progress: bool = True, progress_scale: int = 1) -> list[_Shard]:
     """Run the jobs' Segmentors over ``indices`` of their (shared) dataset, one confusion matrix
     per job on ``device``. Several jobs share each image's decoding and blocks 1..L−1
     (:func:`pearl.segmentor.predict_jointly`); their setup and evaluation times are the group's."""
@@ -282,8 +282,8 @@ def _evaluate(cfg: DictConfig, jobs: list[_Job], indices: range, device: torch.d
     dataset = jobs[0].dataset
     tallies = [_Tally(seg.vocabulary.num_classes, device) for seg in segmentors]
     title = jobs[0].title if len(jobs) == 1 else f"{len(jobs)} jobs on {dataset.name} (one shared trunk)"
-    bar = tqdm(total=len(indices), desc=title, unit="img", dynamic_ncols=True,
-               disable=not (cfg.progress and show_progress))
+    bar = tqdm(total=len(dataset) if progress_scale > 1 else len(indices), desc=title, unit="img",
+               dynamic_ncols=True, disable=not (cfg.progress and show_progress))
     items = _loaded_items(cfg, dataset, indices, segmentors[0].windows, logger is not None, device)
     for group in _image_groups(items, cfg.batch_images):
         ready = []
@@ -308,8 +308,8 @@ def _evaluate(cfg: DictConfig, jobs: list[_Job], indices: range, device: torch.d
                                       None if item.label is None else item.label.numpy(),
                                       list(dataset.class_names), item.id)
             del outputs, out  # this image's predictions are released before the next image's are made
-        bar.update(len(group))
-        if bar.n % 50 < len(group):  # a device sync: every 50 images, not every image
+        bar.update(min(len(group) * progress_scale, bar.total - bar.n))
+        if bar.n % 50 < len(group) * progress_scale:  # a device sync: every 50 images, not every image
             bar.set_postfix(mIoU=f"{tallies[0].cm.summary()['mIoU']:.2f}", refresh=False)
     bar.close()
     eval_s = time.perf_counter() - start - setup_s
@@ -329,25 +329,50 @@ def shard_indices(size: int, rank: int, world: int) -> range:
     return range(size * rank // world, size * (rank + 1) // world)
 
 
-def _worker(rank: int, world: int, cfg_dict: dict, job: _Job, init_file: str, result_file: str) -> None:
-    """One evaluation process of a multi-device job (planned once, by the parent): its shard, then
-    one all-reduce of the matrix."""
+def _sharded_evaluation(cfg: DictConfig, job: _Job, rank: int, world: int, device: torch.device) -> _Shard | None:
+    """This process's shard of the dataset, then one all-reduce of the int64 confusion matrix and
+    one gather of the rest; rank 0 gets the merged shard, the others None. The progress bar (rank
+    0) counts its own images times ``world``: an estimate of the global count, with no collective
+    per image."""
     import torch.distributed as dist
-    cfg = OmegaConf.create(cfg_dict)
-    device = torch.device("cuda", rank) if job.device.type == "cuda" else job.device
+    shard = _evaluate(cfg, [job], shard_indices(len(job.dataset), rank, world), device, show_progress=rank == 0,
+                      progress_scale=world)[0]
+    shard.cm.all_reduce()
+    parts = [None] * world
+    dist.all_gather_object(parts, (shard.skipped, shard.nan_windows, shard.evaluated, shard.diagnostic_sums,
+                                   shard.setup_s, shard.eval_s))
+    if rank != 0:
+        return None
+    sums: dict = {}
+    for part in parts:
+        for key, value in part[3].items():
+            sums[key] = sums.get(key, 0.0) + value
+    merged = _Shard(ConfusionMatrix.from_matrix(shard.cm.matrix.cpu()), [item for part in parts for item in part[0]],
+                    sum(part[1] for part in parts), sum(part[2] for part in parts), sums,
+                    max(part[4] for part in parts), max(part[5] for part in parts))
+    if merged.evaluated + len(merged.skipped) != len(job.dataset):
+        raise RuntimeError(f"{world} processes evaluated {merged.evaluated} + skipped {len(merged.skipped)} images, "
+                           f"the dataset has {len(job.dataset)}")
+    return merged
+
+
+def _rank_device(job: _Job, local_rank: int) -> torch.device:
+    device = torch.device("cuda", local_rank) if job.device.type == "cuda" else job.device
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    return device
+
+
+def _worker(rank: int, world: int, cfg_dict: dict, job: _Job, init_file: str, result_file: str) -> None:
+    """One process of a ``workers=N`` job (planned once, by the parent)."""
+    import torch.distributed as dist
+    device = _rank_device(job, rank)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"file://{init_file}",
                             rank=rank, world_size=world)
     try:
-        shard = _evaluate(cfg, [job], shard_indices(len(job.dataset), rank, world), device,
-                          show_progress=rank == 0)[0]
-        shard.cm.all_reduce()
-        gathered = [None] * world
-        dist.all_gather_object(gathered, (shard.skipped, shard.nan_windows, shard.evaluated, shard.diagnostic_sums,
-                                          shard.setup_s, shard.eval_s))
-        if rank == 0:
-            torch.save({"matrix": shard.cm.matrix.cpu(), "gathered": gathered}, result_file)
+        merged = _sharded_evaluation(OmegaConf.create(cfg_dict), job, rank, world, device)
+        if merged is not None:
+            torch.save(merged, result_file)
     finally:
         dist.destroy_process_group()
 
@@ -365,19 +390,40 @@ def _evaluate_distributed(cfg: DictConfig, job: _Job) -> _Shard:
         result_file = f"{tmp}/result.pt"
         mp.spawn(_worker, args=(world, OmegaConf.to_container(cfg, resolve=True), job, f"{tmp}/init", result_file),
                  nprocs=world, join=True)
-        result = torch.load(result_file)
-    skipped = [item for part in result["gathered"] for item in part[0]]
-    sums: dict = {}
-    for part in result["gathered"]:
-        for key, value in part[3].items():
-            sums[key] = sums.get(key, 0.0) + value
-    shard = _Shard(ConfusionMatrix.from_matrix(result["matrix"]), skipped, sum(p[1] for p in result["gathered"]),
-                   sum(p[2] for p in result["gathered"]), sums, max(p[4] for p in result["gathered"]),
-                   max(p[5] for p in result["gathered"]))
-    if shard.evaluated + len(shard.skipped) != len(job.dataset):
-        raise RuntimeError(f"workers evaluated {shard.evaluated} + skipped {len(shard.skipped)} images, "
-                           f"the dataset has {len(job.dataset)}")
-    return shard
+        return torch.load(result_file, weights_only=False)  # our own file, written by our worker just now
+
+
+def _torchrun_group(job: _Job) -> tuple[int, int, torch.device]:
+    """(rank, world, device) of this torchrun process; the process group is made once per process."""
+    import torch.distributed as dist
+    device = _rank_device(job, int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def _run_job_torchrun(cfg: DictConfig, job: _Job, group: str | None) -> tuple[str, RunRecord | None]:
+    """A job under ``torchrun --nproc_per_node=N``: rank 0 decides (record found, lock held by
+    another process, or run) and tells the others; all ranks evaluate their shard; rank 0 writes
+    the record (docs/speed.md §5)."""
+    import torch.distributed as dist
+    if cfg.workers > 1:
+        raise ConfigError("workers>1 under torchrun: torchrun already starts one process per GPU; leave workers=1")
+    rank, world, device = _torchrun_group(job)
+    status, existing, lock = _claim(cfg, job) if rank == 0 else (None, None, None)
+    decision = [status]
+    dist.broadcast_object_list(decision, src=0)
+    if decision[0] != "run":
+        return decision[0], existing
+    start = time.perf_counter()
+    try:
+        merged = _sharded_evaluation(cfg, job, rank, world, device)
+        if rank != 0:
+            return "ran", None
+        return "ran", _finish_record(cfg, job, merged, time.perf_counter() - start, _wandb(cfg, job, group))
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def run(cfg: DictConfig, group: str | None = None) -> RunRecord | None:
@@ -396,35 +442,45 @@ def run_job(cfg: DictConfig, group: str | None = None) -> tuple[str, RunRecord |
     confusion matrices. ``cfg.dry_run`` prints the resolved job and evaluates nothing.
     """
     job = _plan(cfg)
-    path = record_path(cfg.results_dir, job.run_hash)
     shared = _EVALUATED_TOGETHER.pop(job.run_hash, None)
     if shared is not None:  # evaluated with other jobs of its sweep on one trunk; its lock is still held
         with shared.lock:
             return "ran", _finish_record(cfg, job, shared.shard, shared.wall_s, _wandb(cfg, job, group))
+    if _world_size() > 1:
+        return _run_job_torchrun(cfg, job, group)
+    status, existing, lock = _claim(cfg, job)
+    if status != "run":
+        return status, existing
+    with lock:
+        return "ran", _evaluate_and_record(cfg, job, group)
+
+
+def _claim(cfg: DictConfig, job: _Job) -> tuple[str, RunRecord | None, JobLock | None]:
+    """("dry_run" | "skipped" | "busy", record, None) or ("run", None, the job's acquired lock)."""
+    path = record_path(cfg.results_dir, job.run_hash)
     existing = find_record(path)
     if cfg.dry_run:
         _print_dry_run(job, path, existing)
-        return "dry_run", existing
+        return "dry_run", existing, None
     if existing is not None and _lacks_diagnostics(cfg, job, existing):
         log.info("rerunning %s: its record %s has no diagnostics and diagnostics=true asks for them", job.title, path)
         existing = None
     if existing is not None and not cfg.force:
         log.info("skipping %s: record %s exists (force=true reruns it)", job.title, path)
-        return "skipped", existing
+        return "skipped", existing, None
     prepare_results_dir(cfg.results_dir)  # an unwritable folder fails now, not after the evaluation
     lock = try_lock(path.with_suffix(".lock"))
     if lock is None:
         owner = read_owner(path.with_suffix(".lock"))
         log.info("skipping %s: being evaluated by another process (pid %s on %s, since %s)", job.title,
                  owner.get("pid", "?"), owner.get("host", "?"), owner.get("started", "?"))
-        return "busy", None
-    with lock:
-        existing = None if cfg.force else find_record(path)
-        # finished by another process since we looked
-        if existing is not None and not _lacks_diagnostics(cfg, job, existing):
-            log.info("skipping %s: record %s exists (force=true reruns it)", job.title, path)
-            return "skipped", existing
-        return "ran", _evaluate_and_record(cfg, job, group)
+        return "busy", None, None
+    existing = None if cfg.force else find_record(path)
+    if existing is not None and not _lacks_diagnostics(cfg, job, existing):  # finished by another process meanwhile
+        lock.release()
+        log.info("skipping %s: record %s exists (force=true reruns it)", job.title, path)
+        return "skipped", existing, None
+    return "run", None, lock
 
 
 @dataclass
@@ -564,7 +620,8 @@ def _record(cfg: DictConfig, job: _Job, shard: _Shard, wall: float) -> RunRecord
         # dataset means of the per-image PA / TLP diagnostics
         diagnostics={key: value / max(shard.evaluated, 1) for key, value in shard.diagnostic_sums.items()},
         setup_time_s=shard.setup_s, eval_time_s=shard.eval_s, wall_time_s=wall,
-        images_per_second=shard.evaluated / shard.eval_s if shard.eval_s > 0 else None, workers=cfg.workers,
+        images_per_second=shard.evaluated / shard.eval_s if shard.eval_s > 0 else None,
+        workers=max(cfg.workers, _world_size()),
         device=_device_name(job.device), precision=job.precision, package_version=__version__,
         git_commit=git_commit(), torch_version=torch.__version__, host=socket.gethostname(),
         platform=platform.platform(), finished_at=datetime.now().astimezone().isoformat(timespec="microseconds"))

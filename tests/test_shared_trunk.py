@@ -84,3 +84,28 @@ def test_run_py_sweeps_share_the_trunk_by_default(synthetic, tmp_path):
     assert "evaluated 4 jobs on one shared trunk" in done.stdout + done.stderr
     assert "sweep: 4 ran, 0 skipped, 0 failed" in done.stderr
     assert len(list((tmp_path / "runs").glob("*.json"))) == 4
+
+
+@pytest.mark.slow  # two processes started by torchrun
+def test_torchrun_shards_the_dataset_and_gives_the_single_process_metrics_bit_for_bit(synthetic, tmp_path):
+    job = ["model=tiny", f"data_root={synthetic}", "progress=false", "device=cpu", "method=pearl",
+           "dataset=ade20k,voc21", f"hydra.sweep.dir={tmp_path / 'sweeps'}"]
+    single = subprocess.run([sys.executable, "run.py", "-m", *job, f"results_dir={tmp_path / 'one'}",
+                             "hydra.sweep.subdir=one_${hydra.job.num}"], cwd=REPO, capture_output=True, text=True,
+                            timeout=600)
+    assert single.returncode == 0, single.stderr
+    ranked = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "run.py", "-m", *job, f"results_dir={tmp_path / 'two'}",
+                             "hydra.sweep.subdir=two_${hydra.job.num}"], cwd=REPO, capture_output=True, text=True,
+                            timeout=600)
+    assert ranked.returncode == 0, ranked.stderr
+    from pearl.records import load_records
+    one = {r.config_hash: r for r in load_records(tmp_path / "one")}
+    two = {r.config_hash: r for r in load_records(tmp_path / "two")}
+    assert set(one) == set(two) and len(one) == 2  # one record per job, written once (rank 0)
+    for key, record in two.items():
+        assert record.workers == 2 and one[key].workers == 1
+        assert record.image_count == one[key].image_count and not record.skipped
+        assert (record.mIoU, record.aAcc, record.mAcc) == (one[key].mIoU, one[key].aAcc, one[key].mAcc)
+        assert record.per_class_iou == one[key].per_class_iou
+    assert not list((tmp_path / "two" / "runs").glob("*.lock"))
