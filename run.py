@@ -22,7 +22,8 @@ OmegaConf.register_new_resolver("pearl_path", path_component, replace=True)  # j
 def main(cfg: DictConfig) -> str:
     hydra_cfg = HydraConfig.get()
     group = hydra_cfg.sweep.dir if hydra_cfg.mode.name == "MULTIRUN" else None
-    return cli.execute(cfg, group=group, description=" ".join(hydra_cfg.overrides.task))
+    return cli.execute(cfg, group=group, description=" ".join(hydra_cfg.overrides.task),
+                       output_dir=hydra_cfg.runtime.output_dir)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
@@ -22,10 +23,14 @@ def _show_traceback() -> bool:
     return bool(os.environ.get("PEARL_TRACEBACK") or os.environ.get("HYDRA_FULL_ERROR"))
 
 
-def execute(cfg: DictConfig, group: str | None = None, description: str = "") -> str:
+STATUS_FILE = "pearl_status.txt"  # in each job's output folder: "<status>\t<detail>"
+
+
+def execute(cfg: DictConfig, group: str | None = None, description: str = "", output_dir: str | None = None) -> str:
     """Run one job; returns "ran", "skipped", "busy" (another process is running it), "dry_run" or
     "failed". A user error (bad key or value, missing dataset or weights) is printed as one line,
-    not raised, unless PEARL_TRACEBACK=1."""
+    not raised, unless PEARL_TRACEBACK=1. With ``output_dir`` the outcome is also written there,
+    for a sweep whose jobs run in other processes (submitit) to be summarised."""
     from .runner import run_job
     try:
         status, _ = run_job(cfg, group)
@@ -36,7 +41,17 @@ def execute(cfg: DictConfig, group: str | None = None, description: str = "") ->
         status, detail = "failed", f"[{description}] {error}"
         print(f"error: {error}", file=sys.stderr, flush=True)
     _outcomes.append((status, detail))
+    if output_dir is not None:
+        Path(output_dir, STATUS_FILE).write_text(f"{status}\t{detail}", encoding="utf-8")
     return status
+
+
+def _outcomes_written_under(sweep_dir: str) -> list[tuple[str, str]]:
+    outcomes = []
+    for path in sorted(Path(sweep_dir).rglob(STATUS_FILE)):
+        status, _, detail = path.read_text(encoding="utf-8").partition("\t")
+        outcomes.append((status, detail))
+    return outcomes
 
 
 def summary_line() -> str:
@@ -66,4 +81,6 @@ class SweepSummary(Callback):
             _outcomes.append(("failed", f"[{overrides}] {job_return._return_value!r}"))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if not _outcomes:  # the jobs ran in other processes (hydra/launcher=submitit_*): read their outcomes
+            _outcomes.extend(_outcomes_written_under(config.hydra.sweep.dir))
         print(summary_line(), file=sys.stderr, flush=True)

@@ -109,3 +109,18 @@ def test_torchrun_shards_the_dataset_and_gives_the_single_process_metrics_bit_fo
         assert (record.mIoU, record.aAcc, record.mAcc) == (one[key].mIoU, one[key].aAcc, one[key].mAcc)
         assert record.per_class_iou == one[key].per_class_iou
     assert not list((tmp_path / "two" / "runs").glob("*.lock"))
+
+
+@pytest.mark.slow  # the submitit plugin starts one process per job
+def test_a_submitit_sweep_writes_each_record_and_resumes_like_a_local_one(synthetic, tmp_path):
+    command = [sys.executable, "run.py", "-m", "hydra/launcher=submitit_local", "model=tiny", f"data_root={synthetic}",
+               f"results_dir={tmp_path / 'results'}", "progress=false"]
+    first = subprocess.run(command + ["tlp=true,false", f"hydra.sweep.dir={tmp_path / 'first'}"], cwd=REPO,
+                           capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    assert "sweep: 2 ran, 0 skipped, 0 failed" in first.stderr  # outcomes read back from the job folders
+    assert len(list((tmp_path / "results" / "runs").glob("*.json"))) == 2
+    again = subprocess.run(command + ["tlp=true,false,maybe", f"hydra.sweep.dir={tmp_path / 'again'}"], cwd=REPO,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 1  # a failed job fails the sweep
+    assert "sweep: 0 ran, 2 skipped, 1 failed" in again.stderr and "tlp='maybe' is not valid" in again.stderr
