@@ -93,6 +93,7 @@ def reference_predict(seg: Segmentor, image) -> Prediction:
             canvas[:, window.y1:window.y2, window.x1:window.x2] += up
             count[:, window.y1:window.y2, window.x1:window.x2] += 1
         fused = segmentor_module._OriginalSize(canvas / count, item.ori_shape, dtype)
+        info["nan_windows"] = sum(int(torch.isnan(logits).any()) for logits in windows)
     return seg._decide(seg._refine(item, fused, info), info)
 
 

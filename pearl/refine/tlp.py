@@ -107,14 +107,40 @@ def laplacian(x: torch.Tensor, w_h: torch.Tensor, w_v: torch.Tensor) -> torch.Te
     return out
 
 
+class _System:
+    """The operator X ↦ ρ⊙X + τ𝓛X with its work buffers allocated once, for the CG loop. Every
+    product and sum is the one ``laplacian`` and the plain expression compute, in the same order,
+    so the results are the same bits."""
+
+    def __init__(self, rho: torch.Tensor, w_h: torch.Tensor, w_v: torch.Tensor, tau: float, like: torch.Tensor):
+        self.rho, self.w_h, self.w_v, self.tau = rho, w_h[:, None], w_v[:, None], tau
+        self.out = torch.empty_like(like)
+        self.laplace = torch.empty_like(like)
+        self.diff_h = torch.empty_like(like[..., :, :-1])
+        self.diff_v = torch.empty_like(like[..., :-1, :])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """ρ⊙x + τ𝓛x, in a buffer reused by the next call."""
+        diff_h = torch.sub(x[..., :, :-1], x[..., :, 1:], out=self.diff_h).mul_(self.w_h)
+        diff_v = torch.sub(x[..., :-1, :], x[..., 1:, :], out=self.diff_v).mul_(self.w_v)
+        laplace = self.laplace.zero_()
+        laplace[..., :, :-1] += diff_h
+        laplace[..., :, 1:] -= diff_h
+        laplace[..., :-1, :] += diff_v
+        laplace[..., 1:, :] -= diff_v
+        return torch.mul(self.rho, x, out=self.out).add_(laplace.mul_(self.tau))
+
+
 def conjugate_gradient(rho: torch.Tensor, z: torch.Tensor, w_h: torch.Tensor, w_v: torch.Tensor,
                        tau: float, iters: int) -> torch.Tensor:
-    """Released CG on (diag ρ + τ𝓛) X = ρ ⊙ Z from X0 = Z, one scalar step per image, no early stop."""
-    def apply(x):
-        return rho * x + tau * laplacian(x, w_h, w_v)
+    """Released CG on (diag ρ + τ𝓛) X = ρ ⊙ Z from X0 = Z, one scalar step per image, no early stop.
+
+    Allocation-free inside the loop (buffers reused); the arithmetic is the released order."""
+    apply = _System(rho, w_h, w_v, tau, z)
+    scratch = torch.empty_like(z)
 
     def dot(a, b):
-        return (a * b).sum(dim=(1, 2, 3), keepdim=True)
+        return torch.mul(a, b, out=scratch).sum(dim=(1, 2, 3), keepdim=True)
 
     x = z.clone()
     residual = rho * z - apply(x)
@@ -123,10 +149,10 @@ def conjugate_gradient(rho: torch.Tensor, z: torch.Tensor, w_h: torch.Tensor, w_
     for _ in range(iters):
         a_dir = apply(direction)
         step = r_old / (dot(direction, a_dir) + 1e-12)
-        x = x + step * direction
-        residual = residual - step * a_dir
+        x.add_(torch.mul(direction, step, out=scratch))
+        residual.sub_(torch.mul(a_dir, step, out=scratch))
         r_new = dot(residual, residual)
-        direction = residual + (r_new / (r_old + 1e-12)) * direction
+        direction.mul_(r_new / (r_old + 1e-12)).add_(residual)
         r_old = r_new
     return x
 
