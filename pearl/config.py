@@ -65,6 +65,9 @@ RUN_KEYS: dict[str, RunKey] = {
                            "an integer ≥ 1"),
     "loader_workers": RunKey(2, "data-loader processes that decode and rescale images ahead (0 = in the main "
                              "process; speed only)", _int_at_least(0), "an integer ≥ 0"),
+    "save_predictions": RunKey(None, "write the first N predictions of each job (label PNG + overlay) beside its "
+                                "record; null = none, or all for a prediction run (dataset=folder without masks)",
+                                lambda v: v is None or _int_at_least(0)(v), "an integer ≥ 0 or null"),
     "diagnostics": RunKey(False, "compute PA / TLP diagnostics into the record (extra work per image)", _bool,
                           "true or false"),
     "progress": RunKey(True, "show a progress bar per job", _bool, "true or false"),

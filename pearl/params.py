@@ -9,6 +9,7 @@ whose field defaults read this table. The defaults are PEARL's released settings
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Callable, NamedTuple
 
 
@@ -81,6 +82,10 @@ PARAMS: dict[str, Param] = {
                                   "(the released zero vector turns the whole window NaN)"),
     "sfp_layers": Param(None, "SFP layer map [pre, post, first, last] (1-based block outputs); None = the released "
                               "(9, 4, 4, 10), valid only for 12-block ViTs"),
+    "templates": Param("openai80", "prompt templates: 'openai80' (the 80 OpenAI ImageNet templates, released), "
+                                   "'single' ('a photo of a {}.') or a file of templates, one per line, each with {}",
+                       check=lambda v: v in ("openai80", "single") or os.path.isfile(v),
+                       valid="openai80, single or an existing file"),
     "text_cache_dir": Param(None, "disk cache of text prototypes (None = $PEARL_CACHE/text, '' = off)"),
 }
 
@@ -113,7 +118,10 @@ def _check(name: str, value: Any) -> Any:
         return value
     default = spec.default
     if default is None or isinstance(default, str):
-        return value if value is None else str(value)
+        value = value if value is None else str(value)
+        if spec.check is not None and not spec.check(value):
+            raise ValueError(f"{name}={value!r} is not valid; valid: {spec.valid}")
+        return value
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ValueError(f"{name} must be true or false, got {value!r}")
@@ -153,7 +161,7 @@ def valid_values(name: str) -> str:
     if isinstance(spec.default, bool):
         return "true, false"
     if spec.default is None or isinstance(spec.default, str):
-        return "a string or null"
+        return spec.valid or "a string or null"
     kind = "integer" if isinstance(spec.default, int) else "number"
     return f"{kind} {spec.valid}" if spec.valid else kind
 

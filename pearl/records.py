@@ -28,7 +28,8 @@ PACKAGE_ROOT = Path(__file__).resolve().parent
 # Source and resource files whose content is the code version; caches and build output are not, nor
 # the modules downstream of the metric, which read records and cannot change a number.
 _CODE_SUFFIXES = (".py", ".yaml", ".txt", ".json", ".csv")
-_DOWNSTREAM_OF_THE_METRIC = ("tables.py", "figures.py", "wandb_logger.py", "cli.py", "bench.py")
+_DOWNSTREAM_OF_THE_METRIC = ("tables.py", "figures.py", "wandb_logger.py", "cli.py", "bench.py", "render.py",
+                             "segment.py")
 
 
 class RecordError(UserError, ValueError):
@@ -123,7 +124,7 @@ class RunRecord:
     overrides: dict            # the parameters given on the command line
     deviations: dict           # resolved parameters that differ from the method's protocol
     code_version: str
-    mIoU: float
+    mIoU: float | None         # None only for a prediction run (no ground truth)
     aAcc: float | None
     mAcc: float | None
     per_class_iou: list
@@ -133,6 +134,8 @@ class RunRecord:
     split_matches_official: bool | None
     full_split: bool           # the whole official split, nothing skipped: the only kind a table cell takes
     max_images: int | None = None
+    ground_truth: bool = True  # False: a prediction run (dataset=folder without masks), no metrics
+    predictions_dir: str | None = None  # the label PNGs and overlays written (save_predictions)
     skipped: list = field(default_factory=list)
     nan_windows: int = 0
     diagnostics: dict = field(default_factory=dict)
@@ -178,7 +181,10 @@ class RunRecord:
         return record
 
     def _check(self) -> None:
-        if not _is_number(self.mIoU):
+        if not self.ground_truth:
+            if any(value is not None for value in (self.mIoU, self.aAcc, self.mAcc)) or self.per_class_iou:
+                raise RecordError("a prediction run (ground_truth false) holds metrics")
+        elif not _is_number(self.mIoU):
             raise RecordError(f"mIoU is {self.mIoU!r}, not a number: the run did not finish")
         for name in ("aAcc", "mAcc"):
             value = getattr(self, name)

@@ -42,13 +42,15 @@ from .records import (
     find_record,
     git_commit,
     model_label,
+    path_component,
     prepare_results_dir,
     record_path,
     write_record,
 )
+from .render import write_outputs
 from .segmentor import Segmentor, predict_jointly, resolve_settings, warn_nan_windows
 from .settings import OPERATIONAL_PARAMS, deviations
-from .text import TEMPLATES, load_vocabulary
+from .text import load_vocabulary, template_set
 
 log = logging.getLogger("pearl")
 
@@ -146,13 +148,19 @@ class _Shard:
     diagnostic_sums: dict  # sums over images of the Segmentor's per-image numeric diagnostics
     setup_s: float = 0.0   # model load and text encoding
     eval_s: float = 0.0    # the image loop alone
+    predictions_dir: str | None = None  # where the first save_predictions predictions were written
+
+
+def _templates_hash(templates: str) -> str:
+    """Hash of the prompt templates themselves (a template file's content, not its name)."""
+    try:
+        return hashlib.sha256("\n".join(template_set(templates)).encode()).hexdigest()[:16]
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _plan(cfg: DictConfig) -> _Job:
     validate_config(cfg)
-    if cfg.dataset.name == "folder" and not cfg.dataset.get("masks"):
-        raise ConfigError("dataset=folder without dataset.masks has no ground truth, so no mIoU to record; set "
-                          "dataset.masks=DIR (label PNGs named <image stem><mask_suffix>)")
     dataset = _dataset(cfg)  # a missing dataset fails here, before any model is loaded
     device = _device(cfg.device)
     precision = _precision(cfg.model.precision, device)
@@ -167,7 +175,7 @@ def _plan(cfg: DictConfig) -> _Job:
     identity = {"schema": SCHEMA_VERSION, "code_version": code_version(), "method": cfg.method.name,
                 "profile": cfg.profile, "params": {k: v for k, v in resolved.items() if k not in OPERATIONAL_PARAMS},
                 "model": {k: v for k, v in model.items() if k != "label"}, "classes": class_lines,
-                "templates": hashlib.sha256("\n".join(TEMPLATES).encode()).hexdigest()[:16],
+                "templates": _templates_hash(resolved["templates"]),
                 "dataset": dataset.fingerprint()}
     title = " ".join([cfg.method.name, f"pa={resolved['pa']}", f"tlp={resolved['tlp']}", dataset.name]
                      + [f"{k}={v}" for k, v in sorted(changed.items())]
@@ -244,8 +252,10 @@ def _image_groups(items, batch_images: int):
 class _Tally:
     """One job's running totals: its confusion matrix, skipped items and diagnostic sums (device tensors)."""
 
-    def __init__(self, num_classes: int, device: torch.device) -> None:
+    def __init__(self, num_classes: int, device: torch.device, save_limit: int = 0,
+                 predictions_dir: Path | None = None) -> None:
         self.cm = ConfusionMatrix(num_classes, device)
+        self.save_limit, self.predictions_dir, self.saved = save_limit, predictions_dir, 0
         self.skipped: list = []
         self.evaluated = self.windows = 0
         self.nan_windows = torch.zeros((), dtype=torch.long, device=device)
@@ -261,7 +271,22 @@ class _Tally:
 
     def shard(self, setup_s: float, eval_s: float) -> "_Shard":
         sums = {key: float(value) for key, value in self.sums.items()}  # the job's one device sync for them
-        return _Shard(self.cm, self.skipped, int(self.nan_windows), self.evaluated, sums, setup_s, eval_s)
+        return _Shard(self.cm, self.skipped, int(self.nan_windows), self.evaluated, sums, setup_s, eval_s,
+                      str(self.predictions_dir) if self.saved else None)
+
+    def save(self, item: "_Loaded", labels: torch.Tensor, class_lines: list[str]) -> None:
+        """Write the label PNG and the overlay of one of the job's first ``save_limit`` images."""
+        if self.saved < self.save_limit:
+            write_outputs(self.predictions_dir, path_component(item.id), item.image, labels.cpu().numpy(),
+                          class_lines)
+            self.saved += 1
+
+
+def _save_limit(cfg: DictConfig, job: _Job) -> int:
+    """Predictions to write: ``save_predictions``, or every image of a prediction run when not set."""
+    if cfg.save_predictions is None:
+        return 0 if _has_ground_truth(job) else len(job.dataset)
+    return cfg.save_predictions
 
 
 def _segmentors(cfg: DictConfig, jobs: list[_Job], device: torch.device) -> list[Segmentor]:
@@ -280,11 +305,13 @@ def _evaluate(cfg: DictConfig, jobs: list[_Job], indices: range, device: torch.d
     segmentors = _segmentors(cfg, jobs, device)
     setup_s = time.perf_counter() - start
     dataset = jobs[0].dataset
-    tallies = [_Tally(seg.vocabulary.num_classes, device) for seg in segmentors]
+    tallies = [_Tally(seg.vocabulary.num_classes, device, _save_limit(cfg, job),
+                      predictions_folder(cfg.results_dir, job.run_hash)) for seg, job in zip(segmentors, jobs)]
+    keep_images = logger is not None or any(tally.save_limit for tally in tallies)
     title = jobs[0].title if len(jobs) == 1 else f"{len(jobs)} jobs on {dataset.name} (one shared trunk)"
     bar = tqdm(total=len(dataset) if progress_scale > 1 else len(indices), desc=title, unit="img",
                dynamic_ncols=True, disable=not (cfg.progress and show_progress))
-    items = _loaded_items(cfg, dataset, indices, segmentors[0].windows, logger is not None, device)
+    items = _loaded_items(cfg, dataset, indices, segmentors[0].windows, keep_images, device)
     for group in _image_groups(items, cfg.batch_images):
         ready = []
         for item in group:
@@ -299,10 +326,11 @@ def _evaluate(cfg: DictConfig, jobs: list[_Job], indices: range, device: torch.d
         for item in ready:  # not zip(): its reused result tuple would keep the previous predictions alive
             outputs = next(predictions)
             label = item.label.to(device, non_blocking=True) if item.label is not None else None
-            for tally, out in zip(tallies, outputs):
+            for tally, out, seg in zip(tallies, outputs, segmentors):
                 if label is not None:
                     tally.cm.update(out.labels, label)
                 tally.add(out.info)
+                tally.save(item, out.labels, list(seg.vocabulary.class_lines))
             if logger is not None:
                 logger.log_prediction(item.image, outputs[0].labels.cpu().numpy(),
                                       None if item.label is None else item.label.numpy(),
@@ -349,7 +377,8 @@ def _sharded_evaluation(cfg: DictConfig, job: _Job, rank: int, world: int, devic
             sums[key] = sums.get(key, 0.0) + value
     merged = _Shard(ConfusionMatrix.from_matrix(shard.cm.matrix.cpu()), [item for part in parts for item in part[0]],
                     sum(part[1] for part in parts), sum(part[2] for part in parts), sums,
-                    max(part[4] for part in parts), max(part[5] for part in parts))
+                    max(part[4] for part in parts), max(part[5] for part in parts),
+                    shard.predictions_dir)  # save_predictions: each process writes the first N of its shard
     if merged.evaluated + len(merged.skipped) != len(job.dataset):
         raise RuntimeError(f"{world} processes evaluated {merged.evaluated} + skipped {len(merged.skipped)} images, "
                            f"the dataset has {len(job.dataset)}")
@@ -590,19 +619,34 @@ def _finish_record(cfg: DictConfig, job: _Job, shard: _Shard, wall_s: float, log
     if record.split_matches_official is False:
         log.warning("%s has %d images, the official split has %d: the record says so", job.dataset.name,
                     record.dataset_size, record.expected_images)
-    log.info("%s: mIoU %.2f  aAcc %.2f  mAcc %.2f  (%d images, %.2f img/s evaluating, setup %.1f s, %d skipped)",
-             job.title, record.mIoU, record.aAcc, record.mAcc, record.image_count, record.images_per_second or 0,
-             record.setup_time_s, len(record.skipped))
-    if logger is not None:
+    scores = (f"mIoU {record.mIoU:.2f}  aAcc {record.aAcc:.2f}  mAcc {record.mAcc:.2f}" if record.ground_truth
+              else "no ground truth (a prediction run)")
+    log.info("%s: %s  (%d images, %.2f img/s evaluating, setup %.1f s, %d skipped)", job.title, scores,
+             record.image_count, record.images_per_second or 0, record.setup_time_s, len(record.skipped))
+    if record.predictions_dir:
+        log.info("predictions → %s", record.predictions_dir)
+    if logger is not None and record.ground_truth:
         logger.finish(record, list(job.dataset.class_names), [c["iou"] for c in record.per_class_iou])
     log.info("record → %s", write_record(cfg.results_dir, record))
     return record
 
 
+def _has_ground_truth(job: _Job) -> bool:
+    """False for a prediction run: ``dataset=folder`` without ``dataset.masks``."""
+    return not (job.dataset.name == "folder" and getattr(job.dataset, "masks", None) is None)
+
+
+def predictions_folder(results_dir: str | os.PathLike, run_hash: str) -> Path:
+    """Where ``save_predictions`` writes a job's label PNGs and overlays: beside its record."""
+    return record_path(results_dir, run_hash).with_suffix(".predictions")
+
+
 def _record(cfg: DictConfig, job: _Job, shard: _Shard, wall: float) -> RunRecord:
     dataset = job.dataset
-    metrics = shard.cm.summary()
-    if not math.isfinite(metrics["mIoU"]):
+    ground_truth = _has_ground_truth(job)
+    metrics = (shard.cm.summary() if ground_truth
+               else {"mIoU": None, "aAcc": None, "mAcc": None, "per_class_iou": []})
+    if ground_truth and not math.isfinite(metrics["mIoU"]):
         raise DatasetError(f"{dataset.name}: no labelled pixel was evaluated, so there is no mIoU; give masks "
                            f"(dataset.masks) or check the labels")
     official = dataset.total_images == dataset.expected_images if dataset.expected_images else None
@@ -614,6 +658,7 @@ def _record(cfg: DictConfig, job: _Job, shard: _Shard, wall: float) -> RunRecord
         mIoU=metrics["mIoU"], aAcc=metrics["aAcc"], mAcc=metrics["mAcc"],
         per_class_iou=[{"class": name, "iou": iou} for name, iou in zip(dataset.class_names,
                                                                         metrics["per_class_iou"])],
+        ground_truth=ground_truth, predictions_dir=shard.predictions_dir,
         image_count=shard.evaluated, dataset_size=dataset.total_images, expected_images=dataset.expected_images,
         split_matches_official=official, full_split=full_split, max_images=cfg.max_images, skipped=shard.skipped,
         nan_windows=shard.nan_windows,

@@ -4,6 +4,10 @@ For each image it writes into ``--out``: ``<stem>_overlay.png`` (the image blend
 colours, a legend of the classes present), ``<stem>_labels.png`` (the label map as an indexed PNG whose
 palette is the overlay's colours) and, with ``--save-probs``, ``<stem>_probs.npy`` (float16 [C, H, W]).
 Every Segmentor parameter is an option of the same name (``--tlp_grid 40``).
+
+``--compare vanilla,naclip,pearl:tlp=false`` instead writes ``<stem>_compare.png``: the input, the
+ground truth when ``--masks DIR`` is given, and one titled overlay per method variant, with one
+legend of the classes shown; ``--grid`` puts all images as rows of one ``compare_grid.png``.
 """
 from __future__ import annotations
 
@@ -13,73 +17,16 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from PIL import Image, ImageDraw, PngImagePlugin
+from PIL import Image
 from tqdm import tqdm
 
 from .data.datasets import FolderDataset, read_image
 from .errors import UserError
 from .params import PARAMS
 from .protocols import DATASETS, class_names, parse_class_lines
+from .render import comparison_figure, comparison_row, save_figure, write_outputs
 
 IMAGE_SUFFIXES = FolderDataset.IMAGE_SUFFIXES
-ALPHA = 0.5  # weight of the label colours in the overlay
-
-
-def palette(num_classes: int) -> np.ndarray:
-    """[C, 3] uint8 colours, distinct per class index (the PASCAL VOC bit-interleaving rule)."""
-    colours = np.zeros((num_classes, 3), np.uint8)
-    for index in range(num_classes):
-        value, shift = index, 7
-        while value:
-            for channel in range(3):
-                colours[index, channel] |= ((value >> channel) & 1) << shift
-            value >>= 3
-            shift -= 1
-    return colours
-
-
-def present_classes(labels: np.ndarray, classes: list[str]) -> list[tuple[int, str]]:
-    """(index, class line) of every class that labels at least one pixel, in class order."""
-    return [(int(index), classes[int(index)]) for index in np.unique(labels)]
-
-
-def overlay(image: np.ndarray, labels: np.ndarray, classes: list[str]) -> Image.Image:
-    """The image blended with the label colours and a legend of the classes present (top left)."""
-    colours = palette(len(classes))
-    blended = ((1 - ALPHA) * image + ALPHA * colours[labels]).astype(np.uint8)
-    picture = Image.fromarray(blended)
-    draw = ImageDraw.Draw(picture)
-    entries = present_classes(labels, classes)
-    row = 12
-    width = min(picture.width, 16 + 7 * max(len(name.split(", ")[0]) for _, name in entries))
-    draw.rectangle((0, 0, width, row * len(entries) + 4), fill=(0, 0, 0))
-    for line, (index, name) in enumerate(entries):
-        top = 2 + line * row
-        draw.rectangle((2, top, 11, top + 9), fill=tuple(int(c) for c in colours[index]), outline=(255, 255, 255))
-        draw.text((14, top - 1), name.split(", ")[0], fill=(255, 255, 255))
-    return picture
-
-
-def _png_info(entries: list[tuple[int, str]]) -> PngImagePlugin.PngInfo:
-    info = PngImagePlugin.PngInfo()
-    info.add_text("legend", "\n".join(f"{index}: {name}" for index, name in entries))
-    return info
-
-
-def write_outputs(out_dir: Path, stem: str, image: np.ndarray, labels: np.ndarray, classes: list[str],
-                  probs: np.ndarray | None = None) -> list[Path]:
-    """The overlay, the indexed label PNG and (given ``probs``) the float16 probabilities of one image."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    entries = present_classes(labels, classes)
-    paths = [out_dir / f"{stem}_overlay.png", out_dir / f"{stem}_labels.png"]
-    overlay(image, labels, classes).save(paths[0], pnginfo=_png_info(entries))
-    indexed = Image.fromarray(labels.astype(np.uint8), mode="P")
-    indexed.putpalette(palette(len(classes)).ravel().tolist())
-    indexed.save(paths[1], pnginfo=_png_info(entries))
-    if probs is not None:
-        paths.append(out_dir / f"{stem}_probs.npy")
-        np.save(paths[2], probs.astype(np.float16))
-    return paths
 
 
 def _classes(args) -> list[str]:
@@ -134,11 +81,58 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", default="fp32", help="fp32, fp16 or bf16")
     parser.add_argument("--out", default="segmented", help="output folder (default ./segmented)")
     parser.add_argument("--save-probs", action="store_true", help="also write <stem>_probs.npy (float16)")
+    parser.add_argument("--compare", metavar="VARIANTS",
+                        help="methods side by side, e.g. vanilla,naclip,pearl:tlp=false (options after ':' are "
+                             "pa, tlp or any parameter): writes <stem>_compare.png per image")
+    parser.add_argument("--masks", help="folder of ground-truth label PNGs <stem><mask-suffix>, shown in --compare")
+    parser.add_argument("--mask-suffix", default=".png", help="ground-truth file suffix (default .png)")
+    parser.add_argument("--grid", action="store_true", help="with --compare: all images as rows of one "
+                                                            "compare_grid.png")
     group = parser.add_argument_group("Segmentor parameters (default: the method's own)")
     for name, spec in PARAMS.items():
         group.add_argument(f"--{name}", type=yaml.safe_load, default=None, metavar="VALUE",
                            help=f"{spec.meaning} (default {spec.default!r})")
     return parser
+
+
+def _variants(text: str, params: dict) -> list[tuple[str, str, dict]]:
+    """(title, method, settings) of each --compare entry: ``method[:name=value...]``."""
+    variants = []
+    for entry in (part.strip() for part in text.split(",")):
+        method, *options = entry.split(":")
+        settings = dict(params)
+        for option in options:
+            name, sep, value = option.partition("=")
+            if not sep:
+                raise UserError(f"--compare {entry!r}: options are name=value after the method, e.g. pearl:tlp=false")
+            settings[name.strip()] = yaml.safe_load(value)
+        variants.append((entry, method.strip(), settings))
+    if not variants or not all(method for _, method, _ in variants):
+        raise UserError("--compare needs at least one method, e.g. --compare vanilla,naclip,pearl")
+    return variants
+
+
+def _ground_truth(args, path: Path, shape: tuple[int, int], num_classes: int) -> np.ndarray | None:
+    if args.masks is None:
+        return None
+    mask = Path(args.masks) / f"{path.stem}{args.mask_suffix}"
+    if not mask.is_file():
+        raise UserError(f"ground truth {mask} for {path.name} does not exist (--masks, --mask-suffix)")
+    labels = np.asarray(Image.open(mask))
+    if labels.shape != shape:
+        raise UserError(f"ground truth {mask} is {labels.shape[1]}×{labels.shape[0]}, the image {shape[1]}×{shape[0]}")
+    bad = np.unique(labels[(labels != 255) & (labels >= num_classes)])
+    if bad.size:
+        raise UserError(f"ground truth {mask} holds {bad[:5].tolist()}, outside 0..{num_classes - 1} and 255")
+    return labels
+
+
+def _segmentor(args, model, tokenizer, classes, method: str, settings: dict):
+    from .segmentor import Segmentor
+    settings = dict(settings)
+    pa, tlp = settings.pop("pa", args.pa), settings.pop("tlp", args.tlp)
+    return Segmentor(model, classes, method=method, pa=pa, tlp=tlp, tokenizer=tokenizer, device=args.device,
+                     precision=args.precision, **settings)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,21 +141,35 @@ def main(argv: list[str] | None = None) -> int:
         classes = _classes(args)
         images = _images(args.images)
         params = {name: getattr(args, name) for name in PARAMS if getattr(args, name) is not None}
+        variants = _variants(args.compare, params) if args.compare else [(args.method, args.method, params)]
+        if (args.grid or args.masks) and not args.compare:
+            raise UserError("--grid and --masks go with --compare")
         from .backbone import load_clip, tiny_clip
-        from .segmentor import Segmentor
         if args.model == "tiny":
             model, tokenizer = tiny_clip()
         else:
             model, tokenizer = load_clip(args.model, args.pretrained, args.device, args.precision)
-        seg = Segmentor(model, classes, method=args.method, pa=args.pa, tlp=args.tlp, tokenizer=tokenizer,
-                        device=args.device, precision=args.precision, **params)
+        segs = [(title, _segmentor(args, model, tokenizer, classes, method, settings))
+                for title, method, settings in variants]
         out_dir = Path(args.out)
+        rows = []
         for path in tqdm(images, desc="segmenting", unit="img", disable=len(images) == 1):
             image = read_image(path)
-            result = seg.predict(image)
-            probs = result.probs.numpy() if args.save_probs else None
-            write_outputs(out_dir, path.stem, image, result.labels.numpy(), classes, probs)
-        print(f"{len(images)} image(s) segmented with {args.method} → {out_dir}", flush=True)
+            if not args.compare:
+                result = segs[0][1].predict(image)
+                probs = result.probs.numpy() if args.save_probs else None
+                write_outputs(out_dir, path.stem, image, result.labels.numpy(), classes, probs)
+                continue
+            row = comparison_row(image, [(title, seg.predict(image).labels.numpy()) for title, seg in segs], classes,
+                                 _ground_truth(args, path, image.shape[:2], len(classes)))
+            if args.grid:
+                rows.append(row)
+            else:
+                save_figure(comparison_figure([row], classes), out_dir / f"{path.stem}_compare.png")
+        if rows:
+            save_figure(comparison_figure(rows, classes), out_dir / "compare_grid.png")
+        what = args.method if not args.compare else f"{len(segs)} variants"
+        print(f"{len(images)} image(s) segmented with {what} → {out_dir}", flush=True)
         return 0
     except (UserError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -20,7 +20,7 @@ from .methods import get_method, pa_methods
 from .preprocess import PreparedImage, Window, WindowConfig, prepare_image, sliding_windows
 from .refine.pamr import PAMRConfig, pamr
 from .refine.tlp import TLPConfig, pool_to_grid, propagate, text_affinity, tlp, working_dtype
-from .text import Vocabulary, load_vocabulary, text_prototypes
+from .text import Vocabulary, load_vocabulary, template_set, text_prototypes
 
 FULL_SIZE_BUDGET = 2 ** 28  # query × pixel values held at once at the original size (1 GiB in fp32)
 SLAB_VALUES = 2 ** 24        # query × pixel values per column slab above that budget
@@ -231,7 +231,7 @@ class Segmentor:
             tokenizer = open_clip.get_tokenizer("ViT-B-16")  # the CLIP BPE tokenizer, context 77
         self.vocabulary: Vocabulary = load_vocabulary(classes)
         self.prototypes = text_prototypes(self.model, tokenizer, self.vocabulary.queries, self.device,
-                                          self.params["text_cache_dir"])
+                                          self.params["text_cache_dir"], template_set(self.params["templates"]))
         self.query_to_class = torch.tensor(self.vocabulary.query_to_class, device=self.device)
         self.affinity = (text_affinity(self.prototypes, self.tlp_config.tau_s, self.tlp_config.beta) if self.tlp
                          else None)

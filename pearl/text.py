@@ -20,6 +20,20 @@ from tqdm import tqdm
 from .protocols import parse_class_lines
 
 TEMPLATES: tuple[str, ...] = tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES)
+TEMPLATE_SETS: dict[str, tuple[str, ...]] = {"openai80": TEMPLATES, "single": ("a photo of a {}.",)}
+
+
+def template_set(templates: str) -> tuple[str, ...]:
+    """The prompt templates the parameter ``templates`` names: a set's name or a file, one per line."""
+    if templates in TEMPLATE_SETS:
+        return TEMPLATE_SETS[templates]
+    lines = tuple(line.strip() for line in Path(templates).read_text(encoding="utf-8").splitlines() if line.strip())
+    bad = [line for line in lines if line.count("{}") != 1]
+    if not lines or bad:
+        raise ValueError(f"template file {templates}: " + (f"template {bad[0]!r} must hold {{}} exactly once" if bad
+                                                           else "holds no template; write one per line, e.g. "
+                                                                "'a photo of a {}.'"))
+    return lines
 
 
 @dataclass(frozen=True)
@@ -94,20 +108,21 @@ PROMPTS_PER_FORWARD = 1024
 
 
 @torch.no_grad()
-def _encode(model, tokenizer, queries: Sequence[str], device: torch.device) -> torch.Tensor:
+def _encode(model, tokenizer, queries: Sequence[str], device: torch.device, templates: Sequence[str]
+            ) -> torch.Tensor:
     """[Q, D] unit prototypes: per query, L2-normalise each template embedding, mean, normalise.
 
     Every query × template prompt is encoded in batches of ``PROMPTS_PER_FORWARD`` (a 150-class
     vocabulary is 12,000 prompts: 12 forwards, not 150), with a progress bar on a terminal.
     """
-    prompts = [template.format(query) for query in queries for template in TEMPLATES]
+    prompts = [template.format(query) for query in queries for template in templates]
     chunks = range(0, len(prompts), PROMPTS_PER_FORWARD)
     feats = []
     for start in tqdm(chunks, desc="text prototypes", unit="batch", disable=None if len(chunks) > 1 else True,
                       leave=False):
         batch = model.encode_text(tokenizer(prompts[start:start + PROMPTS_PER_FORWARD]).to(device))
         feats.append(batch / batch.norm(dim=-1, keepdim=True))
-    mean = torch.cat(feats).reshape(len(queries), len(TEMPLATES), -1).mean(dim=1)
+    mean = torch.cat(feats).reshape(len(queries), len(templates), -1).mean(dim=1)
     return mean / mean.norm(dim=-1, keepdim=True)
 
 
@@ -127,14 +142,14 @@ def _read_cache(path: Path, num_queries: int) -> torch.Tensor | None:
 
 
 def text_prototypes(model, tokenizer, queries: Sequence[str], device: torch.device,
-                    cache_dir: str | os.PathLike | None = None) -> torch.Tensor:
+                    cache_dir: str | os.PathLike | None = None, templates: Sequence[str] = TEMPLATES) -> torch.Tensor:
     """[Q, D] prototypes in the text tower's dtype, cached in memory and on disk.
 
     The key hashes the text weights, the query list and the templates. ``cache_dir=""`` disables
     the disk cache; None uses ``$PEARL_CACHE/text`` (default ``~/.cache/pearl/text``).
     """
     dtype = str(model.text_projection.dtype) if hasattr(model, "text_projection") else ""
-    key_parts = [model_fingerprint(model), dtype, *queries, "\x01", *TEMPLATES]
+    key_parts = [model_fingerprint(model), dtype, *queries, "\x01", *templates]
     key = hashlib.sha256("\x00".join(key_parts).encode()).hexdigest()
     if key not in _memory_cache:
         folder = None if cache_dir == "" else Path(cache_dir) if cache_dir else default_cache_dir()
@@ -143,7 +158,7 @@ def text_prototypes(model, tokenizer, queries: Sequence[str], device: torch.devi
         if cached is not None:
             _memory_cache[key] = cached
         else:
-            protos = _encode(model, tokenizer, queries, device).cpu()
+            protos = _encode(model, tokenizer, queries, device, templates).cpu()
             if path is not None:
                 folder.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(f".tmp{os.getpid()}")

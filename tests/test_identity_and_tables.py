@@ -11,7 +11,7 @@ import pytest
 
 from pearl import cli, records, runner
 from pearl.benchmarks import BENCHMARKS
-from pearl.records import code_version, load_records
+from pearl.records import RecordError, RunRecord, code_version, load_records, record_path
 from pearl.tables import write_tables
 
 from .conftest import REPO, compose
@@ -74,11 +74,13 @@ def test_identity_holds_what_made_the_number_and_not_operational_settings(synthe
     plan = runner._plan(compose(_job(synthetic, tmp_path)))
     same = [runner._plan(compose(_job(synthetic, tmp_path / "other", extra))).run_hash
             for extra in ("window_batch_size=2", "workers=2", "text_cache_dir=/tmp/elsewhere", "on_error=skip",
-                          "progress=true", "device=cpu")]
+                          "progress=true", "device=cpu", "batch_images=1", "loader_workers=0", "diagnostics=true",
+                          "save_predictions=1")]
     assert set(same) == {plan.run_hash}
     different = {runner._plan(compose(_job(synthetic, tmp_path, extra))).run_hash
-                 for extra in ("tlp_grid=40", "max_images=2", "model.seed=1", "model.precision=bf16", "tlp=false")}
-    assert len(different) == 5 and plan.run_hash not in different
+                 for extra in ("tlp_grid=40", "max_images=2", "model.seed=1", "model.precision=bf16", "tlp=false",
+                               "templates=single")}
+    assert len(different) == 6 and plan.run_hash not in different
     identity = plan.identity
     assert identity["code_version"] == code_version() and identity["dataset"]["evaluated"] == 3
     assert len(identity["classes"]) == 21 and identity["templates"] and identity["model"]["seed"] == 0
@@ -268,14 +270,37 @@ def test_smoke_recipe_writes_its_tables_where_it_was_told(tmp_path):
     assert (results / "tiny_seed0" / "main.csv").is_file() and (results / "backbones.csv").is_file()
 
 
-def test_folder_without_masks_is_refused_before_any_model(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(runner, "build_model", lambda *args: pytest.fail("a model was built"))
+def test_a_folder_without_masks_is_a_prediction_run(tmp_path, photos):
+    from PIL import Image
+
+    from pearl.records import read_record
     (tmp_path / "img").mkdir()
-    (tmp_path / "classes.txt").write_text("cat\nsky\n")
-    status = cli.execute(compose(["model=tiny", "dataset=folder", f"dataset.images={tmp_path / 'img'}",
-                                   f"dataset.classes={tmp_path / 'classes.txt'}", f"results_dir={tmp_path}"]))
-    assert status == "failed" and "dataset.masks" in capsys.readouterr().err
-    cli._outcomes.clear()
+    for name in ("chelsea", "coffee"):
+        Image.fromarray(photos[name]).save(tmp_path / "img" / f"{name}.png")
+    (tmp_path / "classes.txt").write_text("cat\nsky\ncup, mug\n")
+    cfg = compose(["model=tiny", "dataset=folder", f"dataset.images={tmp_path / 'img'}", "progress=false",
+                   f"dataset.classes={tmp_path / 'classes.txt'}", f"results_dir={tmp_path / 'res'}"])
+    status, record = runner.run_job(cfg)
+    assert status == "ran" and record.ground_truth is False and record.image_count == 2
+    assert record.mIoU is None and record.aAcc is None and record.per_class_iou == []  # no NaN metric rows
+    assert read_record(record_path(tmp_path / "res", record.config_hash)).ground_truth is False
+    folder = Path(record.predictions_dir)  # every image's prediction, beside the record
+    assert folder == runner.predictions_folder(tmp_path / "res", record.config_hash)
+    for name in ("chelsea", "coffee"):
+        labels = np.asarray(Image.open(folder / f"{name}_labels.png"))
+        assert labels.shape == photos[name].shape[:2] and labels.max() < 3
+        assert Image.open(folder / f"{name}_overlay.png").size == Image.open(tmp_path / "img" / f"{name}.png").size
+    with pytest.raises(RecordError, match="holds metrics"):
+        RunRecord.from_dict(record.to_dict() | {"mIoU": 12.0})
+
+
+def test_save_predictions_writes_the_first_n_beside_the_record(synthetic, tmp_path):
+    record = runner.run(compose(_job(synthetic, tmp_path, "save_predictions=2")))
+    assert record.ground_truth and record.mIoU is not None
+    written = sorted(p.name for p in Path(record.predictions_dir).iterdir())
+    assert len(written) == 4 and all(name.endswith(("_labels.png", "_overlay.png")) for name in written)
+    other = runner.run(compose(_job(synthetic, tmp_path / "none")))
+    assert other.predictions_dir is None and other.config_hash == record.config_hash  # not in the identity
 
 
 @pytest.mark.parametrize("where", ["file", "proc"])

@@ -84,6 +84,26 @@ def test_text_prototypes_are_the_template_ensemble(tiny_model, tokenizer):
     assert torch.allclose(seg.prototypes[1], expected, atol=1e-6)
 
 
+def test_the_template_set_is_a_parameter(tiny_model, tokenizer, tmp_path):
+    def unit_mean(prompts):
+        with torch.no_grad():
+            feats = tiny_model.encode_text(tokenizer(prompts))
+        feats = feats / feats.norm(dim=-1, keepdim=True)
+        return feats.mean(0) / feats.mean(0).norm()
+
+    single = pearl.Segmentor(tiny_model, ["cat", "cup"], method="naclip", tokenizer=tokenizer, templates="single")
+    assert torch.allclose(single.prototypes[1], unit_mean(["a photo of a cup."]), atol=1e-6)
+    own = tmp_path / "templates.txt"
+    own.write_text("a sketch of a {}.\n\nitap of a {}.\n")
+    mine = pearl.Segmentor(tiny_model, ["cat", "cup"], method="naclip", tokenizer=tokenizer, templates=str(own))
+    assert torch.allclose(mine.prototypes[0], unit_mean(["a sketch of a cat.", "itap of a cat."]), atol=1e-6)
+    with pytest.raises(ValueError, match="templates='nope.txt' is not valid; valid: openai80, single or an existing"):
+        pearl.Segmentor(tiny_model, ["cat"], method="naclip", tokenizer=tokenizer, templates="nope.txt")
+    own.write_text("a photo of a cat\n")
+    with pytest.raises(ValueError, match="must hold {} exactly once"):
+        pearl.Segmentor(tiny_model, ["cat"], method="naclip", tokenizer=tokenizer, templates=str(own))
+
+
 def test_text_prompts_are_encoded_in_batches_across_queries(tiny_model, tokenizer, monkeypatch):
     from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
@@ -92,7 +112,7 @@ def test_text_prompts_are_encoded_in_batches_across_queries(tiny_model, tokenize
     sizes = []
     original = tiny_model.encode_text
     monkeypatch.setattr(tiny_model, "encode_text", lambda tokens: sizes.append(len(tokens)) or original(tokens))
-    protos = text._encode(tiny_model, tokenizer, ["cat", "kitten", "cup"], torch.device("cpu"))
+    protos = text._encode(tiny_model, tokenizer, ["cat", "kitten", "cup"], torch.device("cpu"), text.TEMPLATES)
     assert sizes == [70, 70, 70, 30]  # the chunks cross query boundaries
     with torch.no_grad():
         for row, query in enumerate(["cat", "kitten", "cup"]):

@@ -2,7 +2,8 @@
 import numpy as np
 from PIL import Image
 
-from pearl.segment import main, palette
+from pearl.render import palette
+from pearl.segment import main
 
 
 def _photos(tmp_path, photos):
@@ -56,3 +57,35 @@ def test_segment_bad_input_is_one_line(tmp_path, photos, capsys):
 def test_palette_is_the_voc_colour_map():
     assert palette(4).tolist() == [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0]]
     assert palette(21)[15].tolist() == [192, 128, 128]  # VOC's person colour
+
+
+def test_compare_writes_one_panel_per_method_with_the_ground_truth(tmp_path, photos, capsys):
+    from pearl.render import PANEL_HEIGHT
+    folder = _photos(tmp_path, photos)
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for name, array in photos.items():
+        truth = np.zeros(array.shape[:2], np.uint8)
+        truth[: array.shape[0] // 2] = 2
+        truth[:4] = 255  # ignored pixels
+        Image.fromarray(truth).save(masks / f"{name}.png")
+    out = tmp_path / "out"
+    common = [str(folder), "--classes", "sky; cat; cup", "--model", "tiny", "--resize_short", "112", "--out", str(out),
+              "--compare", "vanilla,naclip,pearl:tlp=false:tlp_grid=40", "--masks", str(masks)]
+    assert main(common) == 0
+    assert "2 image(s) segmented with 3 variants" in capsys.readouterr().out
+    for name in photos:
+        figure = Image.open(out / f"{name}_compare.png")
+        assert figure.text["panels"].splitlines() == ["input", "ground truth", "vanilla", "naclip",
+                                                      "pearl:tlp=false:tlp_grid=40"]
+        legend = [line.split(": ", 1)[1] for line in figure.text["legend"].splitlines()]
+        assert "cup" in legend and set(legend) <= {"sky", "cat", "cup"}  # the truth's class 2 is shown
+        assert figure.height > PANEL_HEIGHT
+    assert main(common + ["--grid"]) == 0
+    grid = Image.open(out / "compare_grid.png")
+    assert grid.height > 2 * PANEL_HEIGHT  # one row per image
+    assert main([*common[:-2], "--masks", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "ground truth" in err and "chelsea.png" in err and "does not exist" in err
+    assert main([str(folder), "--classes", "cat", "--model", "tiny", "--compare", "pearl:tlp"]) == 2
+    assert "options are name=value" in capsys.readouterr().err

@@ -242,13 +242,13 @@ def test_clearclip_fuses_in_the_model_dtype_and_the_others_in_fp32(tokenizer, ph
     assert torch.equal(logits.half().float(), logits) is fp16_values  # an fp16 canvas holds fp16 values only
 
 
-def test_text_cache_key_covers_the_templates(tiny_model, tokenizer, tmp_path, monkeypatch):
+def test_text_cache_key_covers_the_templates(tiny_model, tokenizer, tmp_path):
     from pearl import text
     text._memory_cache.clear()
     first = text.text_prototypes(tiny_model, tokenizer, ["cat", "dog"], torch.device("cpu"), tmp_path)
-    monkeypatch.setattr(text, "TEMPLATES", ("a photo of a {}.",))
     text._memory_cache.clear()
-    single = text.text_prototypes(tiny_model, tokenizer, ["cat", "dog"], torch.device("cpu"), tmp_path)
+    single = text.text_prototypes(tiny_model, tokenizer, ["cat", "dog"], torch.device("cpu"), tmp_path,
+                                  text.template_set("single"))
     assert len(list(tmp_path.glob("*.pt"))) == 2 and not torch.allclose(first, single)
     with torch.no_grad():
         expected = tiny_model.encode_text(tokenizer(["a photo of a cat.", "a photo of a dog."]))
@@ -270,7 +270,7 @@ def test_every_parameter_reaches_exactly_one_stage_config():
     for cls, prefix in stages:
         for f in fields(cls):
             readers.setdefault(param_name(prefix, f.name), []).append(cls.__name__)
-    switches = {"pamr", "text_cache_dir"}  # read by the Segmentor itself: PAMR on/off, the text cache
+    switches = {"pamr", "text_cache_dir", "templates"}  # read by the Segmentor itself: PAMR on/off, the text side
     assert set(readers) - {"pa"} == set(PARAMS) - switches  # pa: the pa= switch, resolved beside PARAMS
     assert all(len(owners) == 1 for owners in readers.values()), readers
     assert [f.name for f in fields(get_method("naclip").Config)] == ["gauss_std"]  # its own settings only
