@@ -126,7 +126,7 @@ def labels_from(probs: torch.Tensor, keep: torch.Tensor | None, prob_thd: float)
         filtered = probs.clone()
         filtered[1:] *= keep.to(probs.dtype)[:, None, None]
     labels = filtered.argmax(dim=0)
-    labels[filtered.amax(dim=0) < prob_thd] = 0
+    labels.masked_fill_(filtered.amax(dim=0) < prob_thd, 0)
     return labels
 
 
@@ -142,7 +142,7 @@ def top_query_labels(logits: torch.Tensor, query_to_class: torch.Tensor, logit_s
     if prob_thd > 0:
         scaled = logits * logit_scale
         top_prob = torch.exp(top_logit * logit_scale - torch.logsumexp(scaled, dim=0))
-        labels[top_prob < prob_thd] = 0
+        labels.masked_fill_(top_prob < prob_thd, 0)  # not labels[mask] = 0: that syncs the device
     return labels
 
 
