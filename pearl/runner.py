@@ -14,7 +14,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -196,7 +196,7 @@ class _Loaded(NamedTuple):
     id: str
     prepared: PreparedImage | None
     label: torch.Tensor | None
-    image: np.ndarray | None  # the decoded image, only when a logger shows predictions
+    image: np.ndarray | None  # the decoded image, only when a logger or save_predictions draws it
     error: str | None
 
 
@@ -274,11 +274,11 @@ class _Tally:
         return _Shard(self.cm, self.skipped, int(self.nan_windows), self.evaluated, sums, setup_s, eval_s,
                       str(self.predictions_dir) if self.saved else None)
 
-    def save(self, item: "_Loaded", labels: torch.Tensor, class_lines: list[str]) -> None:
+    def save(self, item: "_Loaded", labels: torch.Tensor, class_lines: Sequence[str]) -> None:
         """Write the label PNG and the overlay of one of the job's first ``save_limit`` images."""
         if self.saved < self.save_limit:
             write_outputs(self.predictions_dir, path_component(item.id), item.image, labels.cpu().numpy(),
-                          class_lines)
+                          list(class_lines))
             self.saved += 1
 
 
@@ -330,7 +330,7 @@ def _evaluate(cfg: DictConfig, jobs: list[_Job], indices: range, device: torch.d
                 if label is not None:
                     tally.cm.update(out.labels, label)
                 tally.add(out.info)
-                tally.save(item, out.labels, list(seg.vocabulary.class_lines))
+                tally.save(item, out.labels, seg.vocabulary.class_lines)
             if logger is not None:
                 logger.log_prediction(item.image, outputs[0].labels.cpu().numpy(),
                                       None if item.label is None else item.label.numpy(),
@@ -493,8 +493,7 @@ def _claim(cfg: DictConfig, job: _Job) -> tuple[str, RunRecord | None, JobLock |
         return "dry_run", existing, None
     if existing is not None and _lacks_diagnostics(cfg, job, existing):
         log.info("rerunning %s: its record %s has no diagnostics and diagnostics=true asks for them", job.title, path)
-        existing = None
-    if existing is not None and not cfg.force:
+    if _answered_by(cfg, job, existing):
         log.info("skipping %s: record %s exists (force=true reruns it)", job.title, path)
         return "skipped", existing, None
     prepare_results_dir(cfg.results_dir)  # an unwritable folder fails now, not after the evaluation
@@ -504,8 +503,8 @@ def _claim(cfg: DictConfig, job: _Job) -> tuple[str, RunRecord | None, JobLock |
         log.info("skipping %s: being evaluated by another process (pid %s on %s, since %s)", job.title,
                  owner.get("pid", "?"), owner.get("host", "?"), owner.get("started", "?"))
         return "busy", None, None
-    existing = None if cfg.force else find_record(path)
-    if existing is not None and not _lacks_diagnostics(cfg, job, existing):  # finished by another process meanwhile
+    existing = find_record(path)
+    if _answered_by(cfg, job, existing):  # finished by another process meanwhile
         lock.release()
         log.info("skipping %s: record %s exists (force=true reruns it)", job.title, path)
         return "skipped", existing, None
@@ -554,8 +553,7 @@ def evaluate_together(cfgs: list[DictConfig]) -> list[int]:
         except UserError:
             continue
         key = shared_trunk_key(cfg, job)
-        existing = find_record(record_path(cfg.results_dir, job.run_hash))
-        if key is None or (existing is not None and not cfg.force and not _lacks_diagnostics(cfg, job, existing)):
+        if key is None or _answered_by(cfg, job, find_record(record_path(cfg.results_dir, job.run_hash))):
             continue
         if all(job.run_hash != other.run_hash for _, other in groups[key]):
             groups[key].append((cfg, job))
@@ -591,12 +589,17 @@ def _lock_all(members: list) -> list:
         lock = try_lock(path.with_suffix(".lock"))
         if lock is None:
             continue
-        existing = find_record(path)  # finished by another process since we looked
-        if existing is not None and not cfg.force and not _lacks_diagnostics(cfg, job, existing):
+        if _answered_by(cfg, job, find_record(path)):  # finished by another process since we looked
             lock.release()
             continue
         locked.append((cfg, job, lock))
     return locked
+
+
+def _answered_by(cfg: DictConfig, job: _Job, record: RunRecord | None) -> bool:
+    """Whether ``record`` (None: none found) is the job's result: it exists, ``force`` is off and it
+    has every diagnostic asked for."""
+    return record is not None and not cfg.force and not _lacks_diagnostics(cfg, job, record)
 
 
 def _lacks_diagnostics(cfg: DictConfig, job: _Job, record: RunRecord) -> bool:

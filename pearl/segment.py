@@ -17,10 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from PIL import Image
 from tqdm import tqdm
 
-from .data.datasets import FolderDataset, read_image
+from .data.datasets import FolderDataset, read_image, read_label
 from .errors import UserError
 from .params import PARAMS
 from .protocols import DATASETS, class_names, parse_class_lines
@@ -118,12 +117,9 @@ def _ground_truth(args, path: Path, shape: tuple[int, int], num_classes: int) ->
     mask = Path(args.masks) / f"{path.stem}{args.mask_suffix}"
     if not mask.is_file():
         raise UserError(f"ground truth {mask} for {path.name} does not exist (--masks, --mask-suffix)")
-    labels = np.asarray(Image.open(mask))
+    labels = read_label(mask, num_classes, reduce_zero_label=False)  # decoded and value-checked as in evaluation
     if labels.shape != shape:
         raise UserError(f"ground truth {mask} is {labels.shape[1]}×{labels.shape[0]}, the image {shape[1]}×{shape[0]}")
-    bad = np.unique(labels[(labels != 255) & (labels >= num_classes)])
-    if bad.size:
-        raise UserError(f"ground truth {mask} holds {bad[:5].tolist()}, outside 0..{num_classes - 1} and 255")
     return labels
 
 
