@@ -3,9 +3,10 @@
 Public API (docs/api.md): ``load_clip``, ``Segmentor``, ``protocol``, ``class_names``.
 """
 from .backbone import load_clip
+from .benchmarks import DATASETS
 from .methods import available_methods
 from .params import PARAMS
-from .protocols import DATASETS, PROFILES, class_file, class_names, protocol
+from .protocols import PROFILES, class_file, class_names, protocol
 from .segmentor import Prediction, Segmentor
 
 __version__ = "0.1.0"

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from . import segmentor as segmentor_module
 from .backbone import dense_features, load_clip, tiny_clip
-from .benchmarks import BENCHMARKS
+from .benchmarks import BENCHMARKS, DATASETS
 from .methods import available_methods, get_method
 from .methods import base as method_base
 from .preprocess import prepare_image
@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     minutes = table1_minutes(rows)
     for method, value in minutes.items():
         print(f"Table 1 extrapolated, {method} on the 8 datasets "
-              f"({sum(b.official_size for b in BENCHMARKS.values())} images): {value:.1f} min")
+              f"({sum(BENCHMARKS[d].official_size for d in DATASETS)} images): {value:.1f} min")
     if minutes:
         print(f"Table 1 extrapolated, the {len(minutes)} methods measured: {sum(minutes.values()):.1f} min")
     out = Path(args.out)

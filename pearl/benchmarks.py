@@ -1,9 +1,12 @@
-"""The eight benchmarks' facts, in one table: layout, split, official size, class file, label
+"""The benchmarks' facts, in one table: layout, split, official size, class file, label
 convention, table column. Everything else (datasets, protocols, the synthetic generator, the
 tables, Hydra's ``dataset=`` options) reads them from here; adding a benchmark is one entry plus
 its class file (with ``protocol_like`` naming the benchmark whose published settings the methods
-use on it, unless their protocol files get a row of their own). Layouts are MMSegmentation's
-(docs/datasets.md).
+use on it, unless their protocol files get a row of their own). Layouts are MMSegmentation's,
+or detectron2's where MMSegmentation has none (docs/datasets.md).
+
+The paper's eight (``DATASETS``) fill the tables; the others (``EXTRA_DATASETS``: COCO-Stuff-10k,
+PASCAL Context 459, ADE20K-847) evaluate like them but have no paper numbers, so no table column.
 """
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ class Benchmark:
     aliases: tuple[str, ...] = ()
     typical_size: tuple[int, int] = (375, 500)  # (H, W) of a typical validation image (pearl.bench times it)
     protocol_like: str | None = None  # whose published per-method settings to use where a method has none
+    ignore_index: int = 255         # the label value that is not evaluated (65535 in 16-bit label files)
+    in_paper: bool = True           # a column of the paper's tables
 
 
 _VOC = dict(image_dir="VOCdevkit/VOC2012/JPEGImages", label_dir="VOCdevkit/VOC2012/SegmentationClass",
@@ -51,6 +56,19 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
     Benchmark("ade20k", "ADE", 2000, "ade20k", "ADEChallengeData2016/images/validation",
               "ADEChallengeData2016/annotations/validation", ".jpg", ".png", reduce_zero_label=True,
               raw_label_values=151, typical_size=(512, 683)),
+    # evaluation sets beyond the paper (no paper numbers); docs/datasets.md, "Other evaluation sets"
+    Benchmark("coco_stuff10k", "Stuff-10k", 1000, "coco_stuff", "coco_stuff10k/images/test2014",
+              "coco_stuff10k/annotations/test2014", ".jpg", "_labelTrainIds.png", reduce_zero_label=True,
+              raw_label_values=172, typical_size=(480, 640), protocol_like="coco_stuff", in_paper=False),
+    Benchmark("context459", "PC459", 5105, "pc459", _CONTEXT["image_dir"],
+              "VOCdevkit/VOC2010/annotations_detectron2/pc459_val", ".jpg", ".tif", split_file=_CONTEXT["split_file"],
+              raw_label_values=459, aliases=("pc459",), protocol_like="context59", ignore_index=65535, in_paper=False),
+    Benchmark("ade847", "ADE-847", 2000, "ade847", "ADE20K_2021_17_01/images_detectron2/validation",
+              "ADE20K_2021_17_01/annotations_detectron2/validation", ".jpg", ".tif", raw_label_values=847,
+              aliases=("ade_full",), typical_size=(512, 683), protocol_like="ade20k", ignore_index=65535,
+              in_paper=False),
 )}
-DATASETS: tuple[str, ...] = tuple(BENCHMARKS)  # the paper's column order
+DATASETS: tuple[str, ...] = tuple(name for name, b in BENCHMARKS.items() if b.in_paper)  # the paper's column order
+EXTRA_DATASETS: tuple[str, ...] = tuple(name for name, b in BENCHMARKS.items() if not b.in_paper)
+ALL_DATASETS: tuple[str, ...] = DATASETS + EXTRA_DATASETS
 DATASET_ALIASES: dict[str, str] = {alias: b.name for b in BENCHMARKS.values() for alias in b.aliases}

@@ -10,11 +10,12 @@ from typing import Any, Callable, NamedTuple
 from omegaconf import DictConfig, OmegaConf
 
 from .backbone import TINY_CONFIG
+from .benchmarks import ALL_DATASETS
 from .data.datasets import DEFAULT_MAX_PIXELS
 from .errors import ConfigError
 from .methods import available_methods
 from .params import PARAMS, valid_values
-from .protocols import DATASETS, PROFILES
+from .protocols import PROFILES
 
 
 class RunKey(NamedTuple):
@@ -107,8 +108,8 @@ def validate_config(cfg: DictConfig) -> None:
             raise _fail(key, value, spec.valid)
     if cfg.method.name not in available_methods():
         raise _fail("method", cfg.method.name, ", ".join(available_methods()))
-    if cfg.dataset.name not in DATASETS + ("folder",):
-        raise _fail("dataset", cfg.dataset.name, ", ".join(DATASETS + ("folder",)))
+    if cfg.dataset.name not in ALL_DATASETS + ("folder",):
+        raise _fail("dataset", cfg.dataset.name, ", ".join(ALL_DATASETS + ("folder",)))
     if cfg.model.precision not in PRECISION_CHOICES:
         raise _fail("model.precision", cfg.model.precision, ", ".join(PRECISION_CHOICES))
 
@@ -126,7 +127,7 @@ def register_config_groups() -> None:
                                                   "config": TINY_CONFIG})  # random weights: smoke figures only
     for name in available_methods():
         store.store(group="method", name=name, node={"name": name})
-    for name in DATASETS:
+    for name in ALL_DATASETS:
         store.store(group="dataset", name=name, node={"name": name})
 
 
@@ -136,7 +137,8 @@ def help_text() -> str:
         return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
     lines = ["Evaluate methods × PA × TLP × datasets; one record per job (python run.py -m key=a,b ...).", "",
-             "Config groups: method=" + "|".join(available_methods()) + "  dataset=" + "|".join(DATASETS + ("folder",))
+             "Config groups: method=" + "|".join(available_methods())
+             + "  dataset=" + "|".join(ALL_DATASETS + ("folder",))
              + "  model=vit_b16|tiny|custom  logger=none|wandb", "", "Run keys:"]
     lines += [f"  {key} (default {default(spec.default)}): {spec.meaning}" for key, spec in RUN_KEYS.items()]
     lines += ["", "Segmentor parameters (null = the method's published per-dataset value, else this default):"]

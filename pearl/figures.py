@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .protocols import DATASETS
+from .benchmarks import DATASETS
 from .records import DEFAULT_MODEL, RunRecord, load_records
 from .tables import COLUMN_TITLES, Selection, pivot, recipe_arguments
 

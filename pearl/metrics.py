@@ -1,14 +1,15 @@
 """Segmentation metrics as MMSeg ``IoUMetric`` computes them (docs/protocol.md §9, docs/engineering.md §5).
 
 One int64 confusion matrix per run, accumulated on the evaluation device; rows = ground truth,
-columns = prediction; pixels whose ground truth is 255 are dropped.
+columns = prediction; pixels whose ground truth is outside 0..C−1 are dropped: the ignored value
+(255, or 65535 in 16-bit label files), which the datasets let through and nothing else (they check
+every label's values), so this is MMSeg's ``gt != ignore_index`` for any label width.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-IGNORE_INDEX = 255
 PIXELS_PER_UPDATE = 2 ** 22
 
 
@@ -36,7 +37,7 @@ class ConfusionMatrix:
             chunk_pred = pred[start:start + PIXELS_PER_UPDATE].to(self.matrix.device).long()
             chunk_gt = gt[start:start + PIXELS_PER_UPDATE].to(self.matrix.device).long()
             # ignored pixels counted in one extra cell and dropped: no boolean indexing, so no device sync
-            cell = torch.where(chunk_gt != IGNORE_INDEX, chunk_gt * c + chunk_pred, c * c)
+            cell = torch.where((chunk_gt >= 0) & (chunk_gt < c), chunk_gt * c + chunk_pred, c * c)
             counts = torch.zeros(c * c + 1, dtype=torch.int64, device=cell.device)
             self.matrix += counts.index_add_(0, cell, torch.ones_like(cell))[:-1].view(c, c)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from .benchmarks import BENCHMARKS, DATASET_ALIASES, DATASETS
+from .benchmarks import ALL_DATASETS, BENCHMARKS, DATASET_ALIASES
 
 PROFILES = ("own", "pearl", "clearclip", "naclip_v1", "naclip_readme")
 _WINDOW_KEYS = ("resize_short", "slide_crop", "slide_stride", "logit_scale", "prob_thd")
@@ -24,8 +24,8 @@ def _resource(*parts: str) -> Path:
 def canonical_dataset(dataset: str) -> str:
     """``pc60`` → ``context60`` etc.; raises ValueError naming the valid keys."""
     key = DATASET_ALIASES.get(dataset, dataset)
-    if key not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)} "
+    if key not in ALL_DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; valid: {', '.join(ALL_DATASETS)} "
                          f"(aliases: {', '.join(DATASET_ALIASES)})")
     return key
 

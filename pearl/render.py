@@ -61,8 +61,11 @@ def write_outputs(out_dir: Path, stem: str, image: np.ndarray, labels: np.ndarra
     entries = present_classes(labels, classes)
     paths = [out_dir / f"{stem}_overlay.png", out_dir / f"{stem}_labels.png"]
     overlay(image, labels, classes).save(paths[0], pnginfo=_png_info(entries))
-    indexed = Image.fromarray(labels.astype(np.uint8), mode="P")
-    indexed.putpalette(palette(len(classes)).ravel().tolist())
+    if len(classes) <= 256:
+        indexed = Image.fromarray(labels.astype(np.uint8), mode="P")
+        indexed.putpalette(palette(len(classes)).ravel().tolist())
+    else:  # more classes than a palette holds: a 16-bit grey PNG of the indices
+        indexed = Image.fromarray(labels.astype(np.uint16))
     indexed.save(paths[1], pnginfo=_png_info(entries))
     if probs is not None:
         paths.append(out_dir / f"{stem}_probs.npy")
@@ -105,15 +108,16 @@ class ComparisonRow(NamedTuple):
 
 def comparison_row(image: np.ndarray, predictions: list[tuple[str, np.ndarray]], classes: list[str],
                    ground_truth: np.ndarray | None = None) -> ComparisonRow:
-    """The input, the ground truth when given (255 = ignored, black), then one overlay per
-    (title, labels) prediction, each panel titled."""
+    """The input, the ground truth when given (black where ignored: any value outside the class
+    range, 255 or 65535), then one overlay per (title, labels) prediction, each panel titled."""
     colours = palette(len(classes))
     pictures, titles, shown = [Image.fromarray(image)], ["input"], set()
     if ground_truth is not None:
-        with_ignored = np.concatenate([colours, np.zeros((256 - len(classes), 3), np.uint8)])
-        pictures.append(Image.fromarray(with_ignored[ground_truth]))
+        evaluated = (ground_truth >= 0) & (ground_truth < len(classes))
+        pictures.append(Image.fromarray(np.where(evaluated[..., None], colours[np.where(evaluated, ground_truth, 0)],
+                                                 np.uint8(0))))
         titles.append("ground truth")
-        shown |= {int(v) for v in np.unique(ground_truth) if v != 255}
+        shown |= {int(v) for v in np.unique(ground_truth[evaluated])}
     for title, labels in predictions:
         pictures.append(Image.fromarray(((1 - ALPHA) * image + ALPHA * colours[labels]).astype(np.uint8)))
         titles.append(title)

@@ -1,8 +1,9 @@
 """Segment any image with any method: ``python -m pearl.segment IMAGE_OR_FOLDER ... --classes "cat; sky, cloud"``.
 
 For each image it writes into ``--out``: ``<stem>_overlay.png`` (the image blended with the label
-colours, a legend of the classes present), ``<stem>_labels.png`` (the label map as an indexed PNG whose
-palette is the overlay's colours) and, with ``--save-probs``, ``<stem>_probs.npy`` (float16 [C, H, W]).
+colours, a legend of the classes present), ``<stem>_labels.png`` (the label map as an indexed PNG
+whose palette is the overlay's colours; a 16-bit grey PNG above 256 classes) and, with
+``--save-probs``, ``<stem>_probs.npy`` (float16 [C, H, W]).
 Every Segmentor parameter is an option of the same name (``--tlp_grid 40``).
 
 ``--compare vanilla,naclip,pearl:tlp=false`` instead writes ``<stem>_compare.png``: the input, the
@@ -19,10 +20,11 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
+from .benchmarks import ALL_DATASETS
 from .data.datasets import FolderDataset, read_image, read_label
 from .errors import UserError
 from .params import PARAMS
-from .protocols import DATASETS, class_names, parse_class_lines
+from .protocols import class_names, parse_class_lines
 from .render import comparison_figure, comparison_row, save_figure, write_outputs
 
 IMAGE_SUFFIXES = FolderDataset.IMAGE_SUFFIXES
@@ -40,13 +42,11 @@ def _classes(args) -> list[str]:
             raise UserError(f"class file {path} does not exist")
         lines = parse_class_lines(path.read_text(encoding="utf-8"))
     else:
-        if args.dataset not in DATASETS:
-            raise UserError(f"--dataset {args.dataset!r} is not a benchmark; valid: {', '.join(DATASETS)}")
+        if args.dataset not in ALL_DATASETS:
+            raise UserError(f"--dataset {args.dataset!r} is not a benchmark; valid: {', '.join(ALL_DATASETS)}")
         lines = class_names(args.dataset, args.method)
     if not lines:
         raise UserError("the class list is empty; give at least one class")
-    if len(lines) > 256:
-        raise UserError(f"{len(lines)} classes do not fit an indexed PNG (at most 256)")
     return lines
 
 
@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
     parser.add_argument("--classes", help='class lines separated by ";", synonyms by ", " ("cat, kitten; sky")')
     parser.add_argument("--classes-file", help="a class file, one class per line")
-    parser.add_argument("--dataset", help=f"a benchmark's class list ({', '.join(DATASETS)})")
+    parser.add_argument("--dataset", help=f"a benchmark's class list ({', '.join(ALL_DATASETS)})")
     parser.add_argument("--method", default="pearl", help="vanilla, sclip, naclip, clearclip, sfp or pearl")
     parser.add_argument("--pa", action=argparse.BooleanOptionalAction, default=None, help="PA (default: method's)")
     parser.add_argument("--tlp", action=argparse.BooleanOptionalAction, default=None, help="TLP (default: method's)")
@@ -117,7 +117,8 @@ def _ground_truth(args, path: Path, shape: tuple[int, int], num_classes: int) ->
     mask = Path(args.masks) / f"{path.stem}{args.mask_suffix}"
     if not mask.is_file():
         raise UserError(f"ground truth {mask} for {path.name} does not exist (--masks, --mask-suffix)")
-    labels = read_label(mask, num_classes, reduce_zero_label=False)  # decoded and value-checked as in evaluation
+    ignored = 255 if num_classes <= 255 else 65535  # the label files' convention: 8-bit 255, 16-bit 65535
+    labels = read_label(mask, num_classes, reduce_zero_label=False, ignore_index=ignored)  # checked as in evaluation
     if labels.shape != shape:
         raise UserError(f"ground truth {mask} is {labels.shape[1]}×{labels.shape[0]}, the image {shape[1]}×{shape[0]}")
     return labels

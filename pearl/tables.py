@@ -6,8 +6,9 @@ Writes ``main.csv`` (Table 1), ``ablation.csv`` (Table 3), ``plug_and_play.csv``
 ``resolution.csv`` (Table 5) and their pAcc twins (``*_pacc.csv``), each also as ``.md``, per model,
 and ``backbones.csv`` (Table 6). Every cell carries ours, the paper's number, the difference, the
 record it came from and its flags; a cell is filled only by a record whose identity satisfies the
-row (never by recency alone: see :class:`Row`); averages only over complete rows. Reads only
-records (``pearl.records``) and the paper CSVs.
+row (never by recency alone: see :class:`Row`); averages only over complete rows. The evaluation
+sets beyond the paper (``EXTRA_DATASETS``) get columns after the average when the model has
+records of them, with empty paper cells. Reads only records (``pearl.records``) and the paper CSVs.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .benchmarks import BENCHMARKS, DATASETS
+from .benchmarks import BENCHMARKS, DATASETS, EXTRA_DATASETS
 from .params import PARAMS
 from .records import DEFAULT_MODEL, RunRecord, code_version, load_records, model_label, path_component
 from .settings import comparable, deviations, job_settings
@@ -150,11 +151,27 @@ def _paper(paper: pd.DataFrame, row: Row, dataset: str, table_suffix: str) -> tu
     return (None if pd.isna(value) else float(value)), str(hit.iloc[0]["status"])
 
 
+def _cell_columns(records: list[RunRecord], paper: pd.DataFrame, row: Row, dataset: str, metric: str,
+                  selection: Selection) -> tuple[dict, float | None, list[str]]:
+    """One dataset's columns of a row (ours / paper / diff / flags / record), its value and its flags."""
+    cell = choose(candidates(records, row, dataset, selection), selection)
+    ours = None if cell.record is None else getattr(cell.record, metric)
+    paper_value, status = _paper(paper, row, dataset, "pacc" if metric == "aAcc" else "miou")
+    title = COLUMN_TITLES[dataset]
+    columns = {f"{title}_ours": None if ours is None else round(ours, 2), f"{title}_paper": paper_value,
+               f"{title}_paper_status": status,
+               f"{title}_diff": None if ours is None or paper_value is None else round(ours - paper_value, 2),
+               f"{title}_flags": ",".join(cell.flags),
+               f"{title}_record": cell.record.config_hash if cell.record else ""}
+    return columns, ours, list(cell.flags)
+
+
 def build_table(records: list[RunRecord], paper: pd.DataFrame, rows: list[Row], metric: str = "mIoU",
                 selection: Selection | None = None) -> pd.DataFrame:
-    """Wide table: per dataset ours / paper / diff / flags / record, then the averages and completeness."""
+    """Wide table: per dataset ours / paper / diff / flags / record, then the averages and completeness
+    (over the paper's eight), then the extra datasets the model has records of (no paper values)."""
     selection = selection or Selection()
-    suffix = "pacc" if metric == "aAcc" else "miou"
+    extra = [d for d in EXTRA_DATASETS if any(r.dataset == d and r.model_label == selection.model for r in records)]
     out = []
     for row in rows:
         line = {"row": row.title, "method": row.method, "pa": row.pa, "tlp": row.tlp,
@@ -162,29 +179,26 @@ def build_table(records: list[RunRecord], paper: pd.DataFrame, rows: list[Row], 
                 "model": row.model or selection.model}
         values, flagged = [], []
         for dataset in DATASETS:
-            cell = choose(candidates(records, row, dataset, selection), selection)
-            ours = None if cell.record is None else getattr(cell.record, metric)
-            paper_value, status = _paper(paper, row, dataset, suffix)
-            title = COLUMN_TITLES[dataset]
-            line[f"{title}_ours"] = None if ours is None else round(ours, 2)
-            line[f"{title}_paper"] = paper_value
-            line[f"{title}_paper_status"] = status
-            line[f"{title}_diff"] = None if ours is None or paper_value is None else round(ours - paper_value, 2)
-            line[f"{title}_flags"] = ",".join(cell.flags)
-            line[f"{title}_record"] = cell.record.config_hash if cell.record else ""
+            columns, ours, flags = _cell_columns(records, paper, row, dataset, metric, selection)
+            line.update(columns)
             values.append(ours)
-            if cell.flags:
-                flagged.append(f"{title}({','.join(cell.flags)})")
+            if flags:
+                flagged.append(f"{COLUMN_TITLES[dataset]}({','.join(flags)})")
         missing = [COLUMN_TITLES[d] for d, v in zip(DATASETS, values) if v is None]
         complete = not missing
         avg = sum(values) / len(values) if complete else None
         avg_rounded = sum(round(v, 2) for v in values) / len(values) if complete else None
-        paper_avg, paper_status = _paper(paper, row, "avg_printed", suffix)
+        paper_avg, paper_status = _paper(paper, row, "avg_printed", "pacc" if metric == "aAcc" else "miou")
         line.update({"Avg_ours": None if avg is None else round(avg, 2),
                      "Avg_ours_of_rounded": None if avg_rounded is None else round(avg_rounded, 2),
                      "Avg_paper": paper_avg, "Avg_paper_status": paper_status,
-                     "Avg_diff": None if avg is None or paper_avg is None else round(avg - paper_avg, 2),
-                     "complete": complete, "missing": ",".join(missing), "flagged": " ".join(flagged)})
+                     "Avg_diff": None if avg is None or paper_avg is None else round(avg - paper_avg, 2)})
+        for dataset in extra:
+            columns, _, flags = _cell_columns(records, paper, row, dataset, metric, selection)
+            line.update(columns)
+            if flags:
+                flagged.append(f"{COLUMN_TITLES[dataset]}({','.join(flags)})")
+        line.update({"complete": complete, "missing": ",".join(missing), "flagged": " ".join(flagged)})
         out.append(line)
     return pd.DataFrame(out)
 
@@ -202,7 +216,8 @@ def _model_note(model: str) -> str:
 
 def to_markdown(table: pd.DataFrame, note: str = "") -> str:
     """Cells as 'ours / paper (diff)' with flags; empty where unknown."""
-    titles = [COLUMN_TITLES[d] for d in DATASETS] + ["Avg"]
+    titles = [COLUMN_TITLES[d] for d in DATASETS] + ["Avg"] + [
+        COLUMN_TITLES[d] for d in EXTRA_DATASETS if f"{COLUMN_TITLES[d]}_ours" in table.columns]
     lines = ([note, ""] if note else []) + ["| row | " + " | ".join(titles) + " | missing | model |",
                                             "|---" * (len(titles) + 3) + "|"]
     for _, r in table.iterrows():

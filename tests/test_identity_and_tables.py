@@ -381,3 +381,34 @@ def test_among_equally_good_records_the_newest_fills_the_cell(tmp_path, official
     assert _cell(results, "main", "PEARL") == round(newer.mIoU, 2)
     assert _cell(results, "main", "PEARL", "VOC21_record") == newer.config_hash
     assert _cell(results, "main", "PEARL", "VOC21_flags") == "of 2"
+
+
+def test_an_extra_dataset_runs_and_gets_a_column_without_paper_values(tmp_path, monkeypatch):
+    import dataclasses
+
+    from PIL import Image
+
+    from pearl.data.synthetic import write_dataset
+    root = write_dataset("context459", tmp_path / "data", num_images=2, size=(32, 48))
+    label_dir = root / BENCHMARKS["context459"].label_dir
+    first = label_dir / "2008_000000.tif"
+    label = np.array(Image.open(first))
+    label[:8] = 65535  # ignored rows: the record's pixel count says whether they were dropped
+    Image.fromarray(label).save(first)
+    monkeypatch.setitem(BENCHMARKS, "context459", dataclasses.replace(BENCHMARKS["context459"], official_size=2))
+    results = tmp_path / "res"
+    record = runner.run(compose(["model=tiny", "method=vanilla", "dataset=context459", f"data_root={root}",
+                                 f"results_dir={results}", "progress=false", "device=cpu"]))
+    assert record.dataset == "context459" and record.image_count == 2 and record.full_split
+    assert len(record.per_class_iou) == 459 and record.per_class_iou[458]["class"] == "wool"
+    seen = sorted({int(v) for f in label_dir.glob("*.tif") for v in np.unique(np.array(Image.open(f)))} - {65535})
+    assert all(record.per_class_iou[k]["iou"] is not None for k in seen)  # every class in the ground truth scored
+    write_tables(results, models=(TINY,))
+    main = pd.read_csv(results / "tiny_seed0" / "main.csv").set_index("row")
+    assert main.loc["CLIP", "PC459_ours"] == round(record.mIoU, 2)
+    assert pd.isna(main.loc["CLIP", "PC459_paper"]) and pd.isna(main.loc["CLIP", "PC459_diff"])
+    assert pd.isna(main.loc["CLIP", "Avg_ours"]) and "PC459" not in main.loc["CLIP", "missing"]
+    assert list(main.columns).index("PC459_ours") > list(main.columns).index("Avg_ours")
+    assert "ADE-847_ours" not in main.columns  # no records of it: no column
+    header = (results / "tiny_seed0" / "main.md").read_text().splitlines()[2]
+    assert "| Avg | PC459 | missing |" in header

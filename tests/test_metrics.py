@@ -59,3 +59,20 @@ def test_all_ignored_and_size_mismatch():
     assert math.isnan(cm.summary()["mIoU"]) and math.isnan(cm.summary()["aAcc"])
     with pytest.raises(ValueError, match="differ in size"):
         cm.update(torch.zeros(2, 3), torch.zeros(2, 2))
+
+
+def test_more_than_255_classes_count_label_255_and_drop_65535():
+    # PASCAL Context 459 / ADE20K-847: 255 is a class, the 16-bit files' 65535 is ignored
+    gt = torch.tensor([[255, 255, 458, 65535], [0, 0, 255, 65535]])
+    pred = torch.tensor([[255, 0, 458, 255], [0, 0, 255, 458]])
+    cm = ConfusionMatrix(459)
+    cm.update(pred, gt)
+    s = cm.summary()
+    # class 0: I=2, P=3, G=2 → 2/3; class 255: I=2, P=2, G=3 → 2/3; class 458: I=1, P=1, G=1 → 1;
+    # the two 65535 pixels are dropped; every other class is absent from both → skipped
+    assert s["per_class_iou"][0] == pytest.approx(200 / 3)
+    assert s["per_class_iou"][255] == pytest.approx(200 / 3)
+    assert s["per_class_iou"][458] == pytest.approx(100.0)
+    assert sum(v is not None for v in s["per_class_iou"]) == 3
+    assert s["mIoU"] == pytest.approx((2 / 3 + 2 / 3 + 1) / 3 * 100)
+    assert s["aAcc"] == pytest.approx(5 / 6 * 100)

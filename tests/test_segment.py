@@ -89,3 +89,21 @@ def test_compare_writes_one_panel_per_method_with_the_ground_truth(tmp_path, pho
     assert "ground truth" in err and "chelsea.png" in err and "does not exist" in err
     assert main([str(folder), "--classes", "cat", "--model", "tiny", "--compare", "pearl:tlp"]) == 2
     assert "options are name=value" in capsys.readouterr().err
+
+
+def test_more_classes_than_a_palette_holds_give_a_16_bit_label_png(tmp_path, photos):
+    from pearl.render import _TITLE, PANEL_HEIGHT, comparison_row, write_outputs
+    image = photos["chelsea"][:PANEL_HEIGHT, :300]  # a panel's own height: drawn unscaled below its title
+    labels = np.zeros(image.shape[:2], np.int64)
+    labels[:, 150:] = 300
+    classes = [f"class {i}" for i in range(459)]
+    write_outputs(tmp_path, "cat", image, labels, classes)
+    saved = Image.open(tmp_path / "cat_labels.png")
+    assert saved.mode.startswith("I") and np.array_equal(np.array(saved), labels)
+    assert Image.open(tmp_path / "cat_overlay.png").text["legend"].splitlines() == ["0: class 0", "300: class 300"]
+    truth = labels.copy()
+    truth[:40] = 65535  # ignored in a 16-bit label file: black, and not in the legend
+    row = comparison_row(image, [("pearl", labels)], classes, truth)
+    truth_panel = np.asarray(row.panels[1])[_TITLE:]
+    assert (truth_panel[:40] == 0).all() and (truth_panel[40:, 150:] == palette(459)[300]).all()
+    assert row.shown == {0, 300}

@@ -1,9 +1,10 @@
-"""The eight benchmarks in their MMSegmentation layouts, and ``folder`` for users' own data.
+"""The benchmarks in their MMSegmentation (or detectron2) layouts, and ``folder`` for users' own data.
 
 Each dataset yields the original-resolution RGB image, the label map with the protocol's
-conventions (255 = ignored; ``reduce_zero_label`` where it applies) and an id. Images are
-decoded with OpenCV (colour, BGR → RGB) and labels with Pillow as raw indices (palette index for
-VOC), as MMSeg's ``LoadImageFromFile`` / ``LoadAnnotations`` do; docs/protocol.md §1, §10.
+conventions (255 = ignored, 65535 in 16-bit label files; ``reduce_zero_label`` where it applies)
+and an id. Images are decoded with OpenCV (colour, BGR → RGB) and labels with Pillow as raw
+indices (palette index for VOC), as MMSeg's ``LoadImageFromFile`` / ``LoadAnnotations`` do;
+docs/protocol.md §1, §10.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ class DatasetError(UserError, RuntimeError):
 @dataclass
 class Sample:
     image: np.ndarray      # H×W×3 uint8 RGB, original resolution
-    label: np.ndarray | None  # H×W int64, 255 = ignore; None for unlabelled folder images
+    label: np.ndarray | None  # H×W int64, the dataset's ignore_index (255) = ignored; None for unlabelled images
     id: str
 
 
@@ -139,8 +140,9 @@ def read_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
 
 
 def read_label(path: Path, num_classes: int, reduce_zero_label: bool,
-               max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """H×W int64 label indices; 0 → 255 and k → k−1 under ``reduce_zero_label``; values checked."""
+               max_pixels: int = DEFAULT_MAX_PIXELS, ignore_index: int = 255) -> np.ndarray:
+    """H×W int64 label indices (8- or 16-bit PNG or TIFF); 0 → ``ignore_index`` and k → k−1 under
+    ``reduce_zero_label``; values checked against 0..num_classes−1 and ``ignore_index``."""
     if not path.is_file():
         raise DatasetError(f"label file {path} is missing; every image needs its label in the layout of {LAYOUT_HELP}")
     if missing := _truncation(path):
@@ -155,14 +157,15 @@ def read_label(path: Path, num_classes: int, reduce_zero_label: bool,
     if label.ndim != 2:
         raise DatasetError(f"label {path} has shape {label.shape}; expected a single-channel index PNG "
                            f"(palette or grey), not colour")
-    if reduce_zero_label:
-        label[label == 0] = 255
+    if reduce_zero_label:  # MMSeg's order: 0 → ignored, then −1, then the ignored value restored
+        label[label == 0] = ignore_index
         label = label - 1
-        label[label == 254] = 255
-    bad = np.unique(label[(label != 255) & ((label < 0) | (label >= num_classes))])
+        label[label == ignore_index - 1] = ignore_index
+    bad = np.unique(label[(label != ignore_index) & ((label < 0) | (label >= num_classes))])
     if bad.size:
-        raise DatasetError(f"label {path} holds values {bad[:10].tolist()} outside 0..{num_classes - 1} and 255; "
-                           f"was it converted with the MMSeg converter for this dataset?")
+        raise DatasetError(f"label {path} holds values {bad[:10].tolist()} outside 0..{num_classes - 1} and "
+                           f"{ignore_index}; was it made by `python -m pearl.data prepare` (or the converter "
+                           f"docs/datasets.md names) for this dataset?")
     return label
 
 
@@ -181,6 +184,7 @@ class SegmentationDataset:
         self.class_names = class_names(self.name)
         self.num_classes = len(self.class_names)
         self.reduce_zero_label = self.layout.reduce_zero_label
+        self.ignore_index = self.layout.ignore_index
         self.items = self._list()
         self.total_images = len(self.items)
         if max_images is not None:
@@ -251,7 +255,7 @@ class SegmentationDataset:
     def __getitem__(self, index: int) -> Sample:
         sample_id, image_path, label_path = self.items[index]
         image = read_image(image_path, self.max_pixels)
-        label = read_label(label_path, self.num_classes, self.reduce_zero_label, self.max_pixels)
+        label = read_label(label_path, self.num_classes, self.reduce_zero_label, self.max_pixels, self.ignore_index)
         if label.shape != image.shape[:2]:
             raise DatasetError(f"label {label_path} is {label.shape[1]}×{label.shape[0]} but image {image_path} is "
                                f"{image.shape[1]}×{image.shape[0]}; labels must be at the image's resolution")
@@ -281,6 +285,7 @@ class FolderDataset(SegmentationDataset):
         self.class_names = parse_class_lines(classes_path.read_text(encoding="utf-8"))
         self.num_classes = len(self.class_names)
         self.reduce_zero_label = reduce_zero_label
+        self.ignore_index = 255
         self.mask_suffix = mask_suffix
         paths = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in self.IMAGE_SUFFIXES and p.is_file())
         if not paths:

@@ -7,7 +7,7 @@ Used by the tests and for smoke runs without the benchmarks:
 
 Images are coloured rectangles (one colour per class, plus noise); labels follow each dataset's
 raw convention (VOC palette PNG with 255 boundaries, ADE with 0 = "other", Cityscapes trainIds,
-COCO trainIds and instanceTrainIds, Context 0..59).
+COCO trainIds and instanceTrainIds, Context 0..59, 16-bit TIFFs for Context-459 and ADE20K-847).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ _VOC_PALETTE = [v for i in range(256) for v in ((i * 37) % 256, (i * 91) % 256, 
 
 def _label_map(rng: np.random.Generator, size: tuple[int, int], num_raw: int, boundary: bool) -> np.ndarray:
     height, width = size
-    label = np.full(size, rng.integers(0, num_raw), np.uint8)
+    label = np.full(size, rng.integers(0, num_raw), np.uint8 if num_raw <= 256 else np.uint16)
     for _ in range(4):
         y, x = rng.integers(0, height - 4), rng.integers(0, width - 4)
         h, w = rng.integers(4, height - y + 1), rng.integers(4, width - x + 1)
@@ -38,7 +38,7 @@ def _label_map(rng: np.random.Generator, size: tuple[int, int], num_raw: int, bo
 
 
 def _image(rng: np.random.Generator, label: np.ndarray) -> np.ndarray:
-    colours = rng.integers(0, 256, (256, 3))
+    colours = rng.integers(0, 256, (max(256, int(label.max()) + 1), 3))
     image = colours[label].astype(np.float64) + rng.normal(0, 12, (*label.shape, 3))
     return np.clip(image, 0, 255).astype(np.uint8)
 
@@ -69,7 +69,9 @@ def write_dataset(name: str, root: str | Path, num_images: int = 3, size: tuple[
     ids = []
     for index in range(num_images):
         stem = {"cityscapes": f"synthcity/synthcity_{index:06d}_000019", "ade20k": f"ADE_val_{index + 1:08d}",
-                "coco_object": f"{index + 1:012d}", "coco_stuff": f"{index + 1:012d}"}.get(name, f"2008_{index:06d}")
+                "ade847": f"ADE_val_{index + 1:08d}", "coco_object": f"{index + 1:012d}",
+                "coco_stuff": f"{index + 1:012d}", "coco_stuff10k": f"COCO_train2014_{index + 1:012d}",
+                }.get(name, f"2008_{index:06d}")
         ids.append(stem)
         label = _label_map(rng, size, layout.raw_label_values, boundary=name in ("voc21", "voc20"))
         _save_image(root / layout.image_dir / f"{stem}{layout.image_suffix}", _image(rng, label))
