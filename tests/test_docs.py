@@ -43,3 +43,20 @@ def test_the_check_would_catch_a_dangling_reference():
     assert REFERENCE.search("see docs/nowhere.md §2").group(1, 2) == ("nowhere.md", "2")
     assert REFERENCE.search("as in protocol.md §6.5 says").group(3, 4) == ("protocol.md", "6.5")
     assert not (REPO / "docs" / "nowhere.md").exists()
+
+
+def test_the_dataset_tables_in_the_docs_agree_with_the_benchmarks_table():
+    from pearl.benchmarks import BENCHMARKS
+    from pearl.protocols import class_names
+    rows = {}
+    for line in (REPO / "docs" / "datasets.md").read_text(encoding="utf-8").splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) >= 6 and re.fullmatch(r"`\w+`", cells[0]) and cells[3].isdigit():
+            rows[cells[0].strip("`")] = cells
+    assert set(rows) == set(BENCHMARKS)
+    for name, cells in rows.items():
+        benchmark = BENCHMARKS[name]
+        assert int(cells[3]) == benchmark.official_size, name
+        assert cells[4].split()[0] == str(len(class_names(name))), name
+        if not cells[1].startswith("as "):
+            assert cells[1].startswith(f"`{benchmark.image_dir}/"), name

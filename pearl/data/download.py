@@ -26,27 +26,41 @@ class DownloadError(UserError, RuntimeError):
 @dataclass(frozen=True)
 class Archive:
     url: str
-    digest: str | None    # "md5:…" or "sha256:…"; None = not pinned here (the SHA-256 is printed to compare)
-    extract_to: str       # folder under the data root
+    extract_to: str                 # folder under the data root
+    digests: tuple[str, ...] = ()   # "md5:…" / "sha256:…", all checked; () = not pinned (its SHA-256 is printed)
+    size: int | None = None         # bytes, checked before hashing
+    source: str = ""                # where the pinned values come from
 
 
-_VOC = Archive("http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar",
-               "md5:6cd6e144f989b92b3379bac3b3de84fd", ".")  # the digest torchvision pins
-_COCO = (Archive("http://images.cocodataset.org/zips/val2017.zip", None, "coco_stuff164k/images"),
+_VOC2012 = Archive("http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar", ".",
+                   ("md5:6cd6e144f989b92b3379bac3b3de84fd",
+                    "sha256:e14f763270cf193d0b5f74b169f44157a4b0c6efa708f4dd0ff78ee691763bcb"), 1999639040,
+                   "MD5: torchvision datasets/voc.py; SHA-256 and size: tensorflow_datasets url_checksums/voc.txt")
+_VOC2010 = Archive("http://host.robots.ox.ac.uk/pascal/VOC/voc2010/VOCtrainval_03-May-2010.tar", ".",
+                   ("md5:da459979d0c395079b5c75ee67908abb",), source="torchvision datasets/voc.py")
+_CONTEXT = (_VOC2010, Archive("https://cs.stanford.edu/~roozbeh/pascal-context/trainval.tar.gz", "VOCdevkit/VOC2010"))
+_COCO = (Archive("http://images.cocodataset.org/zips/val2017.zip", "coco_stuff164k/images",
+                 ("sha256:4f7e2ccb2866ec5041993c9cf2a952bbed69647b115d0f74da7ce8f4bef82f05",), 815585330,
+                 "tensorflow_datasets url_checksums/coco2017.txt"),
          Archive("http://calvin.inf.ed.ac.uk/wp-content/uploads/data/cocostuffdataset/stuffthingmaps_trainval2017.zip",
-                 None, "coco_stuff164k/annotations"))
+                 "coco_stuff164k/annotations"))
 ARCHIVES: dict[str, tuple[Archive, ...]] = {
-    "voc21": (_VOC,), "voc20": (_VOC,),
-    "ade20k": (Archive("http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip", None, "."),),
+    "voc21": (_VOC2012,), "voc20": (_VOC2012,),
+    "ade20k": (Archive("http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip", ".",
+                       ("sha256:7ff1be44964418441f542a7cc1e1a650e7dc0fc275f5d23252bc9bbdbc977b29",), 967382037,
+                       "tensorflow_datasets url_checksums/ade20k.txt"),),
     "coco_stuff": _COCO, "coco_object": _COCO,
+    "context60": _CONTEXT, "context59": _CONTEXT, "context459": _CONTEXT,
+    "coco_stuff10k": (Archive("http://calvin.inf.ed.ac.uk/wp-content/uploads/data/cocostuffdataset/"
+                              "cocostuff-10k-v1.1.zip", "coco_stuff10k"),),
 }
 BEHIND_LOGIN = {
     "cityscapes": "register at https://www.cityscapes-dataset.com, download gtFine_trainvaltest.zip and "
                   "leftImg8bit_trainvaltest.zip, unzip both into <root>/cityscapes, then run prepare again",
-    "context60": "download VOC2010 (VOCtrainval_03-May-2010.tar) into <root>/VOCdevkit and the PASCAL Context "
-                 "annotations, then build the labels with MMSegmentation's pascal_context.py",
+    "ade847": "request the ADE20K full release at https://groups.csail.mit.edu/vision/datasets/ADE20K/request_data/, "
+              "unpack it so that <root>/ADE20K_2021_17_01/images/ADE/validation holds the ADE_val_*.jpg and "
+              "*_seg.png files, then run prepare again (without --download)",
 }
-BEHIND_LOGIN["context59"] = BEHIND_LOGIN["context60"]
 CHUNK = 1 << 20
 
 
@@ -58,24 +72,29 @@ def file_digest(path: Path, algorithm: str) -> str:
     return digest.hexdigest()
 
 
-def _verify(path: Path, digest: str | None) -> str:
-    """The file's SHA-256 (or pinned digest) after checking it; a mismatch deletes the file."""
-    if digest is None:
-        return f"sha256:{file_digest(path, 'sha256')} (not pinned here: compare with the publisher's)"
-    algorithm, expected = digest.split(":", 1)
-    actual = file_digest(path, algorithm)
-    if actual != expected:
+def _verify(path: Path, archive: Archive) -> str:
+    """What was checked, after checking the file's size and every pinned digest; a mismatch deletes it."""
+    def reject(what: str) -> DownloadError:
         path.unlink()
-        raise DownloadError(f"{path} has {algorithm} {actual}, expected {expected}: deleted it; download it again "
-                            f"(a damaged or changed file)")
-    return digest
+        return DownloadError(f"{path} {what}: deleted it; download it again (a damaged, truncated or changed file)")
+    if archive.size is not None and path.stat().st_size != archive.size:
+        raise reject(f"has {path.stat().st_size} bytes, expected {archive.size}")
+    if not archive.digests:
+        return f"sha256:{file_digest(path, 'sha256')} (not pinned here: compare with the publisher's)"
+    for digest in archive.digests:
+        algorithm, expected = digest.split(":", 1)
+        actual = file_digest(path, algorithm)
+        if actual != expected:
+            raise reject(f"has {algorithm} {actual}, expected {expected}")
+    return ", ".join(digest.split(":")[0] for digest in archive.digests) + " as pinned" + \
+        (f" ({archive.source})" if archive.source else "")
 
 
-def fetch(url: str, path: Path, digest: str | None, progress: bool = True, timeout: float = 60.0) -> str:
-    """Download ``url`` to ``path`` (resuming ``path.part``), verify it; returns the digest line."""
-    path = Path(path)
+def fetch(archive: Archive, path: Path, progress: bool = True, timeout: float = 60.0) -> str:
+    """Download ``archive`` to ``path`` (resuming ``path.part``), verify it; returns what was checked."""
+    path, url = Path(path), archive.url
     if path.is_file():
-        return _verify(path, digest)
+        return _verify(path, archive)
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(path.name + ".part")
     start = part.stat().st_size if part.is_file() else 0
@@ -99,7 +118,7 @@ def fetch(url: str, path: Path, digest: str | None, progress: bool = True, timeo
     except Exception as error:  # network errors of every kind: the partial file stays for the resume
         raise DownloadError(f"{url}: {type(error).__name__}: {error}; run again to resume from {part}") from None
     os.replace(part, path)
-    return _verify(path, digest)
+    return _verify(path, archive)
 
 
 def _inside(root: Path, member: str) -> bool:
@@ -131,10 +150,15 @@ def download(name: str, root: Path, progress: bool = True) -> list[str]:
     """Fetch, verify and extract the official archives of benchmark ``name``; one line per archive."""
     if name in BEHIND_LOGIN:
         raise DownloadError(f"{name} cannot be downloaded without a login: {BEHIND_LOGIN[name]}")
+    if name not in ARCHIVES:
+        raise DownloadError(f"{name} has no archive to download")
     lines = []
     for archive in ARCHIVES[name]:
         path = root / "downloads" / archive.url.rsplit("/", 1)[-1]
-        digest = fetch(archive.url, path, archive.digest, progress)
-        extract(path, root / archive.extract_to)
-        lines.append(f"{path.name}: {digest}, extracted into {root / archive.extract_to}")
+        checked = fetch(archive, path, progress)
+        stamp = path.with_name(path.name + ".extracted")  # a second prepare --download does not unpack again
+        if not stamp.is_file():
+            extract(path, root / archive.extract_to)
+            stamp.write_text(f"{root / archive.extract_to}\n")
+        lines.append(f"{path.name}: {checked}; extracted into {root / archive.extract_to}")
     return lines
