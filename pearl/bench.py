@@ -106,7 +106,7 @@ class StageTimes:
     @contextlib.contextmanager
     def wrapped(self):
         targets = [(segmentor_module, "trunk", "backbone"), (Segmentor, "_window_logits", "backbone"),
-                   (method_base, "procrustes_attention", "pa"), (Segmentor, "_fuse", "fusion"),
+                   (method_base, "procrustes_weights", "pa"), (Segmentor, "_fuse", "fusion"),
                    (Segmentor, "_refine", "tlp"), (Segmentor, "_decide", "decision")]
         originals = [(owner, name, getattr(owner, name)) for owner, name, _ in targets]
         for owner, name, stage in targets:

@@ -28,6 +28,17 @@ def merge_heads(block, out: torch.Tensor) -> torch.Tensor:
     return block.attn.out_proj(out.transpose(1, 2).reshape(batch, tokens, heads * dim))
 
 
+ATTENTION = "attention"  # the ``info`` key under which a last block returns its attention weights
+
+
+def keep_attention(info: dict | None, weights: torch.Tensor) -> None:
+    """Hand the last block's attention weights [B, heads, T, T] (rows = queries, CLS first) to the
+    caller when it asked for them by putting the key ``ATTENTION`` into ``info``
+    (``pearl.attention``); otherwise nothing is kept."""
+    if info is not None and ATTENTION in info:
+        info[ATTENTION] = weights.detach()
+
+
 def head_scale(block) -> float:
     return (block.attn.embed_dim // block.attn.num_heads) ** -0.5
 

@@ -65,15 +65,15 @@ def procrustes_rotation(q: torch.Tensor, k: torch.Tensor, solver: str = "polar",
     raise ValueError(f"pa_solver {solver!r} is not one of {', '.join(SOLVERS)}")
 
 
-def procrustes_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                         alpha_kk: float = 0.08, solver: str = "polar", iters: int = 5,
-                         diagnostics: bool = False) -> tuple[torch.Tensor, dict]:
-    """PA heads' output [B, h, T, d] and, when ``diagnostics``, the rotation's orthogonality error
-    and smallest singular value (0-dim tensors: reading them is left to the caller, so no device
-    sync happens here); otherwise an empty dict.
+def procrustes_weights(q: torch.Tensor, k: torch.Tensor, scale: float, alpha_kk: float = 0.08,
+                       solver: str = "polar", iters: int = 5, diagnostics: bool = False
+                       ) -> tuple[torch.Tensor, dict]:
+    """PA's attention weights A [B, h, T, T] and, when ``diagnostics``, the rotation's orthogonality
+    error and smallest singular value (0-dim tensors: reading them is left to the caller, so no
+    device sync happens here); otherwise an empty dict.
 
     Λ = (s·q)(k R)ᵀ + α_kk·s·K_c K_cᵀ (uncentred keys rotated, centred keys in the key-key term);
-    A = softmax(Λ) over all T keys; output A·v. ``alpha_kk = 0`` drops the key-key term.
+    A = softmax(Λ) over all T keys. ``alpha_kk = 0`` drops the key-key term.
     """
     rotation, k_centred, svd_failed = procrustes_rotation(q, k, solver, iters)
     if svd_failed:
@@ -82,12 +82,13 @@ def procrustes_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
     logits = (q * scale) @ (k @ rotation).transpose(-1, -2)
     if alpha_kk:
         logits = logits + alpha_kk * scale * (k_centred @ k_centred.transpose(-1, -2))
-    out = torch.softmax(logits, dim=-1) @ v
+    weights = torch.softmax(logits, dim=-1)
     if not diagnostics:
-        return out, {}
+        return weights, {}
     eye = torch.eye(rotation.shape[-1], dtype=rotation.dtype, device=rotation.device)
-    return out, {
+    return weights, {
         "pa_orthogonality_error": torch.linalg.matrix_norm(rotation.transpose(-1, -2) @ rotation - eye).mean(),
         "pa_min_singular_value": torch.linalg.svdvals(rotation).amin(dim=-1).mean(),
-        "pa_svd_fallback": torch.tensor(float(svd_failed), device=out.device),
+        "pa_svd_fallback": torch.tensor(float(svd_failed), device=weights.device),
     }
+

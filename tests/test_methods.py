@@ -7,7 +7,7 @@ import torch
 
 from pearl.methods import available_methods, get_method
 from pearl.methods.naclip import neighbourhood_bias
-from pearl.procrustes import polar_newton_schulz, polar_svd, procrustes_attention, procrustes_rotation
+from pearl.procrustes import polar_newton_schulz, polar_svd, procrustes_rotation, procrustes_weights
 
 from .conftest import build_method
 from .reference import blocks as ref
@@ -116,8 +116,9 @@ def test_clearclip_ignores_keys_but_not_queries(tiny_model, tokens):
 def test_pa_matches_reference(solver, alpha):
     torch.manual_seed(2)
     q, k, v = (torch.randn(2, 3, 9, 16) for _ in range(3))
-    out, stats = procrustes_attention(q, k, v, 16 ** -0.5, alpha_kk=alpha, solver=solver, diagnostics=True)
-    assert torch.allclose(out, ref.procrustes_attention(q, k, v, alpha, solver=solver), atol=1e-4)
+    weights, stats = procrustes_weights(q, k, 16 ** -0.5, alpha_kk=alpha, solver=solver, diagnostics=True)
+    assert torch.allclose(weights @ v, ref.procrustes_attention(q, k, v, alpha, solver=solver), atol=1e-4)
+    assert torch.allclose(weights.sum(-1), torch.ones(2, 3, 9))
     if solver == "svd":
         assert stats["pa_orthogonality_error"] < 1e-4
 
@@ -138,10 +139,10 @@ def test_svd_failure_falls_back_to_identity_with_a_warning_and_a_count(monkeypat
 
     monkeypatch.setattr(torch.linalg, "svd", failing_svd)
     with pytest.warns(RuntimeWarning, match="the SVD failed, so this batch used R = I"):
-        out, stats = procrustes_attention(q, k, v, 8 ** -0.5, alpha_kk=0.0, solver="svd", diagnostics=True)
+        weights, stats = procrustes_weights(q, k, 8 ** -0.5, alpha_kk=0.0, solver="svd", diagnostics=True)
     assert stats["pa_svd_fallback"] == 1.0
-    unaligned = torch.softmax((q * 8 ** -0.5) @ k.transpose(-1, -2), dim=-1) @ v  # R = I: plain attention
-    assert torch.allclose(out, unaligned, atol=1e-6)
+    unaligned = torch.softmax((q * 8 ** -0.5) @ k.transpose(-1, -2), dim=-1)  # R = I: plain attention
+    assert torch.allclose(weights, unaligned, atol=1e-6)
 
 
 @pytest.mark.parametrize("nu, expected", [(1.0, 1.000), (0.125, 0.999), (0.05, 0.967), (0.02, 0.822),
@@ -166,11 +167,11 @@ def test_polar_approaches_svd_with_more_iterations():
 @pytest.mark.parametrize("solver", ["polar", "svd"])
 def test_pa_invariant_to_rotating_the_keys(solver):
     torch.manual_seed(5)
-    q, k, v = (torch.randn(1, 2, 11, 8, dtype=torch.float64) for _ in range(3))
+    q, k = (torch.randn(1, 2, 11, 8, dtype=torch.float64) for _ in range(2))
     ortho, _ = torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64))
-    out, _ = procrustes_attention(q, k, v, 8 ** -0.5, solver=solver)
-    rotated, _ = procrustes_attention(q, k @ ortho, v, 8 ** -0.5, solver=solver)
-    assert torch.allclose(out, rotated, atol=1e-8)
+    weights, _ = procrustes_weights(q, k, 8 ** -0.5, solver=solver)
+    rotated, _ = procrustes_weights(q, k @ ortho, 8 ** -0.5, solver=solver)
+    assert torch.allclose(weights, rotated, atol=1e-8)
 
 
 def test_pearl_pa_off_is_plain_query_key_attention_in_reduced_block(tiny_model, tokens):

@@ -7,9 +7,9 @@ from typing import ClassVar
 
 import torch
 
-from ..blocks import head_scale, merge_heads, mlp_residual, split_heads
+from ..blocks import head_scale, keep_attention, merge_heads, mlp_residual, split_heads
 from ..params import default
-from ..procrustes import procrustes_attention
+from ..procrustes import procrustes_weights
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,9 @@ class Method(abc.ABC):
     the last block x [B, T, C] (CLS first), the outputs of blocks 1..L−1 when
     ``needs_hidden_states`` (else an empty list), the grid (h', w') and a dict to put diagnostics
     in, or None when none were asked for (then computing them would be wasted work); it returns
-    the patch tokens [B, h'w', C] before ``ln_post``.
+    the patch tokens [B, h'w', C] before ``ln_post``. When ``info`` holds the key
+    ``pearl.blocks.ATTENTION`` it also hands back the attention weights it multiplied the values
+    with (``keep_attention``), which ``pearl.attention`` draws.
     """
 
     name: ClassVar[str]
@@ -89,11 +91,14 @@ def query_key_block(block, x: torch.Tensor, config: AttentionConfig, info: dict 
     q, k, v = split_heads(block, block.ln_1(x))
     scale = head_scale(block)
     if config.pa:
-        out, stats = procrustes_attention(
-            q.float(), k.float(), v.float(), scale, alpha_kk=config.alpha_kk if config.use_kk else 0.0,
+        weights, stats = procrustes_weights(
+            q.float(), k.float(), scale, alpha_kk=config.alpha_kk if config.use_kk else 0.0,
             solver=config.pa_solver, iters=config.pa_iters, diagnostics=info is not None)
         if info is not None:
             info.update(stats)
+        out = weights @ v.float()
     else:
-        out = torch.softmax((q * scale) @ k.transpose(-1, -2), dim=-1) @ v
+        weights = torch.softmax((q * scale) @ k.transpose(-1, -2), dim=-1)
+        out = weights @ v
+    keep_attention(info, weights)
     return finish_block(block, x, out, config.arch)

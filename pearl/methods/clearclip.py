@@ -6,7 +6,7 @@ window canvas is kept in the model dtype, as ``clearclip_segmentor.py`` does.
 """
 import torch
 
-from ..blocks import head_scale, split_heads
+from ..blocks import head_scale, keep_attention, split_heads
 from . import register
 from .base import Method, finish_block
 
@@ -21,4 +21,5 @@ class ClearCLIP(Method):
         block = blocks[-1]
         q, _, v = split_heads(block, block.ln_1(x))
         attn = torch.softmax((q @ q.transpose(-1, -2)) * head_scale(block), dim=-1)
+        keep_attention(info, attn)
         return finish_block(block, x, attn @ v, "reduced")

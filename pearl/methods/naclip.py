@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..blocks import head_scale, split_heads
+from ..blocks import head_scale, keep_attention, split_heads
 from ..params import default
 from . import register
 from .base import Method, finish_block
@@ -55,4 +55,6 @@ class NACLIP(Method):
         block = blocks[-1]
         _, k, v = split_heads(block, block.ln_1(x))
         logits = (k @ k.transpose(-1, -2)) * head_scale(block) + self._bias(grid, self.config.gauss_std, k)
-        return finish_block(block, x, torch.softmax(logits, dim=-1) @ v, "reduced")
+        weights = torch.softmax(logits, dim=-1)
+        keep_attention(info, weights)
+        return finish_block(block, x, weights @ v, "reduced")

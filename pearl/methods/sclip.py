@@ -5,7 +5,7 @@ maps are summed, not averaged (rows sum to 2); products are formed before the sc
 """
 import torch
 
-from ..blocks import head_scale, split_heads
+from ..blocks import head_scale, keep_attention, split_heads
 from . import register
 from .base import Method, finish_block
 
@@ -20,4 +20,5 @@ class SCLIP(Method):
         scale = head_scale(block)
         attn = torch.softmax((q @ q.transpose(-1, -2)) * scale, dim=-1) \
             + torch.softmax((k @ k.transpose(-1, -2)) * scale, dim=-1)
+        keep_attention(info, attn)
         return finish_block(block, x, attn @ v, "vanilla")

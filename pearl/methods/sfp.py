@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..blocks import head_scale, merge_heads, split_heads
+from ..blocks import head_scale, keep_attention, merge_heads, split_heads
 from ..params import default
 from . import register
 from .base import Method
@@ -156,6 +156,7 @@ class SFP(Method):
         scale = head_scale(block)
         attn = (torch.softmax((k @ k.transpose(-1, -2)) * scale, dim=-1)
                 + torch.softmax((q @ q.transpose(-1, -2)) * scale, dim=-1) + map_attn) / 3
+        keep_attention(info, attn)  # the main branch's; patch tokens only (no CLS row or column)
         main_out = merge_heads(block, attn @ v) + res_cls * x_last[:, :1]
 
         layer_sum = torch.stack(hidden[first - 1:last]).sum(dim=0)  # as upstream: one reduction, not chained adds
