@@ -169,6 +169,25 @@ def _create_with_weights(model_name: str, pretrained: str | None, is_file: bool,
         raise
 
 
+def prepare_model(model, device: str | torch.device, precision: str | None = None):
+    """The model moved to ``device`` and, when asked, converted to ``precision`` (in place), in eval mode.
+
+    Lower precision converts conv/linear/attention weights and the projections, as OpenAI's
+    ``clip.load`` on GPU and open_clip's ``convert_weights_to_lp`` do; LayerNorms and
+    embeddings stay fp32 (docs/protocol.md §7). ``precision`` None keeps the model's own.
+    """
+    if precision is not None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+        if PRECISIONS[precision] != model.visual.conv1.weight.dtype:
+            if precision == "fp32":
+                model = model.float()
+            else:
+                from open_clip.model import convert_weights_to_lp
+                convert_weights_to_lp(model, PRECISIONS[precision])
+    return model.to(device).eval()
+
+
 def grid_size(visual) -> tuple[int, int]:
     grid = visual.grid_size
     return (grid, grid) if isinstance(grid, int) else tuple(grid)

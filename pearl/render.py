@@ -1,6 +1,7 @@
 """Pictures of a prediction: the colour overlay with a legend of the classes present, the indexed
 label PNG (palette = the overlay's colours) and float16 probabilities. ``python -m pearl.segment``
-and the runner's ``save_predictions`` write them.
+and the runner's ``save_predictions`` write them; comparison figures (panels in rows, one legend)
+and heat-map overlays (``python -m pearl.attention``).
 """
 from __future__ import annotations
 
@@ -90,7 +91,8 @@ def _legend_strip(entries: list[tuple[int, str]], classes: list[str], width: int
     return strip
 
 
-def _panel(picture: Image.Image, title: str) -> Image.Image:
+def titled_panel(picture: Image.Image, title: str) -> Image.Image:
+    """``picture`` scaled to PANEL_HEIGHT with ``title`` above it."""
     width = max(1, round(picture.width * PANEL_HEIGHT / picture.height))
     panel = Image.new("RGB", (width, PANEL_HEIGHT + _TITLE), (255, 255, 255))
     panel.paste(picture.convert("RGB").resize((width, PANEL_HEIGHT), Image.BILINEAR), (0, _TITLE))
@@ -122,7 +124,23 @@ def comparison_row(image: np.ndarray, predictions: list[tuple[str, np.ndarray]],
         pictures.append(Image.fromarray(((1 - ALPHA) * image + ALPHA * colours[labels]).astype(np.uint8)))
         titles.append(title)
         shown |= {int(v) for v in np.unique(labels)}
-    return ComparisonRow([_panel(p, t) for p, t in zip(pictures, titles)], titles, shown)
+    return ComparisonRow([titled_panel(p, t) for p, t in zip(pictures, titles)], titles, shown)
+
+
+def panel_grid(rows: list[list[Image.Image]], footer: Image.Image | None = None) -> Image.Image:
+    """Rows of titled panels (``titled_panel``) on white, left-aligned, and ``footer`` beneath."""
+    widths = [sum(p.width for p in row) + _GAP * (len(row) - 1) for row in rows]
+    width = max(widths + [footer.width if footer else 0])
+    height = PANEL_HEIGHT + _TITLE + _GAP
+    figure = Image.new("RGB", (width, len(rows) * height + (footer.height if footer else 0)), (255, 255, 255))
+    for number, row in enumerate(rows):
+        left = 0
+        for panel in row:
+            figure.paste(panel, (left, number * height))
+            left += panel.width + _GAP
+    if footer is not None:
+        figure.paste(footer, (0, figure.height - footer.height))
+    return figure
 
 
 def comparison_figure(rows: list[ComparisonRow], classes: list[str]) -> Image.Image:
@@ -130,18 +148,33 @@ def comparison_figure(rows: list[ComparisonRow], classes: list[str]) -> Image.Im
     (the first row's titles) and ``legend`` name what it shows (``save_figure`` writes them)."""
     widths = [sum(p.width for p in row.panels) + _GAP * (len(row.panels) - 1) for row in rows]
     entries = [(index, classes[index]) for index in sorted(set().union(*(row.shown for row in rows)))]
-    legend = _legend_strip(entries, classes, max(widths))
-    height = PANEL_HEIGHT + _TITLE + _GAP
-    figure = Image.new("RGB", (max(widths), len(rows) * height + legend.height), (255, 255, 255))
-    for number, row in enumerate(rows):
-        left = 0
-        for panel in row.panels:
-            figure.paste(panel, (left, number * height))
-            left += panel.width + _GAP
-    figure.paste(legend, (0, figure.height - legend.height))
+    figure = panel_grid([row.panels for row in rows], _legend_strip(entries, classes, max(widths)))
     figure.info["legend"] = "\n".join(f"{index}: {name}" for index, name in entries)
     figure.info["panels"] = "\n".join(rows[0].titles)
     return figure
+
+
+def caption_strip(text: str, width: int) -> Image.Image:
+    """One line of black text on white, ``width`` pixels wide (a figure's footnote)."""
+    strip = Image.new("RGB", (width, _ROW + 4), (255, 255, 255))
+    ImageDraw.Draw(strip).text((4, 2), text, fill=(0, 0, 0))
+    return strip
+
+
+def heat_overlay(image: np.ndarray, heat: np.ndarray, mark: tuple[int, int, int, int] | None = None,
+                 colormap: str = "jet") -> Image.Image:
+    """The image under a heat map: ``heat`` [h', w'] (≥ 0) scaled to its maximum, coloured by
+    ``colormap``, bilinearly upsampled to the image and blended with weight ALPHA; ``mark``
+    (left, top, right, bottom) outlined in white."""
+    from matplotlib import colormaps
+    peak = float(heat.max())
+    unit = heat / peak if peak > 0 else np.zeros_like(heat)
+    colours = (colormaps[colormap](unit)[..., :3] * 255).astype(np.uint8)
+    layer = Image.fromarray(colours).resize((image.shape[1], image.shape[0]), Image.BILINEAR)
+    picture = Image.fromarray(((1 - ALPHA) * image + ALPHA * np.asarray(layer)).astype(np.uint8))
+    if mark is not None:
+        ImageDraw.Draw(picture).rectangle(mark, outline=(255, 255, 255), width=2)
+    return picture
 
 
 def save_figure(figure: Image.Image, path: Path) -> Path:

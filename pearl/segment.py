@@ -74,10 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--method", default="pearl", help="vanilla, sclip, naclip, clearclip, sfp or pearl")
     parser.add_argument("--pa", action=argparse.BooleanOptionalAction, default=None, help="PA (default: method's)")
     parser.add_argument("--tlp", action=argparse.BooleanOptionalAction, default=None, help="TLP (default: method's)")
-    parser.add_argument("--model", default="ViT-B-16", help="open_clip model name, or tiny (random, offline)")
-    parser.add_argument("--pretrained", default="openai", help="open_clip tag or checkpoint file")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
-    parser.add_argument("--precision", default="fp32", help="fp32, fp16 or bf16")
+    add_model_options(parser)
     parser.add_argument("--out", default="segmented", help="output folder (default ./segmented)")
     parser.add_argument("--save-probs", action="store_true", help="also write <stem>_probs.npy (float16)")
     parser.add_argument("--compare", metavar="VARIANTS",
@@ -94,8 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _variants(text: str, params: dict) -> list[tuple[str, str, dict]]:
-    """(title, method, settings) of each --compare entry: ``method[:name=value...]``."""
+def parse_variants(text: str, params: dict, option: str = "--compare") -> list[tuple[str, str, dict]]:
+    """(title, method, settings) of each entry of ``option``: ``method[:name=value...]``, comma-separated."""
     variants = []
     for entry in (part.strip() for part in text.split(",")):
         method, *options = entry.split(":")
@@ -103,11 +100,11 @@ def _variants(text: str, params: dict) -> list[tuple[str, str, dict]]:
         for option in options:
             name, sep, value = option.partition("=")
             if not sep:
-                raise UserError(f"--compare {entry!r}: options are name=value after the method, e.g. pearl:tlp=false")
+                raise UserError(f"{option} {entry!r}: options are name=value after the method, e.g. pearl:tlp=false")
             settings[name.strip()] = yaml.safe_load(value)
         variants.append((entry, method.strip(), settings))
     if not variants or not all(method for _, method, _ in variants):
-        raise UserError("--compare needs at least one method, e.g. --compare vanilla,naclip,pearl")
+        raise UserError(f"{option} needs at least one method, e.g. {option} vanilla,naclip,pearl")
     return variants
 
 
@@ -124,6 +121,24 @@ def _ground_truth(args, path: Path, shape: tuple[int, int], num_classes: int) ->
     return labels
 
 
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """--model, --pretrained, --device, --precision (shared by pearl.segment and pearl.attention)."""
+    parser.add_argument("--model", default="ViT-B-16", help="open_clip model name, or tiny (random, offline)")
+    parser.add_argument("--pretrained", default="openai", help="open_clip tag or checkpoint file")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    parser.add_argument("--precision", default="fp32", help="fp32, fp16 or bf16")
+
+
+def load_model(args):
+    """(model, tokenizer) of --model / --pretrained on --device at --precision; ``tiny`` = the
+    seeded random model (smoke pictures only)."""
+    from .backbone import load_clip, prepare_model, tiny_clip
+    if args.model == "tiny":
+        model, tokenizer = tiny_clip()
+        return prepare_model(model, args.device, args.precision), tokenizer
+    return load_clip(args.model, args.pretrained, args.device, args.precision)
+
+
 def _segmentor(args, model, tokenizer, classes, method: str, settings: dict):
     from .segmentor import Segmentor
     settings = dict(settings)
@@ -138,14 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         classes = _classes(args)
         images = _images(args.images)
         params = {name: getattr(args, name) for name in PARAMS if getattr(args, name) is not None}
-        variants = _variants(args.compare, params) if args.compare else [(args.method, args.method, params)]
+        variants = parse_variants(args.compare, params) if args.compare else [(args.method, args.method, params)]
         if (args.grid or args.masks) and not args.compare:
             raise UserError("--grid and --masks go with --compare")
-        from .backbone import load_clip, tiny_clip
-        if args.model == "tiny":
-            model, tokenizer = tiny_clip()
-        else:
-            model, tokenizer = load_clip(args.model, args.pretrained, args.device, args.precision)
+        model, tokenizer = load_model(args)
         segs = [(title, _segmentor(args, model, tokenizer, classes, method, settings))
                 for title, method, settings in variants]
         out_dir = Path(args.out)

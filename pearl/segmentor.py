@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import params as param_specs
-from .backbone import PRECISIONS, Trunk, head, patch_size, trunk
+from .backbone import Trunk, head, patch_size, prepare_model, trunk
 from .methods import get_method, pa_methods
 from .preprocess import PreparedImage, Window, WindowConfig, prepare_image, sliding_windows
 from .refine.pamr import PAMRConfig, pamr
@@ -237,23 +237,7 @@ class Segmentor:
                          else None)
 
     def _prepare_model(self, model, precision: str | None):
-        """Move the model to the device and, when asked, to ``precision`` (in place).
-
-        Lower precision converts conv/linear/attention weights and the projections, as OpenAI's
-        ``clip.load`` on GPU and open_clip's ``convert_weights_to_lp`` do; LayerNorms and
-        embeddings stay fp32 (docs/protocol.md §7).
-        """
-        dtype = model.visual.conv1.weight.dtype
-        if precision is not None:
-            if precision not in PRECISIONS:
-                raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-            if PRECISIONS[precision] != dtype:
-                if precision == "fp32":
-                    model = model.float()
-                else:
-                    from open_clip.model import convert_weights_to_lp
-                    convert_weights_to_lp(model, PRECISIONS[precision])
-        return model.to(self.device).eval()
+        return prepare_model(model, self.device, precision)
 
     @property
     def dtype(self) -> torch.dtype:
