@@ -1,6 +1,6 @@
 """Result records + the paper's numbers → the paper's tables as CSV and Markdown.
 
-    python -m pearl.tables [--results results] [--model NAME:TAG] [--pivot PARAM]   (or: pearl-tables)
+    python -m pearl.tables [--results results] [--model NAME:TAG] [--pivot PARAM] [--no-figures]   (or: pearl-tables)
 
 Writes ``main.csv`` (Table 1), ``ablation.csv`` (Table 3), ``plug_and_play.csv`` (Table 4),
 ``resolution.csv`` (Table 5) and their pAcc twins (``*_pacc.csv``), each also as ``.md``, per model,
@@ -8,7 +8,9 @@ and ``backbones.csv`` (Table 6). Every cell carries ours, the paper's number, th
 record it came from and its flags; a cell is filled only by a record whose identity satisfies the
 row (never by recency alone: see :class:`Row`); averages only over complete rows. The evaluation
 sets beyond the paper (``EXTRA_DATASETS``) get columns after the average when the model has
-records of them, with empty paper cells. Reads only records (``pearl.records``) and the paper CSVs.
+records of them, with empty paper cells. Beside each model's tables, ``figures/`` holds their
+figures (``pearl.figures``: ours vs paper per table, the PA × TLP heat map, Fig. 4). Reads only
+records (``pearl.records``) and the paper CSVs.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from . import figures
 from .benchmarks import BENCHMARKS, DATASETS, EXTRA_DATASETS
 from .params import PARAMS
 from .records import DEFAULT_MODEL, RunRecord, code_version, load_records, model_label, path_component
@@ -274,6 +277,22 @@ def pivot(records: list[RunRecord], param: str, selection: Selection | None = No
     return pd.DataFrame(out, columns=columns)
 
 
+def grid_points(records: list[RunRecord], selection: Selection | None = None) -> tuple[pd.DataFrame, list[str]]:
+    """([dataset, tlp_grid, mIoU] of PEARL runs (PA and TLP on, own protocol) that differ from the
+    protocol in ``tlp_grid`` alone, selected as the tables select, and their cells' flags): Fig. 4."""
+    table = pivot(records, "tlp_grid", selection, method="pearl")
+    table = table[table.pa & table.tlp & (table.profile == "own")] if not table.empty else table
+    rows, flags = [], []
+    for _, line in table.iterrows():
+        for dataset in DATASETS:
+            title = COLUMN_TITLES[dataset]
+            if pd.notna(line[title]):
+                rows.append({"dataset": dataset, "tlp_grid": line["tlp_grid"], "mIoU": line[title]})
+                flags += [line[f"{title}_flags"]] if line[f"{title}_flags"] else []
+    frame = pd.DataFrame(rows, columns=["dataset", "tlp_grid", "mIoU"])
+    return frame.sort_values(["dataset", "tlp_grid"]).reset_index(drop=True), flags
+
+
 def _check_pivot(param: str) -> None:
     if param not in PARAMS:
         raise ValueError(f"--pivot {param!r} is not a parameter; valid: {', '.join(PARAMS)}")
@@ -288,15 +307,33 @@ def _write(table: pd.DataFrame, out_dir: Path, name: str, note: str, markdown: b
     return csv_path
 
 
+def _draw(tables: dict[str, pd.DataFrame], records: list[RunRecord], selection: Selection, folder: Path
+          ) -> dict[str, Path]:
+    """The figures of one model's tables into ``folder/figures``: ours vs paper per table, the
+    PA × TLP heat map, and Fig. 4 (with its points as CSV) when there is a tlp_grid sweep."""
+    figures_dir, model = folder / "figures", selection.model
+    drawn = {f"figures/{name}": figures.comparison_bars(table, name, model, figures_dir / f"{name}.png",
+                                                        "pAcc" if name.endswith("_pacc") else "mIoU")
+             for name, table in tables.items()}
+    drawn["figures/ablation_pa_tlp"] = figures.ablation_heatmap(tables["ablation"], model,
+                                                                figures_dir / "ablation_pa_tlp.png")
+    points, flags = grid_points(records, selection)
+    if points["tlp_grid"].nunique() > 1:  # a sweep: the protocol's own grid alone is one point
+        points.to_csv(figures_dir / "fig4_tlp_grid.csv", index=False)
+        drawn["figures/fig4_tlp_grid"] = figures.grid_figure(points, model, figures_dir / "fig4_tlp_grid.png", flags)
+    return drawn
+
+
 def write_tables(results_dir: str | Path = "results", paper_dir: str | Path | None = None,
                  out_dir: str | Path | None = None, models: tuple[str, ...] = (DEFAULT_MODEL,),
                  include_partial: bool = False, include_stale: bool = False,
-                 pivots: tuple[str, ...] = ()) -> tuple[dict[str, Path], int]:
-    """Write every table; returns the CSV paths by table name and the number of records read.
+                 pivots: tuple[str, ...] = (), draw: bool = True) -> tuple[dict[str, Path], int]:
+    """Write every table (and, with ``draw``, its figures); returns the paths by name and the
+    number of records read.
 
     The paper tables are written per model: the default model's into ``out_dir``, any other's into
-    ``out_dir/<model>/``; Table 6 (``backbones``) once. Raises NoRecords when there is nothing to
-    tabulate (then nothing is written).
+    ``out_dir/<model>/``, each with a ``figures/`` folder; Table 6 (``backbones``) once. Raises
+    NoRecords when there is nothing to tabulate (then nothing is written).
     """
     for param in pivots:
         _check_pivot(param)  # before anything is written
@@ -320,16 +357,22 @@ def write_tables(results_dir: str | Path = "results", paper_dir: str | Path | No
         selection = Selection(model, include_partial, include_stale)
         folder = out_dir if model == DEFAULT_MODEL else out_dir / path_component(model)
         key_prefix = "" if model == DEFAULT_MODEL else f"{model}/"
+        tables = {}
         for name, rows in TABLES.items():
             for metric, suffix in (("mIoU", ""), ("aAcc", "_pacc")):
-                table = build_table(records, paper, rows, metric, selection)
+                table = tables[f"{name}{suffix}"] = build_table(records, paper, rows, metric, selection)
                 written[f"{key_prefix}{name}{suffix}"] = _write(table, folder, f"{name}{suffix}", _model_note(model))
+        if draw:
+            written |= {key_prefix + key: path for key, path in _draw(tables, records, selection, folder).items()}
         for param in pivots:
             written[f"{key_prefix}pivot_{param}"] = _write(pivot(records, param, selection), folder,
                                                            f"pivot_{param}", "", markdown=False)
     table = build_table(records, paper, backbone_rows(records), "mIoU",
                         Selection(DEFAULT_MODEL, include_partial, include_stale))
     written["backbones"] = _write(table, out_dir, "backbones", "Models: each row's own.")
+    if draw:
+        written["figures/backbones"] = figures.comparison_bars(table, "backbones", "each row's own",
+                                                               out_dir / "figures" / "backbones.png")
     return written, len(records)
 
 
@@ -380,6 +423,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="let records made by older code fill cells, marked [stale]")
     parser.add_argument("--pivot", action="append", default=[], metavar="PARAM",
                         help="also write pivot_PARAM.csv: rows = the swept values of PARAM, columns = datasets")
+    parser.add_argument("--no-figures", action="store_true", help="write the tables only, not figures/")
     args, rest = parser.parse_known_args(argv)
     results_dir, recipe_model = recipe_arguments(rest)
     results = args.results or results_dir or "results"
@@ -387,11 +431,14 @@ def main(argv: list[str] | None = None) -> None:
     models = models or [m for m in [recipe_model] if m] or [DEFAULT_MODEL]
     try:
         written, count = write_tables(results, args.paper, args.out, tuple(models), args.include_partial,
-                                      args.include_stale, tuple(args.pivot))
+                                      args.include_stale, tuple(args.pivot), draw=not args.no_figures)
     except (NoRecords, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    print(f"{count} records → " + ", ".join(str(p) for p in written.values()))
+    tables = [str(path) for key, path in written.items() if "figures/" not in key]
+    drawn = [path for key, path in written.items() if "figures/" in key]
+    folders = ", ".join(sorted({str(path.parent) for path in drawn}))
+    print(f"{count} records → " + ", ".join(tables) + (f"; {len(drawn)} figures in {folders}" if drawn else ""))
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def test_a_code_change_reruns_the_job_and_the_old_record_stays_as_history(synthe
     assert sorted(r.code_version for r in load_records(tmp_path)) == sorted([first[1].code_version,
                                                                              "0123456789abcdef"])
     # the table uses the current code's record; the older one fills only with --include-stale, marked
-    write_tables(tmp_path, models=(TINY,))
+    write_tables(tmp_path, models=(TINY,), draw=False)
     row = pd.read_csv(tmp_path / "tiny_seed0" / "main.csv").set_index("row").loc["PEARL"]
     assert row["VOC21_record"] == first[1].config_hash and pd.isna(row["VOC21_flags"])
     monkeypatch.undo()
@@ -142,7 +142,7 @@ def test_tables_select_by_identity_not_recency(synthetic, tmp_path, official_syn
     results = tmp_path / "res"
     default = runner.run(compose(_job(synthetic, results)))
     assert default.full_split
-    write_tables(results, models=(TINY,))
+    write_tables(results, models=(TINY,), draw=False)
     before = pd.read_csv(results / "tiny_seed0" / "main.csv")
     assert _cell(results, "main", "PEARL") == round(default.mIoU, 2)
     # PEARL's VOC protocol is resize_short=336: the same run is also Table 5's 336 row
@@ -157,7 +157,7 @@ def test_tables_select_by_identity_not_recency(synthetic, tmp_path, official_syn
     assert explicit[0] == "skipped" and explicit[1].config_hash == default.config_hash
     assert not partial.full_split and {grid.mIoU, other_model.mIoU, partial.mIoU} != {default.mIoU}
 
-    write_tables(results, models=(TINY, "tiny:seed1"))
+    write_tables(results, models=(TINY, "tiny:seed1"), draw=False)
     after = pd.read_csv(results / "tiny_seed0" / "main.csv")
     pd.testing.assert_frame_equal(before, after)  # newer partial / other-model / other-param runs: no effect
     assert _cell(results, "resolution", "short side 224") == round(small.mIoU, 2)
@@ -169,11 +169,11 @@ def test_tables_select_by_identity_not_recency(synthetic, tmp_path, official_syn
     assert pd.isna(backbones.loc["PEARL ViT-B/16", "VOC21_ours"])
 
     # partial runs fill only on request, marked
-    write_tables(results, models=(TINY,), include_partial=True)
+    write_tables(results, models=(TINY,), include_partial=True, draw=False)
     assert _cell(results, "main", "PEARL", "VOC21_flags") == "of 2"  # the full run still wins over the partial one
     assert _cell(results, "main", "PEARL") == round(default.mIoU, 2)
 
-    write_tables(results, models=(TINY,), pivots=("tlp_grid",))
+    write_tables(results, models=(TINY,), pivots=("tlp_grid",), draw=False)
     pivot = pd.read_csv(results / "tiny_seed0" / "pivot_tlp_grid.csv")
     pearl_rows = pivot[(pivot.method == "pearl") & pivot.pa & pivot.tlp].set_index("tlp_grid")
     assert pearl_rows.loc[40, "VOC21"] == round(grid.mIoU, 2) and pearl_rows.loc[80, "VOC21"] == round(default.mIoU, 2)
@@ -186,17 +186,59 @@ def test_tables_select_by_identity_not_recency(synthetic, tmp_path, official_syn
 def test_grid_figure_from_the_pivot(synthetic, tmp_path, official_synthetic):
     from PIL import Image
 
-    from pearl.figures import grid_figure, grid_points
-    from pearl.tables import Selection
+    from pearl.tables import Selection, grid_points
     results = tmp_path / "res"
     runs = {grid: runner.run(compose(_job(synthetic, results, "dataset=ade20k", f"tlp_grid={grid}")))
             for grid in (40, 80, 160)}
     runner.run(compose(_job(synthetic, results, "dataset=ade20k", "resize_short=224")))
-    selection = Selection(TINY)
-    points = grid_points(load_records(results), selection)
+    points, flags = grid_points(load_records(results), Selection(TINY))
     assert points[["tlp_grid", "mIoU"]].values.tolist() == [[g, round(r.mIoU, 2)] for g, r in runs.items()]
-    path = grid_figure(load_records(results), tmp_path / "fig.png", selection)
-    assert path.stat().st_size > 1000 and Image.open(path).size[0] > 100
+    assert flags == []
+    write_tables(results, models=(TINY,))
+    figure = Image.open(results / "tiny_seed0" / "figures" / "fig4_tlp_grid.png")
+    assert "random weights: smoke figure" in figure.text["Title"] and figure.size[0] > 100
+    drawn = pd.read_csv(results / "tiny_seed0" / "figures" / "fig4_tlp_grid.csv")
+    assert drawn["mIoU"].tolist() == [round(r.mIoU, 2) for r in runs.values()]
+
+
+def test_figures_show_the_tables_cells_and_say_where_they_come_from(synthetic, tmp_path, official_synthetic):
+    from PIL import Image
+
+    from pearl.figures import ablation_cells, bar_data
+    results = tmp_path / "res"
+    pearl_run = runner.run(compose(_job(synthetic, results)))
+    pa_only = runner.run(compose(_job(synthetic, results, "tlp=false")))
+    partial = runner.run(compose(_job(synthetic, results, "method=naclip", "max_images=1")))
+    written, _ = write_tables(results, models=(TINY,), include_partial=True)
+    figures = results / "tiny_seed0" / "figures"
+    assert {p.name for p in figures.glob("*.png")} == {f"{n}{s}.png" for n in ("main", "ablation", "plug_and_play",
+                                                                                "resolution") for s in ("", "_pacc")
+                                                       } | {"ablation_pa_tlp.png"}  # one tlp_grid: no Fig. 4
+    assert (results / "figures" / "backbones.png").is_file() and written["tiny:seed0/figures/main"].is_file()
+    main = pd.read_csv(results / "tiny_seed0" / "main.csv")
+    bars = bar_data(main).set_index(["row", "column"])
+    assert bars.loc[("PEARL", "VOC21"), "ours"] == round(pearl_run.mIoU, 2)
+    assert bars.loc[("NACLIP (no PAMR)", "VOC21"), "ours"] == round(partial.mIoU, 2)
+    paper = load_paper_value("table1", "PEARL (Ours)", "voc21")
+    assert bars.loc[("PEARL", "VOC21"), "paper"] == paper
+    assert bars.loc[("PEARL", "VOC21"), "diff"] == pytest.approx(round(pearl_run.mIoU, 2) - paper, abs=0.011)
+    assert np.isnan(bars.loc[("PEARL", "ADE"), "ours"])  # no run: an empty bar, never a zero value
+    title = Image.open(figures / "main.png").text["Title"]
+    assert "random weights: smoke figure" in title and "includes partial-split runs" in title
+    ablation = pd.read_csv(results / "tiny_seed0" / "ablation.csv")
+    assert ablation_cells(ablation) == {(False, False): "Vanilla CLIP (full block)", (True, False): "PA only",
+                                        (False, True): "TLP only (reduced block)", (True, True): "PA + TLP (PEARL)"}
+    assert ablation.set_index("row").loc["PA only", "VOC21_ours"] == round(pa_only.mIoU, 2)
+    assert "partial" not in Image.open(figures / "ablation_pa_tlp.png").text["Title"]  # its cells are full runs
+    write_tables(results, models=(TINY,), draw=False, out_dir=tmp_path / "plain")
+    assert not (tmp_path / "plain" / "tiny_seed0" / "figures").exists()
+
+
+def load_paper_value(table: str, row: str, dataset: str) -> float:
+    """The paper's number as results/paper/*.csv states it (read here with pandas, not pearl.tables)."""
+    frames = pd.concat([pd.read_csv(p) for p in (REPO / "results" / "paper").glob("*.csv")])
+    hit = frames[(frames.table == table) & (frames.row == row) & (frames.dataset == dataset)]
+    return float(hit.iloc[0]["value"])
 
 
 @pytest.mark.slow  # a subprocess of run.py / pearl.tables
@@ -377,7 +419,7 @@ def test_among_equally_good_records_the_newest_fills_the_cell(tmp_path, official
     Image.fromarray((np.array(relabelled) == 0).astype(np.uint8)).save(label)  # re-converted data: new identity
     newer = runner.run(compose(_job(data, results)))
     assert newer.config_hash != older.config_hash and newer.mIoU != older.mIoU
-    write_tables(results, models=(TINY,))
+    write_tables(results, models=(TINY,), draw=False)
     assert _cell(results, "main", "PEARL") == round(newer.mIoU, 2)
     assert _cell(results, "main", "PEARL", "VOC21_record") == newer.config_hash
     assert _cell(results, "main", "PEARL", "VOC21_flags") == "of 2"
@@ -403,7 +445,7 @@ def test_an_extra_dataset_runs_and_gets_a_column_without_paper_values(tmp_path, 
     assert len(record.per_class_iou) == 459 and record.per_class_iou[458]["class"] == "wool"
     seen = sorted({int(v) for f in label_dir.glob("*.tif") for v in np.unique(np.array(Image.open(f)))} - {65535})
     assert all(record.per_class_iou[k]["iou"] is not None for k in seen)  # every class in the ground truth scored
-    write_tables(results, models=(TINY,))
+    write_tables(results, models=(TINY,), draw=False)
     main = pd.read_csv(results / "tiny_seed0" / "main.csv").set_index("row")
     assert main.loc["CLIP", "PC459_ours"] == round(record.mIoU, 2)
     assert pd.isna(main.loc["CLIP", "PC459_paper"]) and pd.isna(main.loc["CLIP", "PC459_diff"])
