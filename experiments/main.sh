@@ -3,5 +3,5 @@
 # Extra arguments are passed to run.py (e.g. data_root=/data model.pretrained=/ckpt/ViT-B-16.pt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python run.py -m method="glob(*)" dataset="glob(*,exclude=folder)" "$@"
+python run.py -m method="glob(*)" dataset=voc21,context60,coco_object,voc20,context59,coco_stuff,cityscapes,ade20k "$@"
 python -m pearl.tables "$@"

@@ -3,5 +3,5 @@
 # which protocol produced its starred rows: rerun with profile=pearl for the other reading.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python run.py -m method="glob(*,exclude=pearl)" tlp=false,true dataset="glob(*,exclude=folder)" "$@"
+python run.py -m method="glob(*,exclude=pearl)" tlp=false,true dataset=voc21,context60,coco_object,voc20,context59,coco_stuff,cityscapes,ade20k "$@"
 python -m pearl.tables "$@"
