@@ -12,6 +12,8 @@ import dataclasses
 import os
 from typing import Any, Callable, NamedTuple
 
+NO_PAPER_VARIANT = object()
+
 
 class Param(NamedTuple):
     default: Any
@@ -19,6 +21,7 @@ class Param(NamedTuple):
     choices: tuple = ()
     check: Callable[[Any], bool] | None = None  # a range rule beyond the type
     valid: str = ""                             # that rule, as the error states it
+    paper: Any = NO_PAPER_VARIANT               # the PEARL paper's value where it states one the code does not use
 
 
 def _at_least(low: float) -> Callable[[Any], bool]:
@@ -33,7 +36,8 @@ PARAMS: dict[str, Param] = {
     "resize_short": Param(336, "short side after the keep-ratio rescale (0 = no resize)", check=_at_least(0),
                           valid="≥ 0"),
     "resize_long": Param(2048, "cap on the long side of the rescale", check=_above(0), valid="> 0"),
-    "slide_crop": Param(224, "window side in pixels; 0 = whole image in one pass", check=_at_least(0), valid="≥ 0"),
+    "slide_crop": Param(224, "window side in pixels; 0 = whole image in one pass", check=_at_least(0), valid="≥ 0",
+                        paper=224),  # PEARL's released VOC protocol is the whole image
     "slide_stride": Param(112, "window stride in pixels", check=_above(0), valid="> 0"),
     "logit_scale": Param(40.0, "temperature applied to cosine logits before the softmax over queries",
                          check=_above(0), valid="> 0"),
@@ -43,27 +47,29 @@ PARAMS: dict[str, Param] = {
                            "foreground-predicted pixels are dropped; 0 = off", check=lambda v: 0 <= v < 1,
                       valid="in [0, 1)"),
     "arch": Param(None, "last block: 'reduced' (no residual, no FFN) or 'vanilla' (full block); "
-                        "None = the method's own (pearl: reduced, vanilla: vanilla)", (None, "reduced", "vanilla")),
+                        "None = the method's own (pearl: reduced, vanilla: vanilla)", (None, "reduced", "vanilla"),
+                  paper="vanilla"),
     "alpha_kk": Param(0.08, "weight of PEARL's key-key term α_kk·s·K_cK_cᵀ (0.3 on ADE20K and Cityscapes)"),
-    "use_kk": Param(True, "PEARL's key-key term on/off (off = the paper's Ã = softmax(s·Q K̃ᵀ))"),
+    "use_kk": Param(True, "PEARL's key-key term on/off (off = the paper's Ã = softmax(s·Q K̃ᵀ))", paper=False),
     "pa_solver": Param("polar", "PA rotation: 'polar' (released 5-step Newton–Schulz) or 'svd' (exact UVᵀ)",
-                       ("polar", "svd")),
+                       ("polar", "svd"), paper="svd"),
     "pa_iters": Param(5, "Newton–Schulz iterations of the polar solver", check=_at_least(0), valid="≥ 0"),
     "tlp_site": Param("post_fusion", "where TLP runs: 'post_fusion' (released: once, on the fused logits at the "
                                      "original size) or 'per_window' (paper: on each window before fusion)",
-                      ("post_fusion", "per_window")),
+                      ("post_fusion", "per_window"), paper="per_window"),
     "tlp_grid": Param(80, "TLP target grid side (224 on Cityscapes)", check=_at_least(1), valid="≥ 1"),
     "tlp_cg_iters": Param(25, "conjugate-gradient iterations, from X0 = Z, no early stop", check=_at_least(0),
                           valid="≥ 0"),
     "tlp_pool": Param("int_stride", "'int_stride' (released: stride round(H/grid), floor pooling) or 'adaptive' "
-                                    "(paper: adaptive pooling to grid×grid)", ("int_stride", "adaptive")),
+                                    "(paper: adaptive pooling to grid×grid)", ("int_stride", "adaptive"),
+                      paper="adaptive"),
     "tlp_softmax_temp": Param(1.0, "temperature of the softmax that gives TLP's probabilities (released: 1, raw "
-                                   "cosines)"),
+                                   "cosines; the paper does not state the scale)"),
     "tlp_quadform": Param("diag", "text terms: 'diag' (released: only G's diagonal) or 'full' (paper: pᵀGp)",
-                          ("diag", "full")),
+                          ("diag", "full"), paper="full"),
     "tlp_grad_norm": Param("mean", "edge term: 'mean' (released: gradients divided by their mean) or 'none'",
-                           ("mean", "none")),
-    "tlp_edge_clamp": Param(True, "clamp edge weights to [0, 1] (released) or not (paper)"),
+                           ("mean", "none"), paper="none"),
+    "tlp_edge_clamp": Param(True, "clamp edge weights to [0, 1] (released) or not (paper)", paper=False),
     "tlp_tau": Param(1.0, "TLP smoothness weight τ"),
     "tlp_lambda": Param(1.0, "TLP text-gate weight λ"),
     "tlp_tau_s": Param(0.5, "temperature of the text-affinity softmax"),
@@ -90,6 +96,25 @@ PARAMS: dict[str, Param] = {
 }
 
 _SEQUENCE_PARAMS = ("pamr_dilations", "sfp_layers")
+
+
+def paper_variants() -> dict[str, Any]:
+    """name → the paper's value, for every parameter where the paper states a value the released
+    code does not use (docs/pearl.md §6)."""
+    return {name: spec.paper for name, spec in PARAMS.items() if spec.paper is not NO_PAPER_VARIANT}
+
+
+def code_vs_paper_runs() -> list[tuple[str, dict[str, Any]]]:
+    """(title, overrides) of the code-vs-paper measurement: the released code, each paper variant
+    alone, then all of them together."""
+    variants = paper_variants()
+    return ([("released code", {})] + [(f"{name}={_cli(value)}", {name: value}) for name, value in variants.items()]
+            + [("all paper variants", variants)])
+
+
+def _cli(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
 
 
 def resolve(overrides: dict) -> dict:
@@ -175,5 +200,18 @@ def markdown_table() -> str:
                                for name, p in PARAMS.items()])
 
 
+def main(argv: list[str] | None = None) -> None:
+    """``python -m pearl.params``: the README's parameter table; ``--code-vs-paper``: the overrides of
+    each code-vs-paper run as run.py arguments, one line per run (``experiments/code_vs_paper.sh``)."""
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m pearl.params", description=main.__doc__)
+    parser.add_argument("--code-vs-paper", action="store_true", help="print the code-vs-paper runs' overrides")
+    if parser.parse_args(argv).code_vs_paper:
+        for _, overrides in code_vs_paper_runs():
+            print(" ".join(f"{name}={_cli(value)}" for name, value in overrides.items()))
+    else:
+        print(markdown_table())
+
+
 if __name__ == "__main__":
-    print(markdown_table())
+    main()

@@ -3,8 +3,9 @@
     python -m pearl.tables [--results results] [--model NAME:TAG] [--pivot PARAM] [--no-figures]   (or: pearl-tables)
 
 Writes ``main.csv`` (Table 1), ``ablation.csv`` (Table 3), ``plug_and_play.csv`` (Table 4),
-``resolution.csv`` (Table 5) and their pAcc twins (``*_pacc.csv``), each also as ``.md``, per model,
-and ``backbones.csv`` (Table 6). Every cell carries ours, the paper's number, the difference, the
+``resolution.csv`` (Table 5), ``code_vs_paper.csv`` (PEARL with each of the paper's variants, with
+each cell's difference to the released code) and their pAcc twins (``*_pacc.csv``), each also as
+``.md``, per model, and ``backbones.csv`` (Table 6). Every cell carries ours, the paper's number, the difference, the
 record it came from and its flags; a cell is filled only by a record whose identity satisfies the
 row (never by recency alone: see :class:`Row`); averages only over complete rows. The evaluation
 sets beyond the paper (``EXTRA_DATASETS``) get columns after the average when the model has
@@ -25,7 +26,7 @@ import pandas as pd
 
 from . import figures
 from .benchmarks import BENCHMARKS, DATASETS, EXTRA_DATASETS
-from .params import PARAMS
+from .params import PARAMS, code_vs_paper_runs
 from .records import DEFAULT_MODEL, RunRecord, code_version, load_records, model_label, path_component
 from .settings import comparable, deviations, job_settings
 
@@ -88,8 +89,15 @@ PLUG_AND_PLAY = [Row(f"{title} {tag}", method, False, tlp, "table4" if paper els
                  for tag, tlp in (("without TLP", False), ("with TLP", True))]
 RESOLUTION = [Row(f"short side {side}", "pearl", True, True, "table5", f"short side {side}", {"resize_short": side})
               for side in (224, 280, 336)]
+# The paper's description against the released code: PEARL with each paper variant alone, then all
+# (pearl/params.py ``paper``; docs/pearl.md §6); beside the paper's Table 1 PEARL numbers, and
+# each cell's difference to the released-code row (``_delta`` columns).
+CODE_VS_PAPER = [Row(title, "pearl", True, True, "table1", "PEARL (Ours)", overrides, pacc_row="PEARL (Ours)")
+                 for title, overrides in code_vs_paper_runs()]
+DELTA_BASELINES = {"code_vs_paper": CODE_VS_PAPER[0].title}
 BACKBONE_MODELS = (("ViT-B/32", "ViT-B-32:openai"), ("ViT-B/16", "ViT-B-16:openai"), ("ViT-L/14", "ViT-L-14:openai"))
-TABLES = {"main": MAIN, "ablation": ABLATION, "plug_and_play": PLUG_AND_PLAY, "resolution": RESOLUTION}
+TABLES = {"main": MAIN, "ablation": ABLATION, "plug_and_play": PLUG_AND_PLAY, "resolution": RESOLUTION,
+          "code_vs_paper": CODE_VS_PAPER}
 
 
 def backbone_rows(records: list[RunRecord]) -> list[Row]:
@@ -206,6 +214,17 @@ def build_table(records: list[RunRecord], paper: pd.DataFrame, rows: list[Row], 
     return pd.DataFrame(out)
 
 
+def with_deltas(table: pd.DataFrame, baseline: str) -> pd.DataFrame:
+    """The table with ``<column>_delta`` = ours − the ``baseline`` row's ours, per dataset and the average."""
+    table = table.copy()
+    reference = table.set_index("row").loc[baseline]
+    for column in [c[: -len("_ours")] for c in table.columns if c.endswith("_ours")]:
+        base = reference[f"{column}_ours"]
+        table[f"{column}_delta"] = [None if pd.isna(v) or pd.isna(base) else round(v - base, 2)
+                                    for v in table[f"{column}_ours"]]
+    return table
+
+
 def _fmt(value) -> str:
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:g}"
 
@@ -230,6 +249,9 @@ def to_markdown(table: pd.DataFrame, note: str = "") -> str:
             text = f"{_fmt(ours) or '·'} / {_fmt(paper) or '·'}"
             if _fmt(diff):
                 text += f" ({diff:+.2f})"
+            delta = r.get(f"{title}_delta")
+            if _fmt(delta) and r["row"] not in DELTA_BASELINES.values():
+                text += f" Δ{delta:+.2f}"
             flags = r.get(f"{title}_flags")
             if isinstance(flags, str) and flags:
                 text += f" [{flags}]"
@@ -239,7 +261,9 @@ def to_markdown(table: pd.DataFrame, note: str = "") -> str:
     lines.append("Cells: ours / paper (ours − paper); '·' = no run or no known paper value. Avg only over "
                  "complete rows (all eight datasets). [stale] = made by older code, [partial] = not the full "
                  "official split (shown only with --include-stale / --include-partial), [of N] = N records "
-                 "satisfy the cell: the one of the current code, full split, newest, is shown.")
+                 "satisfy the cell: the one of the current code, full split, newest, is shown."
+                 + (" Δ = ours − the released-code row's ours." if any(c.endswith("_delta") for c in table.columns)
+                    else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -360,7 +384,10 @@ def write_tables(results_dir: str | Path = "results", paper_dir: str | Path | No
         tables = {}
         for name, rows in TABLES.items():
             for metric, suffix in (("mIoU", ""), ("aAcc", "_pacc")):
-                table = tables[f"{name}{suffix}"] = build_table(records, paper, rows, metric, selection)
+                table = build_table(records, paper, rows, metric, selection)
+                if name in DELTA_BASELINES:
+                    table = with_deltas(table, DELTA_BASELINES[name])
+                tables[f"{name}{suffix}"] = table
                 written[f"{key_prefix}{name}{suffix}"] = _write(table, folder, f"{name}{suffix}", _model_note(model))
         if draw:
             written |= {key_prefix + key: path for key, path in _draw(tables, records, selection, folder).items()}

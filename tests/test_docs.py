@@ -60,3 +60,17 @@ def test_the_dataset_tables_in_the_docs_agree_with_the_benchmarks_table():
         assert cells[4].split()[0] == str(len(class_names(name))), name
         if not cells[1].startswith("as "):
             assert cells[1].startswith(f"`{benchmark.image_dir}/"), name
+
+
+def test_every_recipe_sweeps_the_papers_eight_datasets():
+    from pearl.benchmarks import DATASETS
+    sweeps = [(path.name, match) for path in [*(REPO / "experiments").glob("*.sh"), *(REPO / "conf" / "experiment")
+                                               .glob("*.yaml")]
+              for match in re.findall(r"\bdataset[=:] ?([\w,]+,[\w,]+)", path.read_text(encoding="utf-8"))]
+    assert len(sweeps) >= 11
+    for name, value in sweeps:
+        datasets = value.split(",")
+        if name == "tlp_grid.sh":  # Fig. 4 plots four of them
+            assert set(datasets) < set(DATASETS), name
+        else:
+            assert datasets == list(DATASETS), name  # no extra evaluation set in a paper table's sweep

@@ -166,8 +166,8 @@ def test_sweep_tables_and_resume_in_a_subprocess(synthetic, tmp_path):
     markdown = (folder / "main.md").read_text()
     assert markdown.startswith("Model: tiny:seed0. **Smoke figures") and "[partial]" in markdown
     assert (folder / "main_pacc.csv").is_file() and not (results / "main.csv").exists()
-    # 8 tables + the PA × TLP heat map for the model, Table 6 for all models
-    assert f"10 figures in {results / 'figures'}, {folder / 'figures'}" in tables.stdout
+    # 10 tables + the PA × TLP heat map for the model, Table 6 for all models
+    assert f"12 figures in {results / 'figures'}, {folder / 'figures'}" in tables.stdout
     assert (folder / "figures" / "ablation_pa_tlp.png").is_file()
 
     mtimes = {p: p.stat().st_mtime_ns for p in (results / "runs").glob("*.json")}

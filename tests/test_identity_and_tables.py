@@ -212,7 +212,8 @@ def test_figures_show_the_tables_cells_and_say_where_they_come_from(synthetic, t
     written, _ = write_tables(results, models=(TINY,), include_partial=True)
     figures = results / "tiny_seed0" / "figures"
     assert {p.name for p in figures.glob("*.png")} == {f"{n}{s}.png" for n in ("main", "ablation", "plug_and_play",
-                                                                                "resolution") for s in ("", "_pacc")
+                                                                                "resolution", "code_vs_paper")
+                                                        for s in ("", "_pacc")
                                                        } | {"ablation_pa_tlp.png"}  # one tlp_grid: no Fig. 4
     assert (results / "figures" / "backbones.png").is_file() and written["tiny:seed0/figures/main"].is_file()
     main = pd.read_csv(results / "tiny_seed0" / "main.csv")
@@ -454,3 +455,37 @@ def test_an_extra_dataset_runs_and_gets_a_column_without_paper_values(tmp_path, 
     assert "ADE-847_ours" not in main.columns  # no records of it: no column
     header = (results / "tiny_seed0" / "main.md").read_text().splitlines()[2]
     assert "| Avg | PC459 | missing |" in header
+
+
+def test_code_vs_paper_rows_are_each_paper_variant_then_all(synthetic, tmp_path, official_synthetic):
+    from pearl.params import code_vs_paper_runs
+    # docs/pearl.md §6, the variants for which the paper states a value (not tlp_softmax_temp, tlp_cg_iters)
+    paper = {"slide_crop": 224, "arch": "vanilla", "use_kk": False, "pa_solver": "svd", "tlp_site": "per_window",
+             "tlp_pool": "adaptive", "tlp_quadform": "full", "tlp_grad_norm": "none", "tlp_edge_clamp": False}
+    runs = code_vs_paper_runs()
+    assert runs[0] == ("released code", {}) and runs[-1] == ("all paper variants", paper)
+    assert dict(item for _, overrides in runs[1:-1] for item in overrides.items()) == paper
+    assert all(len(overrides) == 1 for _, overrides in runs[1:-1])
+    listed = subprocess.run([sys.executable, "-W", "ignore::RuntimeWarning", "-m", "pearl.params", "--code-vs-paper"],
+                            capture_output=True, text=True, check=True, cwd=REPO).stdout.splitlines()
+    assert listed[0] == "" and listed[4] == "pa_solver=svd" and listed[-1].startswith("slide_crop=224 arch=vanilla")
+
+    results = tmp_path / "res"
+    released = runner.run(compose(_job(synthetic, results, "dataset=ade20k")))
+    svd = runner.run(compose(_job(synthetic, results, "dataset=ade20k", "pa_solver=svd")))
+    whole_voc = runner.run(compose(_job(synthetic, results)))
+    write_tables(results, models=(TINY,), draw=False)
+    table = pd.read_csv(results / "tiny_seed0" / "code_vs_paper.csv").set_index("row")
+    assert list(table.index) == [title for title, _ in runs]
+    assert table.loc["pa_solver=svd", "ADE_ours"] == round(svd.mIoU, 2)
+    assert table.loc["pa_solver=svd", "ADE_delta"] == pytest.approx(round(svd.mIoU, 2) - round(released.mIoU, 2),
+                                                                      abs=1e-9)
+    assert table.loc["released code", "ADE_delta"] == 0
+    # ADE20K is evaluated in 224 windows anyway: the paper's window variant is the released run there
+    assert table.loc["slide_crop=224", "ADE_record"] == released.config_hash
+    assert table.loc["slide_crop=224", "ADE_delta"] == 0
+    assert pd.isna(table.loc["slide_crop=224", "VOC21_ours"])  # on VOC it is another run (not made here)
+    assert table.loc["released code", "VOC21_ours"] == round(whole_voc.mIoU, 2)
+    assert table.loc["released code", "VOC21_paper"] == 64.1  # beside the paper's Table 1 PEARL numbers
+    markdown = (results / "tiny_seed0" / "code_vs_paper.md").read_text()
+    assert f"Δ{table.loc['pa_solver=svd', 'ADE_delta']:+.2f}" in markdown and "released-code row" in markdown
