@@ -116,6 +116,14 @@ def test_only_last_block_parameters_are_options():
                                    "sfp_outlier", "sfp_purify", "sfp_res_cls", "sfp_nan_guard", "sfp_layers"]
 
 
-def test_cli_missing_image(tmp_path, capsys):
+def test_cli_missing_or_broken_image_and_bad_precision(tmp_path, photos, capsys):
     assert main([str(tmp_path / "nope.jpg"), "--patch", "1,1", "--model", "tiny"]) == 2
     assert f"image {tmp_path / 'nope.jpg'} does not exist" in capsys.readouterr().err
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    assert main([str(broken), "--patch", "1,1", "--model", "tiny"]) == 2
+    assert f"cannot decode image {broken}" in capsys.readouterr().err
+    image = tmp_path / "chelsea.png"
+    Image.fromarray(photos["chelsea"]).save(image)
+    assert main([str(image), "--patch", "1,1", "--model", "tiny", "--precision", "fp8"]) == 2
+    assert "precision 'fp8' is not one of fp32, fp16, bf16" in capsys.readouterr().err
