@@ -523,17 +523,26 @@ class _Evaluated:
 _EVALUATED_TOGETHER: dict[str, _Evaluated] = {}  # run hash → result, until that job's turn records it
 
 
-def shared_trunk_key(cfg: DictConfig, job: _Job) -> str | None:
+def shared_trunk_key(cfg: DictConfig) -> str | None:
     """Jobs with the same key compute identical blocks 1..L−1 for every window (same data, model,
     precision, device, rescale, windows, input dtype, padding, and the same batching), so one pass
     can evaluate them all; None for a job that is evaluated alone (several processes, a logger
-    showing predictions, a dry run). docs/speed.md §3."""
+    showing predictions, a dry run, a configuration that fails to resolve). From the job's config
+    alone, without reading the data or the weights, so that a launcher can group jobs before
+    submitting them. docs/speed.md §3."""
     if cfg.dry_run or cfg.workers > 1 or cfg.logger.name != "none" or _world_size() > 1:
         return None
-    method = get_method(job.method)
-    windows = {name: job.resolved[name] for name in ("resize_short", "resize_long", "slide_crop", "slide_stride")}
-    return config_hash({"dataset": job.identity["dataset"], "data_root": cfg.data_root,
-                        "model": job.identity["model"], "device": str(job.device), "windows": windows,
+    try:
+        validate_config(cfg)
+        _, params, _ = _settings(cfg)
+        _, resolved = resolve_settings(cfg.method.name, cfg.pa, cfg.tlp, params)
+    except (UserError, ValueError):
+        return None
+    method = get_method(cfg.method.name)
+    windows = {name: resolved[name] for name in ("resize_short", "resize_long", "slide_crop", "slide_stride")}
+    return config_hash({"dataset": OmegaConf.to_container(cfg.dataset, resolve=True), "data_root": cfg.data_root,
+                        "model": OmegaConf.to_container(cfg.model, resolve=True), "device": cfg.device,
+                        "windows": windows,
                         "model_dtype_input": method.fuse_in_model_dtype, "padding": method.pad_crops_to_patch,
                         "batching": [cfg.batch_images, cfg.window_batch_size, cfg.loader_workers],
                         "reading": [cfg.on_error, cfg.max_pixels, cfg.max_images]})
@@ -552,7 +561,7 @@ def evaluate_together(cfgs: list[DictConfig]) -> list[int]:
             job = _plan(cfg)
         except UserError:
             continue
-        key = shared_trunk_key(cfg, job)
+        key = shared_trunk_key(cfg)
         if key is None or _answered_by(cfg, job, find_record(record_path(cfg.results_dir, job.run_hash))):
             continue
         if all(job.run_hash != other.run_hash for _, other in groups[key]):

@@ -71,7 +71,7 @@ def test_a_job_another_process_holds_is_left_out_of_the_group(synthetic, tmp_pat
 def test_jobs_with_a_logger_or_several_workers_are_evaluated_alone(synthetic, tmp_path):
     cfgs = _cfgs(synthetic, tmp_path, [job + ["workers=2"] for job in PEARL_SWEEP[:2]])
     assert runner.evaluate_together(cfgs) == []
-    assert runner.shared_trunk_key(cfgs[0], runner._plan(cfgs[0])) is None
+    assert runner.shared_trunk_key(cfgs[0]) is None
 
 
 @pytest.mark.slow  # a subprocess of run.py
@@ -124,3 +124,27 @@ def test_a_submitit_sweep_writes_each_record_and_resumes_like_a_local_one(synthe
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 1  # a failed job fails the sweep
     assert "sweep: 0 ran, 2 skipped, 1 failed" in again.stderr and "tlp='maybe' is not valid" in again.stderr
+
+
+@pytest.mark.slow  # the submitit plugin starts one process per task
+def test_a_submitit_sweep_runs_one_task_per_trunk_group_with_the_records_of_jobs_alone(synthetic, tmp_path):
+    sweep = tmp_path / "sweep"
+    command = [sys.executable, "run.py", "-m", "hydra/launcher=shared_trunk_submitit_local", "model=tiny",
+               f"data_root={synthetic}", f"results_dir={tmp_path / 'results'}", "progress=false", "method=pearl",
+               "pa=true,false", "tlp=true,false", "dataset=voc21,ade20k", f"hydra.sweep.dir={sweep}"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "8 jobs in 2 tasks" in done.stdout and "sweep: 8 ran, 0 skipped, 0 failed" in done.stderr
+    task_logs = sorted((sweep / ".submitit").glob("*/*_log.out"))
+    assert len(task_logs) == 2  # one task per dataset: its four jobs share blocks 1..L-1
+    assert all("evaluated 4 jobs on one shared trunk" in log.read_text() for log in task_logs)
+    from pearl.records import load_records
+    grouped = {r.config_hash: r for r in load_records(tmp_path / "results")}
+    assert len(grouped) == 8
+    for cfg in _cfgs(synthetic, tmp_path / "alone", [job + ["dataset=ade20k"] for job in PEARL_SWEEP]):
+        status, alone = runner.run_job(cfg)
+        assert status == "ran"
+        together = grouped[alone.config_hash]
+        assert (together.mIoU, together.aAcc, together.per_class_iou) == (alone.mIoU, alone.aAcc, alone.per_class_iou)
+    again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "sweep: 0 ran, 8 skipped, 0 failed" in again.stderr  # resume as on one machine

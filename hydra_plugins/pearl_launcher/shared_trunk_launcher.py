@@ -29,31 +29,37 @@ class SharedTrunkLauncherConf:
 ConfigStore.instance().store(group="hydra/launcher", name="shared_trunk", node=SharedTrunkLauncherConf)
 
 
+def run_sharing_trunks(hydra_context, task_function, sweep_configs: list) -> list[JobReturn]:
+    """Evaluate the jobs of ``sweep_configs`` that can share a trunk together, then run every job
+    in order (each writes its own record); one JobReturn per job. Used by this launcher and, in
+    each SLURM task, by the submitit ones (``shared_trunk_submitit.py``)."""
+    from pearl.runner import evaluate_together
+    task_configs = []
+    for sweep_config in sweep_configs:
+        task_config = copy.deepcopy(sweep_config)
+        with read_write(task_config), open_dict(task_config):
+            del task_config["hydra"]
+        task_configs.append(task_config)
+    for size in evaluate_together(task_configs):
+        log.info("evaluated %d jobs on one shared trunk", size)
+    runs = []
+    for sweep_config in sweep_configs:
+        runs.append(run_job(hydra_context=hydra_context, task_function=task_function, config=sweep_config,
+                            job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir"))
+        configure_log(sweep_config.hydra.hydra_logging, sweep_config.hydra.verbose)
+    return runs
+
+
 class SharedTrunkLauncher(BasicLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from pearl.runner import evaluate_together
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         sweep_configs = []
         for number, overrides in enumerate(job_overrides, start=initial_job_idx):
+            log.info(f"\t#{number} : {' '.join(filter_overrides(overrides))}")
             sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
             with open_dict(sweep_config):
                 sweep_config.hydra.job.id = sweep_config.hydra.job.num = number
             sweep_configs.append(sweep_config)
-        task_configs = []
-        for sweep_config in sweep_configs:
-            task_config = copy.deepcopy(sweep_config)
-            with read_write(task_config), open_dict(task_config):
-                del task_config["hydra"]
-            task_configs.append(task_config)
-        for size in evaluate_together(task_configs):
-            log.info("evaluated %d jobs on one shared trunk", size)
-        runs = []
-        for number, (overrides, sweep_config) in enumerate(zip(job_overrides, sweep_configs), start=initial_job_idx):
-            log.info(f"\t#{number} : {' '.join(filter_overrides(overrides))}")
-            runs.append(run_job(hydra_context=self.hydra_context, task_function=self.task_function,
-                                config=sweep_config, job_dir_key="hydra.sweep.dir",
-                                job_subdir_key="hydra.sweep.subdir"))
-            configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
-        return runs
+        return run_sharing_trunks(self.hydra_context, self.task_function, sweep_configs)
