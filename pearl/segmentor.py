@@ -24,6 +24,7 @@ from .text import Vocabulary, load_vocabulary, template_set, text_prototypes
 
 FULL_SIZE_BUDGET = 2 ** 28  # query × pixel values held at once at the original size (1 GiB in fp32)
 SLAB_VALUES = 2 ** 24        # query × pixel values per column slab above that budget
+BATCHED_TLP_VALUES = 2 ** 26  # on CUDA: query × pixel values of images whose post-fusion TLP is one batched solve
 
 
 class Prediction:
@@ -224,6 +225,9 @@ class Segmentor:
         if window_batch_size < 1:
             raise ValueError(f"window_batch_size must be ≥ 1, got {window_batch_size}")
         self.window_batch_size = window_batch_size
+        # one batched TLP solve for equal-size images on a GPU (fewer kernel launches); on a CPU the
+        # batched tensors fall out of the caches and it was slower (docs/speed.md §2), so none there
+        self.tlp_batch_values = BATCHED_TLP_VALUES if self.device.type == "cuda" else 0
         self.diagnostics = diagnostics
         self.model = self._prepare_model(model, precision)
         if tokenizer is None:
@@ -338,10 +342,28 @@ class Segmentor:
         # contiguous: bilinear upsampling of the permuted (channels-last) view is several times slower
         return (feats.to(self.dtype) @ self.prototypes.T).permute(0, 3, 1, 2).contiguous()
 
-    def _predict_image(self, item: _Image, patch_logits: list, forward_info: dict, on_device: bool) -> Prediction:
-        info = dict(forward_info, windows=len(item.windows))
-        out = self._decide(self._refine(item, self._fuse(item, patch_logits, info), info), info)
-        return out if on_device else self._to_cpu(out)
+    def _predict_images(self, items: list[_Image], patch_logits: list, forward_info: dict, on_device: bool
+                        ) -> list[Prediction]:
+        """Predictions of images of equal size: each fused alone, post-fusion TLP as one batched
+        solve where :meth:`_batches_tlp` allows (each image's result is what it gets alone), then
+        each decided alone."""
+        infos = [dict(forward_info, windows=len(item.windows)) for item in items]
+        fused = [self._fuse(item, logits, info) for item, logits, info in zip(items, patch_logits, infos)]
+        if self._batches_tlp(fused):
+            guide = torch.cat([_upsample(item.input.float(), item.ori_shape)[None] for item in items])
+            refined = tlp(torch.stack([logits.full() for logits in fused]), guide, self.affinity, self.tlp_config)
+            fused = [_OriginalSize(one.to(self.dtype), items[0].ori_shape, self.dtype) for one in refined]
+        else:
+            fused = [self._refine(item, logits, info) for item, logits, info in zip(items, fused, infos)]
+        outs = [self._decide(logits, info) for logits, info in zip(fused, infos)]
+        return outs if on_device else [self._to_cpu(out) for out in outs]
+
+    def _batches_tlp(self, fused: list[_OriginalSize]) -> bool:
+        """Whether the images' post-fusion TLP runs as one batch: several images of one size, each
+        refined whole (no PAMR, no slabs), no per-image diagnostics asked for."""
+        return (len(fused) > 1 and self.tlp and self.tlp_config.site == "post_fusion" and not self.pamr
+                and not self.diagnostics and len({tuple(logits.size) for logits in fused}) == 1
+                and all(logits.values <= FULL_SIZE_BUDGET for logits in fused))
 
     def _window_tlp(self, logits: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
         return tlp(logits[None], guide[None].float(), self.affinity, self.tlp_config)[0].to(self.dtype)
@@ -436,9 +458,10 @@ def predict_jointly(segmentors: Sequence[Segmentor], images: Sequence, on_device
     The segmentors must have equal :meth:`Segmentor.trunk_key` (same model, device, rescale,
     windows, input dtype and padding): each image is prepared and cut into windows once, windows
     of equal shape (of all the images) are batched, blocks 1..L−1 run once per batch, and each
-    segmentor's last block, fusion, refinement and decision run on that trunk. The result of each
-    segmentor is exactly what it computes alone. Predictions are made one image at a time as the
-    iterator advances, so only one image's are alive (docs/speed.md §2).
+    segmentor's last block, fusion, refinement and decision run on that trunk; the post-fusion TLP
+    of images of equal size is one batched solve on a GPU (``tlp_batch_values``). The result of each
+    segmentor is what it computes alone. Predictions are made a group of equal-size images at a
+    time as the iterator advances, so only that group's are alive (docs/speed.md §2).
     """
     lead = segmentors[0]
     if any(seg.trunk_key() != lead.trunk_key() for seg in segmentors[1:]):
@@ -455,10 +478,38 @@ def predict_jointly(segmentors: Sequence[Segmentor], images: Sequence, on_device
                 logits_of[image_index][window_index] = window_logits
     forward_info = [{key: torch.stack(values).mean() for key, values in (seg_stats or {}).items()}
                     for seg_stats in stats]
-    for image_index, item in enumerate(prepared):
-        # no local name keeps the yielded predictions: the consumer's release frees them
-        yield [seg._predict_image(item, _take(logits_of, image_index), info, on_device)
-               for seg, logits_of, info in zip(segmentors, patch_logits, forward_info)]
+    queries = max(seg.vocabulary.num_queries for seg in segmentors)
+    budget = max(seg.tlp_batch_values for seg in segmentors)
+    ready: dict[int, list[Prediction]] = {}
+    for image_index, group in enumerate(_equal_size_groups(prepared, queries, budget)):
+        if image_index not in ready:  # the first image of its group: predict the group
+            ready.update(_predict_group(segmentors, prepared, patch_logits, forward_info, group, on_device))
+        # popped, and no other name holds them: once the consumer releases them they are freed
+        yield ready.pop(image_index)
+
+
+def _predict_group(segmentors, prepared: list[_Image], patch_logits: list, forward_info: list, group: list[int],
+                   on_device: bool) -> dict[int, list[Prediction]]:
+    """image index → one prediction per segmentor, for the images of ``group``."""
+    per_segmentor = [seg._predict_images([prepared[i] for i in group], [_take(logits_of, i) for i in group],
+                                         info, on_device)
+                     for seg, logits_of, info in zip(segmentors, patch_logits, forward_info)]
+    return {index: [predictions[position] for predictions in per_segmentor] for position, index in enumerate(group)}
+
+
+def _equal_size_groups(prepared: list[_Image], queries: int, budget: int) -> list[list[int]]:
+    """For each image, the indices of the images predicted with it: those of its original and
+    input size, in order, up to ``budget`` query × pixel values together (0: each image alone)."""
+    open_group: dict[tuple, list[int]] = {}
+    of_image = []
+    for index, item in enumerate(prepared):
+        key = (tuple(item.ori_shape), tuple(item.input.shape))
+        group = open_group.get(key)
+        if group is None or (len(group) + 1) * queries * item.ori_shape[0] * item.ori_shape[1] > budget:
+            group = open_group[key] = []
+        group.append(index)
+        of_image.append(group)
+    return of_image
 
 
 def _take(items: list, index: int):

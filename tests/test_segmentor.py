@@ -196,6 +196,39 @@ def test_windows_of_all_images_share_batched_forwards(tiny_model, tokenizer, pho
     assert calls == [8, 7]
 
 
+def test_post_fusion_tlp_of_equal_size_images_is_one_batched_solve_with_each_images_result(
+        tiny_model, tokenizer, photos, monkeypatch):
+    from pearl import segmentor as module
+    chelsea = photos["chelsea"]
+    images = [chelsea, chelsea[::-1].copy(), photos["coffee"][:300, :451], chelsea[:, ::-1].copy()]  # all 300×451
+    images.insert(2, photos["coffee"])  # another size: refined on its own
+    seg = _segmentor(tiny_model, tokenizer, "pearl", tlp_grid=40)
+    assert seg.tlp_batch_values == 0  # on a CPU each image is refined alone (measured faster)
+    alone = [seg.predict(image) for image in images]
+    seg.tlp_batch_values = module.BATCHED_TLP_VALUES  # what a GPU segmentor uses
+    batches = []
+    original = module.tlp
+
+    def counting(logits, *args, **kwargs):
+        batches.append(logits.shape[0])
+        return original(logits, *args, **kwargs)
+    monkeypatch.setattr(module, "tlp", counting)
+    together = seg.predict_batch(images)
+    assert sorted(batches) == [1, 4]  # the four 300×451 images in one solve, coffee alone
+    for one, other in zip(alone, together):
+        assert torch.equal(one.labels, other.labels)
+        assert torch.allclose(one.logits, other.logits, atol=1e-6, rtol=0)
+    batches.clear()
+    seg.tlp_batch_values = 2 * seg.vocabulary.num_queries * 300 * 451
+    seg.predict_batch(images)
+    assert sorted(batches) == [1, 2, 2]  # the budget splits the four into pairs
+    batches.clear()
+    with_diagnostics = _segmentor(tiny_model, tokenizer, "pearl", tlp_grid=40, diagnostics=True)
+    with_diagnostics.tlp_batch_values = module.BATCHED_TLP_VALUES
+    with_diagnostics.predict_batch(images[:2])
+    assert batches == [1, 1]  # per-image diagnostics: refined one at a time
+
+
 def test_fp16_model_runs_and_stays_close_to_fp32(tokenizer, photos):
     from open_clip.model import convert_weights_to_lp
 
