@@ -270,6 +270,20 @@ def table1_minutes(rows: list[dict]) -> dict[str, float]:
     return minutes
 
 
+def marginal_costs(rows: list[dict]) -> dict[tuple[str, str], float]:
+    """(method, size) → 1 − images/s at the method's default PA/TLP ÷ images/s with both off: the
+    share of the per-image time that PA and TLP add, the resize to the original size (which
+    every method pays, in TLP or in the decision) not counted; for methods whose default has
+    either on and that were measured both ways."""
+    speed = {(row["method"], row["size"], row["pa"], row["tlp"]): row for row in rows}
+    costs = {}
+    for row in rows:
+        off = speed.get((row["method"], row["size"], False, False))
+        if row["default"] and (row["pa"] or row["tlp"]) and off is not None:
+            costs[(row["method"], row["size"])] = 1 - row["images_per_s"] / off["images_per_s"]
+    return costs
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pearl.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -339,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     if any(method == "pearl" for method, _, _ in todo):
         for size in sizes:
             sweep_cost(model, tokenizer, size, device, args, images, repeats)
+    for (method, size), cost in marginal_costs(rows).items():
+        print(f"{size:10s} {method:9s} PA+TLP add {100 * cost:.1f} % of the per-image time (against both off)")
     minutes = table1_minutes(rows)
     for method, value in minutes.items():
         print(f"Table 1 extrapolated, {method} on the 8 datasets "

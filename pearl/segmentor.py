@@ -19,7 +19,16 @@ from .backbone import Trunk, head, patch_size, prepare_model, trunk
 from .methods import get_method, pa_methods
 from .preprocess import PreparedImage, Window, WindowConfig, prepare_image, sliding_windows
 from .refine.pamr import PAMRConfig, pamr
-from .refine.tlp import TLPConfig, pool_to_grid, propagate, text_affinity, tlp, working_dtype
+from .refine.tlp import (
+    TLPConfig,
+    pool_resized,
+    pool_to_grid,
+    pooling_strides,
+    propagate,
+    text_affinity,
+    tlp,
+    working_dtype,
+)
 from .text import Vocabulary, load_vocabulary, template_set, text_prototypes
 
 FULL_SIZE_BUDGET = 2 ** 28  # query × pixel values held at once at the original size (1 GiB in fp32)
@@ -350,13 +359,22 @@ class Segmentor:
         infos = [dict(forward_info, windows=len(item.windows)) for item in items]
         fused = [self._fuse(item, logits, info) for item, logits, info in zip(items, patch_logits, infos)]
         if self._batches_tlp(fused):
-            guide = torch.cat([_upsample(item.input.float(), item.ori_shape)[None] for item in items])
-            refined = tlp(torch.stack([logits.full() for logits in fused]), guide, self.affinity, self.tlp_config)
-            fused = [_OriginalSize(one.to(self.dtype), items[0].ori_shape, self.dtype) for one in refined]
+            fused = self._batched_tlp(items, fused)
         else:
             fused = [self._refine(item, logits, info) for item, logits, info in zip(items, fused, infos)]
         outs = [self._decide(logits, info) for logits, info in zip(fused, infos)]
         return outs if on_device else [self._to_cpu(out) for out in outs]
+
+    def _batched_tlp(self, items: list[_Image], fused: list[_OriginalSize]) -> list[_OriginalSize]:
+        """Post-fusion TLP of equal-size images in one solve, each input formed as alone."""
+        size, cfg = items[0].ori_shape, self.tlp_config
+        if all(self._pools_before_resizing(logits) for logits in fused):
+            z = torch.cat([pool_resized(logits.source[None], size, cfg) for logits in fused])
+            guide = torch.cat([pool_resized(item.input.float()[None], size, cfg) for item in items])
+            return [_OriginalSize(one, size, self.dtype) for one in propagate(z, guide, self.affinity, cfg)]
+        guide = torch.cat([_upsample(item.input.float(), size)[None] for item in items])
+        refined = tlp(torch.stack([logits.full() for logits in fused]), guide, self.affinity, cfg)
+        return [_OriginalSize(one.to(self.dtype), size, self.dtype) for one in refined]
 
     def _batches_tlp(self, fused: list[_OriginalSize]) -> bool:
         """Whether the images' post-fusion TLP runs as one batch: several images of one size, each
@@ -412,9 +430,32 @@ class Segmentor:
             logits = _OriginalSize(refined.to(self.dtype), item.ori_shape, self.dtype)
             if post_fusion_tlp and logits.values <= FULL_SIZE_BUDGET:
                 return self._whole_tlp(logits, guide, info)
+        elif post_fusion_tlp and self._pools_before_resizing(logits):
+            return self._source_tlp(item, logits, info)
         elif post_fusion_tlp and logits.values <= FULL_SIZE_BUDGET:
             return self._whole_tlp(logits, _upsample(item.input.float(), item.ori_shape)[None], info)
         return self._chunked_tlp(item, logits, info) if post_fusion_tlp else logits
+
+    def _pools_before_resizing(self, logits: _OriginalSize) -> bool:
+        """Whether TLP's pooled input can be computed from the fused logits before their resize to the
+        original size (``pool_resized``): fp32 throughout (in lower precision the released code rounds
+        the resized logits, which this path never forms), integer-stride pooling that pools, and a
+        resize that resizes."""
+        return (self.dtype == torch.float32 and logits.source.dtype == torch.float32
+                and self.tlp_config.pool == "int_stride"
+                and pooling_strides(*logits.size, self.tlp_config.grid) != (1, 1)
+                and tuple(logits.source.shape[1:]) != tuple(logits.size))
+
+    def _source_tlp(self, item: _Image, logits: _OriginalSize, info: dict) -> _OriginalSize:
+        """TLP on the grid pooled straight from the fused logits and the input (no original-size
+        input tensor is formed), its output upsampled to the original size as TLP's own last step
+        (above ``FULL_SIZE_BUDGET`` left on the grid, resized per slab when decided)."""
+        z = pool_resized(logits.source[None], logits.size, self.tlp_config)
+        guide = pool_resized(item.input.float()[None], item.ori_shape, self.tlp_config)
+        refined = _OriginalSize(propagate(z, guide, self.affinity, self.tlp_config, self._tlp_info(info))[0],
+                                logits.size, self.dtype)
+        return _OriginalSize(refined.full(), logits.size, self.dtype) if refined.values <= FULL_SIZE_BUDGET \
+            else refined
 
     def _tlp_info(self, info: dict) -> dict | None:
         return info if self.diagnostics else None

@@ -26,3 +26,14 @@ def test_batched_path_gives_the_reference_loops_labels_and_probabilities(tiny_mo
         assert torch.allclose(fast.probs, loop.probs, atol=1e-4, rtol=0)
         windows += fast.info["windows"]
     assert windows > len(images) or params["slide_crop"] == 0  # several windows per forward were batched
+
+
+def test_marginal_cost_of_pa_and_tlp_is_against_the_same_method_with_both_off():
+    from pearl.bench import marginal_costs
+    rows = [{"method": "pearl", "size": "voc21", "pa": True, "tlp": True, "default": True, "images_per_s": 1.5},
+            {"method": "pearl", "size": "voc21", "pa": False, "tlp": False, "default": False, "images_per_s": 2.0},
+            {"method": "pearl", "size": "ade20k", "pa": True, "tlp": True, "default": True, "images_per_s": 1.0},
+            {"method": "naclip", "size": "voc21", "pa": False, "tlp": False, "default": True, "images_per_s": 3.0}]
+    # 1/1.5 s against 1/2.0 s per image: PA + TLP add 0.1667 s of 0.6667 s = 25 %; ADE20K has no 'off' run,
+    # NACLIP's default has neither
+    assert marginal_costs(rows) == {("pearl", "voc21"): pytest.approx(0.25)}

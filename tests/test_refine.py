@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pearl.refine.pamr import pamr
 from pearl.refine.tlp import TLPConfig, pooling_strides, text_affinity, tlp
@@ -159,3 +160,41 @@ def test_tlp_pools_by_integer_stride_and_upsamples_without_corner_alignment():
     expected = torch.nn.functional.interpolate(pooled, size=(40, 60), mode="bilinear", align_corners=False)
     out = tlp(logits, guide, torch.eye(3), cfg)
     assert torch.allclose(out, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("source, size, grid", [((56, 336, 448), (375, 500), 80), ((150, 336, 448), (512, 683), 80),
+                                                ((19, 37, 61), (1024, 2048), 224), ((3, 20, 30), (41, 67), 10)])
+def test_pooling_before_the_resize_equals_resizing_then_pooling(source, size, grid):
+    from pearl.refine.tlp import pool_resized
+    torch.manual_seed(0)
+    logits = torch.randn(1, *source)
+    stride = (max(1, round(size[0] / grid)), max(1, round(size[1] / grid)))
+    expected = F.avg_pool2d(F.interpolate(logits, size=size, mode="bilinear", align_corners=False), stride, stride)
+    pooled = pool_resized(logits, size, TLPConfig(grid=grid))
+    assert pooled.shape == expected.shape
+    assert torch.allclose(pooled, expected, atol=2e-6, rtol=0)
+
+
+def test_segmentor_tlp_from_the_fused_logits_gives_the_released_path_result(tiny_model, tokenizer, photos,
+                                                                             monkeypatch):
+    import pearl
+    from pearl.segmentor import Segmentor
+    for method, dataset in (("pearl", "voc21"), ("pearl", "ade20k"), ("naclip", "ade20k")):
+        params = pearl.protocol(method, dataset) | {"resize_short": 112}
+        seg = pearl.Segmentor(tiny_model, ["sky, wall", "cat", "cup", "table"], method=method, tlp=True,
+                              tokenizer=tokenizer, **params)
+        assert seg._pools_before_resizing(seg._fuse(*_fused_inputs(seg, photos["chelsea"])))
+        fast = seg.predict(photos["chelsea"])
+        with monkeypatch.context() as patch:
+            patch.setattr(Segmentor, "_pools_before_resizing", lambda self, logits: False)
+            released = seg.predict(photos["chelsea"])  # the resize to the original size, then TLP's own pooling
+        assert (fast.labels == released.labels).float().mean() >= 0.999
+        assert torch.allclose(fast.logits, released.logits, atol=1e-5, rtol=0), method
+        assert torch.allclose(fast.probs, released.probs, atol=1e-4, rtol=0), method
+
+
+def _fused_inputs(seg, image):
+    from pearl.backbone import trunk
+    item = seg._prepare_image(image)
+    crops = torch.stack([seg._crop(item, window) for window in item.windows])
+    return item, list(seg._window_logits(trunk(seg.model.visual, crops), None)), {}

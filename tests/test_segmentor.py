@@ -207,12 +207,12 @@ def test_post_fusion_tlp_of_equal_size_images_is_one_batched_solve_with_each_ima
     alone = [seg.predict(image) for image in images]
     seg.tlp_batch_values = module.BATCHED_TLP_VALUES  # what a GPU segmentor uses
     batches = []
-    original = module.tlp
+    original = module.propagate  # fp32: every image's TLP input is pooled from its fused logits
 
-    def counting(logits, *args, **kwargs):
-        batches.append(logits.shape[0])
-        return original(logits, *args, **kwargs)
-    monkeypatch.setattr(module, "tlp", counting)
+    def counting(z, *args, **kwargs):
+        batches.append(z.shape[0])
+        return original(z, *args, **kwargs)
+    monkeypatch.setattr(module, "propagate", counting)
     together = seg.predict_batch(images)
     assert sorted(batches) == [1, 4]  # the four 300×451 images in one solve, coffee alone
     for one, other in zip(alone, together):

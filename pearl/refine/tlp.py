@@ -64,6 +64,36 @@ def pool_to_grid(x: torch.Tensor, cfg: TLPConfig) -> tuple[torch.Tensor, bool]:
     return F.avg_pool2d(x, stride, stride), True
 
 
+def resize_matrix(size_in: int, size_out: int, dtype=torch.float32, device=None) -> torch.Tensor:
+    """[size_out, size_in]: PyTorch's 1-D linear resize (align_corners=False) as a matrix, built by
+    resizing the identity, so its weights are the interpolation's own. Bilinear resizing is this
+    along each axis."""
+    eye = torch.eye(size_in, dtype=dtype, device=device)[:, None, :]
+    return F.interpolate(eye, size=size_out, mode="linear", align_corners=False)[:, 0, :].T
+
+
+def stride_pool_matrix(size: int, stride: int, dtype=torch.float32, device=None) -> torch.Tensor:
+    """[size // stride, size]: average pooling with kernel = stride, floor mode, as a matrix."""
+    rows = torch.arange(size // stride, device=device)
+    pool = torch.zeros(size // stride, size, dtype=dtype, device=device)
+    for offset in range(stride):
+        pool[rows, rows * stride + offset] = 1.0 / stride
+    return pool
+
+
+def pool_resized(source: torch.Tensor, size: tuple[int, int], cfg: TLPConfig) -> torch.Tensor:
+    """TLP's integer-stride pooling of ``source`` [B, C, h, w] bilinearly resized to ``size`` (H, W),
+    without the size-(H, W) tensor: both steps are linear and separable, so the pooled grid is
+    A_h · source · A_wᵀ with A = pooling · resize per axis (equal to resizing then pooling up to
+    float rounding, about 1e−7 of the logits). [B, C, H // s_h, W // s_w]."""
+    height, width = size
+    stride_h, stride_w = pooling_strides(height, width, cfg.grid)
+    like = dict(dtype=source.dtype, device=source.device)
+    along_h = stride_pool_matrix(height, stride_h, **like) @ resize_matrix(source.shape[-2], height, **like)
+    along_w = stride_pool_matrix(width, stride_w, **like) @ resize_matrix(source.shape[-1], width, **like)
+    return along_h @ source @ along_w.T
+
+
 def _pair_terms(p: torch.Tensor, affinity: torch.Tensor, quadform: str):
     """(u [B, h, w], Gp [B, Q, h, w]): agreement and the G-weighted probabilities.
 
