@@ -371,7 +371,7 @@ class Segmentor:
         if all(self._pools_before_resizing(logits) for logits in fused):
             z = torch.cat([pool_resized(logits.source[None], size, cfg) for logits in fused])
             guide = torch.cat([pool_resized(item.input.float()[None], size, cfg) for item in items])
-            return [_OriginalSize(one, size, self.dtype) for one in propagate(z, guide, self.affinity, cfg)]
+            return [self._upsampled(one, size) for one in propagate(z, guide, self.affinity, cfg)]
         guide = torch.cat([_upsample(item.input.float(), size)[None] for item in items])
         refined = tlp(torch.stack([logits.full() for logits in fused]), guide, self.affinity, cfg)
         return [_OriginalSize(one.to(self.dtype), size, self.dtype) for one in refined]
@@ -452,10 +452,14 @@ class Segmentor:
         (above ``FULL_SIZE_BUDGET`` left on the grid, resized per slab when decided)."""
         z = pool_resized(logits.source[None], logits.size, self.tlp_config)
         guide = pool_resized(item.input.float()[None], item.ori_shape, self.tlp_config)
-        refined = _OriginalSize(propagate(z, guide, self.affinity, self.tlp_config, self._tlp_info(info))[0],
-                                logits.size, self.dtype)
-        return _OriginalSize(refined.full(), logits.size, self.dtype) if refined.values <= FULL_SIZE_BUDGET \
-            else refined
+        return self._upsampled(propagate(z, guide, self.affinity, self.tlp_config, self._tlp_info(info))[0],
+                               logits.size)
+
+    def _upsampled(self, grid_logits: torch.Tensor, size: tuple[int, int]) -> _OriginalSize:
+        """TLP's last step for a refined grid [Q, h, w]: resized to the original size in fp32 and cast,
+        as ``tlp`` does; above ``FULL_SIZE_BUDGET`` left on the grid (resized per slab when decided)."""
+        refined = _OriginalSize(grid_logits, size, self.dtype)
+        return _OriginalSize(refined.full(), size, self.dtype) if refined.values <= FULL_SIZE_BUDGET else refined
 
     def _tlp_info(self, info: dict) -> dict | None:
         return info if self.diagnostics else None
