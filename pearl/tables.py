@@ -151,8 +151,9 @@ def choose(found: list[RunRecord], selection: Selection) -> Cell:
     return Cell(best, flags + ((f"of {len(found)}",) if len(found) > 1 else ()))
 
 
-def _paper(paper: pd.DataFrame, row: Row, dataset: str, table_suffix: str) -> tuple[float | None, str]:
-    table, paper_row = ("table2", row.pacc_row) if table_suffix == "pacc" else (row.paper_table, row.paper_row)
+def _paper(paper: pd.DataFrame, row: Row, dataset: str, metric: str) -> tuple[float | None, str]:
+    """The paper's value of ``metric`` (mIoU, or aAcc: its pAcc table) beside ``row`` on ``dataset``; its status."""
+    table, paper_row = ("table2", row.pacc_row) if metric == "aAcc" else (row.paper_table, row.paper_row)
     if table is None or paper_row is None:
         return None, "—"
     hit = paper[(paper.table == table) & (paper.row == paper_row) & (paper.dataset == dataset)]
@@ -167,7 +168,7 @@ def _cell_columns(records: list[RunRecord], paper: pd.DataFrame, row: Row, datas
     """One dataset's columns of a row (ours / paper / diff / flags / record), its value and its flags."""
     cell = choose(candidates(records, row, dataset, selection), selection)
     ours = None if cell.record is None else getattr(cell.record, metric)
-    paper_value, status = _paper(paper, row, dataset, "pacc" if metric == "aAcc" else "miou")
+    paper_value, status = _paper(paper, row, dataset, metric)
     title = COLUMN_TITLES[dataset]
     columns = {f"{title}_ours": None if ours is None else round(ours, 2), f"{title}_paper": paper_value,
                f"{title}_paper_status": status,
@@ -199,7 +200,7 @@ def build_table(records: list[RunRecord], paper: pd.DataFrame, rows: list[Row], 
         complete = not missing
         avg = sum(values) / len(values) if complete else None
         avg_rounded = sum(round(v, 2) for v in values) / len(values) if complete else None
-        paper_avg, paper_status = _paper(paper, row, "avg_printed", "pacc" if metric == "aAcc" else "miou")
+        paper_avg, paper_status = _paper(paper, row, "avg_printed", metric)
         line.update({"Avg_ours": None if avg is None else round(avg, 2),
                      "Avg_ours_of_rounded": None if avg_rounded is None else round(avg_rounded, 2),
                      "Avg_paper": paper_avg, "Avg_paper_status": paper_status,
