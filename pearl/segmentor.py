@@ -369,9 +369,7 @@ class Segmentor:
         """Post-fusion TLP of equal-size images in one solve, each input formed as alone."""
         size, cfg = items[0].ori_shape, self.tlp_config
         if all(self._pools_before_resizing(logits) for logits in fused):
-            z = torch.cat([pool_resized(logits.source[None], size, cfg) for logits in fused])
-            guide = torch.cat([pool_resized(item.input.float()[None], size, cfg) for item in items])
-            return [self._upsampled(one, size) for one in propagate(z, guide, self.affinity, cfg)]
+            return self._tlp_from_sources(items, fused, None)
         guide = torch.cat([_upsample(item.input.float(), size)[None] for item in items])
         refined = tlp(torch.stack([logits.full() for logits in fused]), guide, self.affinity, cfg)
         return [_OriginalSize(one.to(self.dtype), size, self.dtype) for one in refined]
@@ -431,7 +429,7 @@ class Segmentor:
             if post_fusion_tlp and logits.values <= FULL_SIZE_BUDGET:
                 return self._whole_tlp(logits, guide, info)
         elif post_fusion_tlp and self._pools_before_resizing(logits):
-            return self._source_tlp(item, logits, info)
+            return self._tlp_from_sources([item], [logits], self._tlp_info(info))[0]
         elif post_fusion_tlp and logits.values <= FULL_SIZE_BUDGET:
             return self._whole_tlp(logits, _upsample(item.input.float(), item.ori_shape)[None], info)
         return self._chunked_tlp(item, logits, info) if post_fusion_tlp else logits
@@ -446,14 +444,15 @@ class Segmentor:
                 and pooling_strides(*logits.size, self.tlp_config.grid) != (1, 1)
                 and tuple(logits.source.shape[1:]) != tuple(logits.size))
 
-    def _source_tlp(self, item: _Image, logits: _OriginalSize, info: dict) -> _OriginalSize:
-        """TLP on the grid pooled straight from the fused logits and the input (no original-size
-        input tensor is formed), its output upsampled to the original size as TLP's own last step
-        (above ``FULL_SIZE_BUDGET`` left on the grid, resized per slab when decided)."""
-        z = pool_resized(logits.source[None], logits.size, self.tlp_config)
-        guide = pool_resized(item.input.float()[None], item.ori_shape, self.tlp_config)
-        return self._upsampled(propagate(z, guide, self.affinity, self.tlp_config, self._tlp_info(info))[0],
-                               logits.size)
+    def _tlp_from_sources(self, items: list[_Image], fused: list[_OriginalSize], info: dict | None
+                          ) -> list[_OriginalSize]:
+        """TLP of equal-size images on the grid pooled straight from their fused logits and inputs (no
+        original-size input tensor is formed), each output upsampled to the original size as TLP's
+        own last step (above ``FULL_SIZE_BUDGET`` left on the grid, resized per slab when decided)."""
+        size, cfg = items[0].ori_shape, self.tlp_config
+        z = torch.cat([pool_resized(logits.source[None], size, cfg) for logits in fused])
+        guide = torch.cat([pool_resized(item.input.float()[None], size, cfg) for item in items])
+        return [self._upsampled(one, size) for one in propagate(z, guide, self.affinity, cfg, info)]
 
     def _upsampled(self, grid_logits: torch.Tensor, size: tuple[int, int]) -> _OriginalSize:
         """TLP's last step for a refined grid [Q, h, w]: resized to the original size in fp32 and cast,

@@ -425,3 +425,17 @@ def test_prepare_ade847_from_the_full_release(tmp_path, official_sizes, capsys):
     assert ade_full_size(512, 700) is None and ade_full_size(300, 200) is None
     # CAT-Seg: "ad, advertisement" has id 6, trainId 263; 4000 is no ADE20K-full class
     assert ade847_labels(_seg_png(np.array([[3148, 6, 4000]]))).tolist() == [[846, 263, 65535]]
+
+
+def test_prepare_names_a_damaged_official_annotation(tmp_path, capsys):
+    base = tmp_path / "VOCdevkit" / "VOC2010"
+    (base / "ImageSets" / "Main").mkdir(parents=True)
+    (base / "ImageSets" / "Main" / "val.txt").write_text("2008_000002\n2008_000003\n")
+    _mat(base / "trainval" / "2008_000002.mat", LabelMap=np.ones((4, 5), np.uint16))
+    (base / "trainval" / "2008_000003.mat").write_bytes(b"MATLAB 5.0 MAT-file, cut short")  # truncated download
+    assert main(["prepare", "context60", "--root", str(tmp_path), "--workers", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot convert {base / 'trainval' / '2008_000003.mat'}" in err and "re-extract it" in err
+    _mat(base / "trainval" / "2008_000003.mat", Other=np.ones((4, 5)))  # a .mat without the LabelMap array
+    assert main(["prepare", "context60", "--root", str(tmp_path), "--workers", "1", "--quiet"]) == 2
+    assert "not an official annotation with a 'LabelMap' array" in capsys.readouterr().err
