@@ -17,6 +17,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
+from .blocks import is_plain_block, plain_block
 from .checkpoints import check_plain_checkpoint_error, is_torchscript_archive, load_torchscript_weights
 from .errors import MissingFileError, WeightsError
 from .methods.base import Method
@@ -241,7 +242,8 @@ class Trunk(NamedTuple):
 
 
 def trunk(visual, images: torch.Tensor, keep_hidden: bool = False) -> Trunk:
-    """Patch embedding and blocks 1..L−1 (open_clip's own modules) for images [B, 3, H, W].
+    """Patch embedding and blocks 1..L−1 (open_clip's own modules; a plain block's attention as one
+    fused call, ``pearl.blocks.plain_block``) for images [B, 3, H, W].
 
     Independent of the method: jobs that differ only in the last block, the refinement or the
     decision can share one trunk (docs/speed.md §3).
@@ -251,7 +253,7 @@ def trunk(visual, images: torch.Tensor, keep_hidden: bool = False) -> Trunk:
     x, grid = embed(visual, images)
     hidden = []
     for block in visual.transformer.resblocks[:-1]:
-        x = block(x)
+        x = plain_block(block, x) if is_plain_block(block) else block(x)
         if keep_hidden:
             hidden.append(x)
     return Trunk(x, hidden, grid)

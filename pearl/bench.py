@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import segmentor as segmentor_module
-from .backbone import dense_features, load_clip, tiny_clip
+from .backbone import PRECISIONS, dense_features, load_clip, tiny_clip
 from .benchmarks import BENCHMARKS, DATASETS
 from .methods import available_methods, get_method
 from .methods import base as method_base
@@ -167,6 +167,31 @@ def backbone_flops(seg: Segmentor, prepared) -> float:
     return float(counter.get_total_flops())
 
 
+def gemm_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a size × size matrix product in ``dtype`` on ``device`` (median of ``repeats``): about
+    the most the backbone's matrix products can reach here."""
+    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+    times = []
+    for _ in range(repeats + 1):
+        _sync(device)
+        start = time.perf_counter()
+        a @ b
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return 2 * size ** 3 / statistics.median(times[1:])
+
+
+def speedup_ceiling(row: dict, peak_flops: float) -> float | None:
+    """The most the evaluation path could be faster than the loop on this machine: the loop's time per
+    image over the path's with the backbone (last block and PA included) at ``peak_flops`` and every
+    other device stage (fusion, TLP, decision) as measured. None without a loop."""
+    if not row.get("reference_images_per_s"):
+        return None
+    other_ms = sum(row[f"ms_{stage}"] for stage in ("fusion", "tlp", "decision"))
+    best_ms = 1000 * row["backbone_gflop"] * 1e9 / peak_flops + other_ms
+    return 1000 / row["reference_images_per_s"] / best_ms
+
+
 def _fast(segs: list[Segmentor], prepared: list, batch_images: int) -> None:
     for start in range(0, len(prepared), batch_images):
         for _ in predict_jointly(segs, prepared[start:start + batch_images], on_device=True):
@@ -217,6 +242,7 @@ def measure(seg: Segmentor, images: list[np.ndarray], batch_images: int, repeats
         **{f"ms_{stage}": value for stage, value in ms.items()},
         "pa_tlp_share": (ms["pa"] + ms["tlp"]) / sum(ms[s] for s in STAGES if s != "preprocess"),
         "ms_per_image": per_image_ms,
+        "backbone_gflop": flops / 1e9,
         "backbone_tflops": flops / (ms["backbone"] + ms["pa"]) / 1e9 if ms["backbone"] > 0 else None,
         "peak_cuda_gib": peaks["fast"][0], "peak_rss_gib": peaks["fast"][1],
         "reference_peak_cuda_gib": peaks.get("loop", (None, None))[0],
@@ -328,8 +354,10 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer = load_clip(args.model, pretrained, device, args.precision)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     weights = "random weights" if args.pretrained == "none" or args.model == "tiny" else args.pretrained
+    peak = gemm_peak_flops(device, PRECISIONS[args.precision])
     print(f"pearl.bench: {args.model} ({weights}), {args.precision}, {name}, torch {torch.__version__}; "
-          f"{images} images per size, {repeats} repeat(s), batch_images={args.batch_images}", flush=True)
+          f"{images} images per size, {repeats} repeat(s), batch_images={args.batch_images}; "
+          f"a 2048² matrix product runs at {peak / 1e12:.3g} TFLOP/s", flush=True)
     rows = []
     for size in sizes:
         pictures = bench_images(BENCHMARKS[size].typical_size, images)
@@ -342,8 +370,10 @@ def main(argv: list[str] | None = None) -> int:
                    "size": size, "height": pictures[0].shape[0], "width": pictures[0].shape[1], "method": method,
                    "pa": pa, "tlp": tlp, "default": (pa, tlp) == (cls.default_pa, cls.default_tlp)}
             row.update(measure(seg, pictures, args.batch_images, repeats, not args.no_reference))
+            row.update(gemm_peak_tflops=peak / 1e12, speedup_ceiling=speedup_ceiling(row, peak))
             rows.append(row)
-            speedup = f"{row['speedup']:.2f}× the loop" if row["speedup"] else "no loop"
+            speedup = (f"{row['speedup']:.2f}× the loop (at most {row['speedup_ceiling']:.2f}×)" if row["speedup"]
+                       else "no loop")
             stages = " ".join(f"{stage}={row['ms_' + stage]:.1f}" for stage in STAGES)
             print(f"{size:10s} {method:9s} pa={pa!s:5s} tlp={tlp!s:5s} {row['windows_per_image']:3d} win  "
                   f"{row['images_per_s']:7.2f} img/s  {speedup}  ms/img: {stages}  PA+TLP "

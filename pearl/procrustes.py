@@ -79,9 +79,11 @@ def procrustes_weights(q: torch.Tensor, k: torch.Tensor, scale: float, alpha_kk:
     if svd_failed:
         warnings.warn("pa_solver=svd: the SVD failed, so this batch used R = I (no alignment), as the released "
                       "code does; the record counts it (pa_svd_fallback)", RuntimeWarning, stacklevel=2)
-    logits = (q * scale) @ (k @ rotation).transpose(-1, -2)
+    # (k R)ᵀ = Rᵀ kᵀ and K_cᵀ formed contiguous: a transposed view as the right factor of a 4-D
+    # matmul is slow on a CPU (PA at T = 589 tokens: 23.9 → 16.3 ms); the key-key term added in place
+    logits = (q * scale) @ (rotation.transpose(-1, -2) @ k.transpose(-1, -2))
     if alpha_kk:
-        logits = logits + alpha_kk * scale * (k_centred @ k_centred.transpose(-1, -2))
+        logits.add_(k_centred @ k_centred.transpose(-1, -2).contiguous(), alpha=alpha_kk * scale)
     weights = torch.softmax(logits, dim=-1)
     if not diagnostics:
         return weights, {}

@@ -447,18 +447,13 @@ class Segmentor:
     def _tlp_from_sources(self, items: list[_Image], fused: list[_OriginalSize], info: dict | None
                           ) -> list[_OriginalSize]:
         """TLP of equal-size images on the grid pooled straight from their fused logits and inputs (no
-        original-size input tensor is formed), each output upsampled to the original size as TLP's
-        own last step (above ``FULL_SIZE_BUDGET`` left on the grid, resized per slab when decided)."""
+        original-size input tensor is formed). Each refined grid [Q, h, w] is returned as the original-size
+        logits it is resized to (fp32, then cast, as ``tlp`` does), resized when decided, as fused logits
+        are without TLP: a batch holds grids, not original-size tensors."""
         size, cfg = items[0].ori_shape, self.tlp_config
         z = torch.cat([pool_resized(logits.source[None], size, cfg) for logits in fused])
         guide = torch.cat([pool_resized(item.input.float()[None], size, cfg) for item in items])
-        return [self._upsampled(one, size) for one in propagate(z, guide, self.affinity, cfg, info)]
-
-    def _upsampled(self, grid_logits: torch.Tensor, size: tuple[int, int]) -> _OriginalSize:
-        """TLP's last step for a refined grid [Q, h, w]: resized to the original size in fp32 and cast,
-        as ``tlp`` does; above ``FULL_SIZE_BUDGET`` left on the grid (resized per slab when decided)."""
-        refined = _OriginalSize(grid_logits, size, self.dtype)
-        return _OriginalSize(refined.full(), size, self.dtype) if refined.values <= FULL_SIZE_BUDGET else refined
+        return [_OriginalSize(one, size, self.dtype) for one in propagate(z, guide, self.affinity, cfg, info)]
 
     def _tlp_info(self, info: dict) -> dict | None:
         return info if self.diagnostics else None

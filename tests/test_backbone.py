@@ -9,6 +9,7 @@ import pearl
 from pearl import backbone
 from pearl.backbone import TINY_CONFIG as TINY_CFG
 from pearl.backbone import dense_features, embed, positional_embedding
+from pearl.blocks import is_plain_block
 from pearl.errors import WeightsError
 
 from .conftest import build_method
@@ -27,6 +28,44 @@ def test_vanilla_dense_forward_reproduces_stock_open_clip(tiny_model):
     stock = tokens @ visual.proj
     stock = stock / stock.norm(dim=-1, keepdim=True)
     assert torch.allclose(feats.reshape(2, 16, -1), stock, atol=1e-6)
+
+
+def _open_clip_blocks(visual, images):
+    x, _ = embed(visual, images)
+    outputs = []
+    for block in visual.transformer.resblocks[:-1]:
+        x = block(x)  # open_clip's own forward: nn.MultiheadAttention
+        outputs.append(x)
+    return outputs
+
+
+def test_trunk_computes_open_clips_own_blocks(tiny_model):
+    """Blocks 1..L−1 with the attention as one SDPA call = open_clip's own block forward (fp32)."""
+    images = torch.randn(3, 3, 50, 81)
+    shared = backbone.trunk(tiny_model.visual, images, keep_hidden=True)
+    expected = _open_clip_blocks(tiny_model.visual, images)
+    assert len(shared.hidden) == len(expected) == 11
+    for ours, theirs in zip(shared.hidden, expected):
+        assert (ours - theirs).abs().max() < 1e-5
+    assert torch.equal(shared.x, shared.hidden[-1]) and shared.grid == (3, 5)
+
+
+def test_trunk_runs_any_other_block_through_its_own_forward():
+    """A block that is not open_clip's plain ResidualAttentionBlock (here a subclass changing the
+    output) keeps its own forward."""
+    class Shifted(open_clip.transformer.ResidualAttentionBlock):
+        def forward(self, q_x, *args, **kwargs):
+            return super().forward(q_x) + 1.0
+
+    model = backbone.tiny_clip(seed=3)[0]
+    blocks = model.visual.transformer.resblocks
+    shifted = Shifted(64, 2, act_layer=open_clip.transformer.QuickGELU)
+    shifted.load_state_dict(blocks[4].state_dict())
+    blocks[4] = shifted.eval()
+    images = torch.randn(1, 3, 64, 64)
+    ours = backbone.trunk(model.visual, images).x
+    assert (ours - _open_clip_blocks(model.visual, images)[-1]).abs().max() < 1e-5
+    assert is_plain_block(blocks[3]) and not is_plain_block(shifted)
 
 
 def test_positional_embedding_plus_point_one_interpolation(tiny_model):

@@ -37,3 +37,12 @@ def test_marginal_cost_of_pa_and_tlp_is_against_the_same_method_with_both_off():
     # 1/1.5 s against 1/2.0 s per image: PA + TLP add 0.1667 s of 0.6667 s = 25 %; ADE20K has no 'off' run,
     # NACLIP's default has neither
     assert marginal_costs(rows) == {("pearl", "voc21"): pytest.approx(0.25)}
+
+
+def test_speedup_ceiling_puts_the_backbone_at_the_matrix_product_peak():
+    from pearl.bench import speedup_ceiling
+    row = {"reference_images_per_s": 2.0, "backbone_gflop": 60.0, "ms_fusion": 5.0, "ms_tlp": 40.0,
+           "ms_decision": 35.0, "ms_backbone": 300.0, "ms_pa": 25.0}
+    # loop 500 ms per image; best case 60 GFLOP at 0.3 TFLOP/s = 200 ms + 80 ms of other stages
+    assert speedup_ceiling(row, 0.3e12) == pytest.approx(500 / 280)
+    assert speedup_ceiling({**row, "reference_images_per_s": None}, 0.3e12) is None
