@@ -310,6 +310,18 @@ def marginal_costs(rows: list[dict]) -> dict[tuple[str, str], float]:
     return costs
 
 
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """``rows`` as CSV at ``path`` (replaced whole, through a temporary file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    with partial.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({k: (f"{v:.6g}" if isinstance(v, float) and math.isfinite(v) else v)
+                          for k, v in row.items()} for row in rows)
+    partial.replace(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pearl.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -372,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
             row.update(measure(seg, pictures, args.batch_images, repeats, not args.no_reference))
             row.update(gemm_peak_tflops=peak / 1e12, speedup_ceiling=speedup_ceiling(row, peak))
             rows.append(row)
+            write_csv(Path(args.out), rows)  # after every measurement: a run cut short keeps its rows
             speedup = (f"{row['speedup']:.2f}× the loop (at most {row['speedup_ceiling']:.2f}×)" if row["speedup"]
                        else "no loop")
             stages = " ".join(f"{stage}={row['ms_' + stage]:.1f}" for stage in STAGES)
@@ -391,14 +404,7 @@ def main(argv: list[str] | None = None) -> int:
               f"({sum(BENCHMARKS[d].official_size for d in DATASETS)} images): {value:.1f} min")
     if minutes:
         print(f"Table 1 extrapolated, the {len(minutes)} methods measured: {sum(minutes.values()):.1f} min")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows({k: (f"{v:.6g}" if isinstance(v, float) and math.isfinite(v) else v)
-                          for k, v in row.items()} for row in rows)
-    print(f"wrote {out}")
+    print(f"wrote {args.out}")
     return 0
 
 

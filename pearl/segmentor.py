@@ -404,14 +404,19 @@ class Segmentor:
         first = item.windows[0]  # every window of one image has the same size and padding
         left, right, top, bottom = self._padding(first)
         crop_h, crop_w = first.y2 - first.y1, first.x2 - first.x1
-        upsampled = F.interpolate(torch.stack(patch_logits), size=(crop_h + top + bottom, crop_w + left + right),
-                                  mode="bilinear", align_corners=False)[:, :, top:top + crop_h, left:left + crop_w]
-        for window, logits in zip(item.windows, upsampled):
-            if per_window_tlp:
-                logits = self._window_tlp(logits, item.input[:, window.y1:window.y2, window.x1:window.x2])
-            canvas[:, window.y1:window.y2, window.x1:window.x2] += logits
-            count[:, window.y1:window.y2, window.x1:window.x2] += 1
-        return _OriginalSize(canvas / count, item.ori_shape, canvas_dtype)
+        padded = (crop_h + top + bottom, crop_w + left + right)
+        # windows upsampled together, in chunks of up to SLAB_VALUES: all of ADE20K's six at once would
+        # hold 180 MB of upsampled logits beside the canvas
+        chunk = max(1, SLAB_VALUES // (self.vocabulary.num_queries * padded[0] * padded[1]))
+        for start in range(0, len(item.windows), chunk):
+            upsampled = F.interpolate(torch.stack(patch_logits[start:start + chunk]), size=padded, mode="bilinear",
+                                      align_corners=False)[:, :, top:top + crop_h, left:left + crop_w]
+            for window, logits in zip(item.windows[start:start + chunk], upsampled):
+                if per_window_tlp:
+                    logits = self._window_tlp(logits, item.input[:, window.y1:window.y2, window.x1:window.x2])
+                canvas[:, window.y1:window.y2, window.x1:window.x2] += logits
+                count[:, window.y1:window.y2, window.x1:window.x2] += 1
+        return _OriginalSize(canvas.div_(count), item.ori_shape, canvas_dtype)
 
     def _refine(self, item: _Image, logits: _OriginalSize, info: dict) -> _OriginalSize:
         """PAMR and post-fusion TLP on the original-size logits, guided by the upsampled input (fp32).

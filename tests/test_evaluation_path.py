@@ -46,3 +46,26 @@ def test_speedup_ceiling_puts_the_backbone_at_the_matrix_product_peak():
     # loop 500 ms per image; best case 60 GFLOP at 0.3 TFLOP/s = 200 ms + 80 ms of other stages
     assert speedup_ceiling(row, 0.3e12) == pytest.approx(500 / 280)
     assert speedup_ceiling({**row, "reference_images_per_s": None}, 0.3e12) is None
+
+
+def test_bench_writes_every_measurement_with_its_ceiling(tmp_path, capsys):
+    import csv
+
+    from pearl.bench import main
+    out = tmp_path / "bench.csv"
+    assert main(["--model", "tiny", "--methods", "vanilla", "--sizes", "voc21", "--images", "1", "--repeats", "1",
+                 "--out", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [(row["pa"], row["tlp"]) for row in rows] == [("True", "True"), ("True", "False"), ("False", "True"),
+                                                         ("False", "False")]  # PA on/off × TLP on/off
+    for row in rows:
+        assert float(row["gemm_peak_tflops"]) > 0 and float(row["backbone_gflop"]) > 0
+        # the tiny model's backbone runs far below the matrix-product peak: room the ceiling shows
+        assert float(row["speedup_ceiling"]) > float(row["speedup"]) > 0
+    assert "TFLOP/s" in capsys.readouterr().out and not out.with_name("bench.csv.partial").exists()
+
+
+def test_bench_names_a_bad_size_and_exits_2(capsys):
+    from pearl.bench import main
+    assert main(["--sizes", "voc21,vocc", "--model", "tiny"]) == 2
+    assert "vocc" in capsys.readouterr().err
