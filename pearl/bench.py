@@ -194,8 +194,10 @@ def speedup_ceiling(row: dict, peak_flops: float) -> float | None:
 
 def _fast(segs: list[Segmentor], prepared: list, batch_images: int) -> None:
     for start in range(0, len(prepared), batch_images):
-        for _ in predict_jointly(segs, prepared[start:start + batch_images], on_device=True):
-            pass
+        batch = prepared[start:start + batch_images]
+        predictions = predict_jointly(segs, batch, on_device=True)
+        for _ in batch:
+            next(predictions)  # released before the next image's are made, as the runner releases them
 
 
 def measure(seg: Segmentor, images: list[np.ndarray], batch_images: int, repeats: int, reference: bool) -> dict:

@@ -60,7 +60,8 @@ RUN_KEYS: dict[str, RunKey] = {
     "device": RunKey("auto", "auto = cuda if available, else cpu", _device, "auto, cpu, cuda, cuda:N, mps"),
     "workers": RunKey(1, "processes (one GPU each) that split one job's dataset", _int_at_least(1),
                       "an integer ≥ 1"),
-    "window_batch_size": RunKey(None, "windows per batched forward; null = 8 on a CPU, 64 on a GPU (speed only)",
+    "window_batch_size": RunKey(None, "windows per batched forward; null = 64 on a GPU, on a CPU 8 or fewer for "
+                                "windows of over 197 tokens (docs/speed.md §2; speed only)",
                                 lambda v: v is None or _int_at_least(1)(v), "an integer ≥ 1 or null"),
     "batch_images": RunKey(8, "images whose windows share batched forwards (speed only)", _int_at_least(1),
                            "an integer ≥ 1"),

@@ -193,10 +193,19 @@ def resolve_settings(method: str, pa: bool | None, tlp: bool | None, params: dic
     return method_cls, resolved
 
 
-def default_window_batch_size(device: torch.device) -> int:
-    """Windows per forward when not given: 8 on a CPU, where larger batches' temporaries fall out of
-    the caches (measured: 24 % slower backbone at 64 on Cityscapes, benchmarks/README.md), 64 elsewhere."""
-    return 8 if device.type == "cpu" else 64
+CPU_BATCH_ATTENTION = 8 * 197 ** 2  # query × key values per head of eight 224² ViT-B/16 windows
+
+
+def default_window_batch_size(device: torch.device, tokens: int) -> int:
+    """Windows of ``tokens`` tokens per forward when ``window_batch_size`` is not given: 64 on a GPU.
+    On a CPU at most 8, and no more than hold eight 224² ViT-B/16 windows' attention
+    (``CPU_BATCH_ATTENTION``): larger batches' temporaries fall out of the caches (Cityscapes'
+    backbone 24 % slower at 64) and raise the peak memory above the per-window loop's (eight
+    whole VOC images in one forward: +0.29 GiB for 4 % speed), so a whole VOC image or a 448²
+    ClearCLIP window runs alone there (docs/speed.md §2)."""
+    if device.type != "cpu":
+        return 64
+    return max(1, min(8, CPU_BATCH_ATTENTION // tokens ** 2))
 
 
 @dataclass(frozen=True)
@@ -229,11 +238,9 @@ class Segmentor:
         self.pamr_config = build(PAMRConfig, self.params, "pamr_")
         self.pa, self.tlp, self.pamr = self.params["pa"], self.params["tlp"], self.params["pamr"]
         self.device = torch.device(device)
-        if window_batch_size is None:
-            window_batch_size = default_window_batch_size(self.device)
-        if window_batch_size < 1:
+        if window_batch_size is not None and window_batch_size < 1:
             raise ValueError(f"window_batch_size must be ≥ 1, got {window_batch_size}")
-        self.window_batch_size = window_batch_size
+        self.window_batch_size = window_batch_size  # None: default_window_batch_size, per window shape
         # one batched TLP solve for equal-size images on a GPU (fewer kernel launches); on a CPU the
         # batched tensors fall out of the caches and it was slower (docs/speed.md §2), so none there
         self.tlp_batch_values = BATCHED_TLP_VALUES if self.device.type == "cuda" else 0
@@ -325,6 +332,14 @@ class Segmentor:
         windows = sliding_windows(tensor.shape[1], tensor.shape[2], self.windows.slide_crop,
                                   self.windows.slide_stride)
         return _Image(tensor, tuple(prepared.original_size), windows)
+
+    def windows_per_forward(self, crop_shape: Sequence[int]) -> int:
+        """Windows of ``crop_shape`` [3, h, w] batched in one forward: ``window_batch_size``, or when
+        that is None, :func:`default_window_batch_size` for this device and their token count."""
+        if self.window_batch_size is not None:
+            return self.window_batch_size
+        patch = patch_size(self.model.visual)
+        return default_window_batch_size(self.device, (crop_shape[-2] // patch) * (crop_shape[-1] // patch) + 1)
 
     def _padding(self, window: Window) -> tuple[int, int, int, int]:
         """(left, right, top, bottom) zero padding of a sliding-window crop: to a multiple of the
@@ -494,7 +509,6 @@ def warn_nan_windows(nan_windows: int, windows: int) -> None:
                       f"isolated outliers; sfp_nan_guard=True avoids it)", RuntimeWarning, stacklevel=3)
 
 
-@torch.no_grad()
 def predict_jointly(segmentors: Sequence[Segmentor], images: Sequence, on_device: bool = False
                     ) -> Iterator[list[Prediction]]:
     """Per image (in order), one prediction per segmentor, computed on one shared trunk.
@@ -507,21 +521,14 @@ def predict_jointly(segmentors: Sequence[Segmentor], images: Sequence, on_device
     segmentor is what it computes alone. Predictions are made a group of equal-size images at a
     time as the iterator advances, so only that group's are alive (docs/speed.md §2).
     """
+    # not itself under torch.no_grad(): its generator wrapper would hold each yielded result until the
+    # next is made, two images' predictions alive at once
     lead = segmentors[0]
     if any(seg.trunk_key() != lead.trunk_key() for seg in segmentors[1:]):
         raise ValueError("segmentors share a trunk only with the same model, device, rescale, windows, input dtype "
                          "and padding")
     prepared = [lead._prepare_image(image) for image in images]
-    patch_logits = [[[None] * len(item.windows) for item in prepared] for _ in segmentors]
-    stats = [defaultdict(list) if seg.diagnostics else None for seg in segmentors]
-    keep_hidden = any(seg.method.needs_hidden_states for seg in segmentors)
-    for chunk in _window_batches(lead, prepared):
-        shared = trunk(lead.model.visual, torch.stack([crop for _, _, crop in chunk]), keep_hidden)
-        for seg, logits_of, seg_stats in zip(segmentors, patch_logits, stats):
-            for (image_index, window_index, _), window_logits in zip(chunk, seg._window_logits(shared, seg_stats)):
-                logits_of[image_index][window_index] = window_logits
-    forward_info = [{key: torch.stack(values).mean() for key, values in (seg_stats or {}).items()}
-                    for seg_stats in stats]
+    patch_logits, forward_info = _shared_window_logits(segmentors, prepared)
     queries = max(seg.vocabulary.num_queries for seg in segmentors)
     budget = max(seg.tlp_batch_values for seg in segmentors)
     ready: dict[int, list[Prediction]] = {}
@@ -532,6 +539,26 @@ def predict_jointly(segmentors: Sequence[Segmentor], images: Sequence, on_device
         yield ready.pop(image_index)
 
 
+@torch.no_grad()
+def _shared_window_logits(segmentors: Sequence[Segmentor], prepared: list[_Image]) -> tuple[list, list[dict]]:
+    """Each segmentor's [Q, h', w'] logits of every window of every image (per segmentor, image,
+    window), blocks 1..L−1 run once per batch of equal-shape windows; and each one's forward
+    diagnostics (means over the windows)."""
+    lead = segmentors[0]
+    patch_logits = [[[None] * len(item.windows) for item in prepared] for _ in segmentors]
+    stats = [defaultdict(list) if seg.diagnostics else None for seg in segmentors]
+    keep_hidden = any(seg.method.needs_hidden_states for seg in segmentors)
+    for chunk in _window_batches(lead, prepared):
+        shared = trunk(lead.model.visual, torch.stack([crop for _, _, crop in chunk]), keep_hidden)
+        for seg, logits_of, seg_stats in zip(segmentors, patch_logits, stats):
+            for (image_index, window_index, _), window_logits in zip(chunk, seg._window_logits(shared, seg_stats)):
+                logits_of[image_index][window_index] = window_logits
+    forward_info = [{key: torch.stack(values).mean() for key, values in (seg_stats or {}).items()}
+                    for seg_stats in stats]
+    return patch_logits, forward_info
+
+
+@torch.no_grad()
 def _predict_group(segmentors, prepared: list[_Image], patch_logits: list, forward_info: list, group: list[int],
                    on_device: bool) -> dict[int, list[Prediction]]:
     """image index → one prediction per segmentor, for the images of ``group``."""
@@ -563,12 +590,14 @@ def _take(items: list, index: int):
 
 
 def _window_batches(seg: Segmentor, prepared: list[_Image]) -> Iterator[list[tuple[int, int, torch.Tensor]]]:
-    """Chunks of at most ``window_batch_size`` (image index, window index, crop) of equal crop shape."""
+    """Chunks of at most :meth:`Segmentor.windows_per_forward` (image index, window index, crop) of
+    equal crop shape."""
     groups = defaultdict(list)
     for image_index, item in enumerate(prepared):
         for window_index, window in enumerate(item.windows):
             crop = seg._crop(item, window)
             groups[tuple(crop.shape)].append((image_index, window_index, crop))
-    for group in groups.values():
-        for start in range(0, len(group), seg.window_batch_size):
-            yield group[start:start + seg.window_batch_size]
+    for shape, group in groups.items():
+        size = seg.windows_per_forward(shape)
+        for start in range(0, len(group), size):
+            yield group[start:start + size]

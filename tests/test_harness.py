@@ -206,16 +206,21 @@ def test_runner_holds_one_prediction_at_a_time_and_obeys_on_error_for_oversized_
     import weakref
 
     from pearl import runner as runner_module
-    original, alive = runner_module.predict_jointly, []
+    from pearl import segmentor as segmentor_module
+    original, original_group, alive = runner_module.predict_jointly, segmentor_module._predict_group, []
 
     def predict_jointly(segmentors, images, on_device=False):
         for outputs in original(segmentors, images, on_device):
-            assert all(ref() is None for ref in alive), "the previous prediction is still referenced"
             alive.extend(weakref.ref(out) for out in outputs)
             yield outputs
             del outputs  # this wrapper must not be what keeps them
 
+    def predict_group(*args, **kwargs):  # when the next image's predictions start to be made
+        assert all(ref() is None for ref in alive), "the previous prediction is still referenced"
+        return original_group(*args, **kwargs)
+
     monkeypatch.setattr(runner_module, "predict_jointly", predict_jointly)
+    monkeypatch.setattr(segmentor_module, "_predict_group", predict_group)
     root = write_dataset("ade20k", tmp_path / "data", num_images=3, size=(32, 48))
     write_dataset("ade20k", tmp_path / "large", num_images=3, size=(64, 96))
     layout = BENCHMARKS["ade20k"]

@@ -183,7 +183,12 @@ def test_windows_of_all_images_share_batched_forwards(tiny_model, tokenizer, pho
         calls.append(images.shape[0])
         return original(visual, images, keep_hidden)
     monkeypatch.setattr(module, "trunk", counting)
-    assert _segmentor(tiny_model, tokenizer, "pearl").window_batch_size == 8  # the CPU default
+    from pearl.segmentor import default_window_batch_size
+    default = _segmentor(tiny_model, tokenizer, "pearl")  # CPU: 8, or as many as hold 8 × 197² attention values
+    assert default.windows_per_forward((3, 224, 224)) == 8  # 14² + 1 = 197 tokens
+    assert default.windows_per_forward((3, 240, 240)) == 6  # 226 tokens: 8 · 197² // 226² = 6
+    assert default.windows_per_forward((3, 336, 448)) == 1  # a whole VOC image, 589 tokens, alone
+    assert default_window_batch_size(torch.device("cuda"), 589) == 64
     seg = _segmentor(tiny_model, tokenizer, "pearl", slide_crop=64, slide_stride=32, window_batch_size=64)
     seg.predict(photos["chelsea"])
     assert len(calls) == 1 and calls[0] == 15  # 112×168 → 3 × 5 windows in one forward
@@ -314,3 +319,13 @@ def test_a_parameter_walks_from_the_flat_name_to_its_stage(tiny_model, tokenizer
     assert seg.method.config.gauss_std == 2.5 and seg.tlp_config.lambda_ == 0.5 and seg.decision.prob_thd == 0.2
     with pytest.raises(ValueError, match=r"naclip_gauss_std=0.0 is out of range: it must be > 0"):
         _segmentor(tiny_model, tokenizer, "naclip", naclip_gauss_std=0)
+
+
+def test_joint_predictions_record_no_autograd_graph_and_leave_the_consumer_in_grad_mode(tiny_model, tokenizer,
+                                                                                         photos):
+    from pearl.segmentor import predict_jointly
+    seg = _segmentor(tiny_model, tokenizer, "pearl", slide_crop=64, slide_stride=48)
+    assert any(p.requires_grad for p in tiny_model.parameters())  # a graph would be recorded without no_grad
+    for (out,) in predict_jointly([seg], [photos["chelsea"], photos["coffee"]]):
+        assert torch.is_grad_enabled()  # no_grad does not leak out to the caller between images
+        assert not out.logits.requires_grad and not out.probs.requires_grad
