@@ -285,6 +285,19 @@ class Segmentor:
         return (id(self.model), self.device, self.windows, self.method.fuse_in_model_dtype and self.dtype,
                 self.method.pad_crops_to_patch)
 
+    def fuses_as(self, other: Segmentor) -> bool:
+        """Whether ``other`` computes this segmentor's fused logits: one trunk, the same last block
+        (method and its settings, PA included), text prototypes, model dtype and diagnostics, and
+        TLP's settings where TLP runs inside the fusion (per window). Such segmentors differ only in
+        what follows the fusion (post-fusion TLP, PAMR, the decision), so one fusion serves them."""
+        return (self._fusion_settings() == other._fusion_settings()
+                and self.prototypes.shape == other.prototypes.shape and torch.equal(self.prototypes, other.prototypes))
+
+    def _fusion_settings(self) -> tuple:
+        per_window_tlp = self.tlp and self.tlp_config.site == "per_window"
+        return (self.trunk_key(), type(self.method), self.method.config, self.dtype, self.diagnostics,
+                per_window_tlp and self.tlp_config)  # per-window TLP's affinity follows from it and the prototypes
+
     def _decide(self, logits: _OriginalSize, info: dict) -> Prediction:
         """The decision at the original size: whole, or in column slabs above ``FULL_SIZE_BUDGET``."""
         rule = (self.query_to_class, self.vocabulary.num_classes, self.decision.logit_scale)
@@ -373,6 +386,11 @@ class Segmentor:
         each decided alone."""
         infos = [dict(forward_info, windows=len(item.windows)) for item in items]
         fused = [self._fuse(item, logits, info) for item, logits, info in zip(items, patch_logits, infos)]
+        return self._finish_images(items, fused, infos, on_device)
+
+    def _finish_images(self, items: list[_Image], fused: list[_OriginalSize], infos: list[dict], on_device: bool
+                       ) -> list[Prediction]:
+        """Refinement and decision of equal-size images from their fused logits (not modified)."""
         if self._batches_tlp(fused):
             fused = self._batched_tlp(items, fused)
         else:
@@ -528,13 +546,14 @@ def predict_jointly(segmentors: Sequence[Segmentor], images: Sequence, on_device
         raise ValueError("segmentors share a trunk only with the same model, device, rescale, windows, input dtype "
                          "and padding")
     prepared = [lead._prepare_image(image) for image in images]
-    patch_logits, forward_info = _shared_window_logits(segmentors, prepared)
+    fusers = _fusers(segmentors)
+    patch_logits, forward_info = _shared_window_logits([segmentors[i] for i in fusers], prepared)
     queries = max(seg.vocabulary.num_queries for seg in segmentors)
     budget = max(seg.tlp_batch_values for seg in segmentors)
     ready: dict[int, list[Prediction]] = {}
     for image_index, group in enumerate(_equal_size_groups(prepared, queries, budget)):
         if image_index not in ready:  # the first image of its group: predict the group
-            ready.update(_predict_group(segmentors, prepared, patch_logits, forward_info, group, on_device))
+            ready.update(_predict_group(segmentors, fusers, prepared, patch_logits, forward_info, group, on_device))
         # popped, and no other name holds them: once the consumer releases them they are freed
         yield ready.pop(image_index)
 
@@ -558,13 +577,30 @@ def _shared_window_logits(segmentors: Sequence[Segmentor], prepared: list[_Image
     return patch_logits, forward_info
 
 
+def _fusers(segmentors: Sequence[Segmentor]) -> dict[int, list[int]]:
+    """Index of the segmentor that computes a fusion → the indices of all that use it (itself
+    first): those for which :meth:`Segmentor.fuses_as` holds."""
+    fusers: dict[int, list[int]] = {}
+    for index, seg in enumerate(segmentors):
+        owner = next((first for first in fusers if seg.fuses_as(segmentors[first])), index)
+        fusers.setdefault(owner, []).append(index)
+    return fusers
+
+
 @torch.no_grad()
-def _predict_group(segmentors, prepared: list[_Image], patch_logits: list, forward_info: list, group: list[int],
-                   on_device: bool) -> dict[int, list[Prediction]]:
-    """image index → one prediction per segmentor, for the images of ``group``."""
-    per_segmentor = [seg._predict_images([prepared[i] for i in group], [_take(logits_of, i) for i in group],
-                                         info, on_device)
-                     for seg, logits_of, info in zip(segmentors, patch_logits, forward_info)]
+def _predict_group(segmentors, fusers: dict[int, list[int]], prepared: list[_Image], patch_logits: list,
+                   forward_info: list, group: list[int], on_device: bool) -> dict[int, list[Prediction]]:
+    """image index → one prediction per segmentor, for the images of ``group``: each fusion made
+    once, then refined and decided by every segmentor that uses it (one fusion alive at a time)."""
+    items = [prepared[i] for i in group]
+    per_segmentor: list[list[Prediction] | None] = [None] * len(segmentors)
+    for (owner, users), logits_of, info in zip(fusers.items(), patch_logits, forward_info):
+        infos = [dict(info, windows=len(item.windows)) for item in items]
+        fused = [segmentors[owner]._fuse(item, _take(logits_of, i), one) for item, i, one in zip(items, group, infos)]
+        for user in users:
+            per_segmentor[user] = segmentors[user]._finish_images(items, fused, [dict(one) for one in infos],
+                                                                  on_device)
+        del fused
     return {index: [predictions[position] for predictions in per_segmentor] for position, index in enumerate(group)}
 
 

@@ -45,8 +45,15 @@ def test_a_sweep_shares_one_trunk_and_each_record_equals_the_job_alone(synthetic
     calls.clear()
 
     cfgs = _cfgs(synthetic, tmp_path / "together", jobs)
+    fusions = []
+    fuse = segmentor_module.Segmentor._fuse
+    monkeypatch.setattr(segmentor_module.Segmentor, "_fuse",
+                        lambda self, *args: fusions.append(self.pa) or fuse(self, *args))
     assert runner.evaluate_together(cfgs) == [5]  # the four pearl variants and naclip
     assert calls == per_job  # the five jobs' windows went through blocks 1..L−1 once
+    # one last block and fusion per image for PEARL with PA, one without (TLP on or off), one for NACLIP
+    images = next(iter(alone.values())).image_count
+    assert images == 3 and sorted(fusions) == [False] * 2 * images + [True] * images
     outcomes = [runner.run_job(cfg) for cfg in cfgs]
     assert [status for status, _ in outcomes] == ["ran"] * 6
     for _, record in outcomes:
