@@ -60,7 +60,7 @@ def plain_block(block, x: torch.Tensor) -> torch.Tensor:
     """open_clip ``ResidualAttentionBlock.forward`` (no mask) for x [B, T, C], its attention one call
     of ``F.scaled_dot_product_attention``: on a CPU ``nn.MultiheadAttention``'s inference fast path
     forms the [B, heads, T, T] weights with separate matmuls and softmax; SDPA does not (fp32, equal
-    to about 3e−6; blocks 1…11 of ViT-B/16 7–10 % faster on a CPU, benchmarks/README.md)."""
+    to about 3e−6; blocks 1…11 of ViT-B/16 7–10 % faster on a CPU, docs/speed.md §2)."""
     q, k, v = split_heads(block, block.ln_1(x))
     x = x + block.ls_1(merge_heads(block, F.scaled_dot_product_attention(q, k, v)))
     return mlp_residual(block, x)
