@@ -534,7 +534,8 @@ def predict_jointly(segmentors: Sequence[Segmentor], images: Sequence, on_device
     The segmentors must have equal :meth:`Segmentor.trunk_key` (same model, device, rescale,
     windows, input dtype and padding): each image is prepared and cut into windows once, windows
     of equal shape (of all the images) are batched, blocks 1..L−1 run once per batch, and each
-    segmentor's last block, fusion, refinement and decision run on that trunk; the post-fusion TLP
+    segmentor's last block, fusion, refinement and decision run on that trunk (the last block and
+    the fusion once for the segmentors that :meth:`Segmentor.fuses_as` one another); the post-fusion TLP
     of images of equal size is one batched solve on a GPU (``tlp_batch_values``). The result of each
     segmentor is what it computes alone. Predictions are made a group of equal-size images at a
     time as the iterator advances, so only that group's are alive (docs/speed.md §2).
