@@ -27,5 +27,4 @@ def main(cfg: DictConfig) -> str:
 
 
 if __name__ == "__main__":
-    main()
-    sys.exit(cli.exit_code())
+    sys.exit(cli.main(main))

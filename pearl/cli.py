@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
@@ -28,22 +29,64 @@ STATUS_FILE = "pearl_status.txt"  # in each job's output folder: "<status>\t<det
 
 def execute(cfg: DictConfig, group: str | None = None, description: str = "", output_dir: str | None = None) -> str:
     """Run one job; returns "ran", "skipped", "busy" (another process is running it), "dry_run" or
-    "failed". A user error (bad key or value, missing dataset or weights) is printed as one line,
-    not raised, unless PEARL_TRACEBACK=1. With ``output_dir`` the outcome is also written there,
-    for a sweep whose jobs run in other processes (submitit) to be summarised."""
+    "failed". A job that fails, by a user error (bad key or value, missing dataset or weights) or
+    by any other exception, fails alone: one line is printed (once for a message that several jobs
+    of a sweep share), nothing is raised, unless PEARL_TRACEBACK=1. With ``output_dir`` the outcome
+    is also written there, for a sweep whose jobs run in other processes (submitit) to be
+    summarised, and an unexpected exception's traceback beside it (``pearl_traceback.txt``)."""
     from .runner import run_job
     try:
         status, _ = run_job(cfg, group)
         detail = ""
-    except UserError as error:
+    except Exception as error:  # noqa: BLE001 — one job's failure never ends the sweep
         if _show_traceback():
             raise
-        status, detail = "failed", f"[{description}] {error}"
-        print(f"error: {error}", file=sys.stderr, flush=True)
+        status, detail = "failed", f"[{description}] {_one_line(error, output_dir)}"
+        _print_once(f"error: {_one_line(error, output_dir)}")
     _outcomes.append((status, detail))
     if output_dir is not None:
         Path(output_dir, STATUS_FILE).write_text(f"{status}\t{detail}", encoding="utf-8")
     return status
+
+
+TRACEBACK_FILE = "pearl_traceback.txt"
+_printed: set[str] = set()
+
+
+def _one_line(error: Exception, output_dir: str | None) -> str:
+    """A user error's message; for anything else its type and message, and where its traceback is."""
+    if isinstance(error, UserError):
+        return str(error)
+    where = "PEARL_TRACEBACK=1 shows the traceback"
+    if output_dir is not None:
+        path = Path(output_dir, TRACEBACK_FILE)
+        path.write_text("".join(traceback.format_exception(error)), encoding="utf-8")
+        where = f"traceback in {path}"
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''} (an unexpected error; {where})"
+
+
+def _print_once(line: str) -> None:
+    if line not in _printed:
+        _printed.add(line)
+        print(line, file=sys.stderr, flush=True)
+
+
+INTERRUPTED_EXIT_CODE = 130  # the shell's code for a process ended by Ctrl-C (128 + SIGINT)
+
+
+def main(hydra_main: Callable[[], object]) -> int:
+    """run.py's entry: the exit code of ``hydra_main()`` (1 when any job failed); Ctrl-C ends it with
+    one line and exit code 130. Every record written before it is kept and no lock stays held, so
+    running the same command again evaluates only what is left."""
+    try:
+        hydra_main()
+    except KeyboardInterrupt:
+        if _show_traceback():
+            raise
+        print("interrupted: every finished job kept its record; run the same command again to evaluate the rest",
+              file=sys.stderr, flush=True)
+        return INTERRUPTED_EXIT_CODE
+    return exit_code()
 
 
 def _outcomes_written_under(sweep_dir: str) -> list[tuple[str, str]]:

@@ -65,6 +65,10 @@ RUN_KEYS: dict[str, RunKey] = {
                                 lambda v: v is None or _int_at_least(1)(v), "an integer ≥ 1 or null"),
     "batch_images": RunKey(8, "images whose windows share batched forwards (speed only)", _int_at_least(1),
                            "an integer ≥ 1"),
+    "group_memory_gib": RunKey(4.0, "memory the jobs of a sweep evaluated on one shared trunk may hold for an "
+                               "image's predictions; a larger group is evaluated in parts (docs/speed.md §3)",
+                               lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
+                               "a number > 0"),
     "loader_workers": RunKey(2, "data-loader processes that decode and rescale images ahead (0 = in the main "
                              "process; speed only)", _int_at_least(0), "an integer ≥ 0"),
     "save_predictions": RunKey(None, "write the first N predictions of each job (label PNG + overlay) beside its "

@@ -10,11 +10,10 @@ import os
 import platform
 import socket
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -53,6 +52,10 @@ from .settings import OPERATIONAL_PARAMS, deviations
 from .text import load_vocabulary, template_set
 
 log = logging.getLogger("pearl")
+
+
+class GroupError(UserError, RuntimeError):
+    """A job whose shared-trunk group failed while it was evaluated (the cause is in the message)."""
 
 
 def _device(requested: str) -> torch.device:
@@ -474,6 +477,9 @@ def run_job(cfg: DictConfig, group: str | None = None) -> tuple[str, RunRecord |
     shared = _EVALUATED_TOGETHER.pop(job.run_hash, None)
     if shared is not None:  # evaluated with other jobs of its sweep on one trunk; its lock is still held
         with shared.lock:
+            if shared.error is not None:
+                raise GroupError(f"{job.title}: evaluated on a trunk shared with other jobs, which failed: "
+                                 f"{shared.error}")
             return "ran", _finish_record(cfg, job, shared.shard, shared.wall_s, _wandb(cfg, job, group))
     if _world_size() > 1:
         return _run_job_torchrun(cfg, job, group)
@@ -513,14 +519,24 @@ def _claim(cfg: DictConfig, job: _Job) -> tuple[str, RunRecord | None, JobLock |
 
 @dataclass
 class _Evaluated:
-    """A job evaluated ahead of its turn on a trunk shared with other jobs of its sweep."""
+    """A job evaluated ahead of its turn on a trunk shared with other jobs of its sweep, or the
+    error that evaluation raised (then every job of the group fails with it, none re-evaluates)."""
 
-    shard: _Shard
+    shard: _Shard | None
     wall_s: float
     lock: JobLock
+    error: str | None = None
 
 
 _EVALUATED_TOGETHER: dict[str, _Evaluated] = {}  # run hash → result, until that job's turn records it
+
+
+def release_handed_over() -> None:
+    """Release the locks of jobs evaluated together whose turn never came (an interrupted sweep):
+    they have no record, so a rerun evaluates them."""
+    while _EVALUATED_TOGETHER:
+        _, evaluated = _EVALUATED_TOGETHER.popitem()
+        evaluated.lock.release()
 
 
 def shared_trunk_key(cfg: DictConfig) -> str | None:
@@ -544,55 +560,114 @@ def shared_trunk_key(cfg: DictConfig) -> str | None:
                         "model": OmegaConf.to_container(cfg.model, resolve=True), "device": cfg.device,
                         "windows": windows,
                         "model_dtype_input": method.fuse_in_model_dtype, "padding": method.pad_crops_to_patch,
-                        "batching": [cfg.batch_images, cfg.window_batch_size, cfg.loader_workers],
+                        "batching": [cfg.batch_images, cfg.window_batch_size, cfg.loader_workers,
+                                     cfg.group_memory_gib],
                         "reading": [cfg.on_error, cfg.max_pixels, cfg.max_images]})
 
 
-def evaluate_together(cfgs: list[DictConfig]) -> list[int]:
-    """Evaluate the jobs of a sweep that can share a trunk, a group at a time, ahead of their
-    turns; each job's turn (:func:`run_job`) then writes its record. Jobs already recorded, held
-    by another process, alone in their group or failing to plan are left to their turn, which
-    reports them as usual. A group whose evaluation fails (a bad image with on_error=raise) is
-    also left to the turns, which report the error job by job. Returns the sizes of the groups
-    evaluated."""
-    groups: dict[str, list] = defaultdict(list)
-    for cfg in cfgs:
+def trunk_groups(cfgs: Sequence[DictConfig]) -> list[list[int]]:
+    """The sweep's job indices in groups of equal :func:`shared_trunk_key` (a job without one
+    alone), each group in sweep order, the groups in the order of their first job."""
+    groups: list[list[int]] = []
+    by_key: dict[str, list[int]] = {}
+    for index, cfg in enumerate(cfgs):
+        key = shared_trunk_key(cfg)
+        if key is None:
+            groups.append([index])
+        elif key in by_key:
+            by_key[key].append(index)
+        else:
+            groups.append(by_key.setdefault(key, [index]))
+    return groups
+
+
+PREDICTION_BYTES_PER_VALUE = 6  # host or device bytes one job holds per query × pixel of an image (fp32 logits
+#                                 and what the decision makes from them; measured: benchmarks/bench_group_memory.py)
+
+
+def prediction_bytes(job: _Job) -> int:
+    """What one job of a shared-trunk group holds for one image: its queries × the pixels of the
+    dataset's typical image (or of a folder's first image) × ``PREDICTION_BYTES_PER_VALUE``."""
+    height, width = job.dataset.typical_size()
+    return PREDICTION_BYTES_PER_VALUE * len(load_vocabulary(job.classes).queries) * height * width
+
+
+def memory_chunks(jobs: Sequence[_Job], budget_gib: float) -> list[list[int]]:
+    """Consecutive positions of ``jobs`` evaluated together: as many as fit ``budget_gib`` by
+    :func:`prediction_bytes` (at least one each)."""
+    chunks: list[list[int]] = []
+    held = 0
+    for position, job in enumerate(jobs):
+        cost = prediction_bytes(job)
+        if chunks and held + cost <= budget_gib * 2 ** 30:
+            chunks[-1].append(position)
+            held += cost
+        else:
+            chunks.append([position])
+            held = cost
+    return chunks
+
+
+def evaluate_together(cfgs: Sequence[DictConfig]) -> Iterator[list[int]]:
+    """Evaluate jobs of one trunk group (equal :func:`shared_trunk_key`) on one trunk, a
+    memory-bounded chunk at a time (``group_memory_gib``), and yield the positions in ``cfgs`` of
+    each chunk as soon as it is evaluated: each of those jobs' turn (:func:`run_job`) then writes
+    its record (or fails with the chunk's error). Jobs already recorded, held by another process,
+    repeated or failing to plan are not yielded: their turn reports them as usual. The locks of a
+    chunk are held until its jobs' turns; :func:`release_handed_over` frees those never taken."""
+    if len(cfgs) < 2:
+        return
+    planned: list[tuple[int, _Job]] = []
+    for position, cfg in enumerate(cfgs):
         try:
             job = _plan(cfg)
-        except UserError:
+            if _answered_by(cfg, job, find_record(record_path(cfg.results_dir, job.run_hash))):
+                continue
+        except Exception:  # noqa: BLE001 — the job's own turn plans it again and reports the error
             continue
-        key = shared_trunk_key(cfg)
-        if key is None or _answered_by(cfg, job, find_record(record_path(cfg.results_dir, job.run_hash))):
-            continue
-        if all(job.run_hash != other.run_hash for _, other in groups[key]):
-            groups[key].append((cfg, job))
-    sizes = []
-    for members in groups.values():
+        if all(job.run_hash != other.run_hash for _, other in planned):
+            planned.append((position, job))
+    if len(planned) < 2:
+        return
+    for chunk in memory_chunks([job for _, job in planned], cfgs[0].group_memory_gib):
+        members = [(cfgs[planned[i][0]], planned[i][1], planned[i][0]) for i in chunk]
         locked = _lock_all(members) if len(members) > 1 else []
         if len(locked) < 2:
-            for _, _, lock in locked:
+            for _, _, _, lock in locked:
                 lock.release()
             continue
-        start = time.perf_counter()
-        try:
-            shards = _evaluate(locked[0][0], [job for _, job, _ in locked], range(len(locked[0][1].dataset)),
-                               locked[0][1].device)
-        except UserError as error:
-            log.warning("evaluating %d jobs on one trunk failed (%s); each job runs alone", len(locked), error)
-            for _, _, lock in locked:
-                lock.release()
-            continue
-        wall_s = time.perf_counter() - start
-        for (_, job, lock), shard in zip(locked, shards):
-            _EVALUATED_TOGETHER[job.run_hash] = _Evaluated(shard, wall_s, lock)
-        sizes.append(len(locked))
-    return sizes
+        _evaluate_chunk(locked)
+        yield [position for _, _, position, _ in locked]
+
+
+def _evaluate_chunk(locked: list) -> None:
+    """Evaluate the (cfg, job, position, lock) of ``locked`` on one trunk and hand each job its
+    shard, or the error, for its turn."""
+    jobs = [job for _, job, _, _ in locked]
+    start = time.perf_counter()
+    try:
+        shards = _evaluate(locked[0][0], jobs, range(len(jobs[0].dataset)), jobs[0].device)
+    except Exception as error:  # noqa: BLE001 — one group's failure fails its jobs, not the sweep
+        message = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
+        log.warning("evaluating %d jobs on one trunk failed; each of them fails: %s", len(jobs), message)
+        if os.environ.get("PEARL_TRACEBACK"):
+            log.exception("the group's traceback")
+        for _, job, _, lock in locked:
+            _EVALUATED_TOGETHER[job.run_hash] = _Evaluated(None, 0.0, lock, message)
+        return
+    except BaseException:  # Ctrl-C: nothing of this chunk is recorded, and no lock stays held
+        for _, _, _, lock in locked:
+            lock.release()
+        raise
+    wall_s = time.perf_counter() - start
+    for (_, job, _, lock), shard in zip(locked, shards):
+        _EVALUATED_TOGETHER[job.run_hash] = _Evaluated(shard, wall_s, lock)
 
 
 def _lock_all(members: list) -> list:
-    """(cfg, job, lock) for the members whose lock this process gets."""
+    """(cfg, job, position, lock) for the members whose lock this process gets."""
     locked = []
-    for cfg, job in members:
+    for cfg, job, position in members:
         prepare_results_dir(cfg.results_dir)
         path = record_path(cfg.results_dir, job.run_hash)
         lock = try_lock(path.with_suffix(".lock"))
@@ -601,7 +676,7 @@ def _lock_all(members: list) -> list:
         if _answered_by(cfg, job, find_record(path)):  # finished by another process since we looked
             lock.release()
             continue
-        locked.append((cfg, job, lock))
+        locked.append((cfg, job, position, lock))
     return locked
 
 

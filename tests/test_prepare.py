@@ -1,6 +1,7 @@
 """python -m pearl.data check / prepare on official-format inputs that the tests write."""
 import dataclasses
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -10,6 +11,8 @@ from pearl.benchmarks import BENCHMARKS
 from pearl.data.__main__ import main
 from pearl.data.check import check
 from pearl.data.convert import (
+    CONVERTERS,
+    PrepareError,
     ade847_labels,
     ade_full_size,
     cityscapes_train_ids,
@@ -82,6 +85,28 @@ def test_an_interrupted_conversion_resumes_without_redoing_finished_files(tmp_pa
     train_id = {label_id: train for _, label_id, train in CITYSCAPES_LABELS}
     assert np.array_equal(np.array(Image.open(jobs[3].targets[0])), np.full((4, 6), train_id[10]))
     assert conversion_jobs("cityscapes", tmp_path) == jobs  # outputs are not inputs
+
+
+def test_a_worker_that_dies_ends_prepare_naming_the_file_and_a_rerun_resumes(tmp_path, monkeypatch):
+    label_dir = tmp_path / "cityscapes" / "gtFine" / "val" / "aachen"
+    for i in range(6):
+        _png(label_dir / f"a_{i}_gtFine_labelIds.png", np.full((4, 6), 7 + i))
+    jobs = conversion_jobs("cityscapes", tmp_path)
+    fatal = jobs[4].sources[-1]
+    converter = CONVERTERS["cityscapes"]
+
+    def dies_on_one_file(sources):  # as the OOM killer would end the worker (the pool's processes are forked)
+        if sources[-1] == fatal:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return converter.outputs(sources)
+    monkeypatch.setitem(CONVERTERS, "cityscapes", dataclasses.replace(converter, outputs=dies_on_one_file))
+    with pytest.raises(PrepareError, match="worker died") as error:
+        convert_files(jobs, workers=2, progress=False)
+    assert fatal in str(error.value) and "run the same command again" in str(error.value)
+    monkeypatch.undo()
+    written = sum(os.path.exists(job.targets[0]) for job in jobs)
+    assert convert_files(jobs, workers=2, progress=False) == len(jobs) - written >= 1
+    assert all(os.path.exists(job.targets[0]) for job in jobs)
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from pearl import runner
+from pearl import cli, runner, sweep
 from pearl import segmentor as segmentor_module
 from pearl.locks import try_lock
 from pearl.records import record_path
@@ -31,7 +31,11 @@ def _trunk_calls(monkeypatch):
     return calls
 
 
-def test_a_sweep_shares_one_trunk_and_each_record_equals_the_job_alone(synthetic, tmp_path, monkeypatch):
+def _sweep(cfgs):
+    return sweep.run_sweep(cfgs, lambda index: runner.run_job(cfgs[index]))
+
+
+def test_a_sweep_shares_one_trunk_and_each_record_equals_the_job_alone(synthetic, tmp_path, monkeypatch, caplog):
     jobs = PEARL_SWEEP + [["method=naclip"], ["method=sclip"]]  # sclip: other windows on VOC, so alone
     alone = {}
     calls = _trunk_calls(monkeypatch)
@@ -49,20 +53,22 @@ def test_a_sweep_shares_one_trunk_and_each_record_equals_the_job_alone(synthetic
     fuse = segmentor_module.Segmentor._fuse
     monkeypatch.setattr(segmentor_module.Segmentor, "_fuse",
                         lambda self, *args: fusions.append(self.pa) or fuse(self, *args))
-    assert runner.evaluate_together(cfgs) == [5]  # the four pearl variants and naclip
-    assert calls == per_job  # the five jobs' windows went through blocks 1..L−1 once
+    caplog.set_level("INFO", logger="pearl")
+    outcomes = _sweep(cfgs)
+    assert "evaluated 5 jobs on one shared trunk" in caplog.text  # the four pearl variants and naclip
+    sclip_calls = len(per_job)  # sclip (other windows on VOC) runs alone: as many batches as one job
+    assert calls[:-sclip_calls] == per_job  # the five jobs' windows went through blocks 1..L−1 once
     # one last block and fusion per image for PEARL with PA, one without (TLP on or off), one for NACLIP
     images = next(iter(alone.values())).image_count
-    assert images == 3 and sorted(fusions) == [False] * 2 * images + [True] * images
-    outcomes = [runner.run_job(cfg) for cfg in cfgs]
+    assert images == 3 and sorted(fusions[:3 * images]) == [False] * 2 * images + [True] * images
     assert [status for status, _ in outcomes] == ["ran"] * 6
     for _, record in outcomes:
         twin = alone[record.config_hash]  # the same identity as the job run alone
         assert (record.mIoU, record.aAcc, record.mAcc) == (twin.mIoU, twin.aAcc, twin.mAcc)
         assert record.per_class_iou == twin.per_class_iou and record.image_count == twin.image_count
     assert not list((tmp_path / "together" / "runs").glob("*.lock"))  # every lock released
-    assert runner.evaluate_together(cfgs) == []  # all recorded: nothing to do
-    assert [runner.run_job(cfg)[0] for cfg in cfgs] == ["skipped"] * 6
+    assert list(runner.evaluate_together(cfgs[:5])) == []  # all recorded: nothing to evaluate
+    assert [status for status, _ in _sweep(cfgs)] == ["skipped"] * 6
 
 
 def test_a_job_another_process_holds_is_left_out_of_the_group(synthetic, tmp_path):
@@ -70,14 +76,14 @@ def test_a_job_another_process_holds_is_left_out_of_the_group(synthetic, tmp_pat
     held_job = runner._plan(cfgs[0])
     (tmp_path / "runs").mkdir()
     held = try_lock(record_path(tmp_path, held_job.run_hash).with_suffix(".lock"))
-    assert runner.evaluate_together(cfgs) == [2]
+    assert list(runner.evaluate_together(cfgs)) == [[1, 2]]
     assert [runner.run_job(cfg)[0] for cfg in cfgs] == ["busy", "ran", "ran"]
     held.release()
 
 
 def test_jobs_with_a_logger_or_several_workers_are_evaluated_alone(synthetic, tmp_path):
     cfgs = _cfgs(synthetic, tmp_path, [job + ["workers=2"] for job in PEARL_SWEEP[:2]])
-    assert runner.evaluate_together(cfgs) == []
+    assert runner.trunk_groups(cfgs) == [[0], [1]]
     assert runner.shared_trunk_key(cfgs[0]) is None
 
 
@@ -155,3 +161,71 @@ def test_a_submitit_sweep_runs_one_task_per_trunk_group_with_the_records_of_jobs
         assert (together.mIoU, together.aAcc, together.per_class_iou) == (alone.mIoU, alone.aAcc, alone.per_class_iou)
     again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "sweep: 0 ran, 8 skipped, 0 failed" in again.stderr  # resume as on one machine
+
+
+TWO_GROUPS = [job + [f"dataset={name}"] for name in ("voc21", "ade20k") for job in PEARL_SWEEP]
+
+
+@pytest.fixture
+def fresh_cli(monkeypatch):
+    """The CLI's per-process outcomes and printed lines, empty for this test."""
+    monkeypatch.setattr(cli, "_outcomes", [])
+    monkeypatch.setattr(cli, "_printed", set())
+
+
+def _failing_on(monkeypatch, dataset: str, error: BaseException):
+    evaluate = runner._evaluate
+
+    def failing(cfg, jobs, *args, **kwargs):
+        if jobs[0].dataset.name == dataset:
+            raise error
+        return evaluate(cfg, jobs, *args, **kwargs)
+    monkeypatch.setattr(runner, "_evaluate", failing)
+
+
+def test_an_interrupted_sweep_keeps_the_groups_it_finished_and_holds_no_lock(synthetic, tmp_path, monkeypatch,
+                                                                              fresh_cli):
+    cfgs = _cfgs(synthetic, tmp_path, TWO_GROUPS)
+    _failing_on(monkeypatch, "ade20k", KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep(cfgs, lambda index: cli.execute(cfgs[index]))
+    runs = tmp_path / "runs"
+    assert len(list(runs.glob("*.json"))) == 4  # the voc21 group, written before ade20k started
+    assert not list(runs.glob("*.lock"))
+    monkeypatch.undo()
+    monkeypatch.setattr(cli, "_outcomes", [])
+    assert sweep.run_sweep(cfgs, lambda index: cli.execute(cfgs[index])) == ["skipped"] * 4 + ["ran"] * 4
+
+
+def test_a_failing_group_fails_its_own_jobs_and_the_others_still_run(synthetic, tmp_path, monkeypatch, fresh_cli,
+                                                                      capsys):
+    cfgs = _cfgs(synthetic, tmp_path, TWO_GROUPS)
+    _failing_on(monkeypatch, "voc21", RuntimeError("a loader worker was killed"))
+    assert sweep.run_sweep(cfgs, lambda index: cli.execute(cfgs[index])) == ["failed"] * 4 + ["ran"] * 4
+    assert len(list((tmp_path / "runs").glob("*.json"))) == 4 and not list((tmp_path / "runs").glob("*.lock"))
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 4 and all("RuntimeError: a loader worker was killed" in line for line in errors)
+    assert len(set(errors)) == 4  # each names its job: one line per failed job, no traceback
+    summary = cli.summary_line()
+    assert summary.startswith("sweep: 4 ran, 0 skipped, 4 failed") and summary.count("failed: [") == 4
+    assert cli.exit_code() == 1
+
+
+def test_ctrl_c_ends_run_py_with_one_line_and_exit_code_130(fresh_cli, capsys):
+    def interrupted():
+        raise KeyboardInterrupt
+    assert cli.main(interrupted) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted:") and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_a_group_over_its_memory_budget_is_evaluated_in_parts(synthetic, tmp_path, monkeypatch, caplog):
+    lines = (REPO / "pearl" / "resources" / "classes" / "voc21.txt").read_text().splitlines()
+    queries = sum(len(line.split(", ")) for line in lines if line.strip())
+    one_job = 6 * queries * 375 * 500  # VOC's typical 500×375 image, 6 bytes per query × pixel
+    budget = 2.5 * one_job / 2 ** 30  # two jobs fit, three do not
+    cfgs = _cfgs(synthetic, tmp_path, [job + [f"group_memory_gib={budget}"] for job in PEARL_SWEEP])
+    assert runner.prediction_bytes(runner._plan(cfgs[0])) == one_job
+    caplog.set_level("INFO", logger="pearl")
+    assert [status for status, _ in _sweep(cfgs)] == ["ran"] * 4
+    assert caplog.text.count("evaluated 2 jobs on one shared trunk") == 2

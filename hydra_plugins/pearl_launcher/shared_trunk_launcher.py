@@ -3,7 +3,7 @@ share blocks 1..L−1 are evaluated together first, then every job runs in order
 basic launcher, writing its own record (docs/speed.md §3).
 
 Hydra finds launchers only in the ``hydra_plugins`` namespace package, so this module lives
-here; the work is ``pearl.runner.evaluate_together``. (No ``from __future__ import annotations``:
+here; the work is ``pearl.sweep.run_sweep``. (No ``from __future__ import annotations``:
 Hydra executes plugin modules outside ``sys.modules``, where dataclasses cannot resolve them.)
 """
 
@@ -30,24 +30,26 @@ ConfigStore.instance().store(group="hydra/launcher", name="shared_trunk", node=S
 
 
 def run_sharing_trunks(hydra_context, task_function, sweep_configs: list) -> list[JobReturn]:
-    """Evaluate the jobs of ``sweep_configs`` that can share a trunk together, then run every job
-    in order (each writes its own record); one JobReturn per job. Used by this launcher and, in
-    each SLURM task, by the submitit ones (``shared_trunk_submitit.py``)."""
-    from pearl.runner import evaluate_together
+    """Run every job of ``sweep_configs``, those that can share a trunk evaluated together, each
+    writing its own record as soon as its group is evaluated (``pearl.sweep.run_sweep``); one
+    JobReturn per job, in sweep order. Used by this launcher and, in each SLURM task, by the
+    submitit ones (``shared_trunk_submitit.py``)."""
+    from pearl.sweep import run_sweep
     task_configs = []
     for sweep_config in sweep_configs:
         task_config = copy.deepcopy(sweep_config)
         with read_write(task_config), open_dict(task_config):
             del task_config["hydra"]
         task_configs.append(task_config)
-    for size in evaluate_together(task_configs):
-        log.info("evaluated %d jobs on one shared trunk", size)
-    runs = []
-    for sweep_config in sweep_configs:
-        runs.append(run_job(hydra_context=hydra_context, task_function=task_function, config=sweep_config,
-                            job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir"))
+
+    def run_one(index: int) -> JobReturn:
+        sweep_config = sweep_configs[index]
+        done = run_job(hydra_context=hydra_context, task_function=task_function, config=sweep_config,
+                       job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
         configure_log(sweep_config.hydra.hydra_logging, sweep_config.hydra.verbose)
-    return runs
+        return done
+
+    return run_sweep(task_configs, run_one)
 
 
 class SharedTrunkLauncher(BasicLauncher):

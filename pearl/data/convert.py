@@ -10,10 +10,12 @@ skipped, so an interrupted prepare resumes by running it again.
 from __future__ import annotations
 
 import os
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
-from multiprocessing import Pool
+from itertools import islice
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -309,13 +311,40 @@ def write_split(name: str, root: Path, jobs: Sequence[Job]) -> Path:
 
 
 def convert_files(jobs: Sequence[Job], workers: int = 0, progress: bool = True) -> int:
-    """Run the jobs (``workers`` processes; 0 = one per CPU); returns how many images were converted."""
+    """Run the jobs (``workers`` processes; 0 = one per CPU); returns how many images were converted.
+
+    A worker that dies (killed, out of memory) ends the run with a PrepareError naming the file it
+    was converting; every output already written stays, so running it again resumes."""
     workers = workers or os.cpu_count() or 1
     desc = f"converting {jobs[0].dataset}" if jobs else "converting"
-    if workers == 1:
-        done = [_convert_one(job) for job in tqdm(jobs, desc=desc, disable=not progress)]
-    else:
-        with Pool(workers) as pool:
-            done = list(tqdm(pool.imap(_convert_one, jobs, chunksize=16), total=len(jobs), desc=desc,
-                             disable=not progress))
-    return sum(done)
+    with tqdm(total=len(jobs), desc=desc, disable=not progress) as bar:
+        if workers == 1:
+            return sum(bar.update() or _convert_one(job) for job in jobs)
+        return _convert_in_pool(jobs, workers, bar)
+
+
+def _convert_in_pool(jobs: Sequence[Job], workers: int, bar) -> int:
+    """The jobs in ``workers`` processes, a few per worker in flight (so a dead worker is noticed
+    at once and the files in flight are known)."""
+    converted = 0
+    pending: dict = {}
+    queue = iter(jobs)
+    with ProcessPoolExecutor(workers) as pool:
+        while True:
+            for job in islice(queue, 2 * workers - len(pending)):
+                pending[pool.submit(_convert_one, job)] = job
+            if not pending:
+                return converted
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                job = pending.pop(future)
+                try:
+                    converted += future.result()
+                except BrokenProcessPool:
+                    in_flight = sorted({job.sources[-1]} | {other.sources[-1] for other in pending})
+                    raise PrepareError(f"a conversion worker died (killed, or out of memory) while converting "
+                                       f"{in_flight[0]}" + (f" or one of {len(in_flight) - 1} other file(s) in flight"
+                                                            if len(in_flight) > 1 else "")
+                                       + "; what was written is kept: run the same command again to resume "
+                                         "(--workers 1 uses less memory)") from None
+                bar.update()

@@ -252,6 +252,10 @@ class SegmentationDataset:
         return {"name": self.name, "reduce_zero_label": self.reduce_zero_label, "split_size": self.total_images,
                 "evaluated": len(self.items), "files_sha256": digest.hexdigest()}
 
+    def typical_size(self) -> tuple[int, int]:
+        """(H, W) of a typical image of the benchmark (what memory estimates plan for)."""
+        return self.layout.typical_size
+
     def __getitem__(self, index: int) -> Sample:
         sample_id, image_path, label_path = self.items[index]
         image = read_image(image_path, self.max_pixels)
@@ -304,6 +308,15 @@ class FolderDataset(SegmentationDataset):
         if label_path is None:
             return Sample(read_image(image_path, self.max_pixels), None, sample_id)
         return super().__getitem__(index)
+
+    def typical_size(self) -> tuple[int, int]:
+        """(H, W) of the folder's largest image by file size (read from its header)."""
+        largest = max((path for _, path, _ in self.items), key=lambda path: path.stat().st_size)
+        try:
+            with _pillow_unlimited(), Image.open(largest) as handle:
+                return handle.height, handle.width
+        except (OSError, ValueError):  # unreadable: its own turn reports it; plan for a typical photo
+            return BENCHMARKS["voc21"].typical_size
 
     def fingerprint(self) -> dict:
         return super().fingerprint() | {"class_lines": list(self.class_names), "masks": str(self.masks),
