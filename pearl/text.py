@@ -87,10 +87,20 @@ _memory_cache: dict[str, torch.Tensor] = {}
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """Hash of every text-side parameter (and its dtype): identical weights give the same key."""
+    """Hash of the text side as a whole: every non-visual module's structure (its ``repr``: layer
+    sizes and activation, GELU or QuickGELU), its parameters and buffers with their dtypes, and the
+    model's plain settings (context length, pooling, end-of-text id): identical towers give the
+    same key, any difference that can change a prototype another."""
     if model not in _fingerprints:
         h = hashlib.sha256()
-        for name, tensor in sorted(model.state_dict().items()):
+        for name, module in model.named_children():
+            if name != "visual":
+                h.update(f"{name}\0{module!r}\0".encode())
+        settings = {key: value for key, value in vars(model).items()
+                    if not key.startswith("_") and isinstance(value, (int, float, str, bool, type(None)))}
+        h.update(repr(sorted(settings.items())).encode())
+        tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+        for name, tensor in sorted(tensors.items()):
             if name.startswith("visual."):
                 continue
             h.update(name.encode())
@@ -126,13 +136,19 @@ def _encode(model, tokenizer, queries: Sequence[str], device: torch.device, temp
     return mean / mean.norm(dim=-1, keepdim=True)
 
 
-def _read_cache(path: Path, num_queries: int) -> torch.Tensor | None:
-    """The cached [Q, D] prototypes, or None after warning about and deleting a file that is not one."""
+def _read_cache(path: Path, num_queries: int, width: int | None) -> torch.Tensor | None:
+    """The cached [Q, D] prototypes, or None after warning about and deleting a file that is not
+    one: unreadable, not a [Q, D] tensor, D not the model's embedding width, or not finite."""
     try:
         protos = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(protos, torch.Tensor) and protos.ndim == 2 and protos.shape[0] == num_queries:
+        if not (isinstance(protos, torch.Tensor) and protos.ndim == 2 and protos.shape[0] == num_queries
+                and width in (None, protos.shape[1])):
+            problem = (f"holds {type(protos).__name__} {tuple(getattr(protos, 'shape', ()))}, not "
+                       f"[{num_queries}, {width or 'D'}]")
+        elif not torch.isfinite(protos).all():
+            problem = "holds NaN or infinite values"
+        else:
             return protos
-        problem = f"holds {type(protos).__name__} {tuple(getattr(protos, 'shape', ()))}, not [{num_queries}, D]"
     except Exception as error:  # any unreadable file is rebuilt; what was wrong goes into the warning
         problem = f"could not be read ({type(error).__name__}: {str(error)[:120]})"
     warnings.warn(f"text-prototype cache {path} {problem}; deleted it and encoding the prompts again",
@@ -141,24 +157,48 @@ def _read_cache(path: Path, num_queries: int) -> torch.Tensor | None:
     return None
 
 
+def _embedding_width(model) -> int | None:
+    """D of the joint embedding (the image tower's output width), where the model states it."""
+    width = getattr(getattr(model, "visual", None), "output_dim", None)
+    return width if isinstance(width, int) else None
+
+
+def prototype_key(model, tokenizer, queries: Sequence[str], templates: Sequence[str]) -> str:
+    """The cache key of the prototypes: the text tower (:func:`model_fingerprint`), its dtype and the
+    tokens of every prompt, so that any tokenizer (vocabulary, context length, lower-casing)
+    that tokenizes these prompts differently gets its own key; the queries and templates
+    themselves too."""
+    dtype = str(model.text_projection.dtype) if hasattr(model, "text_projection") else ""
+    tokens = tokenizer([template.format(query) for query in queries for template in templates])
+    digest = hashlib.sha256()
+    for part in (model_fingerprint(model), dtype, type(tokenizer).__qualname__, *queries, "\x01", *templates):
+        digest.update(part.encode() + b"\x00")
+    digest.update(str(tuple(tokens.shape)).encode())
+    digest.update(tokens.contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def text_prototypes(model, tokenizer, queries: Sequence[str], device: torch.device,
                     cache_dir: str | os.PathLike | None = None, templates: Sequence[str] = TEMPLATES) -> torch.Tensor:
     """[Q, D] prototypes in the text tower's dtype, cached in memory and on disk.
 
-    The key hashes the text weights, the query list and the templates. ``cache_dir=""`` disables
-    the disk cache; None uses ``$PEARL_CACHE/text`` (default ``~/.cache/pearl/text``).
+    The key is :func:`prototype_key`: everything that makes the prototypes. A cache file that is
+    not finite [Q, D] prototypes is named in a warning, deleted and rebuilt. ``cache_dir=""``
+    disables the disk cache; None uses ``$PEARL_CACHE/text`` (default ``~/.cache/pearl/text``).
     """
-    dtype = str(model.text_projection.dtype) if hasattr(model, "text_projection") else ""
-    key_parts = [model_fingerprint(model), dtype, *queries, "\x01", *templates]
-    key = hashlib.sha256("\x00".join(key_parts).encode()).hexdigest()
+    key = prototype_key(model, tokenizer, queries, templates)
     if key not in _memory_cache:
         folder = None if cache_dir == "" else Path(cache_dir) if cache_dir else default_cache_dir()
         path = folder / f"{key}.pt" if folder else None
-        cached = _read_cache(path, len(queries)) if path is not None and path.is_file() else None
+        cached = (_read_cache(path, len(queries), _embedding_width(model)) if path is not None and path.is_file()
+                  else None)
         if cached is not None:
             _memory_cache[key] = cached
         else:
             protos = _encode(model, tokenizer, queries, device, templates).cpu()
+            if not torch.isfinite(protos).all():
+                raise FloatingPointError(f"the text tower gave NaN or infinite prototypes for {len(queries)} queries "
+                                         f"(model dtype {_dtype_of(model)}): check the weights, or use fp32")
             if path is not None:
                 folder.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -166,3 +206,7 @@ def text_prototypes(model, tokenizer, queries: Sequence[str], device: torch.devi
                 os.replace(tmp, path)
             _memory_cache[key] = protos
     return _memory_cache[key].to(device)
+
+
+def _dtype_of(model) -> str:
+    return str(next(model.parameters()).dtype).removeprefix("torch.")

@@ -140,7 +140,31 @@ def test_text_prototypes_disk_cache(tiny_model, tokenizer, tmp_path):
     other = text.text_prototypes(tiny_model, tokenizer, ["dog", "cat"], torch.device("cpu"), tmp_path)
     assert len(list(tmp_path.glob("*.pt"))) == 2 and torch.allclose(other[0], first[1], atol=1e-6)
 
-@pytest.mark.parametrize("damage", ["truncated", "payload", "wrong_shape"])
+def test_the_prototype_cache_key_sees_the_activation_and_the_tokenizer(tiny_model, tokenizer, tmp_path):
+    """Same weights, GELU instead of QuickGELU (or another context length): other prototypes, so
+    another cache file, never the first model's prototypes."""
+    import copy
+
+    import open_clip
+
+    from pearl import text
+    text._memory_cache.clear()
+    cpu = torch.device("cpu")
+    first = text.text_prototypes(tiny_model, tokenizer, ["cat", "dog"], cpu, tmp_path)
+    assert all(isinstance(block.mlp.gelu, open_clip.model.QuickGELU) for block in tiny_model.transformer.resblocks)
+    gelu = copy.deepcopy(tiny_model)
+    for block in gelu.transformer.resblocks:
+        block.mlp.gelu = torch.nn.GELU()
+    direct = text._encode(gelu, tokenizer, ["cat", "dog"], cpu, text.TEMPLATES)
+    assert not torch.equal(direct, first)  # the activation changes the prototypes
+    assert torch.equal(text.text_prototypes(gelu, tokenizer, ["cat", "dog"], cpu, tmp_path), direct)
+    lower = text.text_prototypes(tiny_model, tokenizer, ["Cat", "dog"], cpu, tmp_path)
+    cased = open_clip.tokenizer.SimpleTokenizer(clean="whitespace")  # keeps "Cat" as it is: other tokens
+    assert not torch.equal(text.text_prototypes(tiny_model, cased, ["Cat", "dog"], cpu, tmp_path), lower)
+    assert len(list(tmp_path.glob("*.pt"))) == 4
+
+
+@pytest.mark.parametrize("damage", ["truncated", "payload", "wrong_shape", "wrong_width", "nan"])
 def test_corrupt_text_cache_is_named_deleted_and_rebuilt(tiny_model, tokenizer, tmp_path, damage):
     from pearl import text
     text._memory_cache.clear()
@@ -155,8 +179,12 @@ def test_corrupt_text_cache_is_named_deleted_and_rebuilt(tiny_model, tokenizer, 
             def __reduce__(self):
                 return (open, (str(marker), "w"))
         torch.save(Payload(), cache_file)
-    else:
+    elif damage == "wrong_shape":
         torch.save(torch.zeros(3, 32), cache_file)
+    elif damage == "wrong_width":
+        torch.save(torch.zeros(2, 7), cache_file)
+    else:
+        torch.save(torch.full((2, first.shape[1]), float("nan")), cache_file)
     with pytest.warns(RuntimeWarning, match=rf"cache {cache_file} .*deleted it and encoding the prompts again"):
         again = text.text_prototypes(tiny_model, tokenizer, ["cat", "dog"], torch.device("cpu"), tmp_path)
     assert torch.equal(again, first) and not marker.exists()
