@@ -9,6 +9,7 @@ whose field defaults read this table. The defaults are PEARL's released settings
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any, Callable, NamedTuple
 
@@ -64,18 +65,21 @@ PARAMS: dict[str, Param] = {
                                     "(paper: adaptive pooling to grid×grid)", ("int_stride", "adaptive"),
                       paper="adaptive"),
     "tlp_softmax_temp": Param(1.0, "temperature of the softmax that gives TLP's probabilities (released: 1, raw "
-                                   "cosines; the paper does not state the scale)"),
+                                   "cosines; the paper does not state the scale)", check=_above(0), valid="> 0"),
     "tlp_quadform": Param("diag", "text terms: 'diag' (released: only G's diagonal) or 'full' (paper: pᵀGp)",
                           ("diag", "full"), paper="full"),
     "tlp_grad_norm": Param("mean", "edge term: 'mean' (released: gradients divided by their mean) or 'none'",
                            ("mean", "none"), paper="none"),
     "tlp_edge_clamp": Param(True, "clamp edge weights to [0, 1] (released) or not (paper)", paper=False),
-    "tlp_tau": Param(1.0, "TLP smoothness weight τ"),
-    "tlp_lambda": Param(1.0, "TLP text-gate weight λ"),
-    "tlp_tau_s": Param(0.5, "temperature of the text-affinity softmax"),
-    "tlp_beta": Param(10.0, "diagonal boost of the text affinity"),
-    "tlp_kappa": Param(5.0, "edge sharpness κ"),
-    "tlp_eps": Param(0.05, "confidence floor of TLP's data weight"),
+    # TLP solves (ρ + τL)X = ρZ by conjugate gradients, which needs the system positive definite:
+    # ρ ≥ ε² > 0 and the Laplacian's edge weights exp(−κ·g)(1 + λ·gate) ≥ 0, so τ, λ, κ ≥ 0 and ε > 0
+    "tlp_tau": Param(1.0, "TLP smoothness weight τ", check=_at_least(0), valid="≥ 0"),
+    "tlp_lambda": Param(1.0, "TLP text-gate weight λ", check=_at_least(0), valid="≥ 0"),
+    "tlp_tau_s": Param(0.5, "temperature of the text-affinity softmax (divides the cosines)", check=_above(0),
+                       valid="> 0"),
+    "tlp_beta": Param(10.0, "diagonal boost of the text affinity", check=_at_least(0), valid="≥ 0"),
+    "tlp_kappa": Param(5.0, "edge sharpness κ", check=_at_least(0), valid="≥ 0"),
+    "tlp_eps": Param(0.05, "confidence floor of TLP's data weight", check=_above(0), valid="> 0"),
     "pamr": Param(False, "NACLIP's PAMR refinement after fusion (the comparison tables use NACLIP without it)"),
     "pamr_iters": Param(10, "PAMR iterations", check=_at_least(0), valid="≥ 0"),
     "pamr_dilations": Param((8, 16), "PAMR neighbour dilations"),
@@ -118,14 +122,33 @@ def _cli(value: Any) -> str:
 
 
 def resolve(overrides: dict) -> dict:
-    """Defaults updated by ``overrides``; unknown names or ill-typed values raise ValueError."""
+    """Defaults updated by ``overrides``; unknown names, ill-typed or out-of-range values, and
+    values that together cannot give a number (:func:`check_together`) raise ValueError."""
     unknown = sorted(set(overrides) - set(PARAMS))
     if unknown:
-        raise ValueError(f"unknown parameter(s) {', '.join(unknown)}; valid: {', '.join(PARAMS)}")
+        raise ValueError(f"unknown parameter(s) {', '.join(unknown)}; {did_you_mean(unknown[0], PARAMS)}"
+                         f"valid: {', '.join(PARAMS)}")
     resolved = {name: p.default for name, p in PARAMS.items()}
     for name, value in overrides.items():
         resolved[name] = _check(name, value)
+    check_together(resolved)
     return resolved
+
+
+def check_together(resolved: dict) -> None:
+    """Rules between parameters: sliding windows must cover every pixel (a stride above the window
+    leaves pixels no window sees, whose fused logits are 0/0)."""
+    crop, stride = resolved["slide_crop"], resolved["slide_stride"]
+    if crop > 0 and stride > crop:
+        raise ValueError(f"slide_stride={stride} is larger than slide_crop={crop}: the pixels between windows would "
+                         f"get no logits; use slide_stride ≤ slide_crop (released: half the window)")
+
+
+def did_you_mean(name: str, valid) -> str:
+    """"did you mean 'X'? " for the closest valid name, or ""."""
+    import difflib
+    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.75)
+    return f"did you mean {close[0]!r}? " if close else ""
 
 
 def _check(name: str, value: Any) -> Any:
@@ -153,6 +176,8 @@ def _check(name: str, value: Any) -> Any:
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}={value!r} is not a finite number; give a value {spec.valid or 'that is finite'}")
     if isinstance(default, int) and float(value) != int(value):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     value = type(default)(value)

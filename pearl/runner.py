@@ -28,7 +28,7 @@ from .errors import ConfigError, UserError
 from .locks import JobLock, read_owner, try_lock
 from .methods import get_method
 from .metrics import ConfusionMatrix
-from .params import PARAMS
+from .params import PARAMS, build_config
 from .preprocess import PreparedImage, WindowConfig, prepare_image
 from .protocols import class_names, protocol
 from .records import (
@@ -152,6 +152,7 @@ class _Shard:
     setup_s: float = 0.0   # model load and text encoding
     eval_s: float = 0.0    # the image loop alone
     predictions_dir: str | None = None  # where the first save_predictions predictions were written
+    nan_images: int = 0  # images whose logits held NaN when decided
 
 
 def _templates_hash(templates: str) -> str:
@@ -262,10 +263,12 @@ class _Tally:
         self.skipped: list = []
         self.evaluated = self.windows = 0
         self.nan_windows = torch.zeros((), dtype=torch.long, device=device)
+        self.nan_images = torch.zeros((), dtype=torch.long, device=device)
         self.sums: dict = {}
 
     def add(self, info: dict) -> None:
         self.nan_windows += info.get("nan_windows", 0)
+        self.nan_images += info.get("nan_images", 0)
         self.windows += info.get("windows", 0)
         for key, value in info.items():
             if key.startswith(("pa_", "tlp_")):
@@ -275,7 +278,7 @@ class _Tally:
     def shard(self, setup_s: float, eval_s: float) -> "_Shard":
         sums = {key: float(value) for key, value in self.sums.items()}  # the job's one device sync for them
         return _Shard(self.cm, self.skipped, int(self.nan_windows), self.evaluated, sums, setup_s, eval_s,
-                      str(self.predictions_dir) if self.saved else None)
+                      str(self.predictions_dir) if self.saved else None, int(self.nan_images))
 
     def save(self, item: "_Loaded", labels: torch.Tensor, class_lines: Sequence[str]) -> None:
         """Write the label PNG and the overlay of one of the job's first ``save_limit`` images."""
@@ -345,8 +348,8 @@ def _evaluate(cfg: DictConfig, jobs: list[_Job], indices: range, device: torch.d
     bar.close()
     eval_s = time.perf_counter() - start - setup_s
     shards = [tally.shard(setup_s, eval_s) for tally in tallies]
-    for shard, tally in zip(shards, tallies):
-        warn_nan_windows(shard.nan_windows, tally.windows)
+    for shard, tally, job in zip(shards, tallies, jobs):
+        warn_nan_windows(shard.nan_windows, tally.windows, job.method)
     return shards
 
 
@@ -371,7 +374,7 @@ def _sharded_evaluation(cfg: DictConfig, job: _Job, rank: int, world: int, devic
     shard.cm.all_reduce()
     parts = [None] * world
     dist.all_gather_object(parts, (shard.skipped, shard.nan_windows, shard.evaluated, shard.diagnostic_sums,
-                                   shard.setup_s, shard.eval_s))
+                                   shard.setup_s, shard.eval_s, shard.nan_images))
     if rank != 0:
         return None
     sums: dict = {}
@@ -381,7 +384,8 @@ def _sharded_evaluation(cfg: DictConfig, job: _Job, rank: int, world: int, devic
     merged = _Shard(ConfusionMatrix.from_matrix(shard.cm.matrix.cpu()), [item for part in parts for item in part[0]],
                     sum(part[1] for part in parts), sum(part[2] for part in parts), sums,
                     max(part[4] for part in parts), max(part[5] for part in parts),
-                    shard.predictions_dir)  # save_predictions: each process writes the first N of its shard
+                    shard.predictions_dir,  # save_predictions: each process writes the first N of its shard
+                    sum(part[6] for part in parts))
     if merged.evaluated + len(merged.skipped) != len(job.dataset):
         raise RuntimeError(f"{world} processes evaluated {merged.evaluated} + skipped {len(merged.skipped)} images, "
                            f"the dataset has {len(job.dataset)}")
@@ -701,7 +705,30 @@ def _evaluate_and_record(cfg: DictConfig, job: _Job, group: str | None) -> RunRe
     return _finish_record(cfg, job, shard, time.perf_counter() - start, logger)
 
 
+class NumericalError(UserError, FloatingPointError):
+    """A job whose computation gave NaN where its method's released code gives none."""
+
+
+def check_finite(job: _Job, shard: _Shard) -> None:
+    """Raise NumericalError naming the stage when NaN reached the decision of any image, unless it
+    came from windows that the method's released code itself makes NaN (SFP): a NaN logit would
+    otherwise be decided as class 0 and recorded as a result."""
+    if not shard.nan_images:
+        return
+    method_cls = get_method(job.method)
+    method = method_cls(build_config(method_cls.Config, job.resolved, method_cls.config_prefix))
+    if shard.nan_windows and method.releases_nan_windows():
+        return
+    stage = (f"method {job.method}'s last block (window logits{', PA included' if job.resolved['pa'] else ''})"
+             if shard.nan_windows else "the refinement after fusion (TLP / PAMR)"
+             if job.resolved["tlp"] or job.resolved["pamr"] else "the fusion of the windows")
+    given = ", ".join(f"{name}={value}" for name, value in job.overrides.items()) or "none"
+    raise NumericalError(f"{job.title}: {shard.nan_images} image(s) got NaN logits in {stage}; no record is written. "
+                         f"Check the parameters given ({given}) and the weights, or try model.precision=fp32")
+
+
 def _finish_record(cfg: DictConfig, job: _Job, shard: _Shard, wall_s: float, logger) -> RunRecord:
+    check_finite(job, shard)
     record = _record(cfg, job, shard, wall_s)
     if record.split_matches_official is False:
         log.warning("%s has %d images, the official split has %d: the record says so", job.dataset.name,

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from . import params as param_specs
 from .backbone import Trunk, head, patch_size, prepare_model, trunk
+from .errors import ConfigError
 from .methods import get_method, pa_methods
 from .preprocess import PreparedImage, Window, WindowConfig, prepare_image, sliding_windows
 from .refine.pamr import PAMRConfig, pamr
@@ -246,6 +247,11 @@ class Segmentor:
         self.tlp_batch_values = BATCHED_TLP_VALUES if self.device.type == "cuda" else 0
         self.diagnostics = diagnostics
         self.model = self._prepare_model(model, precision)
+        patch = patch_size(self.model.visual)
+        if 0 < self.windows.slide_crop < patch:
+            raise ConfigError(f"slide_crop={self.windows.slide_crop} is smaller than one {patch}-pixel patch of the "
+                              f"model: a window must hold at least one patch; use slide_crop ≥ {patch}, or 0 for the "
+                              f"whole image")
         if tokenizer is None:
             import open_clip
             tokenizer = open_clip.get_tokenizer("ViT-B-16")  # the CLIP BPE tokenizer, context 77
@@ -301,6 +307,7 @@ class Segmentor:
     def _decide(self, logits: _OriginalSize, info: dict) -> Prediction:
         """The decision at the original size: whole, or in column slabs above ``FULL_SIZE_BUDGET``."""
         rule = (self.query_to_class, self.vocabulary.num_classes, self.decision.logit_scale)
+        info["nan_images"] = torch.isnan(logits.source).any()  # a device flag: NaN reached the decision
         if logits.values <= FULL_SIZE_BUDGET:
             full = logits.full()
             if self.decision.area_thd > 0:
@@ -323,12 +330,11 @@ class Segmentor:
         return Prediction(labels, lambda: class_probabilities(logits.full(), *rule).float(),
                           lambda: logits.full().float(), info)
 
-    @staticmethod
-    def _to_cpu(out: Prediction) -> Prediction:
+    def _to_cpu(self, out: Prediction) -> Prediction:
         def moved(value):
             return (lambda: value().cpu()) if callable(value) else value.cpu()
         info = {key: value.item() if isinstance(value, torch.Tensor) else value for key, value in out.info.items()}
-        warn_nan_windows(info["nan_windows"], info["windows"])
+        warn_nan_windows(info["nan_windows"], info["windows"], self.method.name)
         return Prediction(out.labels.cpu(), moved(out._probs), moved(out._logits), info)
 
     def _prepare_image(self, image) -> _Image:
@@ -520,11 +526,13 @@ class Segmentor:
         return _OriginalSize(refined, logits.size, self.dtype)
 
 
-def warn_nan_windows(nan_windows: int, windows: int) -> None:
-    """The warning for windows whose logits hold NaN (SFP's released purification)."""
+def warn_nan_windows(nan_windows: int, windows: int, method: str) -> None:
+    """The warning for windows whose logits hold NaN, naming the method that made them."""
     if nan_windows:
-        warnings.warn(f"{nan_windows} of {windows} windows produced NaN logits (SFP's released purification zeroes "
-                      f"isolated outliers; sfp_nan_guard=True avoids it)", RuntimeWarning, stacklevel=3)
+        why = (" (SFP's released purification zeroes isolated outliers; sfp_nan_guard=True avoids it)"
+               if method == "sfp" else "")
+        warnings.warn(f"{nan_windows} of {windows} windows produced NaN logits in method {method}'s last block{why}",
+                      RuntimeWarning, stacklevel=3)
 
 
 def predict_jointly(segmentors: Sequence[Segmentor], images: Sequence, on_device: bool = False

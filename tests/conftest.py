@@ -30,6 +30,13 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("PEARL_CACHE", str(tmp_path_factory.getbasetemp() / "pearl-cache"))
 
 
+@pytest.fixture(autouse=True)
+def _fresh_error_lines(monkeypatch):
+    """The CLI prints a repeated error line once per process: each test starts with none printed."""
+    from pearl import cli
+    monkeypatch.setattr(cli, "_printed", set())
+
+
 @pytest.fixture(scope="session")
 def photos():
     from skimage import data

@@ -236,3 +236,50 @@ def test_runner_holds_one_prediction_at_a_time_and_obeys_on_error_for_oversized_
         run(compose(limited))
     record = run(compose(limited + ["on_error=skip"]))
     assert record.image_count == 2 and record.skipped[0]["id"] == "ADE_val_00000002"
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ({"slide_crop": 224, "slide_stride": 300}, "slide_stride=300 is larger than slide_crop=224"),
+    ({"tlp_kappa": -1.0}, "tlp_kappa=-1.0 is out of range"),
+    ({"resize_long": float("inf")}, "resize_long=inf is not a finite number"),
+])
+def test_parameters_that_can_only_give_nan_are_refused(params, message):
+    from pearl.params import resolve
+    with pytest.raises(ValueError, match=message):
+        resolve(params)
+
+
+def test_a_window_smaller_than_one_patch_is_refused(tiny_model, tokenizer):
+    import pearl
+    from pearl.errors import ConfigError
+    with pytest.raises(ConfigError, match="slide_crop=8 is smaller than one 16-pixel patch"):
+        pearl.Segmentor(tiny_model, ["cat"], tokenizer=tokenizer, slide_crop=8, slide_stride=4, text_cache_dir="")
+
+
+@pytest.mark.parametrize("stage", ["last_block", "refinement"])
+def test_nan_made_at_run_time_fails_the_job_naming_the_stage(synthetic, tmp_path, monkeypatch, stage):
+    from pearl import runner
+    from pearl import segmentor as segmentor_module
+    from pearl.methods.pearl import Pearl
+    from pearl.records import load_records
+    if stage == "last_block":
+        last_block = Pearl.last_block
+        monkeypatch.setattr(Pearl, "last_block", lambda self, *args: last_block(self, *args) * float("nan"))
+        expected = "NaN logits in method pearl's last block"
+    else:
+        refine = segmentor_module.Segmentor._refine
+        monkeypatch.setattr(segmentor_module.Segmentor, "_refine", lambda self, item, logits, info: (
+            segmentor_module._OriginalSize(refine(self, item, logits, info).source * float("nan"), logits.size,
+                                           logits.dtype)))
+        expected = "NaN logits in the refinement after fusion"
+    cfg = compose(["model=tiny", f"data_root={synthetic}", f"results_dir={tmp_path}", "progress=false",
+                   "loader_workers=0", "method=pearl"])
+    with pytest.raises(runner.NumericalError, match=expected):
+        runner.run_job(cfg)
+    assert load_records(tmp_path) == []
+
+
+def test_the_nan_window_warning_names_the_method():
+    from pearl.segmentor import warn_nan_windows
+    with pytest.warns(RuntimeWarning, match="3 of 10 windows produced NaN logits in method naclip's last block$"):
+        warn_nan_windows(3, 10, "naclip")

@@ -256,7 +256,12 @@ BAD = [("on_error=skpi", "on_error"), ("+tlp_gird=40", "tlp_gird"), ("device=gpu
        ("pa=maybe", "pa"), ("tlp=1", "tlp"), ("force=yes", "force"), ("profile=bogus", "profile"),
        ("alpha_kk=abc", "alpha_kk"), ("tlp_pool=foo", "tlp_pool"), ("resize_short=-1", "resize_short"),
        ("tlp_grid=4.5", "tlp_grid"), ("model.precision=fp8", "model.precision"), ("+model.foo=1", "model.foo"),
-       ("+dataset.extra=1", "dataset.extra"), ("window_batch_size=0", "window_batch_size")]
+       ("+dataset.extra=1", "dataset.extra"), ("window_batch_size=0", "window_batch_size"),
+       # values that can only give NaN (the rules in pearl/params.py: finite numbers, temperatures > 0, TLP's
+       # system positive definite)
+       ("tlp_tau_s=0", "tlp_tau_s"), ("tlp_tau_s=nan", "tlp_tau_s"), ("resize_short=inf", "resize_short"),
+       ("logit_scale=inf", "logit_scale"), ("tlp_eps=0", "tlp_eps"), ("tlp_tau=-1", "tlp_tau"),
+       ("alpha_kk=nan", "alpha_kk"), ("group_memory_gib=0", "group_memory_gib")]
 if not __import__("torch").cuda.is_available():
     BAD.append(("device=cuda", "device"))
 

@@ -24,7 +24,7 @@ def test_tlp_changes_the_logits_and_pa_changes_features(tiny_model, tokenizer, p
     assert "pa_orthogonality_error" in base.info and "tlp_cg_relative_residual" in refined.info
     assert isinstance(refined.info["tlp_rho_mean"], float)  # read once, when copied to the CPU
     quiet = _segmentor(tiny_model, tokenizer, "pearl", tlp=True).predict(photos["chelsea"])
-    assert set(quiet.info) == {"windows", "nan_windows"}  # none computed unless asked
+    assert set(quiet.info) == {"windows", "nan_windows", "nan_images"}  # none computed unless asked
     assert torch.equal(quiet.labels, refined.labels)
 
 

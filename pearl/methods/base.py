@@ -62,6 +62,11 @@ class Method(abc.ABC):
     def __init__(self, config=None) -> None:
         self.config = config if config is not None else self.Config()
 
+    def releases_nan_windows(self) -> bool:
+        """Whether the released code itself turns some windows' logits NaN (then the published
+        numbers include them, and so does our record); for any other method a NaN fails the job."""
+        return False
+
     @abc.abstractmethod
     def last_block(self, blocks, x: torch.Tensor, hidden: list[torch.Tensor], grid: tuple[int, int],
                    info: dict | None) -> torch.Tensor:

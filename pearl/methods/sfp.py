@@ -117,6 +117,10 @@ class SFP(Method):
     Config = SFPConfig
     config_prefix = "sfp_"
 
+    def releases_nan_windows(self) -> bool:
+        # the released purification zeroes an outlier with no clean neighbour: its window turns NaN
+        return self.config.purify and not self.config.nan_guard
+
     def _outliers(self, blocks, hidden) -> torch.Tensor:
         mode = self.config.outlier
         if mode == "som":
