@@ -15,9 +15,12 @@ import hashlib
 import json
 import math
 import os
+import socket
 import subprocess
+import time
 import warnings
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 from .errors import UserError
@@ -195,9 +198,32 @@ class RunRecord:
         for name, kind in (("identity", dict), ("params", dict), ("model", dict), ("overrides", dict),
                            ("deviations", dict), ("per_class_iou", list), ("pa", bool), ("tlp", bool),
                            ("full_split", bool), ("method", str), ("dataset", str), ("config_hash", str),
-                           ("code_version", str)):
+                           ("code_version", str), ("finished_at", str)):
             if not isinstance(getattr(self, name), kind):
                 raise RecordError(f"{name} is {getattr(self, name)!r}, expected a {kind.__name__}")
+        for name in ("identity", "params", "model", "method", "dataset", "code_version"):
+            if not getattr(self, name):
+                raise RecordError(f"{name} is empty")
+        if not isinstance(self.dataset_size, int) or self.dataset_size < self.image_count:
+            raise RecordError(f"dataset_size is {self.dataset_size!r}, not a count ≥ image_count {self.image_count}")
+        try:
+            self.finished_time
+        except ValueError:
+            raise RecordError(f"finished_at is {self.finished_at!r}, not an ISO 8601 time") from None
+        if config_hash(self.identity) != self.config_hash:
+            raise RecordError(f"its identity hashes to {config_hash(self.identity)}, not to its config_hash "
+                              f"{self.config_hash}: edited or damaged")
+
+    @property
+    def finished_time(self) -> datetime:
+        """``finished_at`` as a time-zone-aware time (a time without an offset is taken as UTC)."""
+        moment = datetime.fromisoformat(self.finished_at)
+        return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
+
+    @property
+    def evaluated_share(self) -> float:
+        """How much of its dataset's split the record evaluated (1 for the whole)."""
+        return self.image_count / max(self.dataset_size, 1)
 
 
 def _is_number(value) -> bool:
@@ -231,10 +257,35 @@ def prepare_results_dir(results_dir: str | os.PathLike) -> Path:
         raise RecordError(f"results_dir={results_dir}: records cannot be written to {runs} ({error.strerror or error});"
                           f" choose a writable folder") from None
     for stale in runs.glob(".*.tmp"):
-        pid = stale.name.rsplit(".", 2)[-2]
-        if pid.isdigit() and not _process_alive(int(pid)):
+        if _abandoned(stale):
             stale.unlink(missing_ok=True)
     return runs
+
+
+ABANDONED_AFTER_S = 24 * 3600  # a temporary record this old is a dead writer's, whichever host wrote it
+
+
+def _host() -> str:
+    return path_component(socket.gethostname()).replace(".", "_")
+
+
+def _writer() -> str:
+    """``<host>.<pid>`` of this process, in its temporary files' names (hosts may share a results folder)."""
+    return f"{_host()}.{os.getpid()}"
+
+
+def _abandoned(temporary: Path) -> bool:
+    """Whether a ``.<record>.<host>.<pid>.tmp`` file is left by a dead writer: one of this host whose
+    process is gone, or any older than ``ABANDONED_AFTER_S`` (another host's live writer is never
+    touched: its pid means nothing here)."""
+    host, pid = temporary.name.removesuffix(".tmp").rsplit(".", 2)[-2:]
+    try:
+        age = time.time() - temporary.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age > ABANDONED_AFTER_S:
+        return True
+    return host == _host() and pid.isdigit() and not _process_alive(int(pid))
 
 
 def _process_alive(pid: int) -> bool:
@@ -262,7 +313,7 @@ def write_record(results_dir: str | os.PathLike, record: RunRecord) -> Path:
     """Write ``record`` atomically (temporary file, fsync, rename); returns its path."""
     path = record_path(results_dir, record.config_hash)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{_writer()}.tmp")
     try:
         with open(tmp, "w", encoding="utf-8") as handle:
             handle.write(json.dumps(_clean(record.to_dict()), indent=2, sort_keys=True, default=str))
@@ -275,16 +326,22 @@ def write_record(results_dir: str | os.PathLike, record: RunRecord) -> Path:
 
 
 def read_record(path: str | os.PathLike) -> RunRecord:
-    """The record in ``path``; raises RecordError naming the file for anything unreadable or invalid."""
+    """The record in ``path``; raises RecordError naming the file for anything unreadable or
+    invalid, a record whose name is not its identity's hash included."""
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise RecordError(f"{path} cannot be read ({error.strerror or error})") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise RecordError(f"{path} is not a JSON record ({error})") from None
     try:
-        return RunRecord.from_dict(data)
+        record = RunRecord.from_dict(data)
     except (RecordError, TypeError) as error:
         raise RecordError(f"{path}: {error}") from None
+    if path.stem != record.config_hash:
+        raise RecordError(f"{path}: the record inside is {record.config_hash}.json (copied or renamed)")
+    return record
 
 
 def find_record(path: Path) -> RunRecord | None:

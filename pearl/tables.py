@@ -142,10 +142,13 @@ def candidates(records: list[RunRecord], row: Row, dataset: str, selection: Sele
 
 
 def choose(found: list[RunRecord], selection: Selection) -> Cell:
-    """The rule for several candidates: current code first, then the full split, then the newest."""
+    """The rule for several candidates: current code first, then the full split, then the larger
+    share of its split evaluated (a whole folder before a newer ``max_images`` subset), then the
+    newest (compared as times, whatever their offsets)."""
     if not found:
         return Cell(None)
-    best = max(found, key=lambda r: (r.code_version == selection.code, r.full_split, r.finished_at))
+    best = max(found, key=lambda r: (r.code_version == selection.code, r.full_split, r.evaluated_share,
+                                     r.finished_time))
     flags = (("stale",) if best.code_version != selection.code else ()) + (("partial",) if not best.full_split
                                                                           else ())
     return Cell(best, flags + ((f"of {len(found)}",) if len(found) > 1 else ()))

@@ -364,14 +364,67 @@ def test_an_unwritable_results_dir_fails_before_any_model(synthetic, tmp_path, m
 
 
 def test_stale_temporary_records_of_dead_writers_are_removed(tmp_path):
+    import os
+    import socket
+    import time
     runs = tmp_path / "runs"
     runs.mkdir()
-    dead = runs / ".abc.json.999999999.tmp"  # no such process
-    alive = runs / f".abc.json.{__import__('os').getpid()}.tmp"
-    dead.write_text("{")
-    alive.write_text("{")
+    host = socket.gethostname().replace(".", "_")
+    dead = runs / f".abc.json.{host}.999999999.tmp"  # no such process on this host
+    alive = runs / f".abc.json.{host}.{os.getpid()}.tmp"
+    other_host = runs / ".abc.json.node7.999999999.tmp"  # another node's writer, maybe still writing
+    old = runs / ".def.json.node7.12.tmp"
+    for path in (dead, alive, other_host, old):
+        path.write_text("{")
+    day_ago = time.time() - records.ABANDONED_AFTER_S - 60
+    os.utime(old, (day_ago, day_ago))
     records.prepare_results_dir(tmp_path)
-    assert not dead.exists() and alive.exists()
+    assert not dead.exists() and alive.exists() and other_host.exists() and not old.exists()
+
+
+@pytest.mark.parametrize(("damage", "reason"), [
+    ("renamed", "copied or renamed"), ("identity", "identity hashes to"), ("params", "params is empty"),
+    ("finished_null", "finished_at is None"), ("finished_text", "not an ISO 8601 time"),
+    ("unreadable", "cannot be read")])
+def test_records_are_checked_not_trusted_by_name(synthetic, tmp_path, monkeypatch, damage, reason):
+    from pathlib import Path
+    record = runner.run(compose(_job(synthetic, tmp_path)))
+    path = tmp_path / "runs" / f"{record.config_hash}.json"
+    data = json.loads(path.read_text())
+    if damage == "renamed":
+        path.rename(path.with_name("0123456789abcdef.json"))
+        path = path.with_name("0123456789abcdef.json")
+    elif damage == "identity":
+        data["identity"]["method"] = "naclip"  # a hand-edited identity under the old name
+    elif damage == "params":
+        data["params"] = {}
+    elif damage in ("finished_null", "finished_text"):
+        data["finished_at"] = None if damage == "finished_null" else "yesterday"
+    if damage not in ("renamed", "unreadable"):
+        path.write_text(json.dumps(data))
+    if damage == "unreadable":  # root reads any mode: the denial as the file system gives it
+        read_text = Path.read_text
+        monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: (_ for _ in ()).throw(PermissionError(
+            13, "Permission denied")) if self == path else read_text(self, *a, **k))
+    with pytest.warns(RuntimeWarning, match=reason):
+        assert load_records(tmp_path) == []
+    assert (tmp_path / "runs" / "invalid" / path.name).exists()
+
+
+def test_the_newest_record_is_found_by_time_and_a_whole_split_before_a_subset(synthetic, tmp_path):
+    import dataclasses
+
+    from pearl.tables import Selection, choose
+    record = runner.run(compose(_job(synthetic, tmp_path)))
+    selection = Selection(record.model_label)
+    selection = dataclasses.replace(selection, code=record.code_version, include_partial=True)
+    east = dataclasses.replace(record, finished_at="2026-01-01T10:00:00+05:00")  # 05:00 UTC
+    west = dataclasses.replace(record, finished_at="2026-01-01T06:00:00+00:00")  # 06:00 UTC: newer
+    assert choose([east, west], selection).record is west
+    whole = dataclasses.replace(record, full_split=False, image_count=3, dataset_size=3,
+                                finished_at="2026-01-01T00:00:00+00:00")
+    subset = dataclasses.replace(whole, image_count=1, max_images=1, finished_at="2026-06-01T00:00:00+00:00")
+    assert choose([subset, whole], selection).record is whole
 
 
 @pytest.mark.slow  # a subprocess of run.py / pearl.tables
