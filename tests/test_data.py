@@ -213,3 +213,30 @@ def test_images_are_decoded_to_rgb_with_known_colours(tmp_path):
     (tmp_path / "classes.txt").write_text("background\nred")
     sample = build_dataset("folder", images=tmp_path / "img", classes=tmp_path / "classes.txt")[0]
     assert sample.image[0, 0].tolist() == [255, 0, 0] and sample.image[0, 5].tolist() == [0, 0, 255]
+
+
+def test_the_data_fingerprint_sees_content_and_a_rerun_reads_no_file_again(tmp_path, monkeypatch):
+    import os
+
+    from pearl.data import digests
+    from pearl.data.datasets import build_dataset
+    from pearl.data.synthetic import write_dataset
+    monkeypatch.setenv("PEARL_CACHE", str(tmp_path / "cache"))
+    root = write_dataset("voc21", tmp_path / "data", num_images=3, size=(48, 64))
+    dataset = build_dataset("voc21", root)
+    before = dataset.fingerprint()
+    hashed = []
+    sha256 = digests._sha256
+    monkeypatch.setattr(digests, "_sha256", lambda path: hashed.append(path) or sha256(path))
+    monkeypatch.setattr(digests, "_memory", {})  # a new process: only the disk cache
+    assert build_dataset("voc21", root).fingerprint() == before and hashed == []
+    label = dataset.items[1][2]
+    raw = bytearray(label.read_bytes())
+    raw[-20] ^= 0xFF  # a corrected label of the same byte size (its content, not a valid PNG, is what counts)
+    stat = label.stat()
+    label.write_bytes(bytes(raw))
+    os.utime(label, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert label.stat().st_size == stat.st_size
+    after = build_dataset("voc21", root).fingerprint()
+    assert after["files_sha256"] != before["files_sha256"] and hashed == [label]
+    assert set(after) == set(before)

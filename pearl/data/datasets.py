@@ -26,6 +26,7 @@ from PIL import Image
 from ..benchmarks import BENCHMARKS
 from ..errors import UserError
 from ..protocols import canonical_dataset, class_names
+from .digests import content_digests
 
 LAYOUT_HELP = "docs/datasets.md (MMSegmentation layouts)"
 DEFAULT_MAX_PIXELS = 2 * 89_478_485  # Pillow's decompression-bomb threshold: about 13,000 × 13,000
@@ -243,12 +244,15 @@ class SegmentationDataset:
 
     def fingerprint(self) -> dict:
         """What identifies the evaluated data: the label convention and, for every evaluated item,
-        its id and its files' names and sizes (a changed, added or removed file changes it)."""
+        its id and its files' names and content digests (a changed, added or removed file changes
+        it, a corrected label of the same size too); digests are cached (``pearl.data.digests``)."""
+        files = [path for _, image, label in self.items for path in (image, label) if path is not None]
+        digests = content_digests(self.root, files)
         digest = hashlib.sha256()
         for sample_id, image_path, label_path in self.items:
             for path in (image_path, label_path):
-                size = path.stat().st_size if path is not None and path.is_file() else -1
-                digest.update(f"{sample_id}\0{path.name if path else ''}\0{size}\n".encode())
+                content = digests[path] if path is not None else ""
+                digest.update(f"{sample_id}\0{path.name if path else ''}\0{content}\n".encode())
         return {"name": self.name, "reduce_zero_label": self.reduce_zero_label, "split_size": self.total_images,
                 "evaluated": len(self.items), "files_sha256": digest.hexdigest()}
 
