@@ -17,5 +17,10 @@ class WeightsError(UserError, RuntimeError):
     """Model weights that cannot be found or loaded (missing file, offline without a cache)."""
 
 
+class ImageSizeError(UserError, ValueError):
+    """An image too small or too thin for the protocol (it would rescale to zero pixels or less than
+    a patch): a per-image problem, skipped with the rest under ``on_error=skip``."""
+
+
 class MissingFileError(UserError, FileNotFoundError):
     """A file the user named does not exist."""

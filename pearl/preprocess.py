@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .errors import ImageSizeError
 from .params import default
 
 # OpenAI CLIP mean/std on the 0-255 scale, RGB order (docs/protocol.md §3).
@@ -68,7 +69,11 @@ def rescaled_size(height: int, width: int, short: int, long: int = 2048) -> tupl
     if short <= 0:
         return height, width
     factor = min(long / max(height, width), short / min(height, width))
-    return int(height * factor + 0.5), int(width * factor + 0.5)
+    size = int(height * factor + 0.5), int(width * factor + 0.5)
+    if min(size) < 1:
+        raise ImageSizeError(f"an image of {width}×{height} pixels rescales to {size[1]}×{size[0]} "
+                             f"(resize_short={short}, resize_long={long}): too thin to segment")
+    return size
 
 
 def rescale(image: np.ndarray, short: int, long: int = 2048) -> np.ndarray:

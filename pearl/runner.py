@@ -24,7 +24,7 @@ from . import __version__
 from .backbone import load_clip, tiny_clip
 from .config import validate_config
 from .data import DatasetError, build_dataset
-from .errors import ConfigError, UserError
+from .errors import ConfigError, ImageSizeError, UserError
 from .locks import JobLock, read_owner, try_lock
 from .methods import get_method
 from .metrics import ConfusionMatrix
@@ -218,11 +218,12 @@ class _Prepared(torch.utils.data.Dataset):
         item_id = self.dataset.items[index][0]
         try:
             sample = self.dataset[index]
-        except DatasetError as error:
-            return _Loaded(index, item_id, None, None, None, str(error))
+            prepared = prepare_image(sample.image, self.windows)
+        except (DatasetError, ImageSizeError) as error:
+            message = str(error) if isinstance(error, DatasetError) else f"image {item_id}: {error}"
+            return _Loaded(index, item_id, None, None, None, message)
         label = torch.from_numpy(sample.label) if sample.label is not None else None
-        return _Loaded(index, item_id, prepare_image(sample.image, self.windows), label,
-                       sample.image if self.keep_images else None, None)
+        return _Loaded(index, item_id, prepared, label, sample.image if self.keep_images else None, None)
 
 
 def _as_is(item):
@@ -282,9 +283,10 @@ class _Tally:
 
     def save(self, item: "_Loaded", labels: torch.Tensor, class_lines: Sequence[str]) -> None:
         """Write the label PNG and the overlay of one of the job's first ``save_limit`` images."""
-        if self.saved < self.save_limit:
-            write_outputs(self.predictions_dir, path_component(item.id), item.image, labels.cpu().numpy(),
-                          list(class_lines))
+        if self.saved < self.save_limit:  # sub/a.png → sub/a_*.png: never the same name as sub_a.png's
+            *folders, name = item.id.split("/")
+            write_outputs(self.predictions_dir.joinpath(*map(path_component, folders)), path_component(name),
+                          item.image, labels.cpu().numpy(), list(class_lines))
             self.saved += 1
 
 

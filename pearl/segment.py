@@ -13,6 +13,7 @@ legend of the classes shown; ``--grid`` puts all images as rows of one ``compare
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from .data.datasets import FolderDataset, read_image, read_label
 from .errors import UserError
 from .params import PARAMS
 from .protocols import class_names, parse_class_lines
+from .records import path_component
 from .render import comparison_figure, comparison_row, save_figure, write_outputs
 
 IMAGE_SUFFIXES = FolderDataset.IMAGE_SUFFIXES
@@ -108,10 +110,26 @@ def parse_variants(text: str, params: dict, option: str = "--compare") -> list[t
     return variants
 
 
+def output_names(paths: list[Path]) -> list[str]:
+    """One output name per image: its stem; where stems repeat (``a.jpg`` and ``a.png``, or one file
+    name in two folders), its path below the images' common folder, suffix included, as one name
+    (``dir1_a_jpg``). A UserError when two images would still share a name."""
+    stems = [path.stem for path in paths]
+    if len(set(stems)) == len(stems):
+        return stems
+    common = Path(os.path.commonpath([path.resolve().parent for path in paths]))
+    names = [stem if stems.count(stem) == 1 else path_component("_".join(path.resolve().relative_to(common).parts))
+             .replace(".", "_") for stem, path in zip(stems, paths)]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise UserError(f"several images would be written as {repeated[0]!r}; give each image its own file name")
+    return names
+
+
 def _ground_truth(args, path: Path, shape: tuple[int, int], num_classes: int) -> np.ndarray | None:
     if args.masks is None:
         return None
-    mask = Path(args.masks) / f"{path.stem}{args.mask_suffix}"
+    mask = Path(args.masks) / f"{path.stem}{args.mask_suffix}"  # stems are unique when masks are given
     if not mask.is_file():
         raise UserError(f"ground truth {mask} for {path.name} does not exist (--masks, --mask-suffix)")
     ignored = 255 if num_classes <= 255 else 65535  # the label files' convention: 8-bit 255, 16-bit 65535
@@ -152,6 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         classes = _classes(args)
         images = _images(args.images)
+        names = output_names(images)
+        if args.masks and len({path.stem for path in images}) < len(images):
+            raise UserError("--masks finds each image's mask by its stem, and some images share one "
+                            f"({', '.join(p.name for p in images if [q.stem for q in images].count(p.stem) > 1)}): "
+                            "rename them, or segment them apart")
         params = {name: getattr(args, name) for name in PARAMS if getattr(args, name) is not None}
         variants = parse_variants(args.compare, params) if args.compare else [(args.method, args.method, params)]
         if (args.grid or args.masks) and not args.compare:
@@ -161,19 +184,19 @@ def main(argv: list[str] | None = None) -> int:
                 for title, method, settings in variants]
         out_dir = Path(args.out)
         rows = []
-        for path in tqdm(images, desc="segmenting", unit="img", disable=len(images) == 1):
+        for path, name in tqdm(list(zip(images, names)), desc="segmenting", unit="img", disable=len(images) == 1):
             image = read_image(path)
             if not args.compare:
                 result = segs[0][1].predict(image)
                 probs = result.probs.numpy() if args.save_probs else None
-                write_outputs(out_dir, path.stem, image, result.labels.numpy(), classes, probs)
+                write_outputs(out_dir, name, image, result.labels.numpy(), classes, probs)
                 continue
             row = comparison_row(image, [(title, seg.predict(image).labels.numpy()) for title, seg in segs], classes,
                                  _ground_truth(args, path, image.shape[:2], len(classes)))
             if args.grid:
                 rows.append(row)
             else:
-                save_figure(comparison_figure([row], classes), out_dir / f"{path.stem}_compare.png")
+                save_figure(comparison_figure([row], classes), out_dir / f"{name}_compare.png")
         if rows:
             save_figure(comparison_figure(rows, classes), out_dir / "compare_grid.png")
         what = args.method if not args.compare else f"{len(segs)} variants"

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from . import params as param_specs
 from .backbone import Trunk, head, patch_size, prepare_model, trunk
-from .errors import ConfigError
+from .errors import ConfigError, ImageSizeError
 from .methods import get_method, pa_methods
 from .preprocess import PreparedImage, Window, WindowConfig, prepare_image, sliding_windows
 from .refine.pamr import PAMRConfig, pamr
@@ -345,7 +345,7 @@ class Segmentor:
         patch = patch_size(self.model.visual)
         if min(tensor.shape[1:]) < patch:
             height, width = prepared.original_size
-            raise ValueError(f"image of size {width}×{height} is {tensor.shape[2]}×{tensor.shape[1]} "
+            raise ImageSizeError(f"image of size {width}×{height} is {tensor.shape[2]}×{tensor.shape[1]} "
                              f"after the rescale: smaller than one {patch}-pixel patch; use a larger image or "
                              f"resize_short")
         windows = sliding_windows(tensor.shape[1], tensor.shape[2], self.windows.slide_crop,

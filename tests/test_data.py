@@ -240,3 +240,51 @@ def test_the_data_fingerprint_sees_content_and_a_rerun_reads_no_file_again(tmp_p
     after = build_dataset("voc21", root).fingerprint()
     assert after["files_sha256"] != before["files_sha256"] and hashed == [label]
     assert set(after) == set(before)
+
+
+def test_images_that_differ_only_in_their_suffix_are_refused_in_a_folder(tmp_path):
+    import cv2
+    import numpy as np
+
+    from pearl.data.datasets import DatasetError, build_dataset
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("a.jpg", "a.png", "b.png"):
+        cv2.imwrite(str(images / name), np.zeros((20, 20, 3), np.uint8))
+    classes = tmp_path / "classes.txt"
+    classes.write_text("cat\ndog\n")
+    with pytest.raises(DatasetError, match=r"a\.jpg, .*a\.png differ only in their suffix"):
+        build_dataset("folder", images=images, classes=classes)
+
+
+def test_one_output_name_per_image_in_pearl_segment(tmp_path):
+    from pearl.errors import UserError
+    from pearl.segment import output_names
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert output_names([one / "a.jpg", one / "b.jpg"]) == ["a", "b"]
+    assert output_names([one / "a.jpg", one / "a.png", one / "c.png"]) == ["a_jpg", "a_png", "c"]
+    assert output_names([one / "a.jpg", two / "a.jpg"]) == ["one_a_jpg", "two_a_jpg"]
+    with pytest.raises(UserError, match="several images would be written as 'one_a_jpg'"):
+        output_names([one / "a.jpg", one / "a_jpg.png", tmp_path / "one_a_jpg.png", one / "a.png"])
+
+
+def test_a_very_thin_image_is_skipped_under_on_error_skip(tmp_path):
+    import cv2
+    import numpy as np
+
+    from pearl import runner
+    from pearl.errors import UserError
+
+    from .conftest import compose
+    images = tmp_path / "images"
+    images.mkdir()
+    cv2.imwrite(str(images / "thin.png"), np.full((1, 5000, 3), 90, np.uint8))
+    cv2.imwrite(str(images / "wide.png"), np.full((40, 60, 3), 90, np.uint8))
+    classes = tmp_path / "classes.txt"
+    classes.write_text("cat\ndog\n")
+    job = ["model=tiny", "dataset=folder", f"dataset.images={images}", f"dataset.classes={classes}",
+           f"results_dir={tmp_path / 'res'}", "progress=false", "loader_workers=0"]
+    with pytest.raises(UserError, match="image thin: an image of 5000×1 pixels rescales to 2048×0"):
+        runner.run_job(compose(job))
+    _, record = runner.run_job(compose(job + ["on_error=skip"]))
+    assert record.image_count == 1 and [item["id"] for item in record.skipped] == ["thin"]

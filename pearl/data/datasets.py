@@ -301,6 +301,11 @@ class FolderDataset(SegmentationDataset):
         self.items = [(p.relative_to(self.root).with_suffix("").as_posix(), p,
                        (self.masks / p.relative_to(self.root).with_suffix("")).with_name(p.stem + mask_suffix)
                        if self.masks else None) for p in paths]
+        counts = Counter(sample_id for sample_id, _, _ in self.items)
+        shared = [path for sample_id, path, _ in self.items if counts[sample_id] > 1]
+        if shared:
+            raise DatasetError(f"folder dataset: {', '.join(str(p) for p in shared[:4])} differ only in their suffix: "
+                               f"one id (and one mask, <id>{mask_suffix}) for several images; rename or remove one")
         self.total_images = len(self.items)
         if max_images is not None:
             self.items = self.items[:max_images]
