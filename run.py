@@ -10,7 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from pearl import cli
-from pearl.config import help_text, register_config_groups
+from pearl.config import help_text, register_config_groups, unknown_override
 from pearl.records import path_component
 
 register_config_groups()
@@ -27,4 +27,8 @@ def main(cfg: DictConfig) -> str:
 
 
 if __name__ == "__main__":
+    problem = unknown_override(sys.argv[1:])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     sys.exit(cli.main(main))

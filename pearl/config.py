@@ -88,6 +88,26 @@ _GROUP_KEYS = {
 PRECISION_CHOICES = ("auto", "fp32", "fp16", "bf16")
 
 
+def unknown_override(arguments: list[str]) -> str | None:
+    """The error for the first ``key=value`` command-line argument whose key run.py does not know
+    (with the closest known key), before Hydra composes anything; None when all are known.
+    ``+key=``, ``~key``, ``hydra…`` and flags are Hydra's to judge."""
+    from .params import did_you_mean
+    top = set(RUN_KEYS) | set(PARAMS) | set(CONFIG_GROUPS)
+    for argument in arguments:
+        key, sep, _ = argument.partition("=")
+        if not sep or argument.startswith(("-", "+", "~", "hydra")):
+            continue
+        group, dot, sub = key.partition(".")
+        if group not in top:
+            return (f"unknown key {key!r}; {did_you_mean(group, top)}see `python run.py --help` for the valid keys "
+                    f"(a new key needs +{key}=...)")
+        if dot and group in _GROUP_KEYS and sub not in _GROUP_KEYS[group]:
+            return f"unknown key {key!r}; {did_you_mean(sub, _GROUP_KEYS[group])}valid: " + ", ".join(
+                f"{group}.{name}" for name in sorted(_GROUP_KEYS[group]))
+    return None
+
+
 def _fail(key: str, value, valid: str) -> ConfigError:
     return ConfigError(f"{key}={value!r} is not valid; valid: {valid}")
 
@@ -101,7 +121,9 @@ def validate_config(cfg: DictConfig) -> None:
     known = set(RUN_KEYS) | set(PARAMS) | set(CONFIG_GROUPS) | {"hydra"}
     unknown = sorted(set(cfg.keys()) - known)
     if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(unknown)}; see `python run.py --help` for the valid keys")
+        from .params import did_you_mean
+        raise ConfigError(f"unknown key(s) {', '.join(unknown)}; {did_you_mean(unknown[0], known)}see "
+                          f"`python run.py --help` for the valid keys")
     for group, allowed in _GROUP_KEYS.items():
         extra = sorted(set(cfg[group].keys()) - allowed)
         if extra:

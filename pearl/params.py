@@ -147,7 +147,7 @@ def check_together(resolved: dict) -> None:
 def did_you_mean(name: str, valid) -> str:
     """"did you mean 'X'? " for the closest valid name, or ""."""
     import difflib
-    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.75)
+    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
     return f"did you mean {close[0]!r}? " if close else ""
 
 

@@ -63,6 +63,9 @@ def _device(requested: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={requested!r} but no CUDA device is visible; use device=cpu or device=auto")
+    if requested == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device='mps' but this machine has no usable MPS (Apple GPU) device; use device=cpu or "
+                          "device=auto")
     return torch.device(requested)
 
 
@@ -86,6 +89,10 @@ def build_model(model_cfg: DictConfig, device: torch.device, precision: str):
 def _dataset(cfg: DictConfig):
     data = cfg.dataset
     if data.name == "folder":
+        unset = [f"dataset.{key}" for key in ("images", "classes") if OmegaConf.is_missing(data, key)]
+        if unset:
+            raise ConfigError(f"dataset=folder needs {' and '.join(unset)}: e.g. dataset.images=/path/to/images "
+                              f"dataset.classes=/path/to/classes.txt (docs/datasets.md)")
         return build_dataset("folder", images=data.images, classes=data.classes, masks=data.get("masks"),
                              mask_suffix=data.get("mask_suffix", ".png"),
                              reduce_zero_label=data.get("reduce_zero_label", False), max_images=cfg.max_images,
@@ -175,7 +182,10 @@ def _plan(cfg: DictConfig) -> _Job:
         raise ConfigError(str(error)) from None
     changed = deviations(cfg.method.name, _protocol_dataset(cfg), cfg.profile, resolved)
     model = model_identity(cfg.model, precision)
-    class_lines = list(load_vocabulary(classes).class_lines)
+    try:
+        class_lines = list(load_vocabulary(classes).class_lines)
+    except ValueError as error:
+        raise ConfigError(f"classes of {cfg.dataset.name}: {error}") from None
     identity = {"schema": SCHEMA_VERSION, "code_version": code_version(), "method": cfg.method.name,
                 "profile": cfg.profile, "params": {k: v for k, v in resolved.items() if k not in OPERATIONAL_PARAMS},
                 "model": {k: v for k, v in model.items() if k != "label"}, "classes": class_lines,

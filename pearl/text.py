@@ -71,6 +71,9 @@ def load_vocabulary(classes: Sequence[str] | str | os.PathLike) -> Vocabulary:
     seen: dict[str, int] = {}
     queries, owners = [], []
     for idx, line in enumerate(lines):
+        if not line.strip():
+            raise ValueError(f"class {idx} is an empty line; remove blank lines from the class list (one class a line, "
+                             f"no empty last line)")
         if line in seen:
             raise ValueError(f"class {idx} {line!r} duplicates class {seen[line]}; each class must be listed once")
         seen[line] = idx

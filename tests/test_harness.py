@@ -6,6 +6,7 @@ import sys
 
 import pandas as pd
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 import pearl
@@ -283,3 +284,36 @@ def test_the_nan_window_warning_names_the_method():
     from pearl.segmentor import warn_nan_windows
     with pytest.warns(RuntimeWarning, match="3 of 10 windows produced NaN logits in method naclip's last block$"):
         warn_nan_windows(3, 10, "naclip")
+
+
+@pytest.mark.parametrize(("arguments", "expected"), [
+    (["tpl=true"], "unknown key 'tpl'; did you mean 'tlp'?"),
+    (["method=pearl", "tlp_gird=40"], "unknown key 'tlp_gird'; did you mean 'tlp_grid'?"),
+    (["dataset.imgs=/x"], "unknown key 'dataset.imgs'; did you mean 'images'?"),
+    (["-m", "method=pearl,naclip", "+extra=1", "hydra.sweep.dir=x", "dataset.images=/x"], None),
+])
+def test_a_key_typo_on_the_command_line_says_did_you_mean(arguments, expected):
+    from pearl.config import unknown_override
+    problem = unknown_override(arguments)
+    assert problem == expected if expected is None else problem.startswith(expected)
+
+
+def test_folder_without_images_mps_without_mps_and_a_blank_class_line_are_one_line_errors(synthetic, tmp_path,
+                                                                                       monkeypatch, capsys):
+    from pearl import cli
+    classes = tmp_path / "classes.txt"
+    classes.write_text("cat\ndog\n\n")
+    images = tmp_path / "images"
+    images.mkdir()
+    __import__("cv2").imwrite(str(images / "a.png"), __import__("numpy").zeros((32, 32, 3), "uint8"))
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(cli, "_outcomes", [])
+    base = ["model=tiny", f"results_dir={tmp_path / 'res'}", "progress=false", "loader_workers=0"]
+    cases = [(["dataset=folder"], "dataset=folder needs dataset.images and dataset.classes"),
+             (["device=mps"], "device='mps' but this machine has no usable MPS"),
+             (["dataset=folder", f"dataset.images={images}", f"dataset.classes={classes}"],
+              "class 2 is an empty line")]
+    for overrides, message in cases:
+        assert cli.execute(compose(base + [f"data_root={synthetic}"] + overrides)) == "failed"
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err and "unexpected" not in err

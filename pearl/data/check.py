@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .datasets import DatasetError, build_dataset
+from .datasets import CHECK_HINT, DatasetError, build_dataset
 
 SAMPLE = 20  # files decoded without ``deep``
 
@@ -40,8 +40,8 @@ def check(name: str, root: str | Path, deep: bool = False) -> Report:
     """The readiness of benchmark ``name`` under ``root``."""
     try:
         dataset = build_dataset(name, root)
-    except DatasetError as error:
-        return Report(name, False, str(error))
+    except DatasetError as error:  # the check itself: no advice to run it
+        return Report(name, False, str(error).replace(CHECK_HINT.format(name=name), ""))
     problems = []
     if dataset.total_images != dataset.expected_images:
         problems.append(f"{dataset.total_images} images, the official split has {dataset.expected_images}")

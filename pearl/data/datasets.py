@@ -29,6 +29,7 @@ from ..protocols import canonical_dataset, class_names
 from .digests import content_digests
 
 LAYOUT_HELP = "docs/datasets.md (MMSegmentation layouts)"
+CHECK_HINT = "; `python -m pearl.data check {name} --root DIR` says what is missing"  # said by the runner only
 DEFAULT_MAX_PIXELS = 2 * 89_478_485  # Pillow's decompression-bomb threshold: about 13,000 × 13,000
 
 
@@ -206,8 +207,8 @@ class SegmentationDataset:
         return DatasetError(
             f"dataset {self.name!r} not found under data_root={self.root}: missing "
             + ", ".join(str(p) for p in what)
-            + f". Set data_root (or $PEARL_DATA) to the folder that holds it, laid out as in {LAYOUT_HELP}; "
-              f"`python -m pearl.data check {self.name} --root DIR` says what is missing.")
+            + f". Set data_root (or $PEARL_DATA) to the folder that holds it, laid out as in {LAYOUT_HELP}"
+            + CHECK_HINT.format(name=self.name))
 
     def _list(self) -> list[tuple[str, Path, Path]]:
         layout = self.layout
