@@ -130,6 +130,7 @@ def test_protocols():
 
 def test_text_prototypes_disk_cache(tiny_model, tokenizer, tmp_path):
     from pearl import text
+    text._memory_cache.clear()
     first = text.text_prototypes(tiny_model, tokenizer, ["cat", "dog"], torch.device("cpu"), tmp_path)
     files = list(tmp_path.glob("*.pt"))
     assert len(files) == 1
