@@ -288,3 +288,29 @@ def test_a_very_thin_image_is_skipped_under_on_error_skip(tmp_path):
         runner.run_job(compose(job))
     _, record = runner.run_job(compose(job + ["on_error=skip"]))
     assert record.image_count == 1 and [item["id"] for item in record.skipped] == ["thin"]
+
+
+def test_an_exif_orientation_tag_rotates_neither_the_image_nor_its_label(tmp_path):
+    """Pixels as stored for both: a JPEG tagged "rotate 90°" (orientation 6) stays 40 wide, 20 high,
+    like its label, everywhere an image is read (datasets, pearl.segment, PIL given to predict)."""
+    from pearl.data.datasets import build_dataset, read_image
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, :20] = 255  # left half white as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(images / "tagged.jpg", exif=exif, quality=95)
+    label = np.zeros((20, 40), np.uint8)
+    label[:, :20] = 1
+    Image.fromarray(label).save(masks / "tagged.png")
+    classes = tmp_path / "classes.txt"
+    classes.write_text("dark\nbright\n")
+    with Image.open(images / "tagged.jpg") as tagged:
+        assert tagged.getexif()[0x0112] == 6  # the tag is there to be ignored
+    image = read_image(images / "tagged.jpg")
+    assert image.shape == (20, 40, 3) and image[:, :20].mean() > 200 and image[:, 20:].mean() < 50
+    sample = build_dataset("folder", images=images, classes=classes, masks=masks)[0]
+    assert sample.image.shape[:2] == sample.label.shape == (20, 40)
+    assert np.array_equal(sample.label == 1, sample.image[:, :, 0] > 128)

@@ -29,6 +29,9 @@ from ..protocols import canonical_dataset, class_names
 from .digests import content_digests
 
 LAYOUT_HELP = "docs/datasets.md (MMSegmentation layouts)"
+# Pixels as stored, for images as for labels: an EXIF orientation tag is not applied (labels carry
+# none, and were drawn on the stored grid), so image and label never disagree (docs/datasets.md).
+IMAGE_READ_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
 CHECK_HINT = "; `python -m pearl.data check {name} --root DIR` says what is missing"  # said by the runner only
 DEFAULT_MAX_PIXELS = 2 * 89_478_485  # Pillow's decompression-bomb threshold: about 13,000 × 13,000
 
@@ -103,7 +106,7 @@ def _decode_noting_warnings(path: Path) -> tuple[np.ndarray | None, str]:
     saved = os.dup(2)
     os.dup2(captured.fileno(), 2)
     try:
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        image = cv2.imread(str(path), IMAGE_READ_FLAGS)
     finally:
         os.dup2(saved, 2)
         os.close(saved)
@@ -117,7 +120,8 @@ def _decode_noting_warnings(path: Path) -> tuple[np.ndarray | None, str]:
 
 
 def read_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """H×W×3 uint8 RGB via OpenCV colour decoding (grey files become 3 equal channels).
+    """H×W×3 uint8 RGB via OpenCV colour decoding, pixels as stored (an EXIF orientation tag is not
+    applied, as for labels); grey files become 3 equal channels.
 
     A truncated JPEG or PNG is a DatasetError, never a partially decoded image; so is one of more
     than ``max_pixels`` pixels (read from the header, before decoding)."""
