@@ -33,12 +33,11 @@ from .errors import UserError
 from .methods import available_methods, get_method
 from .params import PARAMS, build_config, param_name
 from .preprocess import normalise, rescale, to_rgb_uint8
-from .render import caption_strip, heat_overlay, panel_grid, save_figure, titled_panel
+from .render import caption_strip, heat_overlay, panel_grid, save_figure, smoke_note, titled_panel
 from .segment import add_model_options, load_model, parse_variants
 from .segmentor import resolve_settings
 
 DEFAULT_SHORT_SIDE = 336
-SMOKE_NOTE = "model tiny: random weights - a smoke picture, not a result"
 
 
 def last_block_params() -> list[str]:
@@ -175,7 +174,10 @@ def main(argv: list[str] | None = None) -> int:
             arrays.append(shown)
         rows = rows if args.all_heads else [sum(rows, [])]
         width = max(sum(panel.width for panel in row) for row in rows)
-        figure = panel_grid(rows, caption_strip(SMOKE_NOTE, width) if args.model == "tiny" else None)
+        note = smoke_note(args.model)
+        figure = panel_grid(rows, caption_strip(note, width) if note else None)
+        if note:
+            figure.info["note"] = note
         figure.info["panels"] = "\n".join(titles)
         out_dir = Path(args.out)
         stem = f"{path.stem}_attention_r{query[0]}c{query[1]}"

@@ -257,13 +257,31 @@ def measure(seg: Segmentor, images: list[np.ndarray], batch_images: int, repeats
     return row
 
 
-def sweep_cost(model, tokenizer, size: str, device: torch.device, args, images: int, repeats: int) -> float:
+def bench_model(name: str, pretrained: str | None, device: torch.device, precision: str):
+    """(model, tokenizer) to time: ``tiny``, the named weights, or (``pretrained`` None) the
+    architecture with random weights drawn from seed 0, the same in every process, so that their
+    text prototypes are found in the cache after the first run."""
+    torch.manual_seed(0)
+    if name == "tiny":
+        return tiny_clip()
+    return load_clip(name, pretrained, device, precision)
+
+
+def bench_settings(method: str, dataset: str, random_weights: bool) -> dict:
+    """The method's protocol on ``dataset``; with random weights one prompt template instead of 80:
+    the prototypes' values mean nothing then, and their number (the queries), which is what the
+    image side's cost depends on, is the same."""
+    return protocol(method, dataset) | ({"templates": "single"} if random_weights else {})
+
+
+def sweep_cost(model, tokenizer, size: str, device: torch.device, args, images: int, repeats: int,
+               random_weights: bool) -> float:
     """Time of the four-job sweep ``method=pearl pa=true,false tlp=true,false`` on one shared trunk,
     as a multiple of one job (PEARL's default) alone; printed and returned."""
     pictures = bench_images(BENCHMARKS[size].typical_size, images)
     segs = [Segmentor(model, class_names(size, "pearl"), method="pearl", pa=pa, tlp=tlp, tokenizer=tokenizer,
                       device=device, precision=args.precision, window_batch_size=args.window_batch_size,
-                      **protocol("pearl", size)) for pa in (True, False) for tlp in (True, False)]
+                      **bench_settings("pearl", size, random_weights)) for pa in (True, False) for tlp in (True, False)]
     prepared = [segs[0].preprocess(image) for image in pictures]
     _fast(segs, prepared[:1], 1)
     one, four = [], []
@@ -364,13 +382,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     images, repeats = (2, 1) if args.quick else (args.images, args.repeats)
     todo = list(QUICK_VARIANTS) if args.quick else variants(methods)
-    if args.model == "tiny":
-        model, tokenizer = tiny_clip()
-    else:
-        pretrained = None if args.pretrained == "none" else args.pretrained
-        model, tokenizer = load_clip(args.model, pretrained, device, args.precision)
+    random_weights = args.pretrained == "none" or args.model == "tiny"
+    weights = "random weights" if random_weights else args.pretrained
+    print(f"pearl.bench: loading {args.model} ({weights}) on {device}, {len(todo)} variant(s) × {len(sizes)} size(s)",
+          flush=True)
+    model, tokenizer = bench_model(args.model, None if random_weights else args.pretrained, device, args.precision)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    weights = "random weights" if args.pretrained == "none" or args.model == "tiny" else args.pretrained
     peak = gemm_peak_flops(device, PRECISIONS[args.precision])
     print(f"pearl.bench: {args.model} ({weights}), {args.precision}, {name}, torch {torch.__version__}; "
           f"{images} images per size, {repeats} repeat(s), batch_images={args.batch_images}; "
@@ -382,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
             cls = get_method(method)
             seg = Segmentor(model, class_names(size, method), method=method, pa=pa, tlp=tlp, tokenizer=tokenizer,
                             device=device, precision=args.precision, window_batch_size=args.window_batch_size,
-                            **protocol(method, size))
+                            **bench_settings(method, size, random_weights))
             row = {"device": name, "model": args.model, "weights": weights, "precision": args.precision,
                    "size": size, "height": pictures[0].shape[0], "width": pictures[0].shape[1], "method": method,
                    "pa": pa, "tlp": tlp, "default": (pa, tlp) == (cls.default_pa, cls.default_tlp)}
@@ -400,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"(loop {_format(row['reference_peak_rss_gib'])})", flush=True)
     if any(method == "pearl" for method, _, _ in todo):
         for size in sizes:
-            sweep_cost(model, tokenizer, size, device, args, images, repeats)
+            sweep_cost(model, tokenizer, size, device, args, images, repeats, random_weights)
     for (method, size), cost in marginal_costs(rows).items():
         print(f"{size:10s} {method:9s} PA+TLP add {100 * cost:.1f} % of the per-image time (against both off)")
     minutes = table1_minutes(rows)

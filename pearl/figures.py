@@ -28,7 +28,7 @@ def _pyplot():
 def caveats(model: str, flags: list[str]) -> str:
     """What the title must say about where the numbers come from ('' when nothing)."""
     notes = []
-    if model.startswith("tiny"):
+    if "tiny" in model:  # the random smoke model's label is tiny:seed<N>; "… incl. tiny" for mixed figures
         notes.append("random weights: smoke figure, not a result")
     joined = ",".join(flags)
     if "partial" in joined:

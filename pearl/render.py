@@ -49,25 +49,48 @@ def overlay(image: np.ndarray, labels: np.ndarray, classes: list[str]) -> Image.
     return picture
 
 
-def _png_info(entries: list[tuple[int, str]]) -> PngImagePlugin.PngInfo:
+SMOKE_NOTE = "model tiny: random weights - a smoke picture, not a result"
+
+
+def smoke_note(model_name: str) -> str | None:
+    """The note every picture of the random ``tiny`` model carries (None for any other model)."""
+    return SMOKE_NOTE if model_name == "tiny" else None
+
+
+def _png_info(entries: list[tuple[int, str]], note: str | None = None) -> PngImagePlugin.PngInfo:
     info = PngImagePlugin.PngInfo()
     info.add_text("legend", "\n".join(f"{index}: {name}" for index, name in entries))
+    if note:
+        info.add_text("note", note)
     return info
 
 
+def with_caption(picture: Image.Image, note: str | None) -> Image.Image:
+    """``picture`` with ``note`` written in a strip beneath (unchanged without a note)."""
+    if not note:
+        return picture
+    strip = caption_strip(note, picture.width)
+    captioned = Image.new("RGB", (picture.width, picture.height + strip.height), (255, 255, 255))
+    captioned.paste(picture, (0, 0))
+    captioned.paste(strip, (0, picture.height))
+    return captioned
+
+
 def write_outputs(out_dir: Path, stem: str, image: np.ndarray, labels: np.ndarray, classes: list[str],
-                  probs: np.ndarray | None = None) -> list[Path]:
-    """The overlay, the indexed label PNG and (given ``probs``) the float16 probabilities of one image."""
+                  probs: np.ndarray | None = None, note: str | None = None) -> list[Path]:
+    """The overlay, the indexed label PNG and (given ``probs``) the float16 probabilities of one
+    image; ``note`` (the random model's mark) is written beneath the overlay and into both PNGs'
+    ``note`` text chunk."""
     out_dir.mkdir(parents=True, exist_ok=True)
     entries = present_classes(labels, classes)
     paths = [out_dir / f"{stem}_overlay.png", out_dir / f"{stem}_labels.png"]
-    overlay(image, labels, classes).save(paths[0], pnginfo=_png_info(entries))
+    with_caption(overlay(image, labels, classes), note).save(paths[0], pnginfo=_png_info(entries, note))
     if len(classes) <= 256:
         indexed = Image.fromarray(labels.astype(np.uint8), mode="P")
         indexed.putpalette(palette(len(classes)).ravel().tolist())
     else:  # more classes than a palette holds: a 16-bit grey PNG of the indices
         indexed = Image.fromarray(labels.astype(np.uint16))
-    indexed.save(paths[1], pnginfo=_png_info(entries))
+    indexed.save(paths[1], pnginfo=_png_info(entries, note))
     if probs is not None:
         paths.append(out_dir / f"{stem}_probs.npy")
         np.save(paths[2], probs.astype(np.float16))
@@ -143,12 +166,16 @@ def panel_grid(rows: list[list[Image.Image]], footer: Image.Image | None = None)
     return figure
 
 
-def comparison_figure(rows: list[ComparisonRow], classes: list[str]) -> Image.Image:
-    """Rows of panels stacked, one legend of every class shown beneath. Its text chunks ``panels``
-    (the first row's titles) and ``legend`` name what it shows (``save_figure`` writes them)."""
+def comparison_figure(rows: list[ComparisonRow], classes: list[str], note: str | None = None) -> Image.Image:
+    """Rows of panels stacked, one legend of every class shown beneath, then ``note``. Its text
+    chunks ``panels`` (the first row's titles), ``legend`` and ``note`` name what it shows
+    (``save_figure`` writes them)."""
     widths = [sum(p.width for p in row.panels) + _GAP * (len(row.panels) - 1) for row in rows]
     entries = [(index, classes[index]) for index in sorted(set().union(*(row.shown for row in rows)))]
-    figure = panel_grid([row.panels for row in rows], _legend_strip(entries, classes, max(widths)))
+    figure = panel_grid([row.panels for row in rows], with_caption(_legend_strip(entries, classes, max(widths)),
+                                                                   note))
+    if note:
+        figure.info["note"] = note
     figure.info["legend"] = "\n".join(f"{index}: {name}" for index, name in entries)
     figure.info["panels"] = "\n".join(rows[0].titles)
     return figure
@@ -180,7 +207,7 @@ def heat_overlay(image: np.ndarray, heat: np.ndarray, mark: tuple[int, int, int,
 def save_figure(figure: Image.Image, path: Path) -> Path:
     """Save with its ``legend`` and ``panels`` text chunks."""
     info = PngImagePlugin.PngInfo()
-    for key in ("legend", "panels"):
+    for key in ("legend", "panels", "note"):
         if key in figure.info:
             info.add_text(key, figure.info[key])
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -46,7 +46,7 @@ from .records import (
     record_path,
     write_record,
 )
-from .render import write_outputs
+from .render import smoke_note, write_outputs
 from .segmentor import Segmentor, predict_jointly, resolve_settings, warn_nan_windows
 from .settings import OPERATIONAL_PARAMS, deviations
 from .text import load_vocabulary, template_set
@@ -268,9 +268,10 @@ class _Tally:
     """One job's running totals: its confusion matrix, skipped items and diagnostic sums (device tensors)."""
 
     def __init__(self, num_classes: int, device: torch.device, save_limit: int = 0,
-                 predictions_dir: Path | None = None) -> None:
+                 predictions_dir: Path | None = None, note: str | None = None) -> None:
         self.cm = ConfusionMatrix(num_classes, device)
         self.save_limit, self.predictions_dir, self.saved = save_limit, predictions_dir, 0
+        self.note = note  # the random model's mark on every saved picture
         self.skipped: list = []
         self.evaluated = self.windows = 0
         self.nan_windows = torch.zeros((), dtype=torch.long, device=device)
@@ -296,7 +297,7 @@ class _Tally:
         if self.saved < self.save_limit:  # sub/a.png → sub/a_*.png: never the same name as sub_a.png's
             *folders, name = item.id.split("/")
             write_outputs(self.predictions_dir.joinpath(*map(path_component, folders)), path_component(name),
-                          item.image, labels.cpu().numpy(), list(class_lines))
+                          item.image, labels.cpu().numpy(), list(class_lines), note=self.note)
             self.saved += 1
 
 
@@ -324,7 +325,8 @@ def _evaluate(cfg: DictConfig, jobs: list[_Job], indices: range, device: torch.d
     setup_s = time.perf_counter() - start
     dataset = jobs[0].dataset
     tallies = [_Tally(seg.vocabulary.num_classes, device, _save_limit(cfg, job),
-                      predictions_folder(cfg.results_dir, job.run_hash)) for seg, job in zip(segmentors, jobs)]
+                      predictions_folder(cfg.results_dir, job.run_hash), smoke_note(cfg.model.name))
+               for seg, job in zip(segmentors, jobs)]
     keep_images = logger is not None or any(tally.save_limit for tally in tallies)
     title = jobs[0].title if len(jobs) == 1 else f"{len(jobs)} jobs on {dataset.name} (one shared trunk)"
     bar = tqdm(total=len(dataset) if progress_scale > 1 else len(indices), desc=title, unit="img",

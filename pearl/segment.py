@@ -27,7 +27,7 @@ from .errors import UserError
 from .params import PARAMS
 from .protocols import class_names, parse_class_lines
 from .records import path_component
-from .render import comparison_figure, comparison_row, save_figure, write_outputs
+from .render import comparison_figure, comparison_row, save_figure, smoke_note, write_outputs
 
 IMAGE_SUFFIXES = FolderDataset.IMAGE_SUFFIXES
 
@@ -189,16 +189,16 @@ def main(argv: list[str] | None = None) -> int:
             if not args.compare:
                 result = segs[0][1].predict(image)
                 probs = result.probs.numpy() if args.save_probs else None
-                write_outputs(out_dir, name, image, result.labels.numpy(), classes, probs)
+                write_outputs(out_dir, name, image, result.labels.numpy(), classes, probs, smoke_note(args.model))
                 continue
             row = comparison_row(image, [(title, seg.predict(image).labels.numpy()) for title, seg in segs], classes,
                                  _ground_truth(args, path, image.shape[:2], len(classes)))
             if args.grid:
                 rows.append(row)
             else:
-                save_figure(comparison_figure([row], classes), out_dir / f"{name}_compare.png")
+                save_figure(comparison_figure([row], classes, smoke_note(args.model)), out_dir / f"{name}_compare.png")
         if rows:
-            save_figure(comparison_figure(rows, classes), out_dir / "compare_grid.png")
+            save_figure(comparison_figure(rows, classes, smoke_note(args.model)), out_dir / "compare_grid.png")
         what = args.method if not args.compare else f"{len(segs)} variants"
         print(f"{len(images)} image(s) segmented with {what} → {out_dir}", flush=True)
         return 0

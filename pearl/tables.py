@@ -355,9 +355,10 @@ def _draw(tables: dict[str, pd.DataFrame], records: list[RunRecord], selection: 
 def write_tables(results_dir: str | Path = "results", paper_dir: str | Path | None = None,
                  out_dir: str | Path | None = None, models: tuple[str, ...] = (DEFAULT_MODEL,),
                  include_partial: bool = False, include_stale: bool = False,
-                 pivots: tuple[str, ...] = (), draw: bool = True) -> tuple[dict[str, Path], int]:
-    """Write every table (and, with ``draw``, its figures); returns the paths by name and the
-    number of records read.
+                 pivots: tuple[str, ...] = (), draw: bool = True,
+                 records: list[RunRecord] | None = None) -> tuple[dict[str, Path], int]:
+    """Write every table (and, with ``draw``, its figures) from ``records`` (default: those under
+    ``results_dir``); returns the paths by name and the number of records read.
 
     The paper tables are written per model: the default model's into ``out_dir``, any other's into
     ``out_dir/<model>/``, each with a ``figures/`` folder; Table 6 (``backbones``) once. Raises
@@ -365,7 +366,7 @@ def write_tables(results_dir: str | Path = "results", paper_dir: str | Path | No
     """
     for param in pivots:
         _check_pivot(param)  # before anything is written
-    records = load_records(results_dir)
+    records = load_records(results_dir) if records is None else records
     if not records:
         raise NoRecords(f"no result records under {Path(results_dir) / 'runs'}: run `python run.py ...` "
                         f"(results_dir={results_dir}) first; nothing written")
@@ -400,11 +401,38 @@ def write_tables(results_dir: str | Path = "results", paper_dir: str | Path | No
                                                            f"pivot_{param}", "", markdown=False)
     table = build_table(records, paper, backbone_rows(records), "mIoU",
                         Selection(DEFAULT_MODEL, include_partial, include_stale))
-    written["backbones"] = _write(table, out_dir, "backbones", "Models: each row's own.")
+    smoke = any(str(model).startswith("tiny") for model in table.get("model", []))
+    written["backbones"] = _write(table, out_dir, "backbones", "Models: each row's own." + (
+        " **Rows of model tiny: smoke figures of a randomly initialised network, not results.**" if smoke else ""))
     if draw:
-        written["figures/backbones"] = figures.comparison_bars(table, "backbones", "each row's own",
-                                                               out_dir / "figures" / "backbones.png")
+        written["figures/backbones"] = figures.comparison_bars(
+            table, "backbones", "each row's own" + (", incl. tiny" if smoke else ""),
+            out_dir / "figures" / "backbones.png")
     return written, len(records)
+
+
+def why_cells_are_empty(records: list[RunRecord], models: tuple[str, ...] | list[str], include_partial: bool,
+                        include_stale: bool) -> str:
+    """A line saying why records of the tables' models fill no cell (all partial, all of older code),
+    with the option that admits them; "" when some record can fill one."""
+    if "all" in models:
+        models = sorted({r.model_label for r in records})
+    mine = [r for r in records if r.model_label in models]
+    if not mine:
+        return f"no record of model {', '.join(models)}: the tables are empty (--model names another model)"
+    code = code_version()
+    partial = [r for r in mine if not r.full_split]
+    stale = [r for r in mine if r.code_version != code]
+    usable = [r for r in mine if (r.full_split or include_partial) and (r.code_version == code or include_stale)]
+    if usable:
+        return ""
+    reasons = []
+    if partial and not include_partial:
+        reasons.append(f"{len(partial)} are partial (max_images, skipped images, or not the official split's size): "
+                       f"--include-partial shows them, marked [partial]")
+    if stale and not include_stale:
+        reasons.append(f"{len(stale)} were made by older code: --include-stale shows them, marked [stale]")
+    return f"the tables have no cell: of the {len(mine)} record(s) of this model, " + "; ".join(reasons)
 
 
 class NoRecords(RuntimeError):
@@ -460,13 +488,18 @@ def main(argv: list[str] | None = None) -> None:
     results = args.results or results_dir or "results"
     models = [m if m != "tiny" else "tiny:seed0" for m in args.model or []]
     models = models or [m for m in [recipe_model] if m] or [DEFAULT_MODEL]
+    records = load_records(results)
     try:
         written, count = write_tables(results, args.paper, args.out, tuple(models), args.include_partial,
-                                      args.include_stale, tuple(args.pivot), draw=not args.no_figures)
+                                      args.include_stale, tuple(args.pivot), draw=not args.no_figures,
+                                      records=records)
     except (NoRecords, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     tables = [str(path) for key, path in written.items() if "figures/" not in key]
+    unused = why_cells_are_empty(records, models, args.include_partial, args.include_stale)
+    if unused:
+        print(unused, flush=True)
     drawn = [path for key, path in written.items() if "figures/" in key]
     folders = ", ".join(sorted({str(path.parent) for path in drawn}))
     print(f"{count} records → " + ", ".join(tables) + (f"; {len(drawn)} figures in {folders}" if drawn else ""))

@@ -547,3 +547,27 @@ def test_code_vs_paper_rows_are_each_paper_variant_then_all(synthetic, tmp_path,
     assert table.loc["released code", "VOC21_paper"] == 64.1  # beside the paper's Table 1 PEARL numbers
     markdown = (results / "tiny_seed0" / "code_vs_paper.md").read_text()
     assert f"Δ{table.loc['pa_solver=svd', 'ADE_delta']:+.2f}" in markdown and "released-code row" in markdown
+
+
+def test_backbones_made_from_random_weights_say_so(synthetic, tmp_path, official_synthetic):
+    from PIL import Image
+    results = tmp_path / "res"
+    runner.run(compose(_job(synthetic, results)))  # PEARL with PA and TLP: a Table 6 row of model tiny
+    written, _ = write_tables(results, models=(TINY,))
+    assert "Rows of model tiny: smoke figures of a randomly initialised network" in written["backbones"].with_suffix(
+        ".md").read_text()
+    assert "random weights" in Image.open(written["figures/backbones"]).text["Title"]
+
+
+def test_tables_of_partial_runs_only_say_why_they_are_empty(synthetic, tmp_path):
+    import dataclasses
+
+    from pearl.tables import why_cells_are_empty
+    record = runner.run(compose(_job(synthetic, tmp_path, "max_images=2")))
+    assert not record.full_split
+    line = why_cells_are_empty([record], [TINY], include_partial=False, include_stale=False)
+    assert line.startswith("the tables have no cell: of the 1 record(s)") and "1 are partial" in line
+    assert "--include-partial" in line
+    assert why_cells_are_empty([record], [TINY], include_partial=True, include_stale=False) == ""
+    stale = dataclasses.replace(record, code_version="0" * 16, full_split=True)
+    assert "1 were made by older code: --include-stale" in why_cells_are_empty([stale], [TINY], False, False)

@@ -26,7 +26,11 @@ def test_segment_a_folder_writes_overlay_labels_and_probs(tmp_path, photos, caps
     for name, array in photos.items():
         labels_png = Image.open(out / f"{name}_labels.png")
         overlay = Image.open(out / f"{name}_overlay.png")
-        assert labels_png.mode == "P" and labels_png.size == overlay.size == (array.shape[1], array.shape[0])
+        assert labels_png.mode == "P" and labels_png.size == (array.shape[1], array.shape[0])
+        # the random model's pictures say so: a caption strip beneath the overlay, a note in both PNGs
+        assert overlay.width == array.shape[1] and overlay.height > array.shape[0]
+        assert "random weights" in overlay.text["note"] and "random weights" in labels_png.text["note"]
+        assert np.asarray(overlay.convert("RGB"))[array.shape[0]:].min() < 50  # the caption's dark text
         labels = np.array(labels_png)
         assert labels.max() < 4
         present = sorted(np.unique(labels).tolist())
@@ -80,9 +84,10 @@ def test_compare_writes_one_panel_per_method_with_the_ground_truth(tmp_path, pho
                                                       "pearl:tlp=false:tlp_grid=40"]
         legend = [line.split(": ", 1)[1] for line in figure.text["legend"].splitlines()]
         assert "cup" in legend and set(legend) <= {"sky", "cat", "cup"}  # the truth's class 2 is shown
-        assert figure.height > PANEL_HEIGHT
+        assert figure.height > PANEL_HEIGHT and "random weights" in figure.text["note"]
     assert main(common + ["--grid"]) == 0
     grid = Image.open(out / "compare_grid.png")
+    assert "random weights" in grid.text["note"]
     assert grid.height > 2 * PANEL_HEIGHT  # one row per image
     assert main([*common[:-2], "--masks", str(tmp_path)]) == 2
     err = capsys.readouterr().err
