@@ -44,6 +44,22 @@ def _hub_file(model_name: str, pretrained: str) -> tuple[str, tuple[str, ...]] |
     return repo, (filename,) if filename else ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 
+def weights_state(model_name: str, pretrained: str | None, cache_dir: str | None = None) -> str:
+    """Where a model's weights would come from, without loading or downloading them: "random",
+    "file", "cached", "not cached" (downloaded when the job runs; offline it fails) or "by URL"
+    (open_clip fetches the tag from a URL; whether it is cached is not known here)."""
+    if pretrained is None:
+        return "random"
+    if os.path.isfile(pretrained):
+        return "file"
+    hub = _hub_file(model_name, pretrained)
+    if hub is None:
+        return "by URL"
+    from huggingface_hub import try_to_load_from_cache
+    found = [try_to_load_from_cache(hub[0], name, cache_dir=cache_dir or _hf_cache_dir()) for name in hub[1]]
+    return "cached" if any(isinstance(path, str) for path in found) else "not cached"
+
+
 def _offline_help(model_name: str, pretrained: str, cache_dir: str | None) -> str:
     where = cache_dir or _hf_cache_dir()
     hub = _hub_file(model_name, pretrained)

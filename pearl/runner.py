@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from . import __version__
-from .backbone import load_clip, tiny_clip
+from .backbone import load_clip, tiny_clip, weights_state
 from .config import validate_config
 from .data import DatasetError, build_dataset
 from .errors import ConfigError, ImageSizeError, UserError
@@ -491,6 +491,8 @@ def run_job(cfg: DictConfig, group: str | None = None) -> tuple[str, RunRecord |
     ``cfg.workers > 1`` splits the dataset over that many processes (GPUs), summing their
     confusion matrices. ``cfg.dry_run`` prints the resolved job and evaluates nothing.
     """
+    if cfg.dry_run:
+        return _dry_run(cfg)
     job = _plan(cfg)
     shared = _EVALUATED_TOGETHER.pop(job.run_hash, None)
     if shared is not None:  # evaluated with other jobs of its sweep on one trunk; its lock is still held
@@ -512,9 +514,6 @@ def _claim(cfg: DictConfig, job: _Job) -> tuple[str, RunRecord | None, JobLock |
     """("dry_run" | "skipped" | "busy", record, None) or ("run", None, the job's acquired lock)."""
     path = record_path(cfg.results_dir, job.run_hash)
     existing = find_record(path)
-    if cfg.dry_run:
-        _print_dry_run(job, path, existing)
-        return "dry_run", existing, None
     if existing is not None and _lacks_diagnostics(cfg, job, existing):
         log.info("rerunning %s: its record %s has no diagnostics and diagnostics=true asks for them", job.title, path)
     if _answered_by(cfg, job, existing):
@@ -800,11 +799,24 @@ def _record(cfg: DictConfig, job: _Job, shard: _Shard, wall: float) -> RunRecord
         platform=platform.platform(), finished_at=datetime.now().astimezone().isoformat(timespec="microseconds"))
 
 
-def _print_dry_run(job: _Job, path: Path, existing: RunRecord | None) -> None:
+def _dry_run(cfg: DictConfig) -> tuple[str, RunRecord | None]:
+    """Print what the job would do, evaluating nothing, also when its data or weights are not there
+    yet (it says so); ("dry_run", the existing record or None)."""
+    try:
+        job = _plan(cfg)
+    except DatasetError as error:
+        print(f"[dry run] {cfg.method.name} pa={cfg.pa} tlp={cfg.tlp} {cfg.dataset.name}: cannot run yet, the data "
+              f"is missing: {error}", flush=True)
+        return "dry_run", None
+    path = record_path(cfg.results_dir, job.run_hash)
+    existing = find_record(path)
     state = f"record exists: {path}" if existing is not None else f"would run → {path}"
     settings = " ".join(f"{k}={v}" for k, v in job.resolved.items() if k not in OPERATIONAL_PARAMS)
+    weights = "random (tiny)" if cfg.model.name == "tiny" else weights_state(
+        str(cfg.model.name), cfg.model.pretrained, cfg.model.get("cache_dir"))
     print(f"[dry run] {job.title}: {state}\n  {len(job.dataset)} images, model {job.model['label']} "
-          f"({job.precision}), settings: {settings}", flush=True)
+          f"({job.precision}; weights {weights}), settings: {settings}", flush=True)
+    return "dry_run", existing
 
 
 def _device_name(device: torch.device) -> str:

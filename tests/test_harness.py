@@ -93,6 +93,16 @@ def test_dry_run_prints_the_job_and_evaluates_nothing(synthetic, tmp_path, capsy
     assert f"record exists: {tmp_path / 'runs' / record.config_hash}.json" in capsys.readouterr().out
 
 
+def test_dry_run_previews_jobs_whose_data_or_weights_are_missing(synthetic, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    base = [f"results_dir={tmp_path}", "progress=false", "dry_run=true"]
+    assert runner.run_job(compose(base + ["model=tiny", f"data_root={tmp_path / 'nowhere'}"]))[0] == "dry_run"
+    out = capsys.readouterr().out
+    assert "cannot run yet, the data is missing" in out and "nowhere" in out
+    assert runner.run_job(compose(base + [f"data_root={synthetic}"]))[0] == "dry_run"  # ViT-B-16 openai, no cache
+    assert "weights not cached" in capsys.readouterr().out
+
+
 def test_wandb_offline_logs_and_finishes(synthetic, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     overrides = ["model=tiny", "logger=wandb", f"logger.dir={tmp_path}", f"data_root={synthetic}",
