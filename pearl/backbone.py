@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .blocks import is_plain_block, plain_block
 from .checkpoints import check_plain_checkpoint_error, is_torchscript_archive, load_torchscript_weights
-from .errors import MissingFileError, WeightsError
+from .errors import ConfigError, MissingFileError, WeightsError
 from .methods.base import Method
 
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
@@ -184,6 +184,22 @@ def _create_with_weights(model_name: str, pretrained: str | None, is_file: bool,
             raise WeightsError(f"could not load {model_name!r} weights {pretrained!r}: {error}. "
                                + _offline_help(model_name, pretrained, kwargs["cache_dir"])) from error
         raise
+
+
+def resolve_device(requested: str) -> torch.device:
+    """The device ``requested`` names ("auto": CUDA if visible, else the CPU); a ConfigError naming
+    it when this machine has none such (a CUDA or MPS device that is not there)."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={requested!r} but no CUDA device is visible; use device=cpu or device=auto")
+    if requested == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device='mps' but this machine has no usable MPS (Apple GPU) device; use device=cpu or "
+                          "device=auto")
+    try:
+        return torch.device(requested)
+    except RuntimeError:
+        raise ConfigError(f"device={requested!r} is not a device name; use auto, cpu, cuda, cuda:N or mps") from None
 
 
 def prepare_model(model, device: str | torch.device, precision: str | None = None):

@@ -88,6 +88,15 @@ _GROUP_KEYS = {
 PRECISION_CHOICES = ("auto", "fp32", "fp16", "bf16")
 
 
+def group_options(group: str) -> tuple[str, ...]:
+    """The options of a config group: registered here (methods, benchmarks, the tiny model) or a
+    YAML file under conf/<group>/."""
+    from pathlib import Path
+    files = tuple(path.stem for path in (Path(__file__).resolve().parents[1] / "conf" / group).glob("*.yaml"))
+    registered = {"method": available_methods(), "dataset": ALL_DATASETS, "model": ("tiny",), "logger": ()}[group]
+    return tuple(dict.fromkeys((*registered, *sorted(files))))
+
+
 def unknown_override(arguments: list[str]) -> str | None:
     """The error for the first ``key=value`` command-line argument whose key run.py does not know
     (with the closest known key), before Hydra composes anything; None when all are known.
@@ -95,10 +104,16 @@ def unknown_override(arguments: list[str]) -> str | None:
     from .params import did_you_mean
     top = set(RUN_KEYS) | set(PARAMS) | set(CONFIG_GROUPS)
     for argument in arguments:
-        key, sep, _ = argument.partition("=")
+        key, sep, value = argument.partition("=")
         if not sep or argument.startswith(("-", "+", "~", "hydra")):
             continue
         group, dot, sub = key.partition(".")
+        if not dot and group in CONFIG_GROUPS and "(" not in value:  # sweep functions (glob, range) are Hydra's
+            for choice in value.split(","):
+                options = group_options(group)
+                if choice not in options:
+                    return (f"{group}={choice!r} is not valid; {did_you_mean(choice, options)}valid: "
+                            f"{', '.join(options)}")
         if group not in top:
             return (f"unknown key {key!r}; {did_you_mean(group, top)}see `python run.py --help` for the valid keys "
                     f"(a new key needs +{key}=...)")

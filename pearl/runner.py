@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from . import __version__
-from .backbone import load_clip, tiny_clip, weights_state
+from .backbone import load_clip, resolve_device, tiny_clip, weights_state
 from .config import validate_config
 from .data import DatasetError, build_dataset
 from .errors import ConfigError, ImageSizeError, UserError
@@ -56,17 +56,6 @@ log = logging.getLogger("pearl")
 
 class GroupError(UserError, RuntimeError):
     """A job whose shared-trunk group failed while it was evaluated (the cause is in the message)."""
-
-
-def _device(requested: str) -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={requested!r} but no CUDA device is visible; use device=cpu or device=auto")
-    if requested == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("device='mps' but this machine has no usable MPS (Apple GPU) device; use device=cpu or "
-                          "device=auto")
-    return torch.device(requested)
 
 
 def _precision(requested: str, device: torch.device) -> str:
@@ -173,7 +162,7 @@ def _templates_hash(templates: str) -> str:
 def _plan(cfg: DictConfig) -> _Job:
     validate_config(cfg)
     dataset = _dataset(cfg)  # a missing dataset fails here, before any model is loaded
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     precision = _precision(cfg.model.precision, device)
     overrides, params, classes = _settings(cfg)
     try:

@@ -300,7 +300,11 @@ def test_the_nan_window_warning_names_the_method():
     (["tpl=true"], "unknown key 'tpl'; did you mean 'tlp'?"),
     (["method=pearl", "tlp_gird=40"], "unknown key 'tlp_gird'; did you mean 'tlp_grid'?"),
     (["dataset.imgs=/x"], "unknown key 'dataset.imgs'; did you mean 'images'?"),
-    (["-m", "method=pearl,naclip", "+extra=1", "hydra.sweep.dir=x", "dataset.images=/x"], None),
+    (["-m", "dataset=voc21,ade2k"], "dataset='ade2k' is not valid; did you mean 'ade20k'?"),
+    (["method=nosuch"], "method='nosuch' is not valid; valid: clearclip"),
+    (["model=tinny"], "model='tinny' is not valid; did you mean 'tiny'?"),
+    (["-m", "method=pearl,naclip", "+extra=1", "hydra.sweep.dir=x", "dataset.images=/x", "dataset=glob(*)",
+      "model=vit_b16", "logger=wandb", "model=custom"], None),
 ])
 def test_a_key_typo_on_the_command_line_says_did_you_mean(arguments, expected):
     from pearl.config import unknown_override

@@ -94,6 +94,10 @@ def test_compare_writes_one_panel_per_method_with_the_ground_truth(tmp_path, pho
     assert "ground truth" in err and "chelsea.png" in err and "does not exist" in err
     assert main([str(folder), "--classes", "cat", "--model", "tiny", "--compare", "pearl:tlp"]) == 2
     assert "options are name=value" in capsys.readouterr().err
+    if not __import__("torch").backends.mps.is_available():
+        assert main([str(folder), "--classes", "cat", "--model", "tiny", "--device", "mps"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: device='mps'") and len(err.strip().splitlines()) == 1
 
 
 def test_more_classes_than_a_palette_holds_give_a_16_bit_label_png(tmp_path, photos):
