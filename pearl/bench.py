@@ -41,6 +41,7 @@ from .segmentor import Prediction, Segmentor, predict_jointly
 SIZES = ("voc21", "ade20k", "cityscapes")
 STAGES = ("preprocess", "backbone", "pa", "fusion", "tlp", "decision")
 QUICK_VARIANTS = (("pearl", True, True), ("pearl", False, False), ("naclip", False, False))
+QUICK_SIZES = ("voc21", "ade20k")  # Cityscapes' 36 windows an image take minutes per variant on a CPU
 
 
 def variants(methods: list[str]) -> list[tuple[str, bool, bool]]:
@@ -354,8 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
     parser.add_argument("--methods", default=",".join(available_methods()), help="comma-separated (default all)")
-    parser.add_argument("--sizes", default=",".join(SIZES),
-                        help=f"benchmarks whose typical image size and protocol to time (default {','.join(SIZES)})")
+    parser.add_argument("--sizes", default=None,
+                        help=f"benchmarks whose typical image size and protocol to time (default {','.join(SIZES)}; "
+                             f"with --quick {','.join(QUICK_SIZES)})")
     parser.add_argument("--images", type=int, default=8, help="images per measurement (default 8)")
     parser.add_argument("--repeats", type=int, default=3, help="alternating timed passes; medians (default 3)")
     parser.add_argument("--batch-images", type=int, default=8, help="images predicted together (default 8)")
@@ -363,12 +365,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="windows per forward (default: 8 on a CPU, 64 on a GPU)")
     parser.add_argument("--no-reference", action="store_true", help="skip the reference loop")
     parser.add_argument("--quick", action="store_true",
-                        help="pearl (PA+TLP, neither) and naclip, 2 images, 1 repeat: a few minutes on a CPU")
+                        help=f"pearl (PA+TLP, neither) and naclip, 2 images, 1 repeat, sizes {','.join(QUICK_SIZES)}: "
+                             f"a few minutes on a CPU")
     parser.add_argument("--out", default="benchmarks/results.csv", help="CSV written (default %(default)s)")
     args = parser.parse_args(argv)
     try:
         device = torch.device(args.device)
-        sizes = args.sizes.split(",")
+        sizes = (args.sizes or ",".join(QUICK_SIZES if args.quick else SIZES)).split(",")
         for size in sizes:
             if size not in BENCHMARKS:
                 raise ValueError(f"--sizes: {size!r} is not one of {', '.join(BENCHMARKS)}")
