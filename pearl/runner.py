@@ -487,8 +487,8 @@ def run_job(cfg: DictConfig, group: str | None = None) -> tuple[str, RunRecord |
     if shared is not None:  # evaluated with other jobs of its sweep on one trunk; its lock is still held
         with shared.lock:
             if shared.error is not None:
-                raise GroupError(f"{job.title}: evaluated on a trunk shared with other jobs, which failed: "
-                                 f"{shared.error}")
+                raise GroupError(f"evaluated on one trunk with the other jobs of its group, which failed: "
+                                 f"{shared.error}")  # the same line for each job: printed once
             return "ran", _finish_record(cfg, job, shared.shard, shared.wall_s, _wandb(cfg, job, group))
     if _world_size() > 1:
         return _run_job_torchrun(cfg, job, group)
@@ -655,9 +655,8 @@ def _evaluate_chunk(locked: list) -> None:
         shards = _evaluate(locked[0][0], jobs, range(len(jobs[0].dataset)), jobs[0].device)
     except Exception as error:  # noqa: BLE001 — one group's failure fails its jobs, not the sweep
         message = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
-        log.warning("evaluating %d jobs on one trunk failed; each of them fails: %s", len(jobs), message)
         if os.environ.get("PEARL_TRACEBACK"):
-            log.exception("the group's traceback")
+            log.exception("evaluating %d jobs on one trunk failed", len(jobs))
         for _, job, _, lock in locked:
             _EVALUATED_TOGETHER[job.run_hash] = _Evaluated(None, 0.0, lock, message)
         return
