@@ -231,3 +231,33 @@ def test_a_group_over_its_memory_budget_is_evaluated_in_parts(synthetic, tmp_pat
     caplog.set_level("INFO", logger="pearl")
     assert [status for status, _ in _sweep(cfgs)] == ["ran"] * 4
     assert caplog.text.count("evaluated 2 jobs on one shared trunk") == 2
+
+
+@pytest.mark.slow  # run.py as a subprocess, interrupted with SIGINT as Ctrl-C does
+def test_ctrl_c_during_a_sweep_keeps_the_finished_groups_and_a_rerun_does_the_rest(tmp_path):
+    import signal
+    import time
+
+    from pearl.data.synthetic import write_dataset
+    data = tmp_path / "data"
+    write_dataset("voc21", data, num_images=3, size=(48, 64))
+    write_dataset("ade20k", data, num_images=30, size=(240, 320), seed=1)  # a second group that takes seconds
+    command = [sys.executable, "run.py", "-m", "model=tiny", f"data_root={data}", f"results_dir={tmp_path / 'res'}",
+               "progress=false", "method=pearl", "pa=true,false", "tlp=true,false", "dataset=voc21,ade20k"]
+    runs = tmp_path / "res" / "runs"
+    sweep = subprocess.Popen(command + [f"hydra.sweep.dir={tmp_path / 'first'}"], cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT,
+                                                                                                 signal.SIG_DFL))
+    deadline = time.monotonic() + 300
+    while len(list(runs.glob("*.json"))) < 4 and time.monotonic() < deadline and sweep.poll() is None:
+        time.sleep(0.2)
+    time.sleep(1.0)  # into the ade20k group's evaluation
+    sweep.send_signal(signal.SIGINT)
+    _, err = sweep.communicate(timeout=120)
+    assert sweep.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("interrupted:") and "Traceback" not in err
+    kept = len(list(runs.glob("*.json")))
+    assert 4 <= kept < 8 and not list(runs.glob("*.lock"))
+    again = subprocess.run(command + [f"hydra.sweep.dir={tmp_path / 'again'}"], cwd=REPO, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0 and f"sweep: {8 - kept} ran, {kept} skipped, 0 failed" in again.stderr
