@@ -331,3 +331,20 @@ def test_folder_without_images_mps_without_mps_and_a_blank_class_line_are_one_li
         assert cli.execute(compose(base + [f"data_root={synthetic}"] + overrides)) == "failed"
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err and "unexpected" not in err
+
+
+def test_saved_predictions_of_sub_a_and_sub_underscore_a_are_two_files(tmp_path):
+    import cv2
+    import numpy as np
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    cv2.imwrite(str(images / "sub" / "a.png"), np.full((32, 48, 3), 40, np.uint8))
+    cv2.imwrite(str(images / "sub_a.png"), np.full((32, 48, 3), 200, np.uint8))
+    classes = tmp_path / "classes.txt"
+    classes.write_text("cat\ndog\n")
+    _, record = runner.run_job(compose(["model=tiny", "dataset=folder", f"dataset.images={images}",
+                                        f"dataset.classes={classes}", f"results_dir={tmp_path / 'res'}",
+                                        "progress=false", "loader_workers=0"]))
+    saved = sorted(p.relative_to(record.predictions_dir).as_posix()
+                   for p in __import__("pathlib").Path(record.predictions_dir).rglob("*.png"))
+    assert saved == ["sub/a_labels.png", "sub/a_overlay.png", "sub_a_labels.png", "sub_a_overlay.png"]
