@@ -337,7 +337,9 @@ def test_a_folder_without_masks_is_a_prediction_run(tmp_path, photos):
     for name in ("chelsea", "coffee"):
         labels = np.asarray(Image.open(folder / f"{name}_labels.png"))
         assert labels.shape == photos[name].shape[:2] and labels.max() < 3
-        assert Image.open(folder / f"{name}_overlay.png").size == Image.open(tmp_path / "img" / f"{name}.png").size
+        overlay = Image.open(folder / f"{name}_overlay.png")  # the image, and the random model's note beneath
+        assert overlay.width == photos[name].shape[1] and overlay.height > photos[name].shape[0]
+        assert "random weights" in overlay.text["note"]
     with pytest.raises(RecordError, match="holds metrics"):
         RunRecord.from_dict(record.to_dict() | {"mIoU": 12.0})
 
