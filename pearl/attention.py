@@ -32,7 +32,7 @@ from .data.datasets import read_image
 from .errors import UserError
 from .methods import available_methods, get_method
 from .params import PARAMS, build_config, param_name
-from .preprocess import normalise, rescale, to_rgb_uint8
+from .preprocess import model_normalisation, normalise, rescale, to_rgb_uint8
 from .render import caption_strip, heat_overlay, panel_grid, save_figure, smoke_note, titled_panel
 from .segment import add_model_options, load_model, parse_variants
 from .segmentor import resolve_settings
@@ -87,7 +87,8 @@ def attention_maps(model, image, method: str, pa: bool | None = None, short_side
     device = visual.conv1.weight.device
     info: dict = {ATTENTION: None}
     with torch.no_grad():
-        shared = trunk(visual, normalise(picture)[None].to(device), last_block.needs_hidden_states)
+        shared = trunk(visual, normalise(picture, model_normalisation(visual))[None].to(device),
+                       last_block.needs_hidden_states)
         head(visual, shared, last_block, info)
     weights = info[ATTENTION][0].float().cpu()
     weights = weights / weights.sum(dim=-1, keepdim=True)  # SCLIP: two softmax maps summed

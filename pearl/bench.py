@@ -234,7 +234,7 @@ def measure(seg: Segmentor, images: list[np.ndarray], batch_images: int, repeats
     stages = StageTimes(device)
     start = time.perf_counter()
     for image in images:
-        prepare_image(image, seg.windows)
+        prepare_image(image, seg.windows, seg.normalisation)
     stages.totals["preprocess"] = time.perf_counter() - start
     with stages.wrapped():
         _fast([seg], prepared, batch_images)

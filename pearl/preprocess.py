@@ -15,9 +15,33 @@ from PIL import Image
 from .errors import ImageSizeError
 from .params import default
 
-# OpenAI CLIP mean/std on the 0-255 scale, RGB order (docs/protocol.md §3).
+# OpenAI CLIP mean/std on the 0-255 scale, RGB order, as the released configs write them (docs/protocol.md §3).
 CLIP_MEAN = (122.771, 116.746, 104.094)
 CLIP_STD = (68.501, 66.632, 70.323)
+
+
+class Normalisation(NamedTuple):
+    """Per-channel (RGB) mean and std on the 0–255 scale."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+OPENAI_NORMALISATION = Normalisation(CLIP_MEAN, CLIP_STD)
+
+
+def model_normalisation(visual) -> Normalisation:
+    """The image tower's own mean/std: what open_clip sets from the pretrained config
+    (``visual.image_mean`` / ``image_std``, on the 0–1 scale; 0.5/0.5 for some LAION tags), times
+    255. Where they are OpenAI's (every OpenAI tag, and open_clip's default), the released
+    configs' rounded constants (``CLIP_MEAN``, ``CLIP_STD``), so the released pipelines' inputs
+    are reproduced bit for bit; a tower that states none is normalised as OpenAI's."""
+    mean, std = getattr(visual, "image_mean", None), getattr(visual, "image_std", None)
+    if mean is None or std is None:
+        return OPENAI_NORMALISATION
+    scaled = Normalisation(tuple(255 * float(v) for v in mean), tuple(255 * float(v) for v in std))
+    openai = all(abs(a - b) < 1e-3 for a, b in zip(scaled.mean + scaled.std, CLIP_MEAN + CLIP_STD))
+    return OPENAI_NORMALISATION if openai else scaled
 
 
 @dataclass(frozen=True)
@@ -84,11 +108,11 @@ def rescale(image: np.ndarray, short: int, long: int = 2048) -> np.ndarray:
     return cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
 
 
-def normalise(image: np.ndarray) -> torch.Tensor:
+def normalise(image: np.ndarray, normalisation: Normalisation = OPENAI_NORMALISATION) -> torch.Tensor:
     """[3, H, W] float32 from an H×W×3 uint8 RGB image, (x − mean) / std on the 0–255 scale."""
     tensor = torch.from_numpy(image).permute(2, 0, 1).float()
-    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    mean = torch.tensor(normalisation.mean).view(3, 1, 1)
+    std = torch.tensor(normalisation.std).view(3, 1, 1)
     return (tensor - mean) / std
 
 
@@ -100,11 +124,13 @@ class PreparedImage(NamedTuple):
     original_size: tuple[int, int]
 
 
-def prepare_image(image, config: WindowConfig) -> PreparedImage:
-    """The CPU half of preprocessing (RGB conversion, keep-ratio rescale, normalisation): a pure
-    function of the image and the window config, so data-loader workers can run it."""
+def prepare_image(image, config: WindowConfig, normalisation: Normalisation = OPENAI_NORMALISATION
+                  ) -> PreparedImage:
+    """The CPU half of preprocessing (RGB conversion, keep-ratio rescale, normalisation by the
+    model's mean/std): a pure function of its arguments, so data-loader workers can run it."""
     rgb = to_rgb_uint8(image)
-    return PreparedImage(normalise(rescale(rgb, config.resize_short, config.resize_long)), rgb.shape[:2])
+    return PreparedImage(normalise(rescale(rgb, config.resize_short, config.resize_long), normalisation),
+                         rgb.shape[:2])
 
 
 def window_starts(size: int, crop: int, stride: int) -> list[tuple[int, int]]:

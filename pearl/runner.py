@@ -29,7 +29,7 @@ from .locks import JobLock, read_owner, try_lock
 from .methods import get_method
 from .metrics import ConfusionMatrix
 from .params import PARAMS, build_config
-from .preprocess import PreparedImage, WindowConfig, prepare_image
+from .preprocess import Normalisation, PreparedImage, WindowConfig, prepare_image
 from .protocols import class_names, protocol
 from .records import (
     DEFAULT_MODEL,
@@ -206,8 +206,10 @@ class _Loaded(NamedTuple):
 class _Prepared(torch.utils.data.Dataset):
     """The items of ``indices``, decoded, rescaled and normalised (in the loader's workers)."""
 
-    def __init__(self, dataset, indices: range, windows: WindowConfig, keep_images: bool) -> None:
+    def __init__(self, dataset, indices: range, windows: WindowConfig, normalisation: Normalisation,
+                 keep_images: bool) -> None:
         self.dataset, self.indices, self.windows, self.keep_images = dataset, indices, windows, keep_images
+        self.normalisation = normalisation
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -217,7 +219,7 @@ class _Prepared(torch.utils.data.Dataset):
         item_id = self.dataset.items[index][0]
         try:
             sample = self.dataset[index]
-            prepared = prepare_image(sample.image, self.windows)
+            prepared = prepare_image(sample.image, self.windows, self.normalisation)
         except (DatasetError, ImageSizeError) as error:
             message = str(error) if isinstance(error, DatasetError) else f"image {item_id}: {error}"
             return _Loaded(index, item_id, None, None, None, message)
@@ -229,12 +231,12 @@ def _as_is(item):
     return item
 
 
-def _loaded_items(cfg: DictConfig, dataset, indices: range, windows: WindowConfig, keep_images: bool,
-                  device: torch.device):
+def _loaded_items(cfg: DictConfig, dataset, indices: range, windows: WindowConfig, normalisation: Normalisation,
+                  keep_images: bool, device: torch.device):
     """The items in order, read ahead by ``cfg.loader_workers`` processes (none: in this process)."""
     loader = torch.utils.data.DataLoader(
-        _Prepared(dataset, indices, windows, keep_images), batch_size=None, shuffle=False, collate_fn=_as_is,
-        num_workers=cfg.loader_workers, pin_memory=device.type == "cuda")
+        _Prepared(dataset, indices, windows, normalisation, keep_images), batch_size=None, shuffle=False,
+        collate_fn=_as_is, num_workers=cfg.loader_workers, pin_memory=device.type == "cuda")
     return iter(loader)
 
 
@@ -320,7 +322,8 @@ def _evaluate(cfg: DictConfig, jobs: list[_Job], indices: range, device: torch.d
     title = jobs[0].title if len(jobs) == 1 else f"{len(jobs)} jobs on {dataset.name} (one shared trunk)"
     bar = tqdm(total=len(dataset) if progress_scale > 1 else len(indices), desc=title, unit="img",
                dynamic_ncols=True, disable=not (cfg.progress and show_progress))
-    items = _loaded_items(cfg, dataset, indices, segmentors[0].windows, keep_images, device)
+    items = _loaded_items(cfg, dataset, indices, segmentors[0].windows, segmentors[0].normalisation, keep_images,
+                          device)
     for group in _image_groups(items, cfg.batch_images):
         ready = []
         for item in group:

@@ -18,7 +18,7 @@ from . import params as param_specs
 from .backbone import Trunk, head, patch_size, prepare_model, trunk
 from .errors import ConfigError, ImageSizeError
 from .methods import get_method, pa_methods
-from .preprocess import PreparedImage, Window, WindowConfig, prepare_image, sliding_windows
+from .preprocess import PreparedImage, Window, WindowConfig, model_normalisation, prepare_image, sliding_windows
 from .refine.pamr import PAMRConfig, pamr
 from .refine.tlp import (
     TLPConfig,
@@ -247,6 +247,7 @@ class Segmentor:
         self.tlp_batch_values = BATCHED_TLP_VALUES if self.device.type == "cuda" else 0
         self.diagnostics = diagnostics
         self.model = self._prepare_model(model, precision)
+        self.normalisation = model_normalisation(self.model.visual)  # the tower's own mean/std
         patch = patch_size(self.model.visual)
         if 0 < self.windows.slide_crop < patch:
             raise ConfigError(f"slide_crop={self.windows.slide_crop} is smaller than one {patch}-pixel patch of the "
@@ -272,7 +273,7 @@ class Segmentor:
     def preprocess(self, image) -> PreparedImage:
         """The CPU half of :meth:`predict`: RGB conversion, rescale, normalisation (data-loader
         workers run it; ``predict`` and ``predict_batch`` accept its result in place of an image)."""
-        return prepare_image(image, self.windows)
+        return prepare_image(image, self.windows, self.normalisation)
 
     def predict(self, image, on_device: bool = False) -> Prediction:
         """Segment one H×W×3 uint8 RGB image (numpy, PIL, grey or RGBA converted)."""

@@ -83,3 +83,33 @@ def test_normalise_uses_clip_mean_std_in_rgb_order():
     out = normalise(image)[:, 0, 0].numpy()
     expected = (np.array([122, 117, 104]) - np.array([122.771, 116.746, 104.094])) / np.array([68.501, 66.632, 70.323])
     assert np.allclose(out, expected, atol=1e-6)
+
+
+def test_the_mean_and_std_come_from_the_model():
+    """open_clip sets visual.image_mean/std from the pretrained config: OpenAI's give the released
+    configs' rounded constants (bit for bit), another tag's (LAION ViT-L-14: 0.5/0.5) its own."""
+    import open_clip
+
+    from pearl.preprocess import CLIP_MEAN, CLIP_STD, model_normalisation
+    openai = open_clip.create_model("ViT-B-16", pretrained=None).visual  # open_clip's default: OpenAI's
+    assert tuple(openai.image_mean) == (0.48145466, 0.4578275, 0.40821073)
+    assert model_normalisation(openai) == (CLIP_MEAN, CLIP_STD)
+    laion = type("Tower", (), {"image_mean": (0.5, 0.5, 0.5), "image_std": (0.5, 0.5, 0.5)})()
+    assert open_clip.get_pretrained_cfg("ViT-L-14", "laion2b_s32b_b82k")["mean"] == (0.5, 0.5, 0.5)
+    assert model_normalisation(laion) == ((127.5,) * 3, (127.5,) * 3)
+    image = np.full((1, 1, 3), 255, np.uint8)
+    assert np.allclose(normalise(image, model_normalisation(laion))[:, 0, 0].numpy(), 1.0)
+    assert model_normalisation(object()) == (CLIP_MEAN, CLIP_STD)  # a tower that states none
+
+
+def test_a_segmentor_normalises_with_its_model_s_mean_and_std(tiny_model, tokenizer, photos):
+    import copy
+
+    import pearl
+    half = copy.deepcopy(tiny_model)
+    half.visual.image_mean, half.visual.image_std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    seg = pearl.Segmentor(half, ["cat", "dog"], tokenizer=tokenizer, text_cache_dir="")
+    prepared = seg.preprocess(photos["chelsea"])
+    from pearl.preprocess import rescale
+    expected = (rescale(photos["chelsea"], 336).astype(np.float32) - 127.5) / 127.5
+    assert np.allclose(prepared.input.permute(1, 2, 0).numpy(), expected, atol=1e-6)
