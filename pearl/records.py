@@ -28,11 +28,23 @@ from .errors import UserError
 SCHEMA_VERSION = 2
 DEFAULT_MODEL = "ViT-B-16:openai"  # the model of the paper's tables; others get their own tables
 PACKAGE_ROOT = Path(__file__).resolve().parent
-# Source and resource files whose content is the code version; caches and build output are not, nor
-# the modules downstream of the metric, which read records and cannot change a number.
-_CODE_SUFFIXES = (".py", ".yaml", ".txt", ".json", ".csv")
-_DOWNSTREAM_OF_THE_METRIC = ("tables.py", "figures.py", "wandb_logger.py", "cli.py", "bench.py", "render.py",
-                             "segment.py")
+# Every file of the package is in exactly one of these two lists (a test checks it), so a new module
+# is classified when it is added. A folder ends in "/".
+COMPUTES_NUMBERS = (  # the code version hashes these: a change to any of them may change a metric
+    "backbone.py", "blocks.py", "checkpoints.py", "methods/", "procrustes.py", "refine/", "text.py",
+    "preprocess.py", "segmentor.py", "params.py", "protocols.py", "benchmarks.py", "resources/",
+    "data/datasets.py", "metrics.py", "runner.py", "settings.py",
+)
+COMPUTES_NO_NUMBER = (  # the CLI and sweep glue, records and locks, reports and tools, data preparation
+    "__init__.py", "config.py", "cli.py", "errors.py", "sweep.py", "locks.py", "records.py", "tables.py",
+    "figures.py", "render.py", "wandb_logger.py", "segment.py", "attention.py", "bench.py", "data/__init__.py",
+    "data/__main__.py", "data/check.py", "data/convert.py", "data/digests.py", "data/download.py",
+    "data/synthetic.py",  # what prepare writes is seen by the data fingerprint, which hashes content
+)
+
+
+def _listed(relative: str, listing: tuple[str, ...]) -> bool:
+    return any(relative == entry or (entry.endswith("/") and relative.startswith(entry)) for entry in listing)
 
 
 class RecordError(UserError, ValueError):
@@ -45,18 +57,23 @@ def config_hash(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def package_files(package_root: Path = PACKAGE_ROOT) -> list[str]:
+    """The package's files (relative, POSIX), caches left out."""
+    return sorted(path.relative_to(package_root).as_posix() for path in package_root.rglob("*")
+                  if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc")
+
+
 @functools.lru_cache(maxsize=None)
 def code_version(package_root: Path = PACKAGE_ROOT) -> str:
-    """Hash of the package's source and resource files (their paths and contents).
+    """Hash of the files that compute numbers (``COMPUTES_NUMBERS``: their paths and contents).
 
-    Any change to the code that computes a number, committed or not, changes it; a commit that
-    touches only the README, the tests, the tables or the figures does not. Computed once per process.
+    Any change to that code, committed or not, changes it; a change to a tool, a report, the CLI
+    glue, the README or the tests does not. Computed once per process.
     """
     digest = hashlib.sha256()
-    for path in sorted(package_root.rglob("*")):
-        relative = path.relative_to(package_root).as_posix()
-        if (path.is_file() and path.suffix in _CODE_SUFFIXES and "__pycache__" not in path.parts
-                and relative not in _DOWNSTREAM_OF_THE_METRIC):
+    for relative in package_files(package_root):
+        path = package_root / relative
+        if _listed(relative, COMPUTES_NUMBERS):
             digest.update(relative.encode() + b"\0")
             digest.update(path.read_bytes() + b"\0")
     return digest.hexdigest()[:16]

@@ -31,6 +31,15 @@ def _job(data_root, results, *extra):
     return ["model=tiny", f"data_root={data_root}", f"results_dir={results}", "progress=false", *extra]
 
 
+def test_every_package_file_is_classified_as_computing_numbers_or_not():
+    """A new module must be put into records.COMPUTES_NUMBERS (its edits make records stale) or
+    COMPUTES_NO_NUMBER; none may be in both or neither."""
+    from pearl.records import COMPUTES_NO_NUMBER, COMPUTES_NUMBERS, _listed, package_files
+    for relative in package_files():
+        places = [_listed(relative, COMPUTES_NUMBERS), _listed(relative, COMPUTES_NO_NUMBER)]
+        assert places.count(True) == 1, f"pearl/{relative}: classify it in pearl/records.py"
+
+
 def test_code_version_follows_the_computing_source_only(tmp_path):
     package = tmp_path / "pkg"
     shutil.copytree(REPO / "pearl", package, ignore=shutil.ignore_patterns("__pycache__"))
@@ -39,9 +48,10 @@ def test_code_version_follows_the_computing_source_only(tmp_path):
     assert code_version(package) == first  # unchanged code: same version
     (package / "__pycache__").mkdir(exist_ok=True)
     (package / "__pycache__" / "x.pyc").write_bytes(b"cache")
-    (package / "tables.py").write_text((package / "tables.py").read_text() + "\n# a table-only change\n")
+    for tool in ("tables.py", "attention.py", "sweep.py", "data/convert.py"):
+        (package / tool).write_text((package / tool).read_text() + "\n# a change that computes no number\n")
     code_version.cache_clear()
-    assert code_version(package) == first  # caches and the modules after the metric do not count
+    assert code_version(package) == first  # caches, reports, tools and glue do not count
     tlp = package / "refine" / "tlp.py"
     tlp.write_text(tlp.read_text() + "\n# changed\n")
     code_version.cache_clear()
