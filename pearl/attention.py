@@ -35,7 +35,7 @@ from .params import PARAMS, build_config, param_name
 from .preprocess import model_normalisation, normalise, rescale, to_rgb_uint8
 from .render import caption_strip, heat_overlay, panel_grid, save_figure, smoke_note, titled_panel
 from .segment import add_model_options, load_model, parse_variants
-from .segmentor import resolve_settings
+from .settings import resolve_settings
 
 DEFAULT_SHORT_SIDE = 336
 
@@ -76,7 +76,8 @@ def attention_maps(model, image, method: str, pa: bool | None = None, short_side
                    **params) -> AttentionMaps:
     """The last-block attention of ``method`` (its own config from ``params``, pa/arch switches
     included) for an RGB image (array or PIL), rescaled to ``short_side``; the model on its device."""
-    method_cls, resolved = resolve_settings(method, pa, None, params)
+    resolved = resolve_settings(method, pa, None, params)
+    method_cls = get_method(method)
     last_block = method_cls(build_config(method_cls.Config, resolved, method_cls.config_prefix))
     visual = model.visual
     picture = rescale(to_rgb_uint8(image), short_side)

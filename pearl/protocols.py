@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 from importlib import resources
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 
@@ -30,14 +31,42 @@ def canonical_dataset(dataset: str) -> str:
     return key
 
 
+def protocol_methods() -> list[str]:
+    """The methods that have a protocol file (each registered method has one; a test checks it)."""
+    return sorted(path.stem for path in _resource("protocols").glob("*.yaml"))
+
+
 @functools.lru_cache(maxsize=None)
 def _method_table(method: str) -> dict:
     path = _resource("protocols", f"{method}.yaml")
     if not path.is_file():
-        from .methods import available_methods
-        raise ValueError(f"unknown method {method!r}; valid: {', '.join(available_methods())}")
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(protocol_methods())}")
     with open(path) as f:
         return yaml.safe_load(f)
+
+
+class MethodFacts(NamedTuple):
+    """What a method is, read from the ``method:`` entry of its protocol file."""
+
+    default_pa: bool           # pa=null means this
+    default_tlp: bool          # tlp=null means this
+    default_arch: str          # arch=null means this: "reduced" or "vanilla"
+    has_query_key_term: bool   # PA (which rotates keys against queries) can change it
+
+
+@functools.lru_cache(maxsize=None)
+def method_facts(method: str) -> MethodFacts:
+    """The facts of ``method`` (ValueError naming the valid methods for an unknown one)."""
+    entry = _method_table(method).get("method") or {}
+    missing = [name for name in MethodFacts._fields if name not in entry]
+    if missing:
+        raise ValueError(f"pearl/resources/protocols/{method}.yaml: its method entry lacks {', '.join(missing)}")
+    return MethodFacts(*(entry[name] for name in MethodFacts._fields))
+
+
+def pa_methods() -> list[str]:
+    """Methods whose last-block attention has a query·key term, the only ones PA can change."""
+    return [name for name in protocol_methods() if method_facts(name).has_query_key_term]
 
 
 def _row(method: str, dataset: str, profile: str) -> dict:

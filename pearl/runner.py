@@ -47,8 +47,8 @@ from .records import (
     write_record,
 )
 from .render import smoke_note, write_outputs
-from .segmentor import Segmentor, predict_jointly, resolve_settings, warn_nan_windows
-from .settings import OPERATIONAL_PARAMS, deviations
+from .segmentor import Segmentor, predict_jointly, warn_nan_windows
+from .settings import OPERATIONAL_PARAMS, deviations, resolve_settings
 from .text import load_vocabulary, template_set
 
 log = logging.getLogger("pearl")
@@ -166,7 +166,7 @@ def _plan(cfg: DictConfig) -> _Job:
     precision = _precision(cfg.model.precision, device)
     overrides, params, classes = _settings(cfg)
     try:
-        _, resolved = resolve_settings(cfg.method.name, cfg.pa, cfg.tlp, params)
+        resolved = resolve_settings(cfg.method.name, cfg.pa, cfg.tlp, params)
     except ValueError as error:
         raise ConfigError(str(error)) from None
     changed = deviations(cfg.method.name, _protocol_dataset(cfg), cfg.profile, resolved)
@@ -560,7 +560,7 @@ def shared_trunk_key(cfg: DictConfig) -> str | None:
     try:
         validate_config(cfg)
         _, params, _ = _settings(cfg)
-        _, resolved = resolve_settings(cfg.method.name, cfg.pa, cfg.tlp, params)
+        resolved = resolve_settings(cfg.method.name, cfg.pa, cfg.tlp, params)
     except (UserError, ValueError):
         return None
     method = get_method(cfg.method.name)

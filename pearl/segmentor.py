@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from . import params as param_specs
 from .backbone import Trunk, head, patch_size, prepare_model, trunk
 from .errors import ConfigError, ImageSizeError
-from .methods import get_method, pa_methods
+from .methods import get_method
 from .preprocess import PreparedImage, Window, WindowConfig, model_normalisation, prepare_image, sliding_windows
 from .refine.pamr import PAMRConfig, pamr
 from .refine.tlp import (
@@ -30,6 +30,7 @@ from .refine.tlp import (
     tlp,
     working_dtype,
 )
+from .settings import resolve_settings
 from .text import Vocabulary, load_vocabulary, template_set, text_prototypes
 
 FULL_SIZE_BUDGET = 2 ** 28  # query × pixel values held at once at the original size (1 GiB in fp32)
@@ -171,29 +172,6 @@ def decide(logits: torch.Tensor, query_to_class: torch.Tensor, num_classes: int,
     return labels_from(probs, keep, prob_thd), probs
 
 
-def resolve_settings(method: str, pa: bool | None, tlp: bool | None, params: dict) -> tuple[type, dict]:
-    """(method class, every parameter resolved) for a method, its pa/tlp switches and overrides.
-
-    None for pa / tlp / arch means the method's own default. Raises ValueError for an unknown
-    method or parameter, an out-of-range value, or pa=True where attention has no query·key term.
-    """
-    method_cls = get_method(method)
-    resolved = param_specs.resolve(params)
-    pa = method_cls.default_pa if pa is None else pa
-    tlp = method_cls.default_tlp if tlp is None else tlp
-    if not isinstance(pa, bool) or not isinstance(tlp, bool):
-        raise ValueError(f"pa and tlp must be True, False or None, got pa={pa!r}, tlp={tlp!r}")
-    if pa and not method_cls.has_query_key_term:
-        raise ValueError(
-            f"pa=True has no meaning for method {method!r}: its last-block attention has no query·key term "
-            f"(only key·key / query·query products), and rotating the keys by an orthogonal R leaves k·kᵀ and "
-            f"q·qᵀ unchanged. PA applies to: {', '.join(pa_methods())}.")
-    if resolved["arch"] is None:
-        resolved["arch"] = method_cls.default_arch
-    resolved.update(pa=pa, tlp=tlp)
-    return method_cls, resolved
-
-
 CPU_BATCH_ATTENTION = 8 * 197 ** 2  # query × key values per head of eight 224² ViT-B/16 windows
 
 
@@ -229,7 +207,8 @@ class Segmentor:
                  pa: bool | None = None, tlp: bool | None = None, tokenizer=None, device: str | torch.device = "cpu",
                  precision: str | None = None, window_batch_size: int | None = None, diagnostics: bool = False,
                  **params) -> None:
-        method_cls, self.params = resolve_settings(method, pa, tlp, params)
+        self.params = resolve_settings(method, pa, tlp, params)
+        method_cls = get_method(method)
         # the one conversion from flat names to each stage's typed config
         build = param_specs.build_config
         self.method = method_cls(build(method_cls.Config, self.params, method_cls.config_prefix))

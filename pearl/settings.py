@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import json
 
-from .protocols import protocol
-from .segmentor import resolve_settings
+from . import params as param_specs
+from .protocols import method_facts, pa_methods, protocol
 
 OPERATIONAL_PARAMS = ("text_cache_dir",)  # where things are cached: never changes a number
 
@@ -18,7 +18,31 @@ def job_settings(method: str, pa: bool | None, tlp: bool | None, dataset: str, p
     """Every resolved parameter (pa and tlp included) of ``method`` on ``dataset`` with ``overrides``."""
     params = protocol(method, dataset, profile)
     params.update(overrides or {})
-    return resolve_settings(method, pa, tlp, params)[1]
+    return resolve_settings(method, pa, tlp, params)
+
+
+def resolve_settings(method: str, pa: bool | None, tlp: bool | None, params: dict) -> dict:
+    """Every parameter resolved for a method, its pa/tlp switches and overrides (from the method's
+    facts, ``pearl.protocols.method_facts``: no model code is imported).
+
+    None for pa / tlp / arch means the method's own default. Raises ValueError for an unknown
+    method or parameter, an out-of-range value, or pa=True where attention has no query·key term.
+    """
+    facts = method_facts(method)
+    resolved = param_specs.resolve(params)
+    pa = facts.default_pa if pa is None else pa
+    tlp = facts.default_tlp if tlp is None else tlp
+    if not isinstance(pa, bool) or not isinstance(tlp, bool):
+        raise ValueError(f"pa and tlp must be True, False or None, got pa={pa!r}, tlp={tlp!r}")
+    if pa and not facts.has_query_key_term:
+        raise ValueError(
+            f"pa=True has no meaning for method {method!r}: its last-block attention has no query·key term "
+            f"(only key·key / query·query products), and rotating the keys by an orthogonal R leaves k·kᵀ and "
+            f"q·qᵀ unchanged. PA applies to: {', '.join(pa_methods())}.")
+    if resolved["arch"] is None:
+        resolved["arch"] = facts.default_arch
+    resolved.update(pa=pa, tlp=tlp)
+    return resolved
 
 
 def comparable(settings: dict) -> dict:

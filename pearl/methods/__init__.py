@@ -12,15 +12,19 @@ import functools
 import importlib
 import pkgutil
 
+from ..protocols import method_facts
 from .base import Method
 
 _REGISTRY: dict[str, type[Method]] = {}
 
 
 def register(cls: type[Method]) -> type[Method]:
-    """Class decorator: make ``cls`` available under ``cls.name``."""
+    """Class decorator: make ``cls`` available under ``cls.name``, with the facts of its protocol
+    file (``pearl.protocols.method_facts``: default pa / tlp / arch, query·key term)."""
     if cls.name in _REGISTRY:
         raise ValueError(f"method {cls.name!r} is registered twice")
+    for name, value in method_facts(cls.name)._asdict().items():
+        setattr(cls, name, value)
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -44,6 +48,4 @@ def get_method(name: str) -> type[Method]:
     return _REGISTRY[name]
 
 
-def pa_methods() -> list[str]:
-    """Methods whose last-block attention has a query·key term, the only ones PA can change."""
-    return [name for name in available_methods() if get_method(name).has_query_key_term]
+

@@ -46,11 +46,13 @@ class Method(abc.ABC):
     name: ClassVar[str]
     Config: ClassVar[type] = NoConfig
     config_prefix: ClassVar[str] = ""
-    default_pa: ClassVar[bool] = False
-    default_tlp: ClassVar[bool] = False
-    default_arch: ClassVar[str] = "reduced"
+    # What the method is: set from its resources/protocols/<name>.yaml (``method:``) when it is
+    # registered, so the report layer reads the same facts without importing the model code.
+    default_pa: ClassVar[bool]
+    default_tlp: ClassVar[bool]
+    default_arch: ClassVar[str]
     # PA rotates keys against queries: meaningful only where attention has a query·key term.
-    has_query_key_term: ClassVar[bool] = False
+    has_query_key_term: ClassVar[bool]
     needs_hidden_states: ClassVar[bool] = False
     # Whole-image mode: upsample patch logits to the input size, then to the original size
     # (NACLIP/PEARL); otherwise straight to the original size (SCLIP/SFP/ClearCLIP). docs/protocol.md §6.5

@@ -11,10 +11,6 @@ from .base import AttentionConfig, Method, query_key_block
 class Pearl(Method):
     Config = AttentionConfig
     name = "pearl"
-    default_pa = True
-    default_tlp = True
-    default_arch = "reduced"
-    has_query_key_term = True
     whole_upsample_via_input = True
 
     def last_block(self, blocks, x, hidden, grid, info):

@@ -11,8 +11,6 @@ from .base import AttentionConfig, Method, query_key_block
 class Vanilla(Method):
     Config = AttentionConfig
     name = "vanilla"
-    default_arch = "vanilla"
-    has_query_key_term = True
     whole_upsample_via_input = True  # its protocol is PEARL's (NACLIP-style) segmentor
 
     def last_block(self, blocks, x, hidden, grid, info):
