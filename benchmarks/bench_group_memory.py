@@ -14,10 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from child_process import measure_in_child
 
 UNBOUNDED_GIB = 1e6  # a budget no group reaches: the old behaviour, every job of a group at once
 
@@ -72,12 +73,11 @@ def main() -> None:
     for jobs in map(int, args.jobs.split(",")):
         for budget in args.budgets.split(","):
             gib = UNBOUNDED_GIB if budget == "off" else float(budget)
-            command = [sys.executable, __file__, "--images", str(args.images), "--child", f"{jobs}:{gib}"]
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode != 0:
-                print(f"{jobs:3d} jobs, budget {budget}: failed: {done.stderr.strip().splitlines()[-1:]}")
+            r, failure = measure_in_child([sys.executable, __file__, "--images", str(args.images), "--child",
+                                           f"{jobs}:{gib}"])
+            if r is None:
+                print(f"{jobs:3d} jobs, budget {budget}: {failure}")
                 continue
-            r = json.loads(done.stdout.strip().splitlines()[-1])
             print(f"{jobs:3d} jobs  budget {budget:>4s} GiB  parts {r['parts']}  {r['ran']} records  "
                   f"peak RSS {r['peak_rss_gib']:.2f} GiB (before the sweep {r['before_gib']:.2f})", flush=True)
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import time
+
+from child_process import measure_in_child
 
 
 def _measure(method: str, width: int, height: int, untiled: bool) -> dict:
@@ -62,11 +63,10 @@ def main() -> None:
           f"{'untiled' if args.untiled else 'tiled above the budget'}")
     for method in args.methods.split(","):
         command = [sys.executable, __file__, "--size", args.size, "--child", method] + (["--untiled"] * args.untiled)
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            print(f"{method:10s} failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
+        r, failure = measure_in_child(command)
+        if r is None:
+            print(f"{method:10s} {failure}")
             continue
-        r = json.loads(done.stdout.strip().splitlines()[-1])
         print(f"{r['method']:10s} queries={r['queries']:3d}  peak RSS {r['peak_rss_gib']:5.2f} GiB "
               f"(before predict {r['before_image_gib']:.2f} GiB)  {r['seconds']:6.1f} s per image")
 
