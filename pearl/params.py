@@ -217,7 +217,7 @@ def valid_values(name: str) -> str:
 
 
 def markdown_table() -> str:
-    """The README's parameter table, generated from ``PARAMS`` (``python -m pearl.params``)."""
+    """docs/parameters.md's table, generated from ``PARAMS`` (``python -m pearl.params``)."""
     def shown(value) -> str:
         return str(value).lower() if isinstance(value, bool) else repr(value)
     lines = ["| name | default | valid | meaning |", "|---|---|---|---|"]
@@ -226,7 +226,7 @@ def markdown_table() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m pearl.params``: the README's parameter table; ``--code-vs-paper``: the overrides of
+    """``python -m pearl.params``: the parameter table of docs/parameters.md; ``--code-vs-paper``: the overrides of
     each code-vs-paper run as run.py arguments, one line per run (``experiments/code_vs_paper.sh``)."""
     import argparse
     parser = argparse.ArgumentParser(prog="python -m pearl.params", description=main.__doc__)

@@ -193,12 +193,12 @@ def test_corrupt_text_cache_is_named_deleted_and_rebuilt(tiny_model, tokenizer, 
 
 
 
-def test_readme_parameter_table_is_the_one_generated_from_params():
+def test_the_documented_parameter_table_is_the_one_generated_from_params():
     from pathlib import Path
 
     from pearl.params import markdown_table
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    assert markdown_table() in readme, "README's parameter table differs from PARAMS: paste `python -m pearl.params`"
+    page = (Path(__file__).parents[1] / "docs" / "parameters.md").read_text()
+    assert markdown_table() in page, "docs/parameters.md's table differs from PARAMS: paste `python -m pearl.params`"
     assert "| `tlp_grid` | `80` | integer ≥ 1 | TLP target grid side" in markdown_table()
     assert "| `tlp_pool` | `'int_stride'` | int_stride, adaptive |" in markdown_table()
 
