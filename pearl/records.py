@@ -33,7 +33,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parent
 COMPUTES_NUMBERS = (  # the code version hashes these: a change to any of them may change a metric
     "backbone.py", "blocks.py", "checkpoints.py", "methods/", "procrustes.py", "refine/", "text.py",
     "preprocess.py", "segmentor.py", "params.py", "protocols.py", "benchmarks.py", "resources/",
-    "data/datasets.py", "metrics.py", "runner.py", "settings.py",
+    "data/datasets.py", "metrics.py", "plan.py", "evaluate.py", "distributed.py", "runner.py", "settings.py",
 )
 COMPUTES_NO_NUMBER = (  # the CLI and sweep glue, records and locks, reports and tools, data preparation
     "__init__.py", "config.py", "cli.py", "errors.py", "sweep.py", "locks.py", "records.py", "tables.py",

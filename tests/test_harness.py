@@ -10,6 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 import pearl
+from pearl import evaluate as evaluate_module
 from pearl import runner
 from pearl.benchmarks import BENCHMARKS
 from pearl.data.synthetic import write_dataset
@@ -82,7 +83,7 @@ def test_on_error_skip_counts_bad_files(tmp_path):
 def test_dry_run_prints_the_job_and_evaluates_nothing(synthetic, tmp_path, capsys, monkeypatch):
     overrides = ["model=tiny", f"data_root={synthetic}", f"results_dir={tmp_path}", "progress=false", "tlp_grid=40"]
     built = []
-    monkeypatch.setattr(runner, "build_model", lambda *a: built.append(1))
+    monkeypatch.setattr(evaluate_module, "build_model", lambda *a: built.append(1))
     assert runner.run_job(compose(overrides + ["dry_run=true"]))[0] == "dry_run"
     out = capsys.readouterr().out
     assert "would run" in out and "tlp_grid=40" in out and "prob_thd=0.1" in out  # resolved, not null
@@ -201,7 +202,7 @@ def test_failing_job_is_one_line_and_counted_and_the_sweep_goes_on(synthetic, tm
 
 
 def test_sharded_evaluation_equals_one_process(synthetic, tmp_path):
-    from pearl.runner import shard_indices
+    from pearl.distributed import shard_indices
     assert [list(shard_indices(5, r, 3)) for r in range(3)] == [[0], [1, 2], [3, 4]]  # no padding, no overlap
     base = ["model=tiny", "method=naclip", f"data_root={synthetic}", "progress=false", "device=cpu"]
     single = run(compose(base + [f"results_dir={tmp_path / 'one'}"]))
@@ -216,9 +217,8 @@ def test_runner_holds_one_prediction_at_a_time_and_obeys_on_error_for_oversized_
                                                                                      monkeypatch):
     import weakref
 
-    from pearl import runner as runner_module
     from pearl import segmentor as segmentor_module
-    original, original_group, alive = runner_module.predict_jointly, segmentor_module._predict_group, []
+    original, original_group, alive = evaluate_module.predict_jointly, segmentor_module._predict_group, []
 
     def predict_jointly(segmentors, images, on_device=False):
         for outputs in original(segmentors, images, on_device):
@@ -230,7 +230,7 @@ def test_runner_holds_one_prediction_at_a_time_and_obeys_on_error_for_oversized_
         assert all(ref() is None for ref in alive), "the previous prediction is still referenced"
         return original_group(*args, **kwargs)
 
-    monkeypatch.setattr(runner_module, "predict_jointly", predict_jointly)
+    monkeypatch.setattr(evaluate_module, "predict_jointly", predict_jointly)
     monkeypatch.setattr(segmentor_module, "_predict_group", predict_group)
     root = write_dataset("ade20k", tmp_path / "data", num_images=3, size=(32, 48))
     write_dataset("ade20k", tmp_path / "large", num_images=3, size=(64, 96))
@@ -285,7 +285,7 @@ def test_nan_made_at_run_time_fails_the_job_naming_the_stage(synthetic, tmp_path
         expected = "NaN logits in the refinement after fusion"
     cfg = compose(["model=tiny", f"data_root={synthetic}", f"results_dir={tmp_path}", "progress=false",
                    "loader_workers=0", "method=pearl"])
-    with pytest.raises(runner.NumericalError, match=expected):
+    with pytest.raises(evaluate_module.NumericalError, match=expected):
         runner.run_job(cfg)
     assert load_records(tmp_path) == []
 

@@ -10,6 +10,8 @@ import pandas as pd
 import pytest
 
 from pearl import cli, records, runner
+from pearl import evaluate as evaluate_module
+from pearl import plan as plan_module
 from pearl.benchmarks import BENCHMARKS
 from pearl.records import RecordError, RunRecord, code_version, load_records, record_path
 from pearl.tables import write_tables
@@ -68,7 +70,7 @@ def test_a_code_change_reruns_the_job_and_the_old_record_stays_as_history(synthe
                                                                           official_synthetic):
     first = runner.run_job(compose(_job(synthetic, tmp_path)))
     assert first[0] == "ran" and runner.run_job(compose(_job(synthetic, tmp_path)))[0] == "skipped"
-    monkeypatch.setattr(runner, "code_version", lambda: "0123456789abcdef")  # as after a commit to the package
+    monkeypatch.setattr(plan_module, "code_version", lambda: "0123456789abcdef")  # as after a commit to the package
     second = runner.run_job(compose(_job(synthetic, tmp_path)))
     assert second[0] == "ran" and second[1].config_hash != first[1].config_hash
     assert sorted(r.code_version for r in load_records(tmp_path)) == sorted([first[1].code_version,
@@ -81,13 +83,13 @@ def test_a_code_change_reruns_the_job_and_the_old_record_stays_as_history(synthe
 
 
 def test_identity_holds_what_made_the_number_and_not_operational_settings(synthetic, tmp_path):
-    plan = runner._plan(compose(_job(synthetic, tmp_path)))
-    same = [runner._plan(compose(_job(synthetic, tmp_path / "other", extra))).run_hash
+    plan = plan_module.plan(compose(_job(synthetic, tmp_path)))
+    same = [plan_module.plan(compose(_job(synthetic, tmp_path / "other", extra))).run_hash
             for extra in ("window_batch_size=2", "workers=2", "text_cache_dir=/tmp/elsewhere", "on_error=skip",
                           "progress=true", "device=cpu", "batch_images=1", "loader_workers=0", "diagnostics=true",
                           "save_predictions=1")]
     assert set(same) == {plan.run_hash}
-    different = {runner._plan(compose(_job(synthetic, tmp_path, extra))).run_hash
+    different = {plan_module.plan(compose(_job(synthetic, tmp_path, extra))).run_hash
                  for extra in ("tlp_grid=40", "max_images=2", "model.seed=1", "model.precision=bf16", "tlp=false",
                                "templates=single")}
     assert len(different) == 6 and plan.run_hash not in different
@@ -99,7 +101,7 @@ def test_identity_holds_what_made_the_number_and_not_operational_settings(synthe
     backup = label.read_bytes()
     label.write_bytes(backup + b"\0")
     try:
-        assert runner._plan(compose(_job(synthetic, tmp_path))).run_hash != plan.run_hash
+        assert plan_module.plan(compose(_job(synthetic, tmp_path))).run_hash != plan.run_hash
     finally:
         label.write_bytes(backup)
 
@@ -111,10 +113,10 @@ def test_checkpoint_files_are_identified_by_content(tmp_path):
     second.write_bytes(b"weights two")
 
     def identity(path):
-        return runner.model_identity(OmegaConf.create({"name": "ViT-B-16", "pretrained": str(path)}), "fp32")
+        return plan_module.model_identity(OmegaConf.create({"name": "ViT-B-16", "pretrained": str(path)}), "fp32")
     one, two = identity(first), identity(second)
     assert one["file_sha256"] != two["file_sha256"] and one["label"] == "ViT-B-16:a.pt"
-    tag = runner.model_identity(OmegaConf.create({"name": "ViT-B-16-quickgelu", "pretrained": "openai"}), "fp16")
+    tag = plan_module.model_identity(OmegaConf.create({"name": "ViT-B-16-quickgelu", "pretrained": "openai"}), "fp16")
     assert tag["label"] == records.DEFAULT_MODEL and tag["pretrained"] == "openai"
 
 
@@ -280,7 +282,7 @@ if not __import__("torch").cuda.is_available():
 def test_invalid_keys_and_values_fail_in_one_line_before_any_model(synthetic, tmp_path, monkeypatch, capsys, override,
                                                                    key):
     built = []
-    monkeypatch.setattr(runner, "build_model", lambda *args: built.append(args))
+    monkeypatch.setattr(evaluate_module, "build_model", lambda *args: built.append(args))
     monkeypatch.delenv("PEARL_TRACEBACK", raising=False)
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     status = cli.execute(compose(_job(synthetic, tmp_path, override)), description=override)
@@ -293,7 +295,7 @@ def test_invalid_keys_and_values_fail_in_one_line_before_any_model(synthetic, tm
 
 
 def test_pa_for_a_method_without_query_key_fails_before_loading(synthetic, tmp_path, monkeypatch):
-    monkeypatch.setattr(runner, "build_model", lambda *args: pytest.fail("a model was built"))
+    monkeypatch.setattr(evaluate_module, "build_model", lambda *args: pytest.fail("a model was built"))
     with pytest.raises(ValueError, match="query·key"):
         runner.run(compose(_job(synthetic, tmp_path, "method=naclip", "pa=true")))
 
@@ -343,7 +345,7 @@ def test_a_folder_without_masks_is_a_prediction_run(tmp_path, photos):
     assert record.mIoU is None and record.aAcc is None and record.per_class_iou == []  # no NaN metric rows
     assert read_record(record_path(tmp_path / "res", record.config_hash)).ground_truth is False
     folder = Path(record.predictions_dir)  # every image's prediction, beside the record
-    assert folder == runner.predictions_folder(tmp_path / "res", record.config_hash)
+    assert folder == evaluate_module.predictions_folder(tmp_path / "res", record.config_hash)
     for name in ("chelsea", "coffee"):
         labels = np.asarray(Image.open(folder / f"{name}_labels.png"))
         assert labels.shape == photos[name].shape[:2] and labels.max() < 3
@@ -365,7 +367,7 @@ def test_save_predictions_writes_the_first_n_beside_the_record(synthetic, tmp_pa
 
 @pytest.mark.parametrize("where", ["file", "proc"])
 def test_an_unwritable_results_dir_fails_before_any_model(synthetic, tmp_path, monkeypatch, capsys, where):
-    monkeypatch.setattr(runner, "build_model", lambda *args: pytest.fail("a model was built"))
+    monkeypatch.setattr(evaluate_module, "build_model", lambda *args: pytest.fail("a model was built"))
     target = tmp_path / "a-file" if where == "file" else Path("/proc/pearl-results")
     if where == "file":
         target.write_text("not a folder")

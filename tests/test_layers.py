@@ -10,7 +10,8 @@ from .conftest import REPO, compose
 
 PACKAGE = REPO / "pearl"
 MODEL_SIDE = ("torch", "open_clip", "cv2", "pearl.segmentor", "pearl.backbone", "pearl.runner")
-HARNESS = ("pearl.runner", "pearl.sweep", "pearl.cli", "pearl.config", "pearl.tables", "pearl.figures",
+HARNESS = ("pearl.plan", "pearl.evaluate", "pearl.distributed", "pearl.runner", "pearl.sweep", "pearl.cli",
+           "pearl.config", "pearl.tables", "pearl.figures",
            "pearl.records", "hydra", "omegaconf")
 
 

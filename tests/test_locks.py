@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from pearl import plan as plan_module
 from pearl import runner
 from pearl.locks import read_owner, try_lock
 from pearl.records import record_path
@@ -21,7 +22,7 @@ def _job(synthetic, results):
 
 def test_a_held_lock_makes_the_job_busy_and_its_release_lets_it_run(synthetic, tmp_path):
     cfg = compose(_job(synthetic, tmp_path))
-    job = runner._plan(cfg)
+    job = plan_module.plan(cfg)
     lock_file = record_path(tmp_path, job.run_hash).with_suffix(".lock")
     (tmp_path / "runs").mkdir()
     held = try_lock(lock_file)
@@ -37,7 +38,7 @@ def test_a_held_lock_makes_the_job_busy_and_its_release_lets_it_run(synthetic, t
 
 def test_a_lock_whose_owner_was_killed_is_taken_over(synthetic, tmp_path):
     cfg = compose(_job(synthetic, tmp_path))
-    lock_file = record_path(tmp_path, runner._plan(cfg).run_hash).with_suffix(".lock")
+    lock_file = record_path(tmp_path, plan_module.plan(cfg).run_hash).with_suffix(".lock")
     lock_file.parent.mkdir()
     owner = subprocess.Popen([sys.executable, "-c", "import sys, time; from pearl.locks import try_lock; "
                               f"assert try_lock({str(lock_file)!r}); print('held', flush=True); time.sleep(60)"],

@@ -6,6 +6,8 @@ import sys
 import pytest
 
 from pearl import cli, runner, sweep
+from pearl import evaluate as evaluate_module
+from pearl import plan as plan_module
 from pearl import segmentor as segmentor_module
 from pearl.locks import try_lock
 from pearl.records import record_path
@@ -67,24 +69,24 @@ def test_a_sweep_shares_one_trunk_and_each_record_equals_the_job_alone(synthetic
         assert (record.mIoU, record.aAcc, record.mAcc) == (twin.mIoU, twin.aAcc, twin.mAcc)
         assert record.per_class_iou == twin.per_class_iou and record.image_count == twin.image_count
     assert not list((tmp_path / "together" / "runs").glob("*.lock"))  # every lock released
-    assert list(runner.evaluate_together(cfgs[:5])) == []  # all recorded: nothing to evaluate
+    assert list(sweep.evaluate_together(cfgs[:5])) == []  # all recorded: nothing to evaluate
     assert [status for status, _ in _sweep(cfgs)] == ["skipped"] * 6
 
 
 def test_a_job_another_process_holds_is_left_out_of_the_group(synthetic, tmp_path):
     cfgs = _cfgs(synthetic, tmp_path, PEARL_SWEEP[:3])
-    held_job = runner._plan(cfgs[0])
+    held_job = plan_module.plan(cfgs[0])
     (tmp_path / "runs").mkdir()
     held = try_lock(record_path(tmp_path, held_job.run_hash).with_suffix(".lock"))
-    assert list(runner.evaluate_together(cfgs)) == [[1, 2]]
+    assert list(sweep.evaluate_together(cfgs)) == [[1, 2]]
     assert [runner.run_job(cfg)[0] for cfg in cfgs] == ["busy", "ran", "ran"]
     held.release()
 
 
 def test_jobs_with_a_logger_or_several_workers_are_evaluated_alone(synthetic, tmp_path):
     cfgs = _cfgs(synthetic, tmp_path, [job + ["workers=2"] for job in PEARL_SWEEP[:2]])
-    assert runner.trunk_groups(cfgs) == [[0], [1]]
-    assert runner.shared_trunk_key(cfgs[0]) is None
+    assert sweep.trunk_groups(cfgs) == [[0], [1]]
+    assert plan_module.shared_trunk_key(cfgs[0]) is None
 
 
 @pytest.mark.slow  # a subprocess of run.py
@@ -174,13 +176,13 @@ def fresh_cli(monkeypatch):
 
 
 def _failing_on(monkeypatch, dataset: str, error: BaseException):
-    evaluate = runner._evaluate
+    evaluate = evaluate_module.evaluate
 
     def failing(cfg, jobs, *args, **kwargs):
         if jobs[0].dataset.name == dataset:
             raise error
         return evaluate(cfg, jobs, *args, **kwargs)
-    monkeypatch.setattr(runner, "_evaluate", failing)
+    monkeypatch.setattr(sweep, "evaluate", failing)
 
 
 def test_an_interrupted_sweep_keeps_the_groups_it_finished_and_holds_no_lock(synthetic, tmp_path, monkeypatch,
@@ -227,7 +229,7 @@ def test_a_group_over_its_memory_budget_is_evaluated_in_parts(synthetic, tmp_pat
     one_job = 6 * queries * 375 * 500  # VOC's typical 500×375 image, 6 bytes per query × pixel
     budget = 2.5 * one_job / 2 ** 30  # two jobs fit, three do not
     cfgs = _cfgs(synthetic, tmp_path, [job + [f"group_memory_gib={budget}"] for job in PEARL_SWEEP])
-    assert runner.prediction_bytes(runner._plan(cfgs[0])) == one_job
+    assert sweep.prediction_bytes(plan_module.plan(cfgs[0])) == one_job
     caplog.set_level("INFO", logger="pearl")
     assert [status for status, _ in _sweep(cfgs)] == ["ran"] * 4
     assert caplog.text.count("evaluated 2 jobs on one shared trunk") == 2

@@ -4,7 +4,7 @@ blocks 1..L−1, instead of one per job; inside a task the group is evaluated on
 every job writes its own record, as with ``shared_trunk`` on one machine (docs/speed.md §6).
 
 Registered only when the ``cluster`` extra (hydra-submitit-launcher) is installed. The group is
-found from each job's config alone (``pearl.runner.shared_trunk_key``: no data or weights are read
+found from each job's config alone (``pearl.plan.shared_trunk_key``: no data or weights are read
 on the submitting host). Jobs that cannot share a trunk stay one task each. (No ``from __future__
 import annotations``: see shared_trunk_launcher.py.)
 """
@@ -34,7 +34,7 @@ class _GroupingMixin:
     its JobReturns, which ``launch`` puts back in the sweep's order."""
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from pearl.runner import shared_trunk_key
+        from pearl.plan import shared_trunk_key
         groups: Dict[Any, List] = {}
         for number, overrides in enumerate(job_overrides, start=initial_job_idx):
             sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
