@@ -254,23 +254,26 @@ class Evaluated:
     """A job evaluated ahead of its turn on a trunk shared with other jobs of its sweep, or the
     error that evaluation raised (then every job of the group fails with it, none re-evaluates)."""
 
+    job: Job  # as planned by the sweep: the job's turn does not plan it again
     shard: Shard | None
     wall_s: float
     lock: JobLock
     error: str | None = None
 
 
-_handed_over: dict[str, Evaluated] = {}  # run hash → result, until that job's turn records it
+_handed_over: dict[str, Evaluated] = {}  # config key → result, until that job's turn records it
 
 
-def hand_over(run_hash: str, evaluated: Evaluated) -> None:
-    """Keep a job's result (or its group's error) for its turn (:func:`take_handed_over`)."""
-    _handed_over[run_hash] = evaluated
+def hand_over(key: str, evaluated: Evaluated) -> None:
+    """Keep a job's result (or its group's error) for its turn (:func:`take_handed_over`), under
+    its config's key (``pearl.plan.config_key``)."""
+    _handed_over[key] = evaluated
 
 
-def take_handed_over(run_hash: str) -> Evaluated | None:
-    """The result handed over for the job ``run_hash`` (its lock still held), once; None when none."""
-    return _handed_over.pop(run_hash, None)
+def take_handed_over(key: str) -> Evaluated | None:
+    """The result handed over for the job of config key ``key`` (its lock still held), once; None
+    when none."""
+    return _handed_over.pop(key, None)
 
 
 def release_handed_over() -> None:

@@ -139,6 +139,12 @@ def plan(cfg: DictConfig) -> Job:
                 identity, config_hash(identity), title)
 
 
+def config_key(cfg: DictConfig) -> str:
+    """What names a job's config (its resolved content): the sweep hands the job it planned and
+    evaluated to the job's turn under this key, so no job is planned twice."""
+    return config_hash(OmegaConf.to_container(cfg, resolve=True))
+
+
 def world_size() -> int:
     """Processes of a torchrun launch (1 without one)."""
     return int(os.environ.get("WORLD_SIZE", "1"))

@@ -24,7 +24,7 @@ from .distributed import evaluate_distributed, sharded_evaluation, torchrun_grou
 from .errors import ConfigError, UserError
 from .evaluate import Shard, check_finite, evaluate, has_ground_truth, take_handed_over
 from .locks import JobLock, read_owner, try_lock
-from .plan import Job, plan, world_size
+from .plan import Job, config_key, plan, world_size
 from .records import RunRecord, find_record, git_commit, prepare_results_dir, record_path, write_record
 from .settings import OPERATIONAL_PARAMS
 
@@ -76,14 +76,15 @@ def run_job(cfg: DictConfig, group: str | None = None) -> tuple[str, RunRecord |
     """
     if cfg.dry_run:
         return _dry_run(cfg)
-    job = plan(cfg)
-    shared = take_handed_over(job.run_hash)
-    if shared is not None:  # evaluated with other jobs of its sweep on one trunk; its lock is still held
+    shared = take_handed_over(config_key(cfg))
+    if shared is not None:  # planned and evaluated with other jobs of its sweep on one trunk; its lock still held
+        job = shared.job
         with shared.lock:
             if shared.error is not None:
                 raise GroupError(f"evaluated on one trunk with the other jobs of its group, which failed: "
                                  f"{shared.error}")  # the same line for each job: printed once
             return "ran", _finish_record(cfg, job, shared.shard, shared.wall_s, _wandb(cfg, job, group))
+    job = plan(cfg)
     if world_size() > 1:
         return _run_job_torchrun(cfg, job, group)
     status, existing, lock = _claim(cfg, job)

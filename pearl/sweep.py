@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from .errors import UserError
 from .evaluate import Evaluated, evaluate, hand_over, release_handed_over
 from .locks import try_lock
-from .plan import Job, plan, shared_trunk_key
+from .plan import Job, config_key, plan, shared_trunk_key
 from .records import find_record, prepare_results_dir, record_path
 from .runner import answered_by
 from .text import load_vocabulary
@@ -140,16 +140,16 @@ def _evaluate_chunk(locked: list) -> None:
         message = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
         if os.environ.get("PEARL_TRACEBACK"):
             log.exception("evaluating %d jobs on one trunk failed", len(jobs))
-        for _, job, _, lock in locked:
-            hand_over(job.run_hash, Evaluated(None, 0.0, lock, message))
+        for cfg, job, _, lock in locked:
+            hand_over(config_key(cfg), Evaluated(job, None, 0.0, lock, message))
         return
     except BaseException:  # Ctrl-C: nothing of this chunk is recorded, and no lock stays held
         for _, _, _, lock in locked:
             lock.release()
         raise
     wall_s = time.perf_counter() - start
-    for (_, job, _, lock), shard in zip(locked, shards):
-        hand_over(job.run_hash, Evaluated(shard, wall_s, lock))
+    for (cfg, job, _, lock), shard in zip(locked, shards):
+        hand_over(config_key(cfg), Evaluated(job, shard, wall_s, lock))
 
 
 def _lock_all(members: list) -> list:

@@ -263,3 +263,17 @@ def test_ctrl_c_during_a_sweep_keeps_the_finished_groups_and_a_rerun_does_the_re
     again = subprocess.run(command + [f"hydra.sweep.dir={tmp_path / 'again'}"], cwd=REPO, capture_output=True,
                            text=True, timeout=600)
     assert again.returncode == 0 and f"sweep: {8 - kept} ran, {kept} skipped, 0 failed" in again.stderr
+
+
+def test_each_job_of_a_sweep_is_planned_once(synthetic, tmp_path, monkeypatch):
+    planned = []
+    original = plan_module.plan
+
+    def counting(cfg):
+        planned.append(cfg.method.name)
+        return original(cfg)
+    monkeypatch.setattr(sweep, "plan", counting)
+    monkeypatch.setattr(runner, "plan", counting)
+    cfgs = _cfgs(synthetic, tmp_path, PEARL_SWEEP)
+    assert [status for status, _ in _sweep(cfgs)] == ["ran"] * 4
+    assert len(planned) == 4  # by the shared pass; each job's turn takes its planned job with its result
