@@ -33,10 +33,10 @@ from . import segmentor as segmentor_module
 from .backbone import PRECISIONS, dense_features, load_clip, tiny_clip
 from .benchmarks import BENCHMARKS, DATASETS
 from .methods import available_methods, get_method
-from .methods import base as method_base
 from .preprocess import prepare_image
 from .protocols import class_names, protocol
 from .segmentor import Prediction, Segmentor, predict_jointly
+from .stages import timing_stages
 
 SIZES = ("voc21", "ade20k", "cityscapes")
 STAGES = ("preprocess", "backbone", "pa", "fusion", "tlp", "decision")
@@ -99,34 +99,25 @@ def reference_predict(seg: Segmentor, image) -> Prediction:
 
 
 class StageTimes:
-    """Wall time per stage of the Segmentor (synchronised on CUDA), by wrapping its stage functions."""
+    """Wall time per stage of the prediction (synchronised on CUDA), through the stages' public hook
+    (``pearl.stages.timing_stages``)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device, self.totals = device, defaultdict(float)
 
-    @contextlib.contextmanager
-    def wrapped(self):
-        targets = [(segmentor_module, "trunk", "backbone"), (Segmentor, "_window_logits", "backbone"),
-                   (method_base, "procrustes_weights", "pa"), (Segmentor, "_fuse", "fusion"),
-                   (Segmentor, "_refine", "tlp"), (Segmentor, "_decide", "decision")]
-        originals = [(owner, name, getattr(owner, name)) for owner, name, _ in targets]
-        for owner, name, stage in targets:
-            setattr(owner, name, self._timed(getattr(owner, name), stage))
-        try:
-            yield self
-        finally:
-            for owner, name, original in originals:
-                setattr(owner, name, original)
+    def timing(self):
+        """A context within which every stage of every prediction is timed into ``totals``."""
+        return timing_stages(self._timed)
 
-    def _timed(self, function, stage: str):
-        def timed(*args, **kwargs):
-            _sync(self.device)
-            start = time.perf_counter()
-            out = function(*args, **kwargs)
+    @contextlib.contextmanager
+    def _timed(self, stage: str):
+        _sync(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
             _sync(self.device)
             self.totals[stage] += time.perf_counter() - start
-            return out
-        return timed
 
     def per_image_ms(self, images: int) -> dict:
         """Milliseconds per image per stage; PA runs inside the backbone's last block, so it is
@@ -236,7 +227,7 @@ def measure(seg: Segmentor, images: list[np.ndarray], batch_images: int, repeats
     for image in images:
         prepare_image(image, seg.windows, seg.normalisation)
     stages.totals["preprocess"] = time.perf_counter() - start
-    with stages.wrapped():
+    with stages.timing():
         _fast([seg], prepared, batch_images)
     ms = stages.per_image_ms(len(images))
     per_image_ms = 1000 * statistics.median(fast_s) / len(images)

@@ -36,7 +36,7 @@ COMPUTES_NUMBERS = (  # the code version hashes these: a change to any of them m
     "data/datasets.py", "metrics.py", "plan.py", "evaluate.py", "distributed.py", "runner.py", "settings.py",
 )
 COMPUTES_NO_NUMBER = (  # the CLI and sweep glue, records and locks, reports and tools, data preparation
-    "__init__.py", "config.py", "cli.py", "errors.py", "sweep.py", "locks.py", "records.py", "tables.py",
+    "__init__.py", "config.py", "cli.py", "errors.py", "stages.py", "sweep.py", "locks.py", "records.py", "tables.py",
     "figures.py", "render.py", "wandb_logger.py", "segment.py", "attention.py", "bench.py", "data/__init__.py",
     "data/__main__.py", "data/check.py", "data/convert.py", "data/digests.py", "data/download.py",
     "data/synthetic.py",  # what prepare writes is seen by the data fingerprint, which hashes content

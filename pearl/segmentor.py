@@ -31,6 +31,7 @@ from .refine.tlp import (
     working_dtype,
 )
 from .settings import resolve_settings
+from .stages import stage
 from .text import Vocabulary, load_vocabulary, template_set, text_prototypes
 
 FULL_SIZE_BUDGET = 2 ** 28  # query × pixel values held at once at the original size (1 GiB in fp32)
@@ -365,23 +366,16 @@ class Segmentor:
         # contiguous: bilinear upsampling of the permuted (channels-last) view is several times slower
         return (feats.to(self.dtype) @ self.prototypes.T).permute(0, 3, 1, 2).contiguous()
 
-    def _predict_images(self, items: list[_Image], patch_logits: list, forward_info: dict, on_device: bool
-                        ) -> list[Prediction]:
-        """Predictions of images of equal size: each fused alone, post-fusion TLP as one batched
-        solve where :meth:`_batches_tlp` allows (each image's result is what it gets alone), then
-        each decided alone."""
-        infos = [dict(forward_info, windows=len(item.windows)) for item in items]
-        fused = [self._fuse(item, logits, info) for item, logits, info in zip(items, patch_logits, infos)]
-        return self._finish_images(items, fused, infos, on_device)
-
     def _finish_images(self, items: list[_Image], fused: list[_OriginalSize], infos: list[dict], on_device: bool
                        ) -> list[Prediction]:
         """Refinement and decision of equal-size images from their fused logits (not modified)."""
-        if self._batches_tlp(fused):
-            fused = self._batched_tlp(items, fused)
-        else:
-            fused = [self._refine(item, logits, info) for item, logits, info in zip(items, fused, infos)]
-        outs = [self._decide(logits, info) for logits, info in zip(fused, infos)]
+        with stage("tlp"):
+            if self._batches_tlp(fused):
+                fused = self._batched_tlp(items, fused)
+            else:
+                fused = [self._refine(item, logits, info) for item, logits, info in zip(items, fused, infos)]
+        with stage("decision"):
+            outs = [self._decide(logits, info) for logits, info in zip(fused, infos)]
         return outs if on_device else [self._to_cpu(out) for out in outs]
 
     def _batched_tlp(self, items: list[_Image], fused: list[_OriginalSize]) -> list[_OriginalSize]:
@@ -557,9 +551,12 @@ def _shared_window_logits(segmentors: Sequence[Segmentor], prepared: list[_Image
     stats = [defaultdict(list) if seg.diagnostics else None for seg in segmentors]
     keep_hidden = any(seg.method.needs_hidden_states for seg in segmentors)
     for chunk in _window_batches(lead, prepared):
-        shared = trunk(lead.model.visual, torch.stack([crop for _, _, crop in chunk]), keep_hidden)
+        with stage("backbone"):
+            shared = trunk(lead.model.visual, torch.stack([crop for _, _, crop in chunk]), keep_hidden)
         for seg, logits_of, seg_stats in zip(segmentors, patch_logits, stats):
-            for (image_index, window_index, _), window_logits in zip(chunk, seg._window_logits(shared, seg_stats)):
+            with stage("backbone"):
+                chunk_logits = seg._window_logits(shared, seg_stats)
+            for (image_index, window_index, _), window_logits in zip(chunk, chunk_logits):
                 logits_of[image_index][window_index] = window_logits
     forward_info = [{key: torch.stack(values).mean() for key, values in (seg_stats or {}).items()}
                     for seg_stats in stats]
@@ -585,7 +582,9 @@ def _predict_group(segmentors, fusers: dict[int, list[int]], prepared: list[_Ima
     per_segmentor: list[list[Prediction] | None] = [None] * len(segmentors)
     for (owner, users), logits_of, info in zip(fusers.items(), patch_logits, forward_info):
         infos = [dict(info, windows=len(item.windows)) for item in items]
-        fused = [segmentors[owner]._fuse(item, _take(logits_of, i), one) for item, i, one in zip(items, group, infos)]
+        with stage("fusion"):
+            fused = [segmentors[owner]._fuse(item, _take(logits_of, i), one)
+                     for item, i, one in zip(items, group, infos)]
         for user in users:
             per_segmentor[user] = segmentors[user]._finish_images(items, fused, [dict(one) for one in infos],
                                                                   on_device)

@@ -10,6 +10,7 @@ import torch
 from ..blocks import head_scale, keep_attention, merge_heads, mlp_residual, split_heads
 from ..params import default
 from ..procrustes import procrustes_weights
+from ..stages import stage
 
 
 @dataclass(frozen=True)
@@ -98,9 +99,10 @@ def query_key_block(block, x: torch.Tensor, config: AttentionConfig, info: dict 
     q, k, v = split_heads(block, block.ln_1(x))
     scale = head_scale(block)
     if config.pa:
-        weights, stats = procrustes_weights(
-            q.float(), k.float(), scale, alpha_kk=config.alpha_kk if config.use_kk else 0.0,
-            solver=config.pa_solver, iters=config.pa_iters, diagnostics=info is not None)
+        with stage("pa"):
+            weights, stats = procrustes_weights(
+                q.float(), k.float(), scale, alpha_kk=config.alpha_kk if config.use_kk else 0.0,
+                solver=config.pa_solver, iters=config.pa_iters, diagnostics=info is not None)
         if info is not None:
             info.update(stats)
         out = weights @ v.float()
