@@ -136,7 +136,7 @@ def plan(cfg: DictConfig) -> Job:
                      + ([f"model={model['label']}"] if model["label"] != DEFAULT_MODEL else [])
                      + ([f"max_images={cfg.max_images}"] if cfg.max_images is not None else []))
     return Job(cfg.method.name, dataset, device, precision, overrides, params, classes, resolved, changed, model,
-                identity, config_hash(identity), title)
+               identity, config_hash(identity), title)
 
 
 def config_key(cfg: DictConfig) -> str:
