@@ -41,8 +41,9 @@ def execute(cfg: DictConfig, group: str | None = None, description: str = "", ou
     except Exception as error:  # noqa: BLE001 — one job's failure never ends the sweep
         if _show_traceback():
             raise
-        status, detail = "failed", f"[{description}] {_one_line(error, output_dir)}"
-        _print_once(f"error: {_one_line(error, output_dir)}")
+        line = _one_line(error, output_dir)
+        status, detail = "failed", f"[{description}] {line}"
+        _print_once(f"error: {line}")
     _outcomes.append((status, detail))
     if output_dir is not None:
         Path(output_dir, STATUS_FILE).write_text(f"{status}\t{detail}", encoding="utf-8")
