@@ -348,3 +348,19 @@ def test_saved_predictions_of_sub_a_and_sub_underscore_a_are_two_files(tmp_path)
     saved = sorted(p.relative_to(record.predictions_dir).as_posix()
                    for p in __import__("pathlib").Path(record.predictions_dir).rglob("*.png"))
     assert saved == ["sub/a_labels.png", "sub/a_overlay.png", "sub_a_labels.png", "sub_a_overlay.png"]
+
+
+def test_an_unexpected_error_fails_its_job_in_one_line_with_the_traceback_beside_it(tmp_path, monkeypatch, capsys):
+    from pearl import cli
+
+    def broken(cfg, group=None):
+        raise RuntimeError("index 7 is out of bounds\nsecond line")
+    monkeypatch.setattr(runner, "run_job", broken)
+    monkeypatch.setattr(cli, "_outcomes", [])
+    monkeypatch.delenv("PEARL_TRACEBACK", raising=False)
+    assert cli.execute(compose(["model=tiny"]), description="method=x", output_dir=str(tmp_path)) == "failed"
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [f"error: RuntimeError: index 7 is out of bounds (an unexpected error; traceback in "
+                                f"{tmp_path / cli.TRACEBACK_FILE})"]
+    assert "Traceback" in (tmp_path / cli.TRACEBACK_FILE).read_text() and cli.exit_code() == 1
+    assert (tmp_path / cli.STATUS_FILE).read_text().startswith("failed\t[method=x] RuntimeError")
