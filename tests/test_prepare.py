@@ -182,6 +182,7 @@ def test_check_command_exits_nonzero_when_any_dataset_is_not_ready(tmp_path, off
     assert main(["check", "ade20k", "cityscapes", "--root", str(tmp_path)]) == 1
     lines = capsys.readouterr().out.splitlines()
     assert lines[-2].startswith("ok        ade20k") and lines[-1].startswith("NOT READY cityscapes: dataset")
+    assert "pearl.data check" not in lines[-1]  # the check gives no advice to run itself; the runner's error does
     assert main(["check", "voc2012"]) == 2
 
 
