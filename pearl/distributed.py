@@ -26,7 +26,7 @@ def sharded_evaluation(cfg: DictConfig, job: Job, rank: int, world: int, device:
     per image."""
     import torch.distributed as dist
     shard = evaluate(cfg, [job], shard_indices(len(job.dataset), rank, world), device, show_progress=rank == 0,
-                      progress_scale=world)[0]
+                     progress_scale=world)[0]
     shard.cm.all_reduce()
     parts = [None] * world
     dist.all_gather_object(parts, (shard.skipped, shard.nan_windows, shard.evaluated, shard.diagnostic_sums,
@@ -38,10 +38,10 @@ def sharded_evaluation(cfg: DictConfig, job: Job, rank: int, world: int, device:
         for key, value in part[3].items():
             sums[key] = sums.get(key, 0.0) + value
     merged = Shard(ConfusionMatrix.from_matrix(shard.cm.matrix.cpu()), [item for part in parts for item in part[0]],
-                    sum(part[1] for part in parts), sum(part[2] for part in parts), sums,
-                    max(part[4] for part in parts), max(part[5] for part in parts),
-                    shard.predictions_dir,  # save_predictions: each process writes the first N of its shard
-                    sum(part[6] for part in parts))
+                   sum(part[1] for part in parts), sum(part[2] for part in parts), sums,
+                   max(part[4] for part in parts), max(part[5] for part in parts),
+                   shard.predictions_dir,  # save_predictions: each process writes the first N of its shard
+                   sum(part[6] for part in parts))
     if merged.evaluated + len(merged.skipped) != len(job.dataset):
         raise RuntimeError(f"{world} processes evaluated {merged.evaluated} + skipped {len(merged.skipped)} images, "
                            f"the dataset has {len(job.dataset)}")

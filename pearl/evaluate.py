@@ -138,7 +138,7 @@ class _Tally:
     def shard(self, setup_s: float, eval_s: float) -> "Shard":
         sums = {key: float(value) for key, value in self.sums.items()}  # the job's one device sync for them
         return Shard(self.cm, self.skipped, int(self.nan_windows), self.evaluated, sums, setup_s, eval_s,
-                      str(self.predictions_dir) if self.saved else None, int(self.nan_images))
+                     str(self.predictions_dir) if self.saved else None, int(self.nan_images))
 
     def save(self, item: "_Loaded", labels: torch.Tensor, class_lines: Sequence[str]) -> None:
         """Write the label PNG and the overlay of one of the job's first ``save_limit`` images."""
@@ -164,7 +164,7 @@ def _segmentors(cfg: DictConfig, jobs: list[Job], device: torch.device) -> list[
 
 
 def evaluate(cfg: DictConfig, jobs: list[Job], indices: range, device: torch.device, logger=None,
-              show_progress: bool = True, progress_scale: int = 1) -> list[Shard]:
+             show_progress: bool = True, progress_scale: int = 1) -> list[Shard]:
     """Run the jobs' Segmentors over ``indices`` of their (shared) dataset, one confusion matrix
     per job on ``device``. Several jobs share each image's decoding and blocks 1..L−1
     (:func:`pearl.segmentor.predict_jointly`); their setup and evaluation times are the group's."""
@@ -246,7 +246,6 @@ def check_finite(job: Job, shard: Shard) -> None:
     given = ", ".join(f"{name}={value}" for name, value in job.overrides.items()) or "none"
     raise NumericalError(f"{job.title}: {shard.nan_images} image(s) got NaN logits in {stage}; no record is written. "
                          f"Check the parameters given ({given}) and the weights, or try model.precision=fp32")
-
 
 
 @dataclass

@@ -95,7 +95,7 @@ def run_job(cfg: DictConfig, group: str | None = None) -> tuple[str, RunRecord |
 
 
 def _claim(cfg: DictConfig, job: Job) -> tuple[str, RunRecord | None, JobLock | None]:
-    """("dry_run" | "skipped" | "busy", record, None) or ("run", None, the job's acquired lock)."""
+    """("skipped" | "busy", record, None) or ("run", None, the job's acquired lock)."""
     path = record_path(cfg.results_dir, job.run_hash)
     existing = find_record(path)
     if existing is not None and _lacks_diagnostics(cfg, job, existing):
