@@ -109,8 +109,8 @@ def unknown_override(arguments: list[str]) -> str | None:
             continue
         group, dot, sub = key.partition(".")
         if not dot and group in CONFIG_GROUPS and "(" not in value:  # sweep functions (glob, range) are Hydra's
+            options = group_options(group)
             for choice in value.split(","):
-                options = group_options(group)
                 if choice not in options:
                     return (f"{group}={choice!r} is not valid; {did_you_mean(choice, options)}valid: "
                             f"{', '.join(options)}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -114,13 +115,13 @@ def output_names(paths: list[Path]) -> list[str]:
     """One output name per image: its stem; where stems repeat (``a.jpg`` and ``a.png``, or one file
     name in two folders), its path below the images' common folder, suffix included, as one name
     (``dir1_a_jpg``). A UserError when two images would still share a name."""
-    stems = [path.stem for path in paths]
-    if len(set(stems)) == len(stems):
-        return stems
+    stems = Counter(path.stem for path in paths)
+    if len(stems) == len(paths):
+        return [path.stem for path in paths]
     common = Path(os.path.commonpath([path.resolve().parent for path in paths]))
-    names = [stem if stems.count(stem) == 1 else path_component("_".join(path.resolve().relative_to(common).parts))
-             .replace(".", "_") for stem, path in zip(stems, paths)]
-    repeated = sorted({name for name in names if names.count(name) > 1})
+    names = [path.stem if stems[path.stem] == 1 else
+             path_component("_".join(path.resolve().relative_to(common).parts)).replace(".", "_") for path in paths]
+    repeated = sorted(name for name, count in Counter(names).items() if count > 1)
     if repeated:
         raise UserError(f"several images would be written as {repeated[0]!r}; give each image its own file name")
     return names
@@ -172,9 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         classes = _classes(args)
         images = _images(args.images)
         names = output_names(images)
-        if args.masks and len({path.stem for path in images}) < len(images):
+        stems = Counter(path.stem for path in images)
+        if args.masks and len(stems) < len(images):
             raise UserError("--masks finds each image's mask by its stem, and some images share one "
-                            f"({', '.join(p.name for p in images if [q.stem for q in images].count(p.stem) > 1)}): "
+                            f"({', '.join(p.name for p in images if stems[p.stem] > 1)}): "
                             "rename them, or segment them apart")
         params = {name: getattr(args, name) for name in PARAMS if getattr(args, name) is not None}
         variants = parse_variants(args.compare, params) if args.compare else [(args.method, args.method, params)]
