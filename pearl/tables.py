@@ -63,6 +63,12 @@ class Selection:
     include_stale: bool = False
     code: str = field(default_factory=code_version)
 
+    def admits(self, record: RunRecord) -> bool:
+        """Whether ``record`` may fill a cell by how it was made: the full split (or partial runs
+        admitted) and the current code (or older code admitted)."""
+        return ((record.full_split or self.include_partial)
+                and (record.code_version == self.code or self.include_stale))
+
 
 @dataclass(frozen=True)
 class Cell:
@@ -135,9 +141,7 @@ def candidates(records: list[RunRecord], row: Row, dataset: str, selection: Sele
     model = row.model or selection.model
     return [r for r in records
             if r.dataset == dataset and r.method == row.method and r.pa == row.pa and r.tlp == row.tlp
-            and r.profile == row.profile and r.model_label == model
-            and (r.full_split or selection.include_partial)
-            and (r.code_version == selection.code or selection.include_stale)
+            and r.profile == row.profile and r.model_label == model and selection.admits(r)
             and comparable(r.params) == wanted]  # the costly comparison last, on the few that got this far
 
 
@@ -280,8 +284,7 @@ def pivot(records: list[RunRecord], param: str, selection: Selection | None = No
     groups: dict[tuple, dict[str, list[RunRecord]]] = {}
     for r in records:
         if (r.dataset not in DATASETS or r.model_label != selection.model or (method and r.method != method)
-                or not (r.full_split or selection.include_partial)
-                or not (r.code_version == selection.code or selection.include_stale)):
+                or not selection.admits(r)):
             continue
         if not set(deviations(r.method, r.dataset, r.profile, r.params)) <= {param}:
             continue
@@ -420,12 +423,11 @@ def why_cells_are_empty(records: list[RunRecord], models: tuple[str, ...] | list
     mine = [r for r in records if r.model_label in models]
     if not mine:
         return f"no record of model {', '.join(models)}: the tables are empty (--model names another model)"
-    code = code_version()
-    partial = [r for r in mine if not r.full_split]
-    stale = [r for r in mine if r.code_version != code]
-    usable = [r for r in mine if (r.full_split or include_partial) and (r.code_version == code or include_stale)]
-    if usable:
+    selection = Selection(include_partial=include_partial, include_stale=include_stale)
+    if any(selection.admits(r) for r in mine):
         return ""
+    partial = [r for r in mine if not r.full_split]
+    stale = [r for r in mine if r.code_version != selection.code]
     reasons = []
     if partial and not include_partial:
         reasons.append(f"{len(partial)} are partial (max_images, skipped images, or not the official split's size): "
