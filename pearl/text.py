@@ -172,13 +172,29 @@ def prototype_key(model, tokenizer, queries: Sequence[str], templates: Sequence[
     that tokenizes these prompts differently gets its own key; the queries and templates
     themselves too."""
     dtype = str(model.text_projection.dtype) if hasattr(model, "text_projection") else ""
-    tokens = tokenizer([template.format(query) for query in queries for template in templates])
     digest = hashlib.sha256()
-    for part in (model_fingerprint(model), dtype, type(tokenizer).__qualname__, *queries, "\x01", *templates):
+    for part in (model_fingerprint(model), dtype, type(tokenizer).__qualname__, *queries, "\x01", *templates,
+                 _token_digest(tokenizer, tuple(queries), tuple(templates))):
         digest.update(part.encode() + b"\x00")
-    digest.update(str(tuple(tokens.shape)).encode())
-    digest.update(tokens.contiguous().cpu().numpy().tobytes())
     return digest.hexdigest()
+
+
+_token_digests: "weakref.WeakKeyDictionary[object, dict[tuple, str]]" = weakref.WeakKeyDictionary()
+
+
+def _token_digest(tokenizer, queries: tuple[str, ...], templates: tuple[str, ...]) -> str:
+    """Hash of the tokens of every query × template prompt, made once per tokenizer and vocabulary
+    in a process (several Segmentors of a sweep share them; a large vocabulary is 68,000 prompts)."""
+    try:
+        known = _token_digests.setdefault(tokenizer, {})
+    except TypeError:  # a tokenizer that cannot be weakly referenced: tokenize every time
+        known = {}
+    if (queries, templates) not in known:
+        tokens = tokenizer([template.format(query) for query in queries for template in templates])
+        digest = hashlib.sha256(str(tuple(tokens.shape)).encode())
+        digest.update(tokens.contiguous().cpu().numpy().tobytes())
+        known[(queries, templates)] = digest.hexdigest()
+    return known[(queries, templates)]
 
 
 def text_prototypes(model, tokenizer, queries: Sequence[str], device: torch.device,
