@@ -76,9 +76,9 @@ PREDICTION_BYTES_PER_VALUE = 6
 
 def prediction_bytes(job: Job) -> int:
     """What one job of a shared-trunk group holds for one image: its queries × the pixels of the
-    dataset's typical image (or of a folder's first image) × ``PREDICTION_BYTES_PER_VALUE``."""
+    dataset's typical image (a folder's largest) × ``PREDICTION_BYTES_PER_VALUE``."""
     height, width = job.dataset.typical_size()
-    return PREDICTION_BYTES_PER_VALUE * len(load_vocabulary(job.classes).queries) * height * width
+    return PREDICTION_BYTES_PER_VALUE * load_vocabulary(job.identity["classes"]).num_queries * height * width
 
 
 def memory_chunks(jobs: Sequence[Job], budget_gib: float) -> list[list[int]]:
