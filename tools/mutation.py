@@ -92,7 +92,7 @@ SLIPS = [
     Slip("fuse-sum", "pearl/segmentor.py", "return _OriginalSize(canvas.div_(count), item.ori_shape, canvas_dtype)",
          "return _OriginalSize(canvas, item.ori_shape, canvas_dtype)", "tests/test_reference_pipeline.py"),
     Slip("cache-key-tokens", "pearl/text.py", "_token_digest(tokenizer, tuple(queries), tuple(templates))):",
-         '"")):', "tests/test_segmentor.py"),
+         '""):', "tests/test_segmentor.py"),
     Slip("cache-key-activation", "pearl/text.py", 'h.update(f"{name}\\0{module!r}\\0".encode())', "pass",
          "tests/test_segmentor.py"),
     Slip("prototype-no-renorm", "pearl/text.py", "return mean / mean.norm(dim=-1, keepdim=True)", "return mean",
