@@ -25,7 +25,7 @@ def _measure(method: str, width: int, height: int, untiled: bool) -> dict:
 
     import pearl
     from pearl import segmentor as seg_module
-    from pearl.backbone import tiny_clip
+    from pearl.loading import tiny_clip
     from pearl.metrics import ConfusionMatrix
     from pearl.protocols import class_names
 

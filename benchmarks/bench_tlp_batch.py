@@ -28,7 +28,6 @@ def main() -> None:
 
     import pearl
     from pearl import segmentor as module
-    from pearl.backbone import trunk
 
     model, tokenizer = pearl.load_clip("ViT-B-16", None, args.device, args.precision)
     seg = pearl.Segmentor(model, pearl.class_names("voc21", "pearl"), method="pearl", tokenizer=tokenizer,
@@ -36,7 +35,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     items = [seg._prepare_image(rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)) for _ in range(args.images)]
     with torch.no_grad():
-        window_logits = [[seg._window_logits(trunk(model.visual, item.input[None]), None)[0]] for item in items]
+        window_logits = [[seg._window_logits(seg.tower.trunk(item.input[None]), None)[0]] for item in items]
 
         def timed(budget: int) -> tuple[float, list]:
             seg.tlp_batch_values = budget

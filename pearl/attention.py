@@ -4,7 +4,7 @@ For the chosen query patch (``--patch`` in grid cells, or ``--point X,Y`` in pix
 it draws, per method, where that patch's last-block attention goes, over the image (the PEARL
 paper's Fig. 1); ``--all-heads`` draws one panel per head. The weights are the ones the method's own
 last block multiplies the values with in the Segmentor (``Method.last_block`` hands them back
-through ``pearl.blocks.keep_attention``), not a second implementation.
+through ``pearl.methods.base.keep_attention``), not a second implementation.
 
 The image is rescaled to ``--short-side`` (keep ratio, as the Segmentor's rescale) and seen whole,
 as one window: the attention of a sliding-window run is per window. Each map is the query row
@@ -26,16 +26,16 @@ import numpy as np
 import torch
 import yaml
 
-from .backbone import head, patch_size, trunk
-from .blocks import ATTENTION
 from .data.datasets import read_image
 from .errors import UserError
 from .methods import available_methods, get_method
+from .methods.base import ATTENTION
 from .params import PARAMS, build_config, param_name
-from .preprocess import model_normalisation, normalise, rescale, to_rgb_uint8
+from .preprocess import normalise, rescale, to_rgb_uint8
 from .render import caption_strip, heat_overlay, panel_grid, save_figure, smoke_note, titled_panel
 from .segment import add_model_options, load_model, parse_variants
 from .settings import resolve_settings
+from .towers import tower_for
 
 DEFAULT_SHORT_SIDE = 336
 
@@ -79,18 +79,17 @@ def attention_maps(model, image, method: str, pa: bool | None = None, short_side
     resolved = resolve_settings(method, pa, None, params)
     method_cls = get_method(method)
     last_block = method_cls(build_config(method_cls.Config, resolved, method_cls.config_prefix))
-    visual = model.visual
+    tower = tower_for(model.visual)
     picture = rescale(to_rgb_uint8(image), short_side)
-    step = patch_size(visual)
+    step = tower.patch_size
     picture = picture[: picture.shape[0] // step * step, : picture.shape[1] // step * step]
     if picture.size == 0:
         raise UserError(f"the image is smaller than one {step}-pixel patch at --short-side {short_side}")
-    device = visual.conv1.weight.device
     info: dict = {ATTENTION: None}
     with torch.no_grad():
-        shared = trunk(visual, normalise(picture, model_normalisation(visual))[None].to(device),
-                       last_block.needs_hidden_states)
-        head(visual, shared, last_block, info)
+        shared = tower.trunk(normalise(picture, tower.normalisation)[None].to(tower.device),
+                             last_block.needs_hidden_states)
+        tower.head(shared, last_block, info)
     weights = info[ATTENTION][0].float().cpu()
     weights = weights / weights.sum(dim=-1, keepdim=True)  # SCLIP: two softmax maps summed
     tokens = shared.grid[0] * shared.grid[1]

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from . import segmentor as segmentor_module
-from .backbone import PRECISIONS, dense_features, load_clip, tiny_clip
 from .benchmarks import BENCHMARKS, DATASETS
+from .loading import PRECISIONS, load_clip, tiny_clip
 from .methods import available_methods, get_method
 from .preprocess import prepare_image
 from .protocols import class_names, protocol
@@ -74,7 +74,7 @@ def reference_predict(seg: Segmentor, image) -> Prediction:
     item = seg._prepare_image(image)
     windows = []
     for window in item.windows:
-        feats, _ = dense_features(seg.model.visual, seg._crop(item, window)[None], seg.method)
+        feats, _ = seg.tower.dense_features(seg._crop(item, window)[None], seg.method)
         windows.append((feats.to(seg.dtype) @ seg.prototypes.T).permute(0, 3, 1, 2))
     info = {"windows": len(item.windows)}
     if seg.windows.slide_crop <= 0:
@@ -155,7 +155,7 @@ def backbone_flops(seg: Segmentor, prepared) -> float:
     item = seg._prepare_image(prepared)
     crops = torch.stack([seg._crop(item, window) for window in item.windows])
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        dense_features(seg.model.visual, crops, seg.method)
+        seg.tower.dense_features(crops, seg.method)
     return float(counter.get_total_flops())
 
 

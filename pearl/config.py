@@ -9,10 +9,10 @@ from typing import Any, Callable, NamedTuple
 
 from omegaconf import DictConfig, OmegaConf
 
-from .backbone import TINY_CONFIG
 from .benchmarks import ALL_DATASETS
 from .data.datasets import DEFAULT_MAX_PIXELS
 from .errors import ConfigError
+from .loading import TINY_CONFIG
 from .methods import available_methods
 from .params import PARAMS, valid_values
 from .protocols import PROFILES
@@ -159,7 +159,7 @@ def validate_config(cfg: DictConfig) -> None:
 def register_config_groups() -> None:
     """Put into Hydra's config store what would otherwise be repeated in YAML: one ``method/<name>``
     option per registered method, one ``dataset/<name>`` option per benchmark (``dataset/folder.yaml``
-    has keys of its own and stays a file), ``model/tiny`` (``pearl.backbone.TINY_CONFIG``) and
+    has keys of its own and stays a file), ``model/tiny`` (``pearl.loading.TINY_CONFIG``) and
     ``segmentor_params``, every Segmentor parameter as a null key. Called by run.py and the tests
     before composing."""
     from hydra.core.config_store import ConfigStore

@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .backbone import load_clip, resolve_device, tiny_clip
 from .config import validate_config
 from .data import build_dataset
 from .errors import ConfigError, UserError
+from .loading import load_clip, resolve_device, tiny_clip
 from .methods import get_method
 from .params import PARAMS
 from .protocols import class_names, protocol

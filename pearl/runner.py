@@ -18,11 +18,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import __version__
-from .backbone import weights_state
 from .data import DatasetError
 from .distributed import evaluate_distributed, sharded_evaluation, torchrun_group
 from .errors import ConfigError, UserError
 from .evaluate import Shard, check_finite, evaluate, has_ground_truth, take_handed_over
+from .loading import weights_state
 from .locks import JobLock, read_owner, try_lock
 from .plan import Job, config_key, plan, world_size
 from .records import RunRecord, find_record, git_commit, prepare_results_dir, record_path, write_record

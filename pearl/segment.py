@@ -151,7 +151,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 def load_model(args):
     """(model, tokenizer) of --model / --pretrained on --device at --precision; ``tiny`` = the
     seeded random model (smoke pictures only)."""
-    from .backbone import load_clip, prepare_model, resolve_device, tiny_clip
+    from .loading import load_clip, prepare_model, resolve_device, tiny_clip
     args.device = str(resolve_device(args.device))  # "auto" resolved; a device this machine lacks fails here
     if args.model == "tiny":
         model, tokenizer = tiny_clip()

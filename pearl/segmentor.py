@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from . import params as param_specs
-from .backbone import Trunk, head, patch_size, prepare_model, trunk
 from .errors import ConfigError, ImageSizeError
+from .loading import prepare_model
 from .methods import get_method
-from .preprocess import PreparedImage, Window, WindowConfig, model_normalisation, prepare_image, sliding_windows
+from .preprocess import PreparedImage, Window, WindowConfig, prepare_image, sliding_windows
 from .refine.pamr import PAMRConfig, pamr
 from .refine.tlp import (
     TLPConfig,
@@ -33,6 +33,7 @@ from .refine.tlp import (
 from .settings import resolve_settings
 from .stages import stage
 from .text import Vocabulary, load_vocabulary, template_set, text_prototypes
+from .towers import Trunk, tower_for
 
 FULL_SIZE_BUDGET = 2 ** 28  # query × pixel values held at once at the original size (1 GiB in fp32)
 SLAB_VALUES = 2 ** 24        # query × pixel values per column slab above that budget
@@ -227,8 +228,9 @@ class Segmentor:
         self.tlp_batch_values = BATCHED_TLP_VALUES if self.device.type == "cuda" else 0
         self.diagnostics = diagnostics
         self.model = self._prepare_model(model, precision)
-        self.normalisation = model_normalisation(self.model.visual)  # the tower's own mean/std
-        patch = patch_size(self.model.visual)
+        self.tower = tower_for(self.model.visual)
+        self.normalisation = self.tower.normalisation  # the tower's own mean/std
+        patch = self.tower.patch_size
         if 0 < self.windows.slide_crop < patch:
             raise ConfigError(f"slide_crop={self.windows.slide_crop} is smaller than one {patch}-pixel patch of the "
                               f"model: a window must hold at least one patch; use slide_crop ≥ {patch}, or 0 for the "
@@ -323,7 +325,7 @@ class Segmentor:
         tensor = prepared.input.to(self.device, non_blocking=True)
         if self.method.fuse_in_model_dtype:
             tensor = tensor.to(self.dtype)  # ClearCLIP casts its input before the window loop
-        patch = patch_size(self.model.visual)
+        patch = self.tower.patch_size
         if min(tensor.shape[1:]) < patch:
             height, width = prepared.original_size
             raise ImageSizeError(f"image of size {width}×{height} is {tensor.shape[2]}×{tensor.shape[1]} "
@@ -338,8 +340,9 @@ class Segmentor:
         that is None, :func:`default_window_batch_size` for this device and their token count."""
         if self.window_batch_size is not None:
             return self.window_batch_size
-        patch = patch_size(self.model.visual)
-        return default_window_batch_size(self.device, (crop_shape[-2] // patch) * (crop_shape[-1] // patch) + 1)
+        patch = self.tower.patch_size
+        patches = (crop_shape[-2] // patch) * (crop_shape[-1] // patch)
+        return default_window_batch_size(self.device, patches + self.tower.prefix_tokens)
 
     def _padding(self, window: Window) -> tuple[int, int, int, int]:
         """(left, right, top, bottom) zero padding of a sliding-window crop: to a multiple of the
@@ -348,7 +351,7 @@ class Segmentor:
         the remainder, as upstream)."""
         if not self.method.pad_crops_to_patch or self.windows.slide_crop <= 0:
             return 0, 0, 0, 0
-        patch = patch_size(self.model.visual)
+        patch = self.tower.patch_size
         pad_h, pad_w = (-(window.y2 - window.y1)) % patch, (-(window.x2 - window.x1)) % patch
         return pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2
 
@@ -360,7 +363,7 @@ class Segmentor:
     def _window_logits(self, shared: Trunk, stats: dict | None) -> torch.Tensor:
         """[N, Q, h', w'] cosine logits of this method's last block on a shared trunk."""
         info = {} if stats is not None else None
-        feats = head(self.model.visual, shared, self.method, info)
+        feats = self.tower.head(shared, self.method, info)
         for key, value in (info or {}).items():
             stats[key].append(value)
         # contiguous: bilinear upsampling of the permuted (channels-last) view is several times slower
@@ -552,7 +555,7 @@ def _shared_window_logits(segmentors: Sequence[Segmentor], prepared: list[_Image
     keep_hidden = any(seg.method.needs_hidden_states for seg in segmentors)
     for chunk in _window_batches(lead, prepared):
         with stage("backbone"):
-            shared = trunk(lead.model.visual, torch.stack([crop for _, _, crop in chunk]), keep_hidden)
+            shared = lead.tower.trunk(torch.stack([crop for _, _, crop in chunk]), keep_hidden)
         for seg, logits_of, seg_stats in zip(segmentors, patch_logits, stats):
             with stage("backbone"):
                 chunk_logits = seg._window_logits(shared, seg_stats)

@@ -8,7 +8,7 @@ import torch
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 
-from pearl.backbone import tiny_clip  # noqa: E402
+from pearl.loading import tiny_clip  # noqa: E402
 
 
 def make_tiny(seed: int = 0) -> torch.nn.Module:
@@ -18,6 +18,12 @@ def make_tiny(seed: int = 0) -> torch.nn.Module:
 @pytest.fixture(scope="session")
 def tiny_model():
     return make_tiny()
+
+
+@pytest.fixture(scope="session")
+def tiny_tower(tiny_model):
+    from pearl.towers import tower_for
+    return tower_for(tiny_model.visual)
 
 
 @pytest.fixture(scope="session")

@@ -5,9 +5,8 @@ import torch
 from PIL import Image
 
 from pearl.attention import attention_maps, main, patch_of_point
-from pearl.backbone import trunk
-from pearl.blocks import ATTENTION
 from pearl.methods import available_methods
+from pearl.methods.base import ATTENTION
 from pearl.preprocess import normalise
 
 from .conftest import build_method
@@ -15,19 +14,20 @@ from .reference import blocks as ref
 
 
 @pytest.fixture(scope="module")
-def trunk_out(tiny_model, photos):
+def trunk_out(tiny_tower, photos):
     picture = np.ascontiguousarray(photos["chelsea"][:96, :128])  # a 6×8 grid of 16-pixel patches
-    return trunk(tiny_model.visual, normalise(picture)[None], keep_hidden=True)
+    return tiny_tower.trunk(normalise(picture)[None], keep_hidden=True)
 
 
 @pytest.mark.parametrize("name", available_methods())
-def test_every_method_hands_back_the_weights_it_multiplies_the_values_with(name, tiny_model, trunk_out):
+def test_every_method_hands_back_the_weights_it_multiplies_the_values_with(name, tiny_model, tiny_tower,
+                                                                           trunk_out):
     method = build_method(name)
     blocks = tiny_model.visual.transformer.resblocks
     asked = {ATTENTION: None}
     with torch.no_grad():
-        out = method.last_block(blocks, trunk_out.x, trunk_out.hidden, trunk_out.grid, asked)
-        plain = method.last_block(blocks, trunk_out.x, trunk_out.hidden, trunk_out.grid, None)
+        out = method.last_block(tiny_tower, trunk_out.x, trunk_out.hidden, trunk_out.grid, asked)
+        plain = method.last_block(tiny_tower, trunk_out.x, trunk_out.hidden, trunk_out.grid, None)
     weights = asked[ATTENTION]
     tokens = 6 * 8 + (0 if name == "sfp" else 1)  # SFP's main branch attends over the patches only
     assert weights.shape == (1, ref.HEADS, tokens, tokens) and (weights >= 0).all()
@@ -39,12 +39,11 @@ def test_every_method_hands_back_the_weights_it_multiplies_the_values_with(name,
         assert torch.allclose(out, ref.out_proj(blocks[-1], weights @ v)[:, 1:], atol=1e-5)
 
 
-def test_vanilla_attention_is_open_clips_own_last_block_attention(tiny_model, trunk_out):
+def test_vanilla_attention_is_open_clips_own_last_block_attention(tiny_model, tiny_tower, trunk_out):
     block = tiny_model.visual.transformer.resblocks[-1]
     asked = {ATTENTION: None}
     with torch.no_grad():
-        build_method("vanilla").last_block(tiny_model.visual.transformer.resblocks, trunk_out.x, [], trunk_out.grid,
-                                           asked)
+        build_method("vanilla").last_block(tiny_tower, trunk_out.x, [], trunk_out.grid, asked)
         y = block.ln_1(trunk_out.x)
         _, expected = block.attn(y, y, y, need_weights=True, average_attn_weights=False)  # torch's own MHA
     assert torch.allclose(asked[ATTENTION], expected, atol=1e-6)

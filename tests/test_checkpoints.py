@@ -8,10 +8,10 @@ import open_clip
 import pytest
 import torch
 
-from pearl.backbone import TINY_CONFIG as TINY_CFG
-from pearl.backbone import load_clip
 from pearl.checkpoints import is_torchscript_archive, torchscript_state_dict
 from pearl.errors import WeightsError
+from pearl.loading import TINY_CONFIG as TINY_CFG
+from pearl.loading import load_clip
 
 from .conftest import make_tiny
 

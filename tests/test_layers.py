@@ -9,7 +9,7 @@ from pathlib import Path
 from .conftest import REPO, compose
 
 PACKAGE = REPO / "pearl"
-MODEL_SIDE = ("torch", "open_clip", "cv2", "pearl.segmentor", "pearl.backbone", "pearl.runner")
+MODEL_SIDE = ("torch", "open_clip", "cv2", "pearl.segmentor", "pearl.loading", "pearl.towers", "pearl.runner")
 HARNESS = ("pearl.plan", "pearl.evaluate", "pearl.distributed", "pearl.runner", "pearl.sweep", "pearl.cli",
            "pearl.config", "pearl.tables", "pearl.figures",
            "pearl.records", "hydra", "omegaconf")
@@ -35,8 +35,8 @@ def test_the_report_layer_reads_records_and_writes_tables_without_the_model_side
 
 
 def test_the_pipeline_never_imports_the_harness():
-    loaded = _imported_after("import pearl\nimport pearl.segmentor, pearl.backbone, pearl.methods, pearl.data\n"
-                             "pearl.methods.available_methods()\npearl.Segmentor")
+    loaded = _imported_after("import pearl\nimport pearl.segmentor, pearl.loading, pearl.towers, pearl.methods\n"
+                             "import pearl.data\npearl.methods.available_methods()\npearl.Segmentor")
     assert "pearl.segmentor" in loaded and not [name for name in HARNESS if name in loaded]
 
 

@@ -19,10 +19,10 @@ def tokens():
     return torch.randn(2, 1 + 12, 64)  # grid 3×4
 
 
-def _run(name, tiny_model, x, **overrides):
-    blocks = tiny_model.visual.transformer.resblocks
+def _run(name, model, x, **overrides):
+    from pearl.towers import tower_for
     overrides.setdefault("arch", "reduced")
-    return build_method(name, **overrides).last_block(blocks, x, [], (3, 4), {})
+    return build_method(name, **overrides).last_block(tower_for(model.visual), x, [], (3, 4), {})
 
 
 def test_registry_holds_the_six_methods_in_order():

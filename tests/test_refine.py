@@ -194,7 +194,6 @@ def test_segmentor_tlp_from_the_fused_logits_gives_the_released_path_result(tiny
 
 
 def _fused_inputs(seg, image):
-    from pearl.backbone import trunk
     item = seg._prepare_image(image)
     crops = torch.stack([seg._crop(item, window) for window in item.windows])
-    return item, list(seg._window_logits(trunk(seg.model.visual, crops), None)), {}
+    return item, list(seg._window_logits(seg.tower.trunk(crops), None)), {}

@@ -1,16 +1,22 @@
-"""The core behaviour of every registered method, parametrized over the registry: a method added as
-its module and its protocol file is tested here without editing a test (shapes and probabilities on
-a photograph, batched = one at a time, TLP after it, a run's record, the segment CLI)."""
+"""The core behaviour of every registered method and tower, parametrized over the registries: a method
+added as its module and its protocol file is tested here without editing a test (shapes and
+probabilities on a photograph, batched = one at a time, TLP after it, a run's record, the segment
+CLI); a tower added as its module names an offline example model in ``TOWER_EXAMPLES`` and gets the
+interface's checks and every method run on it."""
 import numpy as np
 import pytest
 import torch
 
 import pearl
+from pearl.loading import tiny_clip
 from pearl.methods import available_methods
+from pearl.towers import available_towers, tower_for
 
 from .conftest import compose
 
 CLASSES = ["sky, wall", "cat", "cup", "table"]
+# a model each registered tower wraps, built offline with seeded random weights
+TOWER_EXAMPLES = {"open_clip_vit": lambda: tiny_clip(0)[0]}
 
 
 def _segmentor(model, tokenizer, method: str, **params) -> pearl.Segmentor:
@@ -78,3 +84,37 @@ def test_the_segment_cli_runs_the_method(tmp_path, photos, method, capsys):
     labels = np.asarray(Image.open(out / "coffee_labels.png"))
     assert labels.shape == photos["coffee"].shape[:2] and labels.max() < len(CLASSES)
     assert f"segmented with {method}" in capsys.readouterr().out
+
+
+def test_every_registered_tower_has_an_example_model():
+    assert set(available_towers()) == set(TOWER_EXAMPLES)
+
+
+@pytest.mark.parametrize("tower_name", available_towers())
+def test_the_tower_s_tokens_and_block_pieces_are_what_the_interface_states(tower_name):
+    torch.manual_seed(0)
+    tower = tower_for(TOWER_EXAMPLES[tower_name]().visual)
+    assert tower.name == tower_name
+    patch = tower.patch_size
+    shared = tower.trunk(torch.randn(2, 3, 3 * patch + patch // 2, 5 * patch), keep_hidden=True)
+    tokens = tower.prefix_tokens + 3 * 5
+    assert shared.grid == (3, 5) and shared.x.shape[:2] == (2, tokens) and len(shared.hidden) == tower.num_blocks - 1
+    # norm → qkv → softmax(s·q kᵀ)v → project → residuals recombine to the block's own forward
+    block = tower.block(-1, shared.grid)
+    q, k, v = block.qkv(block.norm(shared.x))
+    assert q.shape[:3] == (2, block.heads, tokens) and block.scale == q.shape[-1] ** -0.5
+    attended = torch.softmax(block.scale * q @ k.transpose(-1, -2), dim=-1) @ v
+    with torch.no_grad():
+        recombined = block.mlp_residual(block.attention_residual(shared.x, block.project(attended)))
+        assert (recombined - block(shared.x)).abs().max() < 1e-4
+        feats = tower.final(recombined[:, tower.prefix_tokens:])
+    assert feats.shape[:2] == (2, 15)
+
+
+@pytest.mark.parametrize("tower_name", available_towers())
+@pytest.mark.parametrize("method", available_methods())
+def test_every_method_segments_on_every_tower(tokenizer, photos, tower_name, method):
+    image = photos["coffee"][::4, ::4]
+    out = _segmentor(TOWER_EXAMPLES[tower_name](), tokenizer, method, resize_short=64).predict(image)
+    assert out.labels.shape == image.shape[:2] and out.probs.shape == (len(CLASSES), *image.shape[:2])
+

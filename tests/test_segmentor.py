@@ -204,14 +204,14 @@ def test_the_documented_parameter_table_is_the_one_generated_from_params():
 
 
 def test_windows_of_all_images_share_batched_forwards(tiny_model, tokenizer, photos, monkeypatch):
-    from pearl import segmentor as module
+    from pearl.towers.base import Tower
     calls = []
-    original = module.trunk
+    original = Tower.trunk
 
-    def counting(visual, images, keep_hidden):
+    def counting(tower, images, keep_hidden):
         calls.append(images.shape[0])
-        return original(visual, images, keep_hidden)
-    monkeypatch.setattr(module, "trunk", counting)
+        return original(tower, images, keep_hidden)
+    monkeypatch.setattr(Tower, "trunk", counting)
     from pearl.segmentor import default_window_batch_size
     default = _segmentor(tiny_model, tokenizer, "pearl")  # CPU: 8, or as many as hold 8 × 197² attention values
     assert default.windows_per_forward((3, 224, 224)) == 8  # 14² + 1 = 197 tokens

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from pearl.methods.sfp import purify
+from pearl.towers import tower_for
 
 from .conftest import build_method
 from .reference import sfp as ref
@@ -13,7 +14,7 @@ def test_sfp_matches_reference(tiny_model):
     torch.manual_seed(7)
     images = torch.randn(1, 3, 160, 176)
     hidden, grid = ref.hidden_states(tiny_model, images)
-    ours = build_method("sfp").last_block(tiny_model.visual.transformer.resblocks, hidden[-1], hidden, grid, {})
+    ours = build_method("sfp").last_block(tower_for(tiny_model.visual), hidden[-1], hidden, grid, {})
     expected, cells = ref.last_block(tiny_model, hidden, grid)
     assert cells  # the random model does produce outliers
     assert torch.allclose(ours[0], expected, atol=1e-4)
@@ -37,10 +38,20 @@ def test_sfp_needs_twelve_blocks_or_an_explicit_layer_map(tiny_model):
     model.visual.transformer.resblocks = model.visual.transformer.resblocks[:6]
     hidden, grid = ref.hidden_states(model, torch.randn(1, 3, 64, 64))
     with pytest.raises(ValueError, match="12-block"):
-        build_method("sfp").last_block(model.visual.transformer.resblocks, hidden[-1], hidden, grid, {})
+        build_method("sfp").last_block(tower_for(model.visual), hidden[-1], hidden, grid, {})
     mapped = build_method("sfp", sfp_layers=(4, 2, 2, 4))
-    out = mapped.last_block(model.visual.transformer.resblocks, hidden[-1], hidden, grid, {})
+    out = mapped.last_block(tower_for(model.visual), hidden[-1], hidden, grid, {})
     assert out.shape == (1, 16, 64)
+
+
+def test_sfp_refuses_a_tower_without_a_cls_token(tiny_model):
+    from pearl.towers.open_clip_vit import OpenClipViT
+
+    class WithoutCls(OpenClipViT):  # as a SigLIP tower would be
+        has_cls = property(lambda self: False)
+    hidden, grid = ref.hidden_states(tiny_model, torch.randn(1, 3, 64, 64))
+    with pytest.raises(ValueError, match="SFP reads the CLS token.*no CLS token"):
+        build_method("sfp").last_block(WithoutCls(tiny_model.visual), hidden[-1], hidden, grid, {})
 
 
 def test_l2_and_lof_detectors_find_planted_outliers():

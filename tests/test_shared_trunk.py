@@ -23,13 +23,14 @@ def _cfgs(synthetic, results, jobs):
 
 
 def _trunk_calls(monkeypatch):
+    from pearl.towers.base import Tower
     calls = []
-    original = segmentor_module.trunk
+    original = Tower.trunk
 
-    def counting(visual, images, keep_hidden=False):
+    def counting(tower, images, keep_hidden=False):
         calls.append(images.shape[0])
-        return original(visual, images, keep_hidden)
-    monkeypatch.setattr(segmentor_module, "trunk", counting)
+        return original(tower, images, keep_hidden)
+    monkeypatch.setattr(Tower, "trunk", counting)
     return calls
 
 

@@ -1,4 +1,8 @@
-"""The method interface and the block pieces several methods share."""
+"""The method interface and the block pieces several methods share.
+
+Methods see the image tower only through ``pearl.towers.base`` (its blocks' q/k/v, projection,
+residuals; the prefix tokens), so one method runs on any tower that provides what it needs.
+"""
 from __future__ import annotations
 
 import abc
@@ -7,10 +11,20 @@ from typing import ClassVar
 
 import torch
 
-from ..blocks import head_scale, keep_attention, merge_heads, mlp_residual, split_heads
 from ..params import default
 from ..procrustes import procrustes_weights
 from ..stages import stage
+from ..towers.base import AttentionBlock, Tower
+
+ATTENTION = "attention"  # the ``info`` key under which a last block returns its attention weights
+
+
+def keep_attention(info: dict | None, weights: torch.Tensor) -> None:
+    """Hand the last block's attention weights [B, heads, T, T] (rows = queries, prefix tokens first)
+    to the caller when it asked for them by putting the key ``ATTENTION`` into ``info``
+    (``pearl.attention``); otherwise nothing is kept."""
+    if info is not None and ATTENTION in info:
+        info[ATTENTION] = weights.detach()
 
 
 @dataclass(frozen=True)
@@ -35,12 +49,13 @@ class Method(abc.ABC):
 
     A method is built with its own config (``Config``, a dataclass whose field ``f`` is the flat
     parameter ``config_prefix + f``; ``pearl.params.build_config`` makes it) and nothing else.
-    ``last_block(blocks, x, hidden, grid, info)`` receives the open_clip resblocks, the input of
-    the last block x [B, T, C] (CLS first), the outputs of blocks 1..L−1 when
+    ``last_block(tower, x, hidden, grid, info)`` receives the image tower (``pearl.towers.base.Tower``:
+    ``tower.block(-1, grid)`` is the last block), the input of the last block x [B, T, C] (the
+    tower's prefix tokens first), the outputs of blocks 1..L−1 when
     ``needs_hidden_states`` (else an empty list), the grid (h', w') and a dict to put diagnostics
     in, or None when none were asked for (then computing them would be wasted work); it returns
     the patch tokens [B, h'w', C] before ``ln_post``. When ``info`` holds the key
-    ``pearl.blocks.ATTENTION`` it also hands back the attention weights it multiplied the values
+    ``ATTENTION`` it also hands back the attention weights it multiplied the values
     with (``keep_attention``), which ``pearl.attention`` draws.
     """
 
@@ -71,33 +86,36 @@ class Method(abc.ABC):
         return False
 
     @abc.abstractmethod
-    def last_block(self, blocks, x: torch.Tensor, hidden: list[torch.Tensor], grid: tuple[int, int],
+    def last_block(self, tower: Tower, x: torch.Tensor, hidden: list[torch.Tensor], grid: tuple[int, int],
                    info: dict | None) -> torch.Tensor:
         """Patch tokens [B, h'w', C] before ln_post."""
 
 
-def finish_block(block, x: torch.Tensor, heads_out: torch.Tensor, arch: str) -> torch.Tensor:
-    """Patch tokens [B, N, C] from the heads' output [B, heads, T, d].
+def finish_block(block: AttentionBlock, x: torch.Tensor, heads_out: torch.Tensor, arch: str, prefix_tokens: int
+                 ) -> torch.Tensor:
+    """Patch tokens [B, N, C] from the heads' output [B, heads, T, d] (the first ``prefix_tokens`` dropped).
 
     ``reduced``: out_proj(A·v) alone (no residual, no FFN); ``vanilla``: the standard block,
     x + out_proj(A·v), then + MLP.
     """
-    out = merge_heads(block, heads_out.to(x.dtype))
+    out = block.project(heads_out.to(x.dtype))
     if arch == "vanilla":
-        out = mlp_residual(block, x + block.ls_1(out))
+        out = block.mlp_residual(block.attention_residual(x, out))
     elif arch != "reduced":
         raise ValueError(f"arch {arch!r} is not 'reduced' or 'vanilla'")
-    return out[:, 1:]
+    return out[:, prefix_tokens:]
 
 
-def query_key_block(block, x: torch.Tensor, config: AttentionConfig, info: dict | None) -> torch.Tensor:
+def query_key_block(tower: Tower, x: torch.Tensor, grid: tuple[int, int], config: AttentionConfig,
+                    info: dict | None) -> torch.Tensor:
     """Last block with softmax(s·q kᵀ) attention, or PEARL's Procrustes alignment when ``pa``.
 
     Plain attention scales q first, as NACLIP/PEARL ``custom_attn`` ('vanilla' strategy). PA runs
     in fp32 (docs/pearl.md §2) and its output is cast back to the activation dtype.
     """
-    q, k, v = split_heads(block, block.ln_1(x))
-    scale = head_scale(block)
+    block = tower.block(-1, grid)
+    q, k, v = block.qkv(block.norm(x))
+    scale = block.scale
     if config.pa:
         with stage("pa"):
             weights, stats = procrustes_weights(
@@ -110,4 +128,4 @@ def query_key_block(block, x: torch.Tensor, config: AttentionConfig, info: dict 
         weights = torch.softmax((q * scale) @ k.transpose(-1, -2), dim=-1)
         out = weights @ v
     keep_attention(info, weights)
-    return finish_block(block, x, out, config.arch)
+    return finish_block(block, x, out, config.arch, tower.prefix_tokens)

@@ -6,9 +6,8 @@ window canvas is kept in the model dtype, as ``clearclip_segmentor.py`` does.
 """
 import torch
 
-from ..blocks import head_scale, keep_attention, split_heads
 from . import register
-from .base import Method, finish_block
+from .base import Method, finish_block, keep_attention
 
 
 @register
@@ -17,9 +16,9 @@ class ClearCLIP(Method):
     pad_crops_to_patch = True
     fuse_in_model_dtype = True
 
-    def last_block(self, blocks, x, hidden, grid, info):
-        block = blocks[-1]
-        q, _, v = split_heads(block, block.ln_1(x))
-        attn = torch.softmax((q @ q.transpose(-1, -2)) * head_scale(block), dim=-1)
+    def last_block(self, tower, x, hidden, grid, info):
+        block = tower.block(-1, grid)
+        q, _, v = block.qkv(block.norm(x))
+        attn = torch.softmax((q @ q.transpose(-1, -2)) * block.scale, dim=-1)
         keep_attention(info, attn)
-        return finish_block(block, x, attn @ v, "reduced")
+        return finish_block(block, x, attn @ v, "reduced", tower.prefix_tokens)

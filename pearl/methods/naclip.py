@@ -8,23 +8,22 @@ from dataclasses import dataclass
 
 import torch
 
-from ..blocks import head_scale, keep_attention, split_heads
 from ..params import default
 from . import register
-from .base import Method, finish_block
+from .base import Method, finish_block, keep_attention
 
 
-def neighbourhood_bias(grid_h: int, grid_w: int, std: float) -> torch.Tensor:
-    """Ω [1 + h'w', 1 + h'w'] (fp32): exp(−‖p − p'‖² / 2σ²) between patch grid positions.
+def neighbourhood_bias(grid_h: int, grid_w: int, std: float, prefix_tokens: int = 1) -> torch.Tensor:
+    """Ω [P + h'w', P + h'w'] (fp32): exp(−‖p − p'‖² / 2σ²) between patch grid positions.
 
-    Row and column 0 (CLS) are zero. Upstream convolves one-hot maps with a (2h'−1)×(2w'−1)
+    The rows and columns of the P prefix tokens (CLS) are zero. Upstream convolves one-hot maps with a (2h'−1)×(2w'−1)
     Gaussian window; this closed form is the same matrix.
     """
     rows = torch.arange(grid_h, dtype=torch.float32).repeat_interleave(grid_w)
     cols = torch.arange(grid_w, dtype=torch.float32).repeat(grid_h)
     dist2 = (rows[:, None] - rows[None, :]) ** 2 + (cols[:, None] - cols[None, :]) ** 2
-    omega = torch.zeros(grid_h * grid_w + 1, grid_h * grid_w + 1)
-    omega[1:, 1:] = torch.exp(-dist2 / (2 * std ** 2))
+    omega = torch.zeros(grid_h * grid_w + prefix_tokens, grid_h * grid_w + prefix_tokens)
+    omega[prefix_tokens:, prefix_tokens:] = torch.exp(-dist2 / (2 * std ** 2))
     return omega
 
 
@@ -45,16 +44,17 @@ class NACLIP(Method):
         super().__init__(config)
         self._bias_cache: dict = {}
 
-    def _bias(self, grid, std, like: torch.Tensor) -> torch.Tensor:
-        key = (grid, std, like.dtype, like.device)
+    def _bias(self, grid, prefix_tokens: int, like: torch.Tensor) -> torch.Tensor:
+        key = (grid, prefix_tokens, like.dtype, like.device)
         if key not in self._bias_cache:
-            self._bias_cache[key] = neighbourhood_bias(*grid, std).to(device=like.device, dtype=like.dtype)
+            self._bias_cache[key] = neighbourhood_bias(*grid, self.config.gauss_std, prefix_tokens).to(
+                device=like.device, dtype=like.dtype)
         return self._bias_cache[key]
 
-    def last_block(self, blocks, x, hidden, grid, info):
-        block = blocks[-1]
-        _, k, v = split_heads(block, block.ln_1(x))
-        logits = (k @ k.transpose(-1, -2)) * head_scale(block) + self._bias(grid, self.config.gauss_std, k)
+    def last_block(self, tower, x, hidden, grid, info):
+        block = tower.block(-1, grid)
+        _, k, v = block.qkv(block.norm(x))
+        logits = (k @ k.transpose(-1, -2)) * block.scale + self._bias(grid, tower.prefix_tokens, k)
         weights = torch.softmax(logits, dim=-1)
         keep_attention(info, weights)
-        return finish_block(block, x, weights @ v, "reduced")
+        return finish_block(block, x, weights @ v, "reduced", tower.prefix_tokens)

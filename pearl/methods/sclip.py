@@ -5,20 +5,19 @@ maps are summed, not averaged (rows sum to 2); products are formed before the sc
 """
 import torch
 
-from ..blocks import head_scale, keep_attention, split_heads
 from . import register
-from .base import Method, finish_block
+from .base import Method, finish_block, keep_attention
 
 
 @register
 class SCLIP(Method):
     name = "sclip"
 
-    def last_block(self, blocks, x, hidden, grid, info):
-        block = blocks[-1]
-        q, k, v = split_heads(block, block.ln_1(x))
-        scale = head_scale(block)
+    def last_block(self, tower, x, hidden, grid, info):
+        block = tower.block(-1, grid)
+        q, k, v = block.qkv(block.norm(x))
+        scale = block.scale
         attn = torch.softmax((q @ q.transpose(-1, -2)) * scale, dim=-1) \
             + torch.softmax((k @ k.transpose(-1, -2)) * scale, dim=-1)
         keep_attention(info, attn)
-        return finish_block(block, x, attn @ v, "vanilla")
+        return finish_block(block, x, attn @ v, "vanilla", tower.prefix_tokens)

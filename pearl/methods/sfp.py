@@ -12,10 +12,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..blocks import head_scale, keep_attention, merge_heads, split_heads
 from ..params import default
 from . import register
-from .base import Method
+from .base import Method, keep_attention
 
 OUTLIERS = ("som", "l2", "lof")
 DEFAULT_LAYERS = (9, 4, 4, 10)  # S_pre from x9, S_post from x4, multi-layer sum x4..x10
@@ -27,15 +26,14 @@ def _patches(x: torch.Tensor) -> torch.Tensor:
     return x[:, 1:]
 
 
-def _som_outliers(blocks, x_prev: torch.Tensor, res_cls: float, count: int) -> torch.Tensor:
+def _som_outliers(block, x_prev: torch.Tensor, res_cls: float, count: int) -> torch.Tensor:
     """[B, N] bool: patches whose (scaled) CLS attention exceeds their self-attention, top ``count``.
 
     Attention of block L−1 (input x_prev = x_{L−2}); its CLS→patch row is multiplied by
     res_cls·5 (1.5 at the released 0.3) for detection only.
     """
-    block = blocks[-2]
-    q, k, _ = split_heads(block, block.ln_1(x_prev))
-    attn = torch.softmax((q * head_scale(block)) @ k.transpose(-1, -2), dim=-1)
+    q, k, _ = block.qkv(block.norm(x_prev))
+    attn = torch.softmax((q * block.scale) @ k.transpose(-1, -2), dim=-1)
     attn[:, :, 0, 1:] *= res_cls * 5.0
     mean = attn.mean(dim=1)
     cls_score = mean[:, 0, 1:]
@@ -121,32 +119,36 @@ class SFP(Method):
         # the released purification zeroes an outlier with no clean neighbour: its window turns NaN
         return self.config.purify and not self.config.nan_guard
 
-    def _outliers(self, blocks, hidden) -> torch.Tensor:
+    def _outliers(self, tower, hidden, grid) -> torch.Tensor:
         mode = self.config.outlier
         if mode == "som":
-            return _som_outliers(blocks, hidden[-2], self.config.res_cls, NUM_OUTLIERS)
+            return _som_outliers(tower.block(-2, grid), hidden[-2], self.config.res_cls, NUM_OUTLIERS)
         if mode == "l2":
             return _l2_outliers(_patches(hidden[-1]), NUM_OUTLIERS)
         if mode == "lof":
             return _lof_outliers(_patches(hidden[-1]))
         raise ValueError(f"sfp_outlier {mode!r} is not one of {', '.join(OUTLIERS)}")
 
-    def last_block(self, blocks, x, hidden, grid, info):
+    def last_block(self, tower, x, hidden, grid, info):
+        if not (tower.has_cls and tower.prefix_tokens == 1):
+            raise ValueError(f"SFP reads the CLS token (its outlier detection and residual); the image tower "
+                             f"{tower.name} has {tower.prefix_tokens} prefix tokens and "
+                             f"{'a' if tower.has_cls else 'no'} CLS token")
         layers = self.config.layers
         if layers is None:
-            if len(blocks) != 12:
+            if tower.num_blocks != 12:
                 raise ValueError(
                     f"SFP's released code reads fixed layers (x9, x4, x4..x10) of a 12-block ViT; this model has "
-                    f"{len(blocks)} blocks. Pass sfp_layers=[pre, post, first, last] (1-based block outputs) "
+                    f"{tower.num_blocks} blocks. Pass sfp_layers=[pre, post, first, last] (1-based block outputs) "
                     f"to map them explicitly.")
             layers = DEFAULT_LAYERS
         pre, post, first, last = layers
-        block = blocks[-1]
+        block = tower.block(-1, grid)
         x_last = hidden[-1]
         guard = self.config.nan_guard
         res_cls = self.config.res_cls
         if self.config.purify:
-            outliers = self._outliers(blocks, hidden)
+            outliers = self._outliers(tower, hidden, grid)
             main = purify(_patches(x_last), outliers, grid, guard)
             pre_tokens = purify(_patches(hidden[pre - 1]), outliers, grid, guard)
         else:
@@ -156,15 +158,15 @@ class SFP(Method):
         centred = 3 * (sim_pre - sim_pre.mean(dim=(-1, -2), keepdim=True))
         map_attn = torch.softmax(centred.masked_fill(centred < 0, float("-inf")), dim=-1)[:, None]
 
-        q, k, v = split_heads(block, block.ln_1(aggregate(sim_pre, main)))
-        scale = head_scale(block)
+        q, k, v = block.qkv(block.norm(aggregate(sim_pre, main)))
+        scale = block.scale
         attn = (torch.softmax((k @ k.transpose(-1, -2)) * scale, dim=-1)
                 + torch.softmax((q @ q.transpose(-1, -2)) * scale, dim=-1) + map_attn) / 3
         keep_attention(info, attn)  # the main branch's; patch tokens only (no CLS row or column)
-        main_out = merge_heads(block, attn @ v) + res_cls * x_last[:, :1]
+        main_out = block.project(attn @ v) + res_cls * x_last[:, :1]
 
         layer_sum = torch.stack(hidden[first - 1:last]).sum(dim=0)  # as upstream: one reduction, not chained adds
-        _, _, v_sum = split_heads(block, block.ln_1(_patches(layer_sum)))
-        multi_out = merge_heads(block, map_attn @ v_sum) + res_cls * layer_sum[:, :1]
+        _, _, v_sum = block.qkv(block.norm(_patches(layer_sum)))
+        multi_out = block.project(map_attn @ v_sum) + res_cls * layer_sum[:, :1]
 
         return aggregate(sim_post, main_out) + aggregate(sim_post, multi_out)

@@ -13,5 +13,5 @@ class Vanilla(Method):
     name = "vanilla"
     whole_upsample_via_input = True  # its protocol is PEARL's (NACLIP-style) segmentor
 
-    def last_block(self, blocks, x, hidden, grid, info):
-        return query_key_block(blocks[-1], x, self.config, info)
+    def last_block(self, tower, x, hidden, grid, info):
+        return query_key_block(tower, x, grid, self.config, info)

@@ -1,5 +1,5 @@
 """Last-block pieces written out from docs/methods.md §1 and PA from docs/pearl.md §2, for the tiny
-test model (2 heads of 32 dims); explicit, independent of pearl/blocks.py and pearl/procrustes.py."""
+test model (2 heads of 32 dims); explicit, independent of pearl/towers/ and pearl/procrustes.py."""
 import math
 
 import torch

@@ -4,7 +4,7 @@ NACLIP/SCLIP/ClearCLIP/PEARL ``predict``: BGR image (as cv2 loads it) → MMCV r
 and normalise → windows one at a time (batch 1) → per-window logits upsampled to the crop (ClearCLIP:
 padded crops, padding cut) → [per-window TLP] → padded into a float32 canvas → average → original size
 → PAMR / TLP → softmax(logit_scale·L), one-hot synonym max, area filter, prob_thd. The last blocks
-are the transcriptions of tests/reference/blocks.py and sfp.py.
+are the transcriptions of tests/reference/blocks.py and sfp.py (test-side, not pearl/towers/).
 """
 import cv2
 import numpy as np

@@ -4,11 +4,11 @@ import math
 
 import torch
 
-from pearl.backbone import embed
+from pearl.towers import tower_for
 
 
 def hidden_states(model, images):
-    x, grid = embed(model.visual, images)
+    x, grid = tower_for(model.visual).embed(images)
     hidden = []
     for block in model.visual.transformer.resblocks[:-1]:
         x = block(x)

@@ -1,8 +1,6 @@
-"""open_clip loading and the dense forward shared by every method.
+"""open_clip models: weights (tags, files, the offline cache), the device and the precision.
 
-We hook open_clip's own modules (``conv1``, ``class_embedding``, ``positional_embedding``,
-``ln_pre``, ``transformer.resblocks``, ``ln_post``, ``proj``) rather than vendoring a CLIP copy;
-docs/engineering.md §1.4. Tokens are NLD (batch first), as in open_clip ≥ 2.26.
+What a loaded model's image tower computes is ``pearl.towers``'; this module only makes the model.
 """
 from __future__ import annotations
 
@@ -11,16 +9,13 @@ import logging
 import os
 import pickle
 from pathlib import Path
-from typing import NamedTuple
 
 import open_clip
 import torch
-import torch.nn.functional as F
 
-from .blocks import is_plain_block, plain_block
 from .checkpoints import check_plain_checkpoint_error, is_torchscript_archive, load_torchscript_weights
 from .errors import ConfigError, MissingFileError, WeightsError
-from .methods.base import Method
+from .towers import tower_for
 
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -212,100 +207,10 @@ def prepare_model(model, device: str | torch.device, precision: str | None = Non
     if precision is not None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-        if PRECISIONS[precision] != model.visual.conv1.weight.dtype:
+        if PRECISIONS[precision] != tower_for(model.visual).dtype:
             if precision == "fp32":
                 model = model.float()
             else:
                 from open_clip.model import convert_weights_to_lp
                 convert_weights_to_lp(model, PRECISIONS[precision])
     return model.to(device).eval()
-
-
-def grid_size(visual) -> tuple[int, int]:
-    grid = visual.grid_size
-    return (grid, grid) if isinstance(grid, int) else tuple(grid)
-
-
-def patch_size(visual) -> int:
-    size = visual.patch_size
-    return size if isinstance(size, int) else size[0]
-
-
-def positional_embedding(visual, grid_h: int, grid_w: int) -> torch.Tensor:
-    """[1 + h'w', C] positional embedding for an h'×w' grid, fp32.
-
-    Interpolated bicubically with the explicit scale factor ((h'+0.1)/14, (w'+0.1)/14), not
-    ``size=`` (the DINO "+0.1" trick; docs/protocol.md §6.4). As in NACLIP/PEARL ``clip/model.py``
-    ``VisionTransformer.forward``, the stock embedding is used whenever the token count equals the
-    native one.
-    """
-    pos = visual.positional_embedding.float()
-    native_h, native_w = grid_size(visual)
-    if grid_h * grid_w == native_h * native_w:
-        return pos
-    cls_pos, patch_pos = pos[:1], pos[1:]
-    patch_pos = patch_pos.reshape(1, native_h, native_w, -1).permute(0, 3, 1, 2)
-    patch_pos = F.interpolate(patch_pos, scale_factor=((grid_h + 0.1) / native_h, (grid_w + 0.1) / native_w),
-                              mode="bicubic", align_corners=False)
-    assert patch_pos.shape[-2:] == (grid_h, grid_w), patch_pos.shape
-    return torch.cat([cls_pos, patch_pos.permute(0, 2, 3, 1).reshape(grid_h * grid_w, -1)])
-
-
-def embed(visual, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Tokens [B, 1 + h'w', C] entering block 1, and the grid (h', w'); images [B, 3, H, W]."""
-    dtype = visual.conv1.weight.dtype
-    x = visual.conv1(images.to(dtype))
-    grid = (x.shape[-2], x.shape[-1])
-    x = x.flatten(2).transpose(1, 2)
-    cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], 1, -1)
-    x = torch.cat([cls, x], dim=1)
-    x = x + positional_embedding(visual, *grid).to(x.dtype)
-    x = visual.patch_dropout(x)
-    return visual.ln_pre(x), grid
-
-
-class Trunk(NamedTuple):
-    """What blocks 1..L−1 give the last block: its input x [B, T, C] (CLS first), the outputs of
-    blocks 1..L−1 (empty unless kept) and the patch grid (h', w')."""
-
-    x: torch.Tensor
-    hidden: list
-    grid: tuple[int, int]
-
-
-def trunk(visual, images: torch.Tensor, keep_hidden: bool = False) -> Trunk:
-    """Patch embedding and blocks 1..L−1 (open_clip's own modules; a plain block's attention as one
-    fused call, ``pearl.blocks.plain_block``) for images [B, 3, H, W].
-
-    Independent of the method: jobs that differ only in the last block, the refinement or the
-    decision can share one trunk (docs/speed.md §3).
-    """
-    if visual.class_embedding is None or getattr(visual, "attn_pool", None) is not None:
-        raise ValueError("only CLS-token ViT image towers (open_clip VisionTransformer) are supported")
-    x, grid = embed(visual, images)
-    hidden = []
-    for block in visual.transformer.resblocks[:-1]:
-        x = plain_block(block, x) if is_plain_block(block) else block(x)
-        if keep_hidden:
-            hidden.append(x)
-    return Trunk(x, hidden, grid)
-
-
-def head(visual, shared: Trunk, method: Method, info: dict | None = None) -> torch.Tensor:
-    """Unit-norm patch features [B, h', w', D]: ``method``'s last block on the trunk, ``ln_post``
-    and the projection. ``info`` (a dict, or None for no diagnostics) receives the method's diagnostics."""
-    patches = method.last_block(visual.transformer.resblocks, shared.x, shared.hidden, shared.grid, info)
-    feats = visual.ln_post(patches)
-    if visual.proj is not None:
-        feats = feats @ visual.proj
-    feats = feats / feats.norm(dim=-1, keepdim=True)
-    return feats.reshape(feats.shape[0], shared.grid[0], shared.grid[1], -1)
-
-
-def dense_features(visual, images: torch.Tensor, method: Method, diagnostics: bool = False
-                   ) -> tuple[torch.Tensor, dict]:
-    """Unit-norm patch features [B, h', w', D] with ``method`` (built with its own config)
-    computing the last block, and its diagnostics (0-dim tensors; empty unless ``diagnostics``)."""
-    info: dict | None = {} if diagnostics else None
-    feats = head(visual, trunk(visual, images, method.needs_hidden_states), method, info)
-    return feats, info or {}

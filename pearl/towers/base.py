@@ -1,0 +1,147 @@
+"""The image-tower interface: what the pipeline and the methods' last blocks ask of a vision transformer.
+
+A tower wraps one image encoder (open_clip's ViT first; a timm tower, a tower without a CLS token or
+a second vision model such as DINO later) and answers in one vocabulary: the patch embedding with
+its positions interpolated to any grid, the blocks, one block's attention pieces (pre-norm, q/k/v per
+head with any rotary embedding already applied, output projection, residuals and MLP), the prefix
+tokens (CLS, registers or none), the final norm and projection, the patch size and the input
+mean/std. Tokens are [B, T, C], batch first: ``prefix_tokens`` tokens, then the h'×w' patch tokens
+in row-major order. docs/architecture.md §2 says why the seam is here.
+"""
+from __future__ import annotations
+
+import abc
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
+
+import torch
+
+from ..preprocess import Normalisation
+
+if TYPE_CHECKING:
+    from ..methods.base import Method
+
+
+class Trunk(NamedTuple):
+    """What blocks 1..L−1 give the last block: its input x [B, T, C] (prefix tokens first), the
+    outputs of blocks 1..L−1 (empty unless kept) and the patch grid (h', w')."""
+
+    x: torch.Tensor
+    hidden: list
+    grid: tuple[int, int]
+
+
+class AttentionBlock(abc.ABC):
+    """One pre-norm transformer block, in the pieces the methods recombine:
+    x + A(norm(x)) → y, then y + MLP(norm₂(y)), A = project(softmax(s·q kᵀ) v)."""
+
+    heads: int
+    scale: float  # the attention's own scale, head width ** −0.5
+
+    @abc.abstractmethod
+    def norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The pre-attention norm of x [B, T, C]."""
+
+    @abc.abstractmethod
+    def qkv(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v [B, heads, T, d] of the normed tokens y [B, T, C] (a rotary tower rotates q and k here)."""
+
+    @abc.abstractmethod
+    def project(self, heads_out: torch.Tensor) -> torch.Tensor:
+        """The output projection of the heads' output [B, heads, T, d] → [B, T, C]."""
+
+    @abc.abstractmethod
+    def attention_residual(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """x + the projected attention output (with the block's layer scale)."""
+
+    @abc.abstractmethod
+    def mlp_residual(self, y: torch.Tensor) -> torch.Tensor:
+        """y + MLP(norm₂(y)) (with the block's layer scale)."""
+
+    @abc.abstractmethod
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's own forward of x [B, T, C]."""
+
+
+class Tower(abc.ABC):
+    """One image encoder seen through the interface; ``tower_for`` picks the implementation."""
+
+    name: ClassVar[str]
+
+    @classmethod
+    @abc.abstractmethod
+    def matches(cls, visual) -> bool:
+        """Whether this implementation computes ``visual`` (the model's image tower module)."""
+
+    @property
+    @abc.abstractmethod
+    def patch_size(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def prefix_tokens(self) -> int:
+        """Tokens before the patch tokens (CLS and registers; 0 for none)."""
+
+    @property
+    @abc.abstractmethod
+    def has_cls(self) -> bool:
+        """Whether the first token is a CLS token."""
+
+    @property
+    @abc.abstractmethod
+    def num_blocks(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def normalisation(self) -> Normalisation:
+        """The input mean/std the tower was trained with (0–255 scale)."""
+
+    @property
+    @abc.abstractmethod
+    def dtype(self) -> torch.dtype:
+        """The dtype of the tower's weights (its inputs are cast to it)."""
+
+    @property
+    @abc.abstractmethod
+    def device(self) -> torch.device: ...
+
+    @abc.abstractmethod
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Tokens [B, T, C] entering block 1 and the grid (h', w'), for images [B, 3, H, W]."""
+
+    @abc.abstractmethod
+    def block(self, index: int, grid: tuple[int, int]) -> AttentionBlock:
+        """Block ``index`` (0-based; negative counts from the end) for tokens of a ``grid`` patch grid."""
+
+    @abc.abstractmethod
+    def final(self, patches: torch.Tensor) -> torch.Tensor:
+        """The final norm and projection of patch tokens [B, N, C] → [B, N, D] (not unit-norm)."""
+
+    def trunk(self, images: torch.Tensor, keep_hidden: bool = False) -> Trunk:
+        """Patch embedding and blocks 1..L−1 for images [B, 3, H, W].
+
+        Independent of the method: jobs that differ only in the last block, the refinement or the
+        decision can share one trunk (docs/speed.md §3).
+        """
+        x, grid = self.embed(images)
+        hidden = []
+        for index in range(self.num_blocks - 1):
+            x = self.block(index, grid)(x)
+            if keep_hidden:
+                hidden.append(x)
+        return Trunk(x, hidden, grid)
+
+    def head(self, shared: Trunk, method: Method, info: dict | None = None) -> torch.Tensor:
+        """Unit-norm patch features [B, h', w', D]: ``method``'s last block on the trunk, the final
+        norm and projection. ``info`` (a dict, or None for no diagnostics) receives the method's diagnostics."""
+        patches = method.last_block(self, shared.x, shared.hidden, shared.grid, info)
+        feats = self.final(patches)
+        feats = feats / feats.norm(dim=-1, keepdim=True)
+        return feats.reshape(feats.shape[0], shared.grid[0], shared.grid[1], -1)
+
+    def dense_features(self, images: torch.Tensor, method: Method, diagnostics: bool = False
+                       ) -> tuple[torch.Tensor, dict]:
+        """Unit-norm patch features [B, h', w', D] with ``method`` computing the last block, and its
+        diagnostics (0-dim tensors; empty unless ``diagnostics``)."""
+        info: dict | None = {} if diagnostics else None
+        feats = self.head(self.trunk(images, method.needs_hidden_states), method, info)
+        return feats, info or {}
