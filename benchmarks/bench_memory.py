@@ -24,13 +24,13 @@ def _measure(method: str, width: int, height: int, untiled: bool) -> dict:
     from skimage import data
 
     import pearl
-    from pearl import segmentor as seg_module
+    from pearl import fused
     from pearl.loading import tiny_clip
     from pearl.metrics import ConfusionMatrix
     from pearl.protocols import class_names
 
     if untiled:
-        seg_module.FULL_SIZE_BUDGET = 2 ** 62
+        fused.FULL_SIZE_BUDGET = 2 ** 62
     model, tokenizer = tiny_clip()
     classes = class_names("voc21", method)
     seg = pearl.Segmentor(model, classes, method=method, tokenizer=tokenizer,

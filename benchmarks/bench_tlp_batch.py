@@ -28,6 +28,7 @@ def main() -> None:
 
     import pearl
     from pearl import segmentor as module
+    from pearl.refine.tlp import BATCHED_TLP_VALUES
 
     model, tokenizer = pearl.load_clip("ViT-B-16", None, args.device, args.precision)
     seg = pearl.Segmentor(model, pearl.class_names("voc21", "pearl"), method="pearl", tokenizer=tokenizer,
@@ -38,21 +39,23 @@ def main() -> None:
         window_logits = [[seg._window_logits(seg.tower.trunk(item.input[None]), None)[0]] for item in items]
 
         def timed(budget: int) -> tuple[float, list]:
-            seg.tlp_batch_values = budget
-            groups = [items] if budget else [[item] for item in items]
+            seg.together_values = budget
+            groups = [list(range(len(items)))] if budget else [[index] for index in range(len(items))]
             best, outs = float("inf"), []
             for _ in range(args.repeats):
-                logits = iter(window_logits)
                 start = time.perf_counter()
-                outs = [out for group in groups
-                        for out in seg._predict_images(group, [list(next(logits)) for _ in group], {}, True)]
+                outs = []
+                for group in groups:  # fusion, refinement and decision of each group from its window logits
+                    logits = [[list(one) for one in window_logits]]
+                    done = module._predict_group([seg], {0: [0]}, items, logits, [{}], group, True)
+                    outs += [done[index][0] for index in group]
                 if seg.device.type == "cuda":
                     torch.cuda.synchronize(seg.device)
                 best = min(best, time.perf_counter() - start)
             return 1000 * best / len(items), outs
 
         alone_ms, alone = timed(0)
-        batched_ms, batched = timed(module.BATCHED_TLP_VALUES)
+        batched_ms, batched = timed(BATCHED_TLP_VALUES)
     difference = max((a.logits - b.logits).abs().max().item() for a, b in zip(alone, batched))
     print(f"{args.device} ({args.precision}), {len(items)} images 500×375, {seg.vocabulary.num_queries} queries: "
           f"fusion + TLP + decision {alone_ms:.1f} ms per image one at a time, {batched_ms:.1f} ms batched "

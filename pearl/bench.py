@@ -29,8 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import segmentor as segmentor_module
 from .benchmarks import BENCHMARKS, DATASETS
+from .fused import OriginalSizeLogits
 from .loading import PRECISIONS, load_clip, tiny_clip
 from .methods import available_methods, get_method
 from .preprocess import prepare_image
@@ -89,11 +89,11 @@ def reference_predict(seg: Segmentor, image) -> Prediction:
             crop_h, crop_w = window.y2 - window.y1, window.x2 - window.x1
             up = F.interpolate(logits, size=(crop_h + top + bottom, crop_w + left + right), mode="bilinear",
                                align_corners=False)[0, :, top:top + crop_h, left:left + crop_w]
-            if seg.tlp and seg.tlp_config.site == "per_window":
-                up = seg._window_tlp(up, item.input[:, window.y1:window.y2, window.x1:window.x2])
+            for refiner in seg.window_refiners:
+                up = refiner.refine_window(up, item.input[:, window.y1:window.y2, window.x1:window.x2])
             canvas[:, window.y1:window.y2, window.x1:window.x2] += up
             count[:, window.y1:window.y2, window.x1:window.x2] += 1
-        fused = segmentor_module._OriginalSize(canvas / count, item.ori_shape, dtype)
+        fused = OriginalSizeLogits(canvas / count, item.ori_shape, dtype)
         info["nan_windows"] = sum(int(torch.isnan(logits).any()) for logits in windows)
     return seg._decide(seg._refine(item, fused, info), info)
 

@@ -5,6 +5,7 @@ Windows of all images given to ``predict_batch`` are batched by shape into one f
 """
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from collections import defaultdict
@@ -16,28 +17,15 @@ import torch.nn.functional as F
 
 from . import params as param_specs
 from .errors import ConfigError, ImageSizeError
+from .fused import OriginalSizeLogits, WindowedImage, fits_whole, per_slab, upsample
 from .loading import prepare_model
 from .methods import get_method
 from .preprocess import PreparedImage, Window, WindowConfig, prepare_image, sliding_windows
-from .refine.pamr import PAMRConfig, pamr
-from .refine.tlp import (
-    TLPConfig,
-    pool_resized,
-    pool_to_grid,
-    pooling_strides,
-    propagate,
-    text_affinity,
-    tlp,
-    working_dtype,
-)
+from .refine import Refiner, RefinerContext, build_refiners
 from .settings import resolve_settings
 from .stages import stage
 from .text import Vocabulary, load_vocabulary, template_set, text_prototypes
 from .towers import Trunk, tower_for
-
-FULL_SIZE_BUDGET = 2 ** 28  # query × pixel values held at once at the original size (1 GiB in fp32)
-SLAB_VALUES = 2 ** 24        # query × pixel values per column slab above that budget
-BATCHED_TLP_VALUES = 2 ** 26  # on CUDA: query × pixel values of images whose post-fusion TLP is one batched solve
 
 
 class Prediction:
@@ -63,54 +51,6 @@ class Prediction:
         if callable(self._logits):
             self._logits = self._logits()
         return self._logits
-
-
-@dataclass
-class _Image:
-    input: torch.Tensor          # [3, H', W'] normalised, on device
-    ori_shape: tuple[int, int]
-    windows: list[Window]
-
-
-def _upsample(x: torch.Tensor, size) -> torch.Tensor:
-    """Bilinear resize of [C, h, w] to ``size`` (align_corners=False), as mmseg's ``resize``."""
-    return F.interpolate(x[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
-
-
-@dataclass
-class _OriginalSize:
-    """Query logits at the original size [Q, H, W], held as the tensor ``source`` [Q, h, w] they are
-    bilinearly upsampled from (then cast to ``dtype``), so that they never have to exist whole."""
-
-    source: torch.Tensor
-    size: tuple[int, int]
-    dtype: torch.dtype
-
-    @property
-    def values(self) -> int:
-        return self.source.shape[0] * self.size[0] * self.size[1]
-
-    def full(self, queries: slice = slice(None)) -> torch.Tensor:
-        source = self.source[queries]
-        if tuple(source.shape[1:]) != tuple(self.size):
-            source = _upsample(source, self.size)
-        return source.to(self.dtype)
-
-    def column_slabs(self, width: int):
-        """(first column, [Q, H, width] logits) for consecutive column slabs.
-
-        The bilinear kernel interpolates along the width first; that pass runs once over the whole
-        width, the pass along the height per slab (fp32 logits: the full resize's values)."""
-        height, full_width = self.size
-        resized = tuple(self.source.shape[1:]) != tuple(self.size)
-        across = (F.interpolate(self.source.float(), size=full_width, mode="linear", align_corners=False)
-                  if resized else self.source)
-        for start in range(0, full_width, width):
-            slab = across[:, :, start:start + width]
-            if resized:
-                slab = F.interpolate(slab.transpose(1, 2), size=height, mode="linear",
-                                     align_corners=False).transpose(1, 2)
-            yield start, slab.to(self.dtype)
 
 
 def class_probabilities(logits: torch.Tensor, query_to_class: torch.Tensor, num_classes: int,
@@ -216,16 +156,11 @@ class Segmentor:
         self.method = method_cls(build(method_cls.Config, self.params, method_cls.config_prefix))
         self.windows = build(WindowConfig, self.params)
         self.decision = build(DecisionConfig, self.params)
-        self.tlp_config = build(TLPConfig, self.params, "tlp_")
-        self.pamr_config = build(PAMRConfig, self.params, "pamr_")
         self.pa, self.tlp, self.pamr = self.params["pa"], self.params["tlp"], self.params["pamr"]
         self.device = torch.device(device)
         if window_batch_size is not None and window_batch_size < 1:
             raise ValueError(f"window_batch_size must be ≥ 1, got {window_batch_size}")
         self.window_batch_size = window_batch_size  # None: default_window_batch_size, per window shape
-        # one batched TLP solve for equal-size images on a GPU (fewer kernel launches); on a CPU the
-        # batched tensors fall out of the caches and it was slower (docs/speed.md §2), so none there
-        self.tlp_batch_values = BATCHED_TLP_VALUES if self.device.type == "cuda" else 0
         self.diagnostics = diagnostics
         self.model = self._prepare_model(model, precision)
         self.tower = tower_for(self.model.visual)
@@ -242,8 +177,10 @@ class Segmentor:
         self.prototypes = text_prototypes(self.model, tokenizer, self.vocabulary.queries, self.device,
                                           self.params["text_cache_dir"], template_set(self.params["templates"]))
         self.query_to_class = torch.tensor(self.vocabulary.query_to_class, device=self.device)
-        self.affinity = (text_affinity(self.prototypes, self.tlp_config.tau_s, self.tlp_config.beta) if self.tlp
-                         else None)
+        self.refiners: list[Refiner] = build_refiners(
+            self.params, RefinerContext(self.prototypes, self.dtype, self.device, diagnostics))
+        # query × pixel values of equal-size images refined in one call (0: each alone); see refine_together
+        self.together_values = max((refiner.together_values() for refiner in self.refiners), default=0)
 
     def _prepare_model(self, model, precision: str | None):
         return prepare_model(model, self.device, precision)
@@ -282,23 +219,37 @@ class Segmentor:
         return (self._fusion_settings() == other._fusion_settings()
                 and self.prototypes.shape == other.prototypes.shape and torch.equal(self.prototypes, other.prototypes))
 
-    def _fusion_settings(self) -> tuple:
-        per_window_tlp = self.tlp and self.tlp_config.site == "per_window"
-        return (self.trunk_key(), type(self.method), self.method.config, self.dtype, self.diagnostics,
-                per_window_tlp and self.tlp_config)  # per-window TLP's affinity follows from it and the prototypes
+    def refiner(self, name: str) -> Refiner | None:
+        """The refiner ``name`` ("tlp", "pamr") when it is on, else None."""
+        return next((refiner for refiner in self.refiners if refiner.name == name), None)
 
-    def _decide(self, logits: _OriginalSize, info: dict) -> Prediction:
+    @property
+    def window_refiners(self) -> list[Refiner]:
+        """The refiners that refine each window before the fusion, in order."""
+        return [refiner for refiner in self.refiners if refiner.per_window]
+
+    @property
+    def post_fusion_refiners(self) -> list[Refiner]:
+        """The refiners of the fused logits at the original size, in order."""
+        return [refiner for refiner in self.refiners if not refiner.per_window]
+
+    def _fusion_settings(self) -> tuple:
+        # a per-window refiner's state follows from its config and the prototypes
+        return (self.trunk_key(), type(self.method), self.method.config, self.dtype, self.diagnostics,
+                tuple((refiner.name, refiner.config) for refiner in self.window_refiners))
+
+    def _decide(self, logits: OriginalSizeLogits, info: dict) -> Prediction:
         """The decision at the original size: whole, or in column slabs above ``FULL_SIZE_BUDGET``."""
         rule = (self.query_to_class, self.vocabulary.num_classes, self.decision.logit_scale)
         info["nan_images"] = torch.isnan(logits.source).any()  # a device flag: NaN reached the decision
-        if logits.values <= FULL_SIZE_BUDGET:
+        if fits_whole(logits.values):
             full = logits.full()
             if self.decision.area_thd > 0:
                 labels, probs = decide(full, *rule, self.decision.area_thd, self.decision.prob_thd)
                 return Prediction(labels, probs.float(), full.float(), info)
             labels = top_query_labels(full, self.query_to_class, self.decision.logit_scale, self.decision.prob_thd)
             return Prediction(labels, lambda: class_probabilities(full, *rule).float(), full.float(), info)
-        width = max(1, SLAB_VALUES // (logits.source.shape[0] * logits.size[0]))
+        width = per_slab(logits.source.shape[0] * logits.size[0])
         keep = None
         if self.decision.area_thd > 0:  # the filter needs the whole image's argmax areas first
             counts = torch.zeros(rule[1], dtype=torch.long, device=self.device)
@@ -320,7 +271,7 @@ class Segmentor:
         warn_nan_windows(info["nan_windows"], info["windows"], self.method.name)
         return Prediction(out.labels.cpu(), moved(out._probs), moved(out._logits), info)
 
-    def _prepare_image(self, image) -> _Image:
+    def _prepare_image(self, image) -> WindowedImage:
         prepared = image if isinstance(image, PreparedImage) else self.preprocess(image)
         tensor = prepared.input.to(self.device, non_blocking=True)
         if self.method.fuse_in_model_dtype:
@@ -333,7 +284,7 @@ class Segmentor:
                              f"resize_short")
         windows = sliding_windows(tensor.shape[1], tensor.shape[2], self.windows.slide_crop,
                                   self.windows.slide_stride)
-        return _Image(tensor, tuple(prepared.original_size), windows)
+        return WindowedImage(tensor, tuple(prepared.original_size), windows)
 
     def windows_per_forward(self, crop_shape: Sequence[int]) -> int:
         """Windows of ``crop_shape`` [3, h, w] batched in one forward: ``window_batch_size``, or when
@@ -355,7 +306,7 @@ class Segmentor:
         pad_h, pad_w = (-(window.y2 - window.y1)) % patch, (-(window.x2 - window.x1)) % patch
         return pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2
 
-    def _crop(self, item: _Image, window: Window) -> torch.Tensor:
+    def _crop(self, item: WindowedImage, window: Window) -> torch.Tensor:
         crop = item.input[:, window.y1:window.y2, window.x1:window.x2]
         padding = self._padding(window)
         return F.pad(crop, padding) if any(padding) else crop
@@ -369,51 +320,40 @@ class Segmentor:
         # contiguous: bilinear upsampling of the permuted (channels-last) view is several times slower
         return (feats.to(self.dtype) @ self.prototypes.T).permute(0, 3, 1, 2).contiguous()
 
-    def _finish_images(self, items: list[_Image], fused: list[_OriginalSize], infos: list[dict], on_device: bool
-                       ) -> list[Prediction]:
+    def _finish_images(self, items: list[WindowedImage], fused: list[OriginalSizeLogits], infos: list[dict],
+                       on_device: bool) -> list[Prediction]:
         """Refinement and decision of equal-size images from their fused logits (not modified)."""
         with stage("tlp"):
-            if self._batches_tlp(fused):
-                fused = self._batched_tlp(items, fused)
-            else:
-                fused = [self._refine(item, logits, info) for item, logits, info in zip(items, fused, infos)]
+            together = self._refine_together(items, fused)
+            fused = together if together is not None else [
+                self._refine(item, logits, info) for item, logits, info in zip(items, fused, infos)]
         with stage("decision"):
             outs = [self._decide(logits, info) for logits, info in zip(fused, infos)]
         return outs if on_device else [self._to_cpu(out) for out in outs]
 
-    def _batched_tlp(self, items: list[_Image], fused: list[_OriginalSize]) -> list[_OriginalSize]:
-        """Post-fusion TLP of equal-size images in one solve, each input formed as alone."""
-        size, cfg = items[0].ori_shape, self.tlp_config
-        if all(self._pools_before_resizing(logits) for logits in fused):
-            return self._tlp_from_sources(items, fused, None)
-        guide = torch.cat([_upsample(item.input.float(), size)[None] for item in items])
-        refined = tlp(torch.stack([logits.full() for logits in fused]), guide, self.affinity, cfg)
-        return [_OriginalSize(one.to(self.dtype), size, self.dtype) for one in refined]
+    def _refine_together(self, items: list[WindowedImage], fused: list[OriginalSizeLogits]
+                         ) -> list[OriginalSizeLogits] | None:
+        """Several images refined in one call where one refiner alone refines the fused logits and no
+        per-image diagnostics were asked for; None otherwise (then each image is refined alone)."""
+        refiners = self.post_fusion_refiners
+        if len(fused) > 1 and len(refiners) == 1 and not self.diagnostics:
+            return refiners[0].refine_together(items, fused)
+        return None
 
-    def _batches_tlp(self, fused: list[_OriginalSize]) -> bool:
-        """Whether the images' post-fusion TLP runs as one batch: several images of one size, each
-        refined whole (no PAMR, no slabs), no per-image diagnostics asked for."""
-        return (len(fused) > 1 and self.tlp and self.tlp_config.site == "post_fusion" and not self.pamr
-                and not self.diagnostics and len({tuple(logits.size) for logits in fused}) == 1
-                and all(logits.values <= FULL_SIZE_BUDGET for logits in fused))
-
-    def _window_tlp(self, logits: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
-        return tlp(logits[None], guide[None].float(), self.affinity, self.tlp_config)[0].to(self.dtype)
-
-    def _fuse(self, item: _Image, patch_logits: list, info: dict) -> _OriginalSize:
-        """Query logits [Q, H, W] at the original size from each window's [Q, h', w'] logits;
-        docs/protocol.md §6.2–6.5."""
-        per_window_tlp = self.tlp and self.tlp_config.site == "per_window"
+    def _fuse(self, item: WindowedImage, patch_logits: list, info: dict) -> OriginalSizeLogits:
+        """Query logits [Q, H, W] at the original size from each window's [Q, h', w'] logits, each
+        window refined first by the per-window refiners; docs/protocol.md §6.2–6.5."""
+        window_refiners = self.window_refiners
         # a 0-dim tensor: read (a device sync) only when the prediction is copied to the CPU or the job ends
         info["nan_windows"] = torch.stack([torch.isnan(w).any() for w in patch_logits]).sum()
         height, width = item.input.shape[1:]
         if self.windows.slide_crop <= 0:
             logits = patch_logits[0]
-            if self.method.whole_upsample_via_input or per_window_tlp:
-                logits = _upsample(logits, (height, width))
-                if per_window_tlp:
-                    logits = self._window_tlp(logits, item.input)
-            return _OriginalSize(logits, item.ori_shape, logits.dtype)
+            if self.method.whole_upsample_via_input or window_refiners:
+                logits = upsample(logits, (height, width))
+                for refiner in window_refiners:
+                    logits = refiner.refine_window(logits, item.input)
+            return OriginalSizeLogits(logits, item.ori_shape, logits.dtype)
         canvas_dtype = self.dtype if self.method.fuse_in_model_dtype else torch.float32
         canvas = torch.zeros((self.vocabulary.num_queries, height, width), dtype=canvas_dtype, device=self.device)
         count = torch.zeros((1, height, width), dtype=canvas_dtype, device=self.device)
@@ -421,86 +361,25 @@ class Segmentor:
         left, right, top, bottom = self._padding(first)
         crop_h, crop_w = first.y2 - first.y1, first.x2 - first.x1
         padded = (crop_h + top + bottom, crop_w + left + right)
-        # windows upsampled together, in chunks of up to SLAB_VALUES: all of ADE20K's six at once would
-        # hold 180 MB of upsampled logits beside the canvas
-        chunk = max(1, SLAB_VALUES // (self.vocabulary.num_queries * padded[0] * padded[1]))
+        # windows upsampled together, in slabs: all of ADE20K's six at once would hold 180 MB of
+        # upsampled logits beside the canvas
+        chunk = per_slab(self.vocabulary.num_queries * padded[0] * padded[1])
         for start in range(0, len(item.windows), chunk):
             upsampled = F.interpolate(torch.stack(patch_logits[start:start + chunk]), size=padded, mode="bilinear",
                                       align_corners=False)[:, :, top:top + crop_h, left:left + crop_w]
             for window, logits in zip(item.windows[start:start + chunk], upsampled):
-                if per_window_tlp:
-                    logits = self._window_tlp(logits, item.input[:, window.y1:window.y2, window.x1:window.x2])
+                for refiner in window_refiners:
+                    logits = refiner.refine_window(logits, item.input[:, window.y1:window.y2, window.x1:window.x2])
                 canvas[:, window.y1:window.y2, window.x1:window.x2] += logits
                 count[:, window.y1:window.y2, window.x1:window.x2] += 1
-        return _OriginalSize(canvas.div_(count), item.ori_shape, canvas_dtype)
+        return OriginalSizeLogits(canvas.div_(count), item.ori_shape, canvas_dtype)
 
-    def _refine(self, item: _Image, logits: _OriginalSize, info: dict) -> _OriginalSize:
-        """PAMR and post-fusion TLP on the original-size logits, guided by the upsampled input (fp32).
-
-        Above ``FULL_SIZE_BUDGET`` TLP's input is resized and pooled a few queries at a time and its
-        output stays on TLP's grid (``_OriginalSize`` resizes it per slab); PAMR always works whole.
-        """
-        post_fusion_tlp = self.tlp and self.tlp_config.site == "post_fusion"
-        if not (self.pamr or post_fusion_tlp):
-            return logits
-        if self.pamr:
-            guide = _upsample(item.input.float(), item.ori_shape)[None]
-            refined = pamr(guide, logits.full()[None], self.pamr_config.iters, self.pamr_config.dilations)[0]
-            logits = _OriginalSize(refined.to(self.dtype), item.ori_shape, self.dtype)
-            if post_fusion_tlp and logits.values <= FULL_SIZE_BUDGET:
-                return self._whole_tlp(logits, guide, info)
-        elif post_fusion_tlp and self._pools_before_resizing(logits):
-            return self._tlp_from_sources([item], [logits], self._tlp_info(info))[0]
-        elif post_fusion_tlp and logits.values <= FULL_SIZE_BUDGET:
-            return self._whole_tlp(logits, _upsample(item.input.float(), item.ori_shape)[None], info)
-        return self._chunked_tlp(item, logits, info) if post_fusion_tlp else logits
-
-    def _pools_before_resizing(self, logits: _OriginalSize) -> bool:
-        """Whether TLP's pooled input can be computed from the fused logits before their resize to the
-        original size (``pool_resized``): fp32 throughout (in lower precision the released code rounds
-        the resized logits, which this path never forms), integer-stride pooling that pools, and a
-        resize that resizes."""
-        return (self.dtype == torch.float32 and logits.source.dtype == torch.float32
-                and self.tlp_config.pool == "int_stride"
-                and pooling_strides(*logits.size, self.tlp_config.grid) != (1, 1)
-                and tuple(logits.source.shape[1:]) != tuple(logits.size))
-
-    def _tlp_from_sources(self, items: list[_Image], fused: list[_OriginalSize], info: dict | None
-                          ) -> list[_OriginalSize]:
-        """TLP of equal-size images on the grid pooled straight from their fused logits and inputs (no
-        original-size input tensor is formed). Each refined grid [Q, h, w] is returned as the original-size
-        logits it is resized to (fp32, then cast, as ``tlp`` does), resized when decided, as fused logits
-        are without TLP: a batch holds grids, not original-size tensors."""
-        size, cfg = items[0].ori_shape, self.tlp_config
-        z = torch.cat([pool_resized(logits.source[None], size, cfg) for logits in fused])
-        guide = torch.cat([pool_resized(item.input.float()[None], size, cfg) for item in items])
-        return [_OriginalSize(one, size, self.dtype) for one in propagate(z, guide, self.affinity, cfg, info)]
-
-    def _tlp_info(self, info: dict) -> dict | None:
-        return info if self.diagnostics else None
-
-    def _whole_tlp(self, logits: _OriginalSize, guide: torch.Tensor, info: dict) -> _OriginalSize:
-        refined = tlp(logits.full()[None], guide, self.affinity, self.tlp_config, self._tlp_info(info))[0]
-        refined = refined.to(self.dtype)
-        return _OriginalSize(refined, logits.size, self.dtype)
-
-    def _chunked_tlp(self, item: _Image, logits: _OriginalSize, info: dict) -> _OriginalSize:
-        """TLP with its original-size input built a few channels at a time (channels resize and pool
-        independently, so the pooled grid equals the whole computation's)."""
-        dtype = working_dtype(logits.dtype)
-        pixels = logits.size[0] * logits.size[1]
-        step = max(1, SLAB_VALUES // pixels)
-
-        def pooled(channels, count: int) -> torch.Tensor:
-            return torch.cat([pool_to_grid(channels(slice(start, start + step))[None].to(dtype), self.tlp_config)[0]
-                              for start in range(0, count, step)], dim=1)
-
-        z = pooled(logits.full, logits.source.shape[0])
-        guide = pooled(lambda rgb: _upsample(item.input[rgb].float(), item.ori_shape), 3)
-        refined = propagate(z, guide, self.affinity.to(dtype), self.tlp_config, self._tlp_info(info))[0]
-        if tuple(refined.shape[1:]) == tuple(logits.size):  # not pooled: already full size
-            return _OriginalSize(refined.to(self.dtype), logits.size, self.dtype)
-        return _OriginalSize(refined, logits.size, self.dtype)
+    def _refine(self, item: WindowedImage, logits: OriginalSizeLogits, info: dict) -> OriginalSizeLogits:
+        """The post-fusion refiners in order, sharing one guide (the input at the original size, fp32)."""
+        guide = functools.cache(item.guide)
+        for refiner in self.post_fusion_refiners:
+            logits = refiner.refine(item, logits, guide, info)
+        return logits
 
 
 def warn_nan_windows(nan_windows: int, windows: int, method: str) -> None:
@@ -521,7 +400,7 @@ def predict_jointly(segmentors: Sequence[Segmentor], images: Sequence, on_device
     of equal shape (of all the images) are batched, blocks 1..L−1 run once per batch, and each
     segmentor's last block, fusion, refinement and decision run on that trunk (the last block and
     the fusion once for the segmentors that :meth:`Segmentor.fuses_as` one another); the post-fusion TLP
-    of images of equal size is one batched solve on a GPU (``tlp_batch_values``). The result of each
+    of images of equal size is one batched solve on a GPU (``together_values``). The result of each
     segmentor is what it computes alone. Predictions are made a group of equal-size images at a
     time as the iterator advances, so only that group's are alive (docs/speed.md §2).
     """
@@ -535,7 +414,7 @@ def predict_jointly(segmentors: Sequence[Segmentor], images: Sequence, on_device
     fusers = _fusers(segmentors)
     patch_logits, forward_info = _shared_window_logits([segmentors[i] for i in fusers], prepared)
     queries = max(seg.vocabulary.num_queries for seg in segmentors)
-    budget = max(seg.tlp_batch_values for seg in segmentors)
+    budget = max(seg.together_values for seg in segmentors)
     ready: dict[int, list[Prediction]] = {}
     for image_index, group in enumerate(_equal_size_groups(prepared, queries, budget)):
         if image_index not in ready:  # the first image of its group: predict the group
@@ -545,7 +424,7 @@ def predict_jointly(segmentors: Sequence[Segmentor], images: Sequence, on_device
 
 
 @torch.no_grad()
-def _shared_window_logits(segmentors: Sequence[Segmentor], prepared: list[_Image]) -> tuple[list, list[dict]]:
+def _shared_window_logits(segmentors: Sequence[Segmentor], prepared: list[WindowedImage]) -> tuple[list, list[dict]]:
     """Each segmentor's [Q, h', w'] logits of every window of every image (per segmentor, image,
     window), blocks 1..L−1 run once per batch of equal-shape windows; and each one's forward
     diagnostics (means over the windows)."""
@@ -577,7 +456,7 @@ def _fusers(segmentors: Sequence[Segmentor]) -> dict[int, list[int]]:
 
 
 @torch.no_grad()
-def _predict_group(segmentors, fusers: dict[int, list[int]], prepared: list[_Image], patch_logits: list,
+def _predict_group(segmentors, fusers: dict[int, list[int]], prepared: list[WindowedImage], patch_logits: list,
                    forward_info: list, group: list[int], on_device: bool) -> dict[int, list[Prediction]]:
     """image index → one prediction per segmentor, for the images of ``group``: each fusion made
     once, then refined and decided by every segmentor that uses it (one fusion alive at a time)."""
@@ -595,7 +474,7 @@ def _predict_group(segmentors, fusers: dict[int, list[int]], prepared: list[_Ima
     return {index: [predictions[position] for predictions in per_segmentor] for position, index in enumerate(group)}
 
 
-def _equal_size_groups(prepared: list[_Image], queries: int, budget: int) -> list[list[int]]:
+def _equal_size_groups(prepared: list[WindowedImage], queries: int, budget: int) -> list[list[int]]:
     """For each image, the indices of the images predicted with it: those of its original and
     input size, in order, up to ``budget`` query × pixel values together (0: each image alone)."""
     open_group: dict[tuple, list[int]] = {}
@@ -616,7 +495,7 @@ def _take(items: list, index: int):
     return value
 
 
-def _window_batches(seg: Segmentor, prepared: list[_Image]) -> Iterator[list[tuple[int, int, torch.Tensor]]]:
+def _window_batches(seg: Segmentor, prepared: list[WindowedImage]) -> Iterator[list[tuple[int, int, torch.Tensor]]]:
     """Chunks of at most :meth:`Segmentor.windows_per_forward` (image index, window index, crop) of
     equal crop shape."""
     groups = defaultdict(list)

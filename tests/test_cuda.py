@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import pearl
-from pearl import segmentor as segmentor_module
 from pearl.methods import available_methods
+from pearl.refine.tlp import BATCHED_TLP_VALUES, TLPRefiner
 from pearl.runner import run
 
 from .conftest import compose, make_tiny
@@ -45,12 +45,12 @@ def test_cuda_predictions_equal_the_cpu_ones(cuda, tokenizer, photos, method):
 
 def test_batched_tlp_on_cuda_gives_each_image_its_own_result(cuda, tokenizer, photos, monkeypatch):
     seg = pearl.Segmentor(make_tiny(), CLASSES, method="pearl", tokenizer=tokenizer, device=cuda, **SMALL)
-    assert seg.tlp_batch_values == segmentor_module.BATCHED_TLP_VALUES  # on by default on a GPU
+    assert seg.together_values == BATCHED_TLP_VALUES  # on by default on a GPU
     images = [photos["chelsea"], photos["chelsea"][:, ::-1].copy(), photos["chelsea"][::-1].copy()]  # one size
     solves = []
-    batched_tlp = segmentor_module.Segmentor._batched_tlp
-    monkeypatch.setattr(segmentor_module.Segmentor, "_batched_tlp",
-                        lambda self, *args: solves.append(len(args[0])) or batched_tlp(self, *args))
+    refine_together = TLPRefiner.refine_together
+    monkeypatch.setattr(TLPRefiner, "refine_together",
+                        lambda self, *args: solves.append(len(args[0])) or refine_together(self, *args))
     together = seg.predict_batch(images)
     assert solves == [3]
     alone = [seg.predict(image) for image in images]

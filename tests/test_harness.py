@@ -271,6 +271,7 @@ def test_a_window_smaller_than_one_patch_is_refused(tiny_model, tokenizer):
 def test_nan_made_at_run_time_fails_the_job_naming_the_stage(synthetic, tmp_path, monkeypatch, stage):
     from pearl import runner
     from pearl import segmentor as segmentor_module
+    from pearl.fused import OriginalSizeLogits
     from pearl.methods.pearl import Pearl
     from pearl.records import load_records
     if stage == "last_block":
@@ -280,8 +281,7 @@ def test_nan_made_at_run_time_fails_the_job_naming_the_stage(synthetic, tmp_path
     else:
         refine = segmentor_module.Segmentor._refine
         monkeypatch.setattr(segmentor_module.Segmentor, "_refine", lambda self, item, logits, info: (
-            segmentor_module._OriginalSize(refine(self, item, logits, info).source * float("nan"), logits.size,
-                                           logits.dtype)))
+            OriginalSizeLogits(refine(self, item, logits, info).source * float("nan"), logits.size, logits.dtype)))
         expected = "NaN logits in the refinement after fusion"
     cfg = compose(["model=tiny", f"data_root={synthetic}", f"results_dir={tmp_path}", "progress=false",
                    "loader_workers=0", "method=pearl"])

@@ -37,7 +37,8 @@ def _agrees(tiny_model, tokenizer, photos, method, pa, tlp_on, params, names=("c
         batch = seg.predict_batch(images)
         for image, ours in zip(images, batch):
             labels, probs = flow.segment(tiny_model, seg.prototypes, list(seg.vocabulary.query_to_class), image,
-                                         method, pa, tlp_on, params, seg.affinity)
+                                         method, pa, tlp_on, params,
+                                         seg.refiner("tlp").affinity if tlp_on else None)
             agreement = (ours.labels == labels).float().mean().item()
             assert agreement >= 0.995, agreement
             assert torch.allclose(ours.probs, probs, atol=2e-3)

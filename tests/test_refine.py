@@ -178,15 +178,15 @@ def test_pooling_before_the_resize_equals_resizing_then_pooling(source, size, gr
 def test_segmentor_tlp_from_the_fused_logits_gives_the_released_path_result(tiny_model, tokenizer, photos,
                                                                              monkeypatch):
     import pearl
-    from pearl.segmentor import Segmentor
+    from pearl.refine.tlp import TLPRefiner
     for method, dataset in (("pearl", "voc21"), ("pearl", "ade20k"), ("naclip", "ade20k")):
         params = pearl.protocol(method, dataset) | {"resize_short": 112}
         seg = pearl.Segmentor(tiny_model, ["sky, wall", "cat", "cup", "table"], method=method, tlp=True,
                               tokenizer=tokenizer, **params)
-        assert seg._pools_before_resizing(seg._fuse(*_fused_inputs(seg, photos["chelsea"])))
+        assert seg.refiner("tlp").pools_before_resizing(seg._fuse(*_fused_inputs(seg, photos["chelsea"])))
         fast = seg.predict(photos["chelsea"])
         with monkeypatch.context() as patch:
-            patch.setattr(Segmentor, "_pools_before_resizing", lambda self, logits: False)
+            patch.setattr(TLPRefiner, "pools_before_resizing", lambda self, logits: False)
             released = seg.predict(photos["chelsea"])  # the resize to the original size, then TLP's own pooling
         assert (fast.labels == released.labels).float().mean() >= 0.999
         assert torch.allclose(fast.logits, released.logits, atol=1e-5, rtol=0), method

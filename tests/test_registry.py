@@ -2,7 +2,8 @@
 added as its module and its protocol file is tested here without editing a test (shapes and
 probabilities on a photograph, batched = one at a time, TLP after it, a run's record, the segment
 CLI); a tower added as its module names an offline example model in ``TOWER_EXAMPLES`` and gets the
-interface's checks and every method run on it."""
+interface's checks and every method run on it; a refiner added as its module (and its parameters) is
+switched on by its name, changes the logits, and refines images together as alone."""
 import numpy as np
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 import pearl
 from pearl.loading import tiny_clip
 from pearl.methods import available_methods
+from pearl.refine import available_refiners
 from pearl.towers import available_towers, tower_for
 
 from .conftest import compose
@@ -117,4 +119,28 @@ def test_every_method_segments_on_every_tower(tokenizer, photos, tower_name, met
     image = photos["coffee"][::4, ::4]
     out = _segmentor(TOWER_EXAMPLES[tower_name](), tokenizer, method, resize_short=64).predict(image)
     assert out.labels.shape == image.shape[:2] and out.probs.shape == (len(CLASSES), *image.shape[:2])
+
+
+def test_refiners_run_in_their_order_and_each_is_switched_by_a_boolean_parameter_of_its_name(tiny_model, tokenizer):
+    assert available_refiners() == ["pamr", "tlp"]  # PAMR first, as NACLIP applies it
+    seg = _segmentor(tiny_model, tokenizer, "naclip", tlp=True, pamr=True)
+    assert all(seg.params[name] is True for name in available_refiners())
+    assert [one.name for one in seg.refiners] == available_refiners()
+
+
+@pytest.mark.parametrize("refiner", available_refiners())
+def test_the_refiner_changes_the_fused_logits_and_refines_images_together_as_alone(tiny_model, tokenizer, photos,
+                                                                                  refiner):
+    chelsea = photos["chelsea"]
+    images = [chelsea, chelsea[::-1].copy(), chelsea[:, ::-1].copy()]
+    plain = _segmentor(tiny_model, tokenizer, "naclip", tlp=False, pamr=False).predict(chelsea)
+    seg = _segmentor(tiny_model, tokenizer, "naclip", **{"tlp": False, "pamr": False, refiner: True})
+    assert [one.name for one in seg.refiners] == [refiner]
+    alone = [seg.predict(image) for image in images]
+    assert alone[0].logits.shape == plain.logits.shape and torch.isfinite(alone[0].logits).all()
+    assert not torch.allclose(alone[0].logits, plain.logits, atol=1e-3)
+    seg.together_values = 2 ** 26  # as on a GPU: equal-size images go to the refiner in one call
+    for one, together in zip(alone, seg.predict_batch(images)):
+        assert torch.equal(one.labels, together.labels)
+        assert torch.allclose(one.logits, together.logits, atol=1e-6, rtol=0)
 

@@ -232,14 +232,14 @@ def test_windows_of_all_images_share_batched_forwards(tiny_model, tokenizer, pho
 
 def test_post_fusion_tlp_of_equal_size_images_is_one_batched_solve_with_each_images_result(
         tiny_model, tokenizer, photos, monkeypatch):
-    from pearl import segmentor as module
+    from pearl.refine import tlp as module
     chelsea = photos["chelsea"]
     images = [chelsea, chelsea[::-1].copy(), photos["coffee"][:300, :451], chelsea[:, ::-1].copy()]  # all 300×451
     images.insert(2, photos["coffee"])  # another size: refined on its own
     seg = _segmentor(tiny_model, tokenizer, "pearl", tlp_grid=40)
-    assert seg.tlp_batch_values == 0  # on a CPU each image is refined alone (measured faster)
+    assert seg.together_values == 0  # on a CPU each image is refined alone (measured faster)
     alone = [seg.predict(image) for image in images]
-    seg.tlp_batch_values = module.BATCHED_TLP_VALUES  # what a GPU segmentor uses
+    seg.together_values = module.BATCHED_TLP_VALUES  # what a GPU segmentor uses
     batches = []
     original = module.propagate  # fp32: every image's TLP input is pooled from its fused logits
 
@@ -253,12 +253,12 @@ def test_post_fusion_tlp_of_equal_size_images_is_one_batched_solve_with_each_ima
         assert torch.equal(one.labels, other.labels)
         assert torch.allclose(one.logits, other.logits, atol=1e-6, rtol=0)
     batches.clear()
-    seg.tlp_batch_values = 2 * seg.vocabulary.num_queries * 300 * 451
+    seg.together_values = 2 * seg.vocabulary.num_queries * 300 * 451
     seg.predict_batch(images)
     assert sorted(batches) == [1, 2, 2]  # the budget splits the four into pairs
     batches.clear()
     with_diagnostics = _segmentor(tiny_model, tokenizer, "pearl", tlp_grid=40, diagnostics=True)
-    with_diagnostics.tlp_batch_values = module.BATCHED_TLP_VALUES
+    with_diagnostics.together_values = module.BATCHED_TLP_VALUES
     with_diagnostics.predict_batch(images[:2])
     assert batches == [1, 1]  # per-image diagnostics: refined one at a time
 
@@ -287,7 +287,7 @@ def test_fp16_model_runs_and_stays_close_to_fp32(tokenizer, photos):
                                           ("sfp", {"sfp_nan_guard": True}), ("vanilla", {"slide_crop": 0})])
 def test_original_size_in_slabs_matches_the_whole_computation(tiny_model, tokenizer, photos, monkeypatch,
                                                               method, extra):
-    from pearl import segmentor as module
+    from pearl import fused as module
     seg = _segmentor(tiny_model, tokenizer, method, diagnostics=True, **extra)
     whole = seg.predict(photos["coffee"])
     monkeypatch.setattr(module, "FULL_SIZE_BUDGET", 0)     # every image is "too large"
@@ -345,7 +345,8 @@ def test_every_parameter_reaches_exactly_one_stage_config():
 
 def test_a_parameter_walks_from_the_flat_name_to_its_stage(tiny_model, tokenizer):
     seg = _segmentor(tiny_model, tokenizer, "naclip", naclip_gauss_std=2.5, tlp=True, tlp_lambda=0.5, prob_thd=0.2)
-    assert seg.method.config.gauss_std == 2.5 and seg.tlp_config.lambda_ == 0.5 and seg.decision.prob_thd == 0.2
+    assert seg.method.config.gauss_std == 2.5 and seg.refiner("tlp").config.lambda_ == 0.5
+    assert seg.decision.prob_thd == 0.2 and seg.refiner("pamr") is None
     with pytest.raises(ValueError, match=r"naclip_gauss_std=0.0 is out of range: it must be > 0"):
         _segmentor(tiny_model, tokenizer, "naclip", naclip_gauss_std=0)
 

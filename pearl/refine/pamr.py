@@ -2,6 +2,7 @@
 
 docs/methods.md §4.1, after sinahmr/NACLIP@0cac3a6 ``pamr.py`` (from visinf/1-stage-wseg) and
 ``naclip.py`` ``predict``. fp32; image [B, 3, H, W] normalised RGB, logits [B, Q, H, W].
+``PAMRRefiner`` is PAMR as a registered refiner; it always refines the whole original-size logits.
 """
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..fused import OriginalSizeLogits, WindowedImage
 from ..params import default
+from . import register
+from .base import Guide, Refiner
 
 _OFFSETS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
 
@@ -54,3 +58,17 @@ def pamr(image: torch.Tensor, logits: torch.Tensor, iters: int = 10, dilations: 
     for _ in range(iters):
         out = (torch.cat([_without_centre(_taps(out, d)) for d in dilations], dim=2) * weights).sum(dim=2)
     return out
+
+
+@register
+class PAMRRefiner(Refiner):
+    name = "pamr"
+    Config = PAMRConfig
+    config_prefix = "pamr_"
+    order = 10  # as NACLIP applies it: on the fused logits, before any other refinement
+
+    def refine(self, item: WindowedImage, logits: OriginalSizeLogits, guide: Guide, info: dict
+               ) -> OriginalSizeLogits:
+        refined = pamr(guide(), logits.full()[None], self.config.iters, self.config.dilations)[0]
+        return OriginalSizeLogits(refined.to(self.context.dtype), item.ori_shape, self.context.dtype)
+

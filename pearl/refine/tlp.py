@@ -2,6 +2,8 @@
 
 docs/pearl.md §3, after PGSmall/PEARL@c26062b ``pearl/prop.py`` (``TLP``). Everything here is fp32.
 Shapes: logits [B, Q, H, W], guide image [B, 3, H, W] (normalised RGB), text affinity G [Q, Q].
+``TLPRefiner`` is TLP as a registered refiner, with its memory and batching strategies
+(docs/memory.md, docs/speed.md §2).
 """
 from __future__ import annotations
 
@@ -10,7 +12,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..fused import OriginalSizeLogits, WindowedImage, fits_whole, per_slab, upsample
 from ..params import default
+from . import register
+from .base import Guide, Refiner, RefinerContext
+
+BATCHED_TLP_VALUES = 2 ** 26  # on CUDA: query × pixel values of images whose post-fusion TLP is one batched solve
 
 
 @dataclass(frozen=True)
@@ -227,3 +234,94 @@ def tlp(logits: torch.Tensor, guide: torch.Tensor, affinity: torch.Tensor, cfg: 
     if pooled:
         x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
     return x
+
+
+@register
+class TLPRefiner(Refiner):
+    """TLP after the fusion (released) or on each window before it (``tlp_site=per_window``, the paper)."""
+
+    name = "tlp"
+    Config = TLPConfig
+    config_prefix = "tlp_"
+    order = 20  # after PAMR
+
+    def __init__(self, config: TLPConfig, context: RefinerContext) -> None:
+        super().__init__(config, context)
+        self.affinity = text_affinity(context.prototypes, config.tau_s, config.beta)
+
+    @property
+    def per_window(self) -> bool:
+        return self.config.site == "per_window"
+
+    def together_values(self) -> int:
+        # one batched solve for equal-size images on a GPU (fewer kernel launches); on a CPU the
+        # batched tensors fall out of the caches and it was slower (docs/speed.md §2)
+        return BATCHED_TLP_VALUES if self.context.device.type == "cuda" and not self.per_window else 0
+
+    def refine_window(self, logits: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
+        return tlp(logits[None], guide[None].float(), self.affinity, self.config)[0].to(self.context.dtype)
+
+    def refine(self, item: WindowedImage, logits: OriginalSizeLogits, guide: Guide, info: dict
+               ) -> OriginalSizeLogits:
+        """Above ``FULL_SIZE_BUDGET`` the input is resized and pooled a few queries at a time and the
+        output stays on TLP's grid (``OriginalSizeLogits`` resizes it per slab)."""
+        info = info if self.context.diagnostics else None
+        if self.pools_before_resizing(logits):
+            return self._from_sources([item], [logits], info)[0]
+        if fits_whole(logits.values):
+            return self._whole(logits, guide(), info)
+        return self._chunked(item, logits, info)
+
+    def refine_together(self, items: list[WindowedImage], fused: list[OriginalSizeLogits]
+                        ) -> list[OriginalSizeLogits] | None:
+        if len({tuple(logits.size) for logits in fused}) != 1 or not all(fits_whole(x.values) for x in fused):
+            return None
+        if all(self.pools_before_resizing(logits) for logits in fused):
+            return self._from_sources(items, fused, None)
+        size, dtype = items[0].ori_shape, self.context.dtype
+        guide = torch.cat([item.guide() for item in items])
+        refined = tlp(torch.stack([logits.full() for logits in fused]), guide, self.affinity, self.config)
+        return [OriginalSizeLogits(one.to(dtype), size, dtype) for one in refined]
+
+    def pools_before_resizing(self, logits: OriginalSizeLogits) -> bool:
+        """Whether TLP's pooled input can be computed from the fused logits before their resize to the
+        original size (``pool_resized``): fp32 throughout (in lower precision the released code rounds
+        the resized logits, which this path never forms), integer-stride pooling that pools, and a
+        resize that resizes."""
+        return (self.context.dtype == torch.float32 and logits.source.dtype == torch.float32
+                and self.config.pool == "int_stride"
+                and pooling_strides(*logits.size, self.config.grid) != (1, 1) and logits.resized)
+
+    def _from_sources(self, items: list[WindowedImage], fused: list[OriginalSizeLogits], info: dict | None
+                      ) -> list[OriginalSizeLogits]:
+        """TLP of equal-size images on the grid pooled straight from their fused logits and inputs (no
+        original-size input tensor is formed). Each refined grid [Q, h, w] is returned as the original-size
+        logits it is resized to (fp32, then cast, as ``tlp`` does), resized when decided, as fused logits
+        are without TLP: a batch holds grids, not original-size tensors."""
+        size, cfg = items[0].ori_shape, self.config
+        z = torch.cat([pool_resized(logits.source[None], size, cfg) for logits in fused])
+        guide = torch.cat([pool_resized(item.input.float()[None], size, cfg) for item in items])
+        return [OriginalSizeLogits(one, size, self.context.dtype)
+                for one in propagate(z, guide, self.affinity, cfg, info)]
+
+    def _whole(self, logits: OriginalSizeLogits, guide: torch.Tensor, info: dict | None) -> OriginalSizeLogits:
+        refined = tlp(logits.full()[None], guide, self.affinity, self.config, info)[0]
+        return OriginalSizeLogits(refined.to(self.context.dtype), logits.size, self.context.dtype)
+
+    def _chunked(self, item: WindowedImage, logits: OriginalSizeLogits, info: dict | None) -> OriginalSizeLogits:
+        """TLP with its original-size input built a few channels at a time (channels resize and pool
+        independently, so the pooled grid equals the whole computation's)."""
+        dtype, model_dtype = working_dtype(logits.dtype), self.context.dtype
+        step = per_slab(logits.size[0] * logits.size[1])
+
+        def pooled(channels, count: int) -> torch.Tensor:
+            return torch.cat([pool_to_grid(channels(slice(start, start + step))[None].to(dtype), self.config)[0]
+                              for start in range(0, count, step)], dim=1)
+
+        z = pooled(logits.full, logits.source.shape[0])
+        guide = pooled(lambda rgb: upsample(item.input[rgb].float(), item.ori_shape), 3)
+        refined = propagate(z, guide, self.affinity.to(dtype), self.config, info)[0]
+        if tuple(refined.shape[1:]) == tuple(logits.size):  # not pooled: already full size
+            return OriginalSizeLogits(refined.to(model_dtype), logits.size, model_dtype)
+        return OriginalSizeLogits(refined, logits.size, model_dtype)
+
