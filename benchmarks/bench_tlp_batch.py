@@ -27,16 +27,16 @@ def main() -> None:
     args = parser.parse_args()
 
     import pearl
-    from pearl import segmentor as module
+    from pearl.joint import JointPrediction
     from pearl.refine.tlp import BATCHED_TLP_VALUES
 
     model, tokenizer = pearl.load_clip("ViT-B-16", None, args.device, args.precision)
     seg = pearl.Segmentor(model, pearl.class_names("voc21", "pearl"), method="pearl", tokenizer=tokenizer,
                           device=args.device, **pearl.protocol("pearl", "voc21"))
     rng = np.random.default_rng(0)
-    items = [seg._prepare_image(rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)) for _ in range(args.images)]
+    items = [seg.prepare_image(rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)) for _ in range(args.images)]
     with torch.no_grad():
-        window_logits = [[seg._window_logits(seg.tower.trunk(item.input[None]), None)[0]] for item in items]
+        window_logits = [[seg.window_logits(seg.tower.trunk(item.input[None]), None)[0]] for item in items]
 
         def timed(budget: int) -> tuple[float, list]:
             seg.together_values = budget
@@ -47,7 +47,7 @@ def main() -> None:
                 outs = []
                 for group in groups:  # fusion, refinement and decision of each group from its window logits
                     logits = [[list(one) for one in window_logits]]
-                    done = module._predict_group([seg], {0: [0]}, items, logits, [{}], group, True)
+                    done = JointPrediction([seg]).predict_group(items, logits, [{}], group, True)
                     outs += [done[index][0] for index in group]
                 if seg.device.type == "cuda":
                     torch.cuda.synchronize(seg.device)

@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 __all__ = ["load_clip", "Segmentor", "Prediction", "protocol", "class_names", "class_file", "available_methods",
            "PARAMS", "DATASETS", "PROFILES", "__version__"]
 
-_ON_FIRST_USE = {"load_clip": ".loading", "Segmentor": ".segmentor", "Prediction": ".segmentor",
+_ON_FIRST_USE = {"load_clip": ".loading", "Segmentor": ".segmentor", "Prediction": ".decision",
                  "available_methods": ".methods"}
 
 

@@ -30,12 +30,14 @@ import torch
 import torch.nn.functional as F
 
 from .benchmarks import BENCHMARKS, DATASETS
+from .decision import Prediction
 from .fused import OriginalSizeLogits
+from .joint import predict_jointly
 from .loading import PRECISIONS, load_clip, tiny_clip
 from .methods import available_methods, get_method
 from .preprocess import prepare_image
 from .protocols import class_names, protocol
-from .segmentor import Prediction, Segmentor, predict_jointly
+from .segmentor import Segmentor
 from .stages import timing_stages
 
 SIZES = ("voc21", "ade20k", "cityscapes")
@@ -71,21 +73,21 @@ def _sync(device: torch.device) -> None:
 def reference_predict(seg: Segmentor, image) -> Prediction:
     """One image the released way: a batch-1 forward per window, each window's logits upsampled to
     the crop and added to the canvas on their own; then the same refinement and decision."""
-    item = seg._prepare_image(image)
+    item = seg.prepare_image(image)
     windows = []
     for window in item.windows:
-        feats, _ = seg.tower.dense_features(seg._crop(item, window)[None], seg.method)
+        feats, _ = seg.tower.dense_features(seg.crop(item, window)[None], seg.method)
         windows.append((feats.to(seg.dtype) @ seg.prototypes.T).permute(0, 3, 1, 2))
     info = {"windows": len(item.windows)}
     if seg.windows.slide_crop <= 0:
-        fused = seg._fuse(item, [windows[0][0]], info)
+        fused = seg.fuse(item, [windows[0][0]], info)
     else:
         dtype = seg.dtype if seg.method.fuse_in_model_dtype else torch.float32
         height, width = item.input.shape[1:]
         canvas = torch.zeros((seg.vocabulary.num_queries, height, width), dtype=dtype, device=seg.device)
         count = torch.zeros((1, height, width), dtype=dtype, device=seg.device)
         for window, logits in zip(item.windows, windows):
-            left, right, top, bottom = seg._padding(window)
+            left, right, top, bottom = seg.padding(window)
             crop_h, crop_w = window.y2 - window.y1, window.x2 - window.x1
             up = F.interpolate(logits, size=(crop_h + top + bottom, crop_w + left + right), mode="bilinear",
                                align_corners=False)[0, :, top:top + crop_h, left:left + crop_w]
@@ -95,7 +97,7 @@ def reference_predict(seg: Segmentor, image) -> Prediction:
             count[:, window.y1:window.y2, window.x1:window.x2] += 1
         fused = OriginalSizeLogits(canvas / count, item.ori_shape, dtype)
         info["nan_windows"] = sum(int(torch.isnan(logits).any()) for logits in windows)
-    return seg._decide(seg._refine(item, fused, info), info)
+    return seg.decision(seg.refine(item, fused, info), info)
 
 
 class StageTimes:
@@ -152,8 +154,8 @@ class PeakMemory:
 def backbone_flops(seg: Segmentor, prepared) -> float:
     """Floating-point operations of the backbone (trunk and last block) for one prepared image."""
     from torch.utils.flop_counter import FlopCounterMode
-    item = seg._prepare_image(prepared)
-    crops = torch.stack([seg._crop(item, window) for window in item.windows])
+    item = seg.prepare_image(prepared)
+    crops = torch.stack([seg.crop(item, window) for window in item.windows])
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         seg.tower.dense_features(crops, seg.method)
     return float(counter.get_total_flops())
@@ -233,7 +235,7 @@ def measure(seg: Segmentor, images: list[np.ndarray], batch_images: int, repeats
     per_image_ms = 1000 * statistics.median(fast_s) / len(images)
     flops = backbone_flops(seg, prepared[0])
     row = {
-        "windows_per_image": len(seg._prepare_image(prepared[0]).windows),
+        "windows_per_image": len(seg.prepare_image(prepared[0]).windows),
         "images_per_s": len(images) / statistics.median(fast_s),
         "reference_images_per_s": len(images) / statistics.median(loop_s) if loop_s else None,
         **{f"ms_{stage}": value for stage, value in ms.items()},

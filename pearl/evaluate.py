@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from .data import DatasetError
 from .errors import ImageSizeError, UserError
+from .joint import predict_jointly
 from .locks import JobLock
 from .methods import get_method
 from .metrics import ConfusionMatrix
@@ -27,7 +28,7 @@ from .plan import Job, build_model
 from .preprocess import Normalisation, PreparedImage, WindowConfig, prepare_image
 from .records import path_component, record_path
 from .render import smoke_note, write_outputs
-from .segmentor import Segmentor, predict_jointly, warn_nan_windows
+from .segmentor import Segmentor, warn_nan_windows
 
 
 @dataclass
@@ -167,7 +168,7 @@ def evaluate(cfg: DictConfig, jobs: list[Job], indices: range, device: torch.dev
              show_progress: bool = True, progress_scale: int = 1) -> list[Shard]:
     """Run the jobs' Segmentors over ``indices`` of their (shared) dataset, one confusion matrix
     per job on ``device``. Several jobs share each image's decoding and blocks 1..L−1
-    (:func:`pearl.segmentor.predict_jointly`); their setup and evaluation times are the group's."""
+    (:func:`pearl.joint.predict_jointly`); their setup and evaluation times are the group's."""
     start = time.perf_counter()
     segmentors = _segmentors(cfg, jobs, device)
     setup_s = time.perf_counter() - start

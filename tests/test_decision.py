@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pearl.segmentor import decide, top_query_labels
+from pearl.decision import decide, top_query_labels
 
 
 def test_synonym_max_without_renormalisation():

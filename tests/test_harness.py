@@ -217,8 +217,8 @@ def test_runner_holds_one_prediction_at_a_time_and_obeys_on_error_for_oversized_
                                                                                      monkeypatch):
     import weakref
 
-    from pearl import segmentor as segmentor_module
-    original, original_group, alive = evaluate_module.predict_jointly, segmentor_module._predict_group, []
+    from pearl.joint import JointPrediction
+    original, original_group, alive = evaluate_module.predict_jointly, JointPrediction.predict_group, []
 
     def predict_jointly(segmentors, images, on_device=False):
         for outputs in original(segmentors, images, on_device):
@@ -231,7 +231,7 @@ def test_runner_holds_one_prediction_at_a_time_and_obeys_on_error_for_oversized_
         return original_group(*args, **kwargs)
 
     monkeypatch.setattr(evaluate_module, "predict_jointly", predict_jointly)
-    monkeypatch.setattr(segmentor_module, "_predict_group", predict_group)
+    monkeypatch.setattr(JointPrediction, "predict_group", predict_group)
     root = write_dataset("ade20k", tmp_path / "data", num_images=3, size=(32, 48))
     write_dataset("ade20k", tmp_path / "large", num_images=3, size=(64, 96))
     layout = BENCHMARKS["ade20k"]
@@ -279,8 +279,8 @@ def test_nan_made_at_run_time_fails_the_job_naming_the_stage(synthetic, tmp_path
         monkeypatch.setattr(Pearl, "last_block", lambda self, *args: last_block(self, *args) * float("nan"))
         expected = "NaN logits in method pearl's last block"
     else:
-        refine = segmentor_module.Segmentor._refine
-        monkeypatch.setattr(segmentor_module.Segmentor, "_refine", lambda self, item, logits, info: (
+        refine = segmentor_module.Segmentor.refine
+        monkeypatch.setattr(segmentor_module.Segmentor, "refine", lambda self, item, logits, info: (
             OriginalSizeLogits(refine(self, item, logits, info).source * float("nan"), logits.size, logits.dtype)))
         expected = "NaN logits in the refinement after fusion"
     cfg = compose(["model=tiny", f"data_root={synthetic}", f"results_dir={tmp_path}", "progress=false",

@@ -183,7 +183,7 @@ def test_segmentor_tlp_from_the_fused_logits_gives_the_released_path_result(tiny
         params = pearl.protocol(method, dataset) | {"resize_short": 112}
         seg = pearl.Segmentor(tiny_model, ["sky, wall", "cat", "cup", "table"], method=method, tlp=True,
                               tokenizer=tokenizer, **params)
-        assert seg.refiner("tlp").pools_before_resizing(seg._fuse(*_fused_inputs(seg, photos["chelsea"])))
+        assert seg.refiner("tlp").pools_before_resizing(seg.fuse(*_fused_inputs(seg, photos["chelsea"])))
         fast = seg.predict(photos["chelsea"])
         with monkeypatch.context() as patch:
             patch.setattr(TLPRefiner, "pools_before_resizing", lambda self, logits: False)
@@ -194,6 +194,6 @@ def test_segmentor_tlp_from_the_fused_logits_gives_the_released_path_result(tiny
 
 
 def _fused_inputs(seg, image):
-    item = seg._prepare_image(image)
-    crops = torch.stack([seg._crop(item, window) for window in item.windows])
-    return item, list(seg._window_logits(seg.tower.trunk(crops), None)), {}
+    item = seg.prepare_image(image)
+    crops = torch.stack([seg.crop(item, window) for window in item.windows])
+    return item, list(seg.window_logits(seg.tower.trunk(crops), None)), {}

@@ -325,12 +325,12 @@ def test_text_cache_key_covers_the_templates(tiny_model, tokenizer, tmp_path):
 def test_every_parameter_reaches_exactly_one_stage_config():
     from dataclasses import fields
 
+    from pearl.decision import DecisionConfig
     from pearl.methods import get_method
     from pearl.params import PARAMS, param_name
     from pearl.preprocess import WindowConfig
     from pearl.refine.pamr import PAMRConfig
     from pearl.refine.tlp import TLPConfig
-    from pearl.segmentor import DecisionConfig
     stages = {(WindowConfig, ""), (DecisionConfig, ""), (TLPConfig, "tlp_"), (PAMRConfig, "pamr_")}
     stages |= {(get_method(m).Config, get_method(m).config_prefix) for m in pearl.available_methods()}
     readers: dict[str, list[str]] = {}
@@ -346,14 +346,14 @@ def test_every_parameter_reaches_exactly_one_stage_config():
 def test_a_parameter_walks_from_the_flat_name_to_its_stage(tiny_model, tokenizer):
     seg = _segmentor(tiny_model, tokenizer, "naclip", naclip_gauss_std=2.5, tlp=True, tlp_lambda=0.5, prob_thd=0.2)
     assert seg.method.config.gauss_std == 2.5 and seg.refiner("tlp").config.lambda_ == 0.5
-    assert seg.decision.prob_thd == 0.2 and seg.refiner("pamr") is None
+    assert seg.decision.config.prob_thd == 0.2 and seg.refiner("pamr") is None
     with pytest.raises(ValueError, match=r"naclip_gauss_std=0.0 is out of range: it must be > 0"):
         _segmentor(tiny_model, tokenizer, "naclip", naclip_gauss_std=0)
 
 
 def test_joint_predictions_record_no_autograd_graph_and_leave_the_consumer_in_grad_mode(tiny_model, tokenizer,
                                                                                          photos):
-    from pearl.segmentor import predict_jointly
+    from pearl.joint import predict_jointly
     seg = _segmentor(tiny_model, tokenizer, "pearl", slide_crop=64, slide_stride=48)
     assert any(p.requires_grad for p in tiny_model.parameters())  # a graph would be recorded without no_grad
     for (out,) in predict_jointly([seg], [photos["chelsea"], photos["coffee"]]):

@@ -53,8 +53,8 @@ def test_a_sweep_shares_one_trunk_and_each_record_equals_the_job_alone(synthetic
 
     cfgs = _cfgs(synthetic, tmp_path / "together", jobs)
     fusions = []
-    fuse = segmentor_module.Segmentor._fuse
-    monkeypatch.setattr(segmentor_module.Segmentor, "_fuse",
+    fuse = segmentor_module.Segmentor.fuse
+    monkeypatch.setattr(segmentor_module.Segmentor, "fuse",
                         lambda self, *args: fusions.append(self.pa) or fuse(self, *args))
     caplog.set_level("INFO", logger="pearl")
     outcomes = _sweep(cfgs)
