@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from .evaluate import Shard, evaluate
 from .metrics import ConfusionMatrix
@@ -19,13 +18,13 @@ def shard_indices(size: int, rank: int, world: int) -> range:
     return range(size * rank // world, size * (rank + 1) // world)
 
 
-def sharded_evaluation(cfg: DictConfig, job: Job, rank: int, world: int, device: torch.device) -> Shard | None:
+def sharded_evaluation(job: Job, rank: int, world: int, device: torch.device) -> Shard | None:
     """This process's shard of the dataset, then one all-reduce of the int64 confusion matrix and
     one gather of the rest; rank 0 gets the merged shard, the others None. The progress bar (rank
     0) counts its own images times ``world``: an estimate of the global count, with no collective
     per image."""
     import torch.distributed as dist
-    shard = evaluate(cfg, [job], shard_indices(len(job.dataset), rank, world), device, show_progress=rank == 0,
+    shard = evaluate([job], shard_indices(len(job.dataset), rank, world), device, show_progress=rank == 0,
                      progress_scale=world)[0]
     shard.cm.all_reduce()
     parts = [None] * world
@@ -55,32 +54,32 @@ def _rank_device(job: Job, local_rank: int) -> torch.device:
     return device
 
 
-def _worker(rank: int, world: int, cfg_dict: dict, job: Job, init_file: str, result_file: str) -> None:
+def _worker(rank: int, world: int, job: Job, init_file: str, result_file: str) -> None:
     """One process of a ``workers=N`` job (planned once, by the parent)."""
     import torch.distributed as dist
     device = _rank_device(job, rank)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"file://{init_file}",
                             rank=rank, world_size=world)
     try:
-        merged = sharded_evaluation(OmegaConf.create(cfg_dict), job, rank, world, device)
+        merged = sharded_evaluation(job, rank, world, device)
         if merged is not None:
             torch.save(merged, result_file)
     finally:
         dist.destroy_process_group()
 
 
-def evaluate_distributed(cfg: DictConfig, job: Job) -> Shard:
-    """Spawn ``cfg.workers`` processes (one GPU each, or CPU with gloo) and merge their shards."""
+def evaluate_distributed(job: Job) -> Shard:
+    """Spawn ``workers`` processes (one GPU each, or CPU with gloo) and merge their shards."""
     import tempfile
 
     import torch.multiprocessing as mp
-    world = cfg.workers
+    world = job.options.workers
     if job.device.type == "cuda" and torch.cuda.device_count() < world:
         raise ValueError(f"workers={world} but only {torch.cuda.device_count()} GPUs are visible; "
                          f"set workers to at most that")
     with tempfile.TemporaryDirectory() as tmp:
         result_file = f"{tmp}/result.pt"
-        mp.spawn(_worker, args=(world, OmegaConf.to_container(cfg, resolve=True), job, f"{tmp}/init", result_file),
+        mp.spawn(_worker, args=(world, job, f"{tmp}/init", result_file),
                  nprocs=world, join=True)
         return torch.load(result_file, weights_only=False)  # our own file, written by our worker just now
 

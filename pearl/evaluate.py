@@ -14,7 +14,6 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 from tqdm import tqdm
 
 from .data import DatasetError
@@ -24,7 +23,7 @@ from .locks import JobLock
 from .methods import get_method
 from .metrics import ConfusionMatrix
 from .params import build_config
-from .plan import Job, build_model
+from .plan import EvaluationOptions, Job, build_model
 from .preprocess import Normalisation, PreparedImage, WindowConfig, prepare_image
 from .records import path_component, record_path
 from .render import smoke_note, write_outputs
@@ -89,12 +88,13 @@ def _as_is(item):
     return item
 
 
-def _loaded_items(cfg: DictConfig, dataset, indices: range, windows: WindowConfig, normalisation: Normalisation,
+def _loaded_items(options: EvaluationOptions, dataset, indices: range, windows: WindowConfig,
+                  normalisation: Normalisation,
                   keep_images: bool, device: torch.device):
-    """The items in order, read ahead by ``cfg.loader_workers`` processes (none: in this process)."""
+    """The items in order, read ahead by ``loader_workers`` processes (none: in this process)."""
     loader = torch.utils.data.DataLoader(
         _Prepared(dataset, indices, windows, normalisation, keep_images), batch_size=None, shuffle=False,
-        collate_fn=_as_is, num_workers=cfg.loader_workers, pin_memory=device.type == "cuda")
+        collate_fn=_as_is, num_workers=options.loader_workers, pin_memory=device.type == "cuda")
     return iter(loader)
 
 
@@ -150,44 +150,46 @@ class _Tally:
             self.saved += 1
 
 
-def _save_limit(cfg: DictConfig, job: Job) -> int:
+def _save_limit(job: Job) -> int:
     """Predictions to write: ``save_predictions``, or every image of a prediction run when not set."""
-    if cfg.save_predictions is None:
+    if job.options.save_predictions is None:
         return 0 if has_ground_truth(job) else len(job.dataset)
-    return cfg.save_predictions
+    return job.options.save_predictions
 
 
-def _segmentors(cfg: DictConfig, jobs: list[Job], device: torch.device) -> list[Segmentor]:
-    model, tokenizer = build_model(cfg.model, device, jobs[0].precision)
+def _segmentors(jobs: list[Job], device: torch.device) -> list[Segmentor]:
+    model, tokenizer = build_model(jobs[0].options.model, device, jobs[0].precision)
     return [Segmentor(model, job.classes, method=job.method, pa=job.resolved["pa"], tlp=job.resolved["tlp"],
-                      tokenizer=tokenizer, device=device, window_batch_size=cfg.window_batch_size,
-                      diagnostics=cfg.diagnostics, **job.params) for job in jobs]
+                      tokenizer=tokenizer, device=device, window_batch_size=job.options.window_batch_size,
+                      diagnostics=job.options.diagnostics, **job.params) for job in jobs]
 
 
-def evaluate(cfg: DictConfig, jobs: list[Job], indices: range, device: torch.device, logger=None,
-             show_progress: bool = True, progress_scale: int = 1) -> list[Shard]:
+def evaluate(jobs: list[Job], indices: range, device: torch.device, logger=None, show_progress: bool = True,
+             progress_scale: int = 1) -> list[Shard]:
     """Run the jobs' Segmentors over ``indices`` of their (shared) dataset, one confusion matrix
     per job on ``device``. Several jobs share each image's decoding and blocks 1..L−1
-    (:func:`pearl.joint.predict_jointly`); their setup and evaluation times are the group's."""
+    (:func:`pearl.joint.predict_jointly`), and so the model, the reading and the batching of the
+    first job's options (equal for jobs that share a trunk: ``pearl.plan.shared_trunk_key``); each
+    job keeps its own outputs and diagnostics. Their setup and evaluation times are the group's."""
     start = time.perf_counter()
-    segmentors = _segmentors(cfg, jobs, device)
+    segmentors = _segmentors(jobs, device)
     setup_s = time.perf_counter() - start
-    dataset = jobs[0].dataset
-    tallies = [_Tally(seg.vocabulary.num_classes, device, _save_limit(cfg, job),
-                      predictions_folder(cfg.results_dir, job.run_hash), smoke_note(cfg.model.name))
+    dataset, options = jobs[0].dataset, jobs[0].options
+    tallies = [_Tally(seg.vocabulary.num_classes, device, _save_limit(job),
+                      predictions_folder(job.options.results_dir, job.run_hash), smoke_note(job.options.model["name"]))
                for seg, job in zip(segmentors, jobs)]
     keep_images = logger is not None or any(tally.save_limit for tally in tallies)
     title = jobs[0].title if len(jobs) == 1 else f"{len(jobs)} jobs on {dataset.name} (one shared trunk)"
     bar = tqdm(total=len(dataset) if progress_scale > 1 else len(indices), desc=title, unit="img",
-               dynamic_ncols=True, disable=not (cfg.progress and show_progress))
-    items = _loaded_items(cfg, dataset, indices, segmentors[0].windows, segmentors[0].normalisation, keep_images,
+               dynamic_ncols=True, disable=not (options.progress and show_progress))
+    items = _loaded_items(options, dataset, indices, segmentors[0].windows, segmentors[0].normalisation, keep_images,
                           device)
-    for group in _image_groups(items, cfg.batch_images):
+    for group in _image_groups(items, options.batch_images):
         ready = []
         for item in group:
             if item.error is None:
                 ready.append(item)
-            elif cfg.on_error == "skip":
+            elif options.on_error == "skip":
                 for tally in tallies:
                     tally.skipped.append({"index": item.index, "id": item.id, "error": item.error})
             else:

@@ -30,15 +30,16 @@ def _precision(requested: str, device: torch.device) -> str:
     return requested
 
 
-def build_model(model_cfg: DictConfig, device: torch.device, precision: str):
-    """(model, tokenizer): an open_clip model by name/tag/file, or the seeded random ``tiny`` model."""
-    if model_cfg.name == "tiny":
-        model, tokenizer = tiny_clip(model_cfg.seed, OmegaConf.to_container(model_cfg.config, resolve=True))
+def build_model(model_cfg: dict, device: torch.device, precision: str):
+    """(model, tokenizer): an open_clip model by name/tag/file, or the seeded random ``tiny`` model;
+    ``model_cfg`` the ``model`` group as plain data."""
+    if model_cfg["name"] == "tiny":
+        model, tokenizer = tiny_clip(model_cfg["seed"], model_cfg["config"])
         if precision != "fp32":
             from open_clip.model import convert_weights_to_lp
             convert_weights_to_lp(model, {"fp16": torch.float16, "bf16": torch.bfloat16}[precision])
         return model.to(device), tokenizer
-    return load_clip(model_cfg.name, model_cfg.pretrained, device, precision, model_cfg.get("cache_dir"))
+    return load_clip(model_cfg["name"], model_cfg["pretrained"], device, precision, model_cfg.get("cache_dir"))
 
 
 def _dataset(cfg: DictConfig):
@@ -83,6 +84,29 @@ def protocol_dataset(cfg: DictConfig) -> str:
     return cfg.dataset.get("protocol_like") or cfg.dataset.name
 
 
+@dataclass(frozen=True)
+class EvaluationOptions:
+    """How a job is evaluated and where its outputs go: the run keys the evaluation reads
+    (pearl/config.py gives each one's meaning), read from the config once, by ``plan``."""
+
+    model: dict                    # the model group as plain data (name, pretrained, cache_dir; tiny: seed, config)
+    results_dir: str
+    workers: int
+    loader_workers: int
+    batch_images: int
+    window_batch_size: int | None
+    on_error: str
+    save_predictions: int | None
+    diagnostics: bool
+    progress: bool
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> EvaluationOptions:
+        return cls(OmegaConf.to_container(cfg.model, resolve=True), str(cfg.results_dir), cfg.workers,
+                   cfg.loader_workers, cfg.batch_images, cfg.window_batch_size, cfg.on_error, cfg.save_predictions,
+                   cfg.diagnostics, cfg.progress)
+
+
 @dataclass
 class Job:
     """Everything resolved about one configuration before any model is loaded."""
@@ -100,6 +124,7 @@ class Job:
     identity: dict
     run_hash: str
     title: str
+    options: EvaluationOptions
 
 
 def _templates_hash(templates: str) -> str:
@@ -136,7 +161,7 @@ def plan(cfg: DictConfig) -> Job:
                      + ([f"model={model['label']}"] if model["label"] != DEFAULT_MODEL else [])
                      + ([f"max_images={cfg.max_images}"] if cfg.max_images is not None else []))
     return Job(cfg.method.name, dataset, device, precision, overrides, params, classes, resolved, changed, model,
-               identity, config_hash(identity), title)
+               identity, config_hash(identity), title, EvaluationOptions.from_config(cfg))
 
 
 def config_key(cfg: DictConfig) -> str:

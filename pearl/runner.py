@@ -50,7 +50,7 @@ def _run_job_torchrun(cfg: DictConfig, job: Job, group: str | None) -> tuple[str
         return decision[0], existing
     start = time.perf_counter()
     try:
-        merged = sharded_evaluation(cfg, job, rank, world, device)
+        merged = sharded_evaluation(job, rank, world, device)
         if rank != 0:
             return "ran", None
         return "ran", _finish_record(cfg, job, merged, time.perf_counter() - start, _wandb(cfg, job, group))
@@ -133,9 +133,9 @@ def _evaluate_and_record(cfg: DictConfig, job: Job, group: str | None) -> RunRec
     logger = _wandb(cfg, job, group)
     start = time.perf_counter()
     if cfg.workers > 1:
-        shard = evaluate_distributed(cfg, job)  # prediction images are not logged from worker processes
+        shard = evaluate_distributed(job)  # prediction images are not logged from worker processes
     else:
-        shard = evaluate(cfg, [job], range(len(job.dataset)), job.device, logger)[0]
+        shard = evaluate([job], range(len(job.dataset)), job.device, logger)[0]
     return _finish_record(cfg, job, shard, time.perf_counter() - start, logger)
 
 

@@ -135,7 +135,7 @@ def _evaluate_chunk(locked: list) -> None:
     jobs = [job for _, job, _, _ in locked]
     start = time.perf_counter()
     try:
-        shards = evaluate(locked[0][0], jobs, range(len(jobs[0].dataset)), jobs[0].device)
+        shards = evaluate(jobs, range(len(jobs[0].dataset)), jobs[0].device)
     except Exception as error:  # noqa: BLE001 — one group's failure fails its jobs, not the sweep
         message = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
         if os.environ.get("PEARL_TRACEBACK"):

@@ -179,10 +179,10 @@ def fresh_cli(monkeypatch):
 def _failing_on(monkeypatch, dataset: str, error: BaseException):
     evaluate = evaluate_module.evaluate
 
-    def failing(cfg, jobs, *args, **kwargs):
+    def failing(jobs, *args, **kwargs):
         if jobs[0].dataset.name == dataset:
             raise error
-        return evaluate(cfg, jobs, *args, **kwargs)
+        return evaluate(jobs, *args, **kwargs)
     monkeypatch.setattr(sweep, "evaluate", failing)
 
 
