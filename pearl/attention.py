@@ -52,13 +52,15 @@ class AttentionMaps(NamedTuple):
     """One method's last-block attention on one image.
 
     ``weights`` [heads, T, T] float32 on the CPU, rows = queries normalised to sum to 1 over the
-    keys, CLS first when ``has_cls`` (SFP's main branch attends over patches only); ``grid``
-    (h', w'); ``image`` the rescaled RGB image the model saw, cropped to the grid's pixels."""
+    keys, the tower's ``prefix_tokens`` first (none for SFP's main branch, which attends over the
+    patches only), the first of them the CLS token when ``has_cls``; ``grid`` (h', w'); ``image``
+    the rescaled RGB image the model saw, cropped to the grid's pixels."""
 
     weights: torch.Tensor
     grid: tuple[int, int]
     image: np.ndarray
     has_cls: bool
+    prefix_tokens: int
 
     def query_map(self, row: int, col: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(maps [heads, h', w'] of patch (row, col)'s attention over the patch keys, the CLS
@@ -66,7 +68,7 @@ class AttentionMaps(NamedTuple):
         h, w = self.grid
         if not (0 <= row < h and 0 <= col < w):
             raise UserError(f"patch {row},{col} is outside the {h}×{w} grid (rows 0..{h - 1}, columns 0..{w - 1})")
-        offset = int(self.has_cls)
+        offset = self.prefix_tokens
         weights = self.weights[:, offset + row * w + col]
         cls_share = weights[:, 0] if self.has_cls else torch.zeros(weights.shape[0])
         return weights[:, offset:].reshape(-1, h, w), cls_share
@@ -93,7 +95,8 @@ def attention_maps(model, image, method: str, pa: bool | None = None, short_side
     weights = info[ATTENTION][0].float().cpu()
     weights = weights / weights.sum(dim=-1, keepdim=True)  # SCLIP: two softmax maps summed
     tokens = shared.grid[0] * shared.grid[1]
-    return AttentionMaps(weights, shared.grid, picture, weights.shape[-1] == tokens + 1)
+    prefix = weights.shape[-1] - tokens
+    return AttentionMaps(weights, shared.grid, picture, prefix > 0 and tower.has_cls, prefix)
 
 
 def patch_of_point(x: float, y: float, original: tuple[int, int], rescaled: tuple[int, int], step: int
