@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Table 1: every method at its released defaults on the eight benchmarks (48 jobs).
+# Table 1: every registered method at its released defaults on the eight benchmarks (8 jobs per method).
 # Extra arguments are passed to run.py (e.g. data_root=/data model.pretrained=/ckpt/ViT-B-16.pt).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -38,11 +38,16 @@ def protocol_methods() -> list[str]:
 
 @functools.lru_cache(maxsize=None)
 def _method_table(method: str) -> dict:
+    """A method's protocol file; ``datasets_of: other`` takes the per-dataset rows of the method
+    whose released configs it runs under (MaskCLIP under ClearCLIP's), so they are written once."""
     path = _resource("protocols", f"{method}.yaml")
     if not path.is_file():
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(protocol_methods())}")
     with open(path) as f:
-        return yaml.safe_load(f)
+        table = yaml.safe_load(f)
+    if "datasets_of" in table:
+        table["datasets"] = _method_table(table["datasets_of"])["datasets"]
+    return table
 
 
 class MethodFacts(NamedTuple):

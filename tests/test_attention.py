@@ -98,7 +98,7 @@ def test_cli_writes_one_panel_per_method_or_per_head(tmp_path, photos, capsys):
     (["--patch", "9,0"], "patch 9,0 is outside the 4×6 grid"),
     (["--patch", "1"], "--patch '1': expected two numbers"),
     (["--point=-1,3"], "point -1,3 is outside the 451×300 image"),
-    (["--patch", "1,1", "--methods", "maskclip"], "unknown method 'maskclip'"),
+    (["--patch", "1,1", "--methods", "nosuchclip"], "unknown method 'nosuchclip'"),
     (["--patch", "1,1", "--methods", "naclip:pa=true"], "pa=True has no meaning for method 'naclip'"),
 ])
 def test_cli_bad_input_is_one_line(tmp_path, photos, capsys, arguments, message):

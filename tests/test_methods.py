@@ -8,6 +8,7 @@ import torch
 from pearl.methods import available_methods, get_method
 from pearl.methods.naclip import neighbourhood_bias
 from pearl.procrustes import polar_newton_schulz, polar_svd, procrustes_rotation, procrustes_weights
+from pearl.towers import tower_for
 
 from .conftest import build_method
 from .reference import blocks as ref
@@ -25,11 +26,12 @@ def _run(name, model, x, **overrides):
     return build_method(name, **overrides).last_block(tower_for(model.visual), x, [], (3, 4), {})
 
 
-def test_registry_holds_the_six_methods_in_order():
+def test_registry_holds_the_methods_in_order():
     methods = available_methods()
-    assert {"clearclip", "naclip", "pearl", "sclip", "sfp", "vanilla"} <= set(methods) and methods == sorted(methods)
+    assert {"clearclip", "maskclip", "naclip", "pearl", "sclip", "sfp", "vanilla"} <= set(methods)
+    assert methods == sorted(methods)
     with pytest.raises(ValueError, match="valid: clearclip"):
-        get_method("maskclip")
+        get_method("nosuchclip")
 
 
 def test_vanilla_full_block(tiny_model, tokens):
@@ -49,6 +51,20 @@ def test_sclip_sums_two_maps(tiny_model, tokens):
     attn = torch.softmax(s * q @ q.transpose(-1, -2), -1) + torch.softmax(s * k @ k.transpose(-1, -2), -1)
     expected = ref.full_block(block, tokens, attn @ v)[:, 1:]
     assert torch.allclose(_run("sclip", tiny_model, tokens), expected, atol=1e-5)
+
+
+def test_maskclip_is_the_value_path_through_the_output_projection(tiny_model, tokens):
+    """ClearCLIP's model_type='MaskCLIP': softmax over a 0-diagonal / −∞ mask (the identity) times v,
+    out_proj, no residual, no MLP; the identity is what it hands back as its attention."""
+    from pearl.methods.base import ATTENTION
+    block = tiny_model.visual.transformer.resblocks[-1]
+    _, _, v = ref.qkv(block, tokens)
+    mask = torch.full((13, 13), float("-inf")).fill_diagonal_(0)
+    expected = ref.out_proj(block, torch.softmax(mask, -1) @ v)[:, 1:]
+    asked = {ATTENTION: None}
+    ours = build_method("maskclip").last_block(tower_for(tiny_model.visual), tokens, [], (3, 4), asked)
+    assert torch.allclose(ours, expected, atol=1e-5)
+    assert torch.equal(asked[ATTENTION], torch.eye(13).expand(2, ref.HEADS, 13, 13))
 
 
 def _constant_value_model(tiny_model):

@@ -50,8 +50,8 @@ def test_segment_bad_input_is_one_line(tmp_path, photos, capsys):
     assert f"image or folder {tmp_path / 'nope.jpg'} does not exist" in capsys.readouterr().err
     assert main([str(folder), "--classes", " ; ", "--model", "tiny"]) == 2
     assert "class list is empty" in capsys.readouterr().err
-    assert main([str(folder), "--classes", "cat", "--method", "maskclip", "--model", "tiny"]) == 2
-    assert "unknown method 'maskclip'" in capsys.readouterr().err
+    assert main([str(folder), "--classes", "cat", "--method", "nosuchclip", "--model", "tiny"]) == 2
+    assert "unknown method 'nosuchclip'" in capsys.readouterr().err
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not an image")
     assert main([str(broken), "--classes", "cat", "--model", "tiny", "--out", str(tmp_path / "o")]) == 2

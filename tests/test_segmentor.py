@@ -43,8 +43,8 @@ def test_defaults_follow_the_method(tiny_model, tokenizer):
 
 
 def test_bad_input_errors(tiny_model, tokenizer, photos):
-    with pytest.raises(ValueError, match="unknown method 'maskclip'.*valid"):
-        _segmentor(tiny_model, tokenizer, "maskclip")
+    with pytest.raises(ValueError, match="unknown method 'nosuchclip'.*valid"):
+        _segmentor(tiny_model, tokenizer, "nosuchclip")
     with pytest.raises(ValueError, match="unknown parameter.*slide_size"):
         _segmentor(tiny_model, tokenizer, "pearl", slide_size=3)
     for method in ("sclip", "naclip", "clearclip", "sfp"):
@@ -125,7 +125,7 @@ def test_protocols():
     with pytest.raises(ValueError, match="unknown dataset 'voc'"):
         pearl.protocol("pearl", "voc")
     with pytest.raises(ValueError, match="unknown method"):
-        pearl.protocol("maskclip", "voc21")
+        pearl.protocol("nosuchclip", "voc21")
 
 
 def test_text_prototypes_disk_cache(tiny_model, tokenizer, tmp_path):

@@ -32,6 +32,9 @@ def last_block(method, block, x, pa, arch):
         return ref.full_block(block, x, attn @ v)
     if method == "clearclip":
         return ref.out_proj(block, torch.softmax((q @ q.transpose(-1, -2)) * s, -1) @ v)
+    if method == "maskclip":  # ClearCLIP's model_type='MaskCLIP': softmax of a 0-diagonal, −∞ elsewhere mask
+        mask = torch.full((x.shape[1], x.shape[1]), float("-inf")).fill_diagonal_(0)
+        return ref.out_proj(block, torch.softmax(mask, -1) @ v)
     raise AssertionError(f"no reference last block for {method}")
 
 
@@ -99,7 +102,8 @@ def segment(model, protos, query_idx, rgb, method, pa, tlp_on, params, affinity)
                 y2, x2 = min(hi * stride + crop, h_img), min(wi * stride + crop, w_img)
                 y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
                 crop_img = inputs[:, :, y1:y2, x1:x2]
-                pad = clearclip_padsize(*crop_img.shape[-2:]) if method == "clearclip" else (0, 0, 0, 0)
+                pad = (clearclip_padsize(*crop_img.shape[-2:]) if method in ("clearclip", "maskclip")
+                       else (0, 0, 0, 0))
                 padded = F.pad(crop_img, pad)
                 logit = forward_feature(model, padded, method, pa, arch, protos)
                 logit = F.interpolate(logit, size=padded.shape[-2:], mode="bilinear", align_corners=False)

@@ -1,0 +1,29 @@
+"""MaskCLIP: the last block's attention dropped, each token's value embedding through the output
+projection, in a reduced block (no residual, no FFN).
+
+As the SCLIP-family tables run it: mc-lan/ClearCLIP@ad68a40 ``open_clip/transformer.py``
+``custom_attn`` with model_type='MaskCLIP' (a softmax over a mask that is 0 on the diagonal and −∞
+elsewhere, i.e. the identity, times v), ignore_residual=True, under ``clearclip_segmentor.py``
+(padded crops, the canvas in the model dtype); docs/methods.md §5.1. chongzhou96/MaskCLIP@245d31f is
+the original (its key smoothing and prompt denoising are not part of this form).
+"""
+import torch
+
+from . import register
+from .base import ATTENTION, Method, finish_block, keep_attention
+
+
+@register
+class MaskCLIP(Method):
+    name = "maskclip"
+    pad_crops_to_patch = True
+    fuse_in_model_dtype = True
+
+    def last_block(self, tower, x, hidden, grid, info):
+        block = tower.block(-1, grid)
+        _, _, v = block.qkv(block.norm(x))
+        if info is not None and ATTENTION in info:  # the identity the released softmax computes
+            tokens = v.shape[2]
+            keep_attention(info, torch.eye(tokens, dtype=v.dtype, device=v.device).expand(*v.shape[:2], -1, -1))
+        # softmax(mask) @ v with the identity is v exactly (1·v plus exact zeros), so v is used as is
+        return finish_block(block, x, v, "reduced", tower.prefix_tokens)
