@@ -90,7 +90,7 @@ def attention_maps(model, image, method: str, pa: bool | None = None, short_side
     info: dict = {ATTENTION: None}
     with torch.no_grad():
         shared = tower.trunk(normalise(picture, tower.normalisation)[None].to(tower.device),
-                             last_block.needs_hidden_states)
+                             last_block.needs_hidden_states, last_block.position_interpolation)
         tower.head(shared, last_block, info)
     weights = info[ATTENTION][0].float().cpu()
     weights = weights / weights.sum(dim=-1, keepdim=True)  # SCLIP: two softmax maps summed

@@ -293,6 +293,45 @@ def sweep_cost(model, tokenizer, size: str, device: torch.device, args, images: 
     return ratio
 
 
+VOCABULARIES = (21, 59, 150, 459, 847)  # the query counts of VOC21, Context59, ADE20K, Context459, ADE-847
+
+
+def vocabulary_costs(model, tokenizer, size: str, methods: list[str], queries: list[int], device: torch.device,
+                     args, images: int, repeats: int, random_weights: bool) -> list[dict]:
+    """Per-image time and peak memory of each method (its default PA / TLP, its ``size`` protocol)
+    on ``size``'s typical image at each vocabulary size: ``queries`` class names of one query each
+    (the image side's cost depends on their number, not their words). Printed and returned."""
+    pictures = bench_images(BENCHMARKS[size].typical_size, images)
+    memory, rows = PeakMemory(device), []
+    for method in methods:
+        for count in queries:
+            seg = Segmentor(model, [f"class {index}" for index in range(count)], method=method, tokenizer=tokenizer,
+                            device=device, precision=args.precision, window_batch_size=args.window_batch_size,
+                            **bench_settings(method, size, random_weights))
+            prepared = [seg.preprocess(image) for image in pictures]
+            _fast([seg], prepared[:1], 1)  # warm-up
+            times = []
+            memory.reset()
+            for _ in range(repeats):
+                _sync(device)
+                start = time.perf_counter()
+                _fast([seg], prepared, args.batch_images)
+                _sync(device)
+                times.append(time.perf_counter() - start)
+            cuda, host = memory.read()
+            row = {"size": size, "method": method, "pa": seg.pa, "tlp": seg.tlp, "queries": count,
+                   "ms_per_image": 1000 * statistics.median(times) / len(pictures), "peak_cuda_gib": cuda,
+                   "peak_rss_gib": host}
+            rows.append(row)
+            print(f"{size:10s} {method:9s} {count:4d} queries  {row['ms_per_image']:8.0f} ms/img  peak "
+                  f"{_format(cuda)} GiB cuda, {_format(host)} GiB host", flush=True)
+    for method in methods:
+        mine = [row for row in rows if row["method"] == method]
+        print(f"{size:10s} {method:9s} {mine[-1]['queries']} vs {mine[0]['queries']} queries: "
+              f"{mine[-1]['ms_per_image'] / mine[0]['ms_per_image']:.2f}× the time", flush=True)
+    return rows
+
+
 def _format(value) -> str:
     if value is None:
         return "n/a"
@@ -339,6 +378,17 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     partial.replace(path)
 
 
+def _query_counts(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--vocabularies {text!r}: expected query counts separated by commas, e.g. "
+                         f"{','.join(map(str, VOCABULARIES))}") from None
+    if min(counts) < 1:
+        raise ValueError(f"--vocabularies {text!r}: every query count must be at least 1")
+    return counts
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pearl.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -360,8 +410,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help=f"pearl (PA+TLP, neither) and naclip, 2 images, 1 repeat, sizes {','.join(QUICK_SIZES)}: "
                              f"a few minutes on a CPU")
-    parser.add_argument("--out", default="benchmarks/results.csv", help="CSV written (default %(default)s)")
+    parser.add_argument("--out", default=None,
+                        help="CSV written (default benchmarks/results.csv; with --vocabularies "
+                             "benchmarks/vocabulary.csv)")
+    parser.add_argument("--vocabularies", default=None, metavar="Q,Q,...",
+                        help="instead of the variants: each method's time and peak memory per image at these "
+                             f"query counts (e.g. {','.join(map(str, VOCABULARIES))}), on the first --sizes "
+                             "benchmark's image (default ade20k)")
     args = parser.parse_args(argv)
+    args.out = args.out or ("benchmarks/vocabulary.csv" if args.vocabularies else "benchmarks/results.csv")
     try:
         device = torch.device(args.device)
         sizes = (args.sizes or ",".join(QUICK_SIZES if args.quick else SIZES)).split(",")
@@ -373,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
             get_method(method)
         if args.images < 1 or args.repeats < 1 or args.batch_images < 1:
             raise ValueError("--images, --repeats and --batch-images must be at least 1")
+        queries = _query_counts(args.vocabularies) if args.vocabularies else None
     except (ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -380,14 +438,24 @@ def main(argv: list[str] | None = None) -> int:
     todo = list(QUICK_VARIANTS) if args.quick else variants(methods)
     random_weights = args.pretrained == "none" or args.model == "tiny"
     weights = "random weights" if random_weights else args.pretrained
-    print(f"pearl.bench: loading {args.model} ({weights}) on {device}, {len(todo)} variant(s) × {len(sizes)} size(s)",
-          flush=True)
+    plan = (f"{len(methods)} method(s) × {len(queries)} vocabularies" if queries
+            else f"{len(todo)} variant(s) × {len(sizes)} size(s)")
+    print(f"pearl.bench: loading {args.model} ({weights}) on {device}, {plan}", flush=True)
     model, tokenizer = bench_model(args.model, None if random_weights else args.pretrained, device, args.precision)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     peak = gemm_peak_flops(device, PRECISIONS[args.precision])
     print(f"pearl.bench: {args.model} ({weights}), {args.precision}, {name}, torch {torch.__version__}; "
           f"{images} images per size, {repeats} repeat(s), batch_images={args.batch_images}; "
           f"a 2048² matrix product runs at {peak / 1e12:.3g} TFLOP/s", flush=True)
+    if queries:
+        size = args.sizes.split(",")[0] if args.sizes else "ade20k"
+        rows = vocabulary_costs(model, tokenizer, size, methods, queries, device, args, images, repeats,
+                                random_weights)
+        for row in rows:
+            row.update(device=name, model=args.model, weights=weights, precision=args.precision)
+        write_csv(Path(args.out), rows)
+        print(f"wrote {args.out}")
+        return 0
     rows = []
     for size in sizes:
         pictures = bench_images(BENCHMARKS[size].typical_size, images)

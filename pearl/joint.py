@@ -72,7 +72,8 @@ class JointPrediction:
         keep_hidden = any(seg.method.needs_hidden_states for seg in fusing)
         for chunk in self._window_batches(prepared):
             with stage("backbone"):
-                shared = lead.tower.trunk(torch.stack([crop for _, _, crop in chunk]), keep_hidden)
+                shared = lead.tower.trunk(torch.stack([crop for _, _, crop in chunk]), keep_hidden,
+                                          lead.method.position_interpolation)
             for seg, logits_of, seg_stats in zip(fusing, patch_logits, stats):
                 with stage("backbone"):
                     chunk_logits = seg.window_logits(shared, seg_stats)

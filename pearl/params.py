@@ -85,6 +85,16 @@ PARAMS: dict[str, Param] = {
     "pamr_dilations": Param((8, 16), "PAMR neighbour dilations"),
     "naclip_gauss_std": Param(5.0, "std (in patches) of NACLIP's Gaussian neighbourhood bias", check=_above(0),
                               valid="> 0"),
+    "gem_iters": Param(1, "GEM's self-self attention iterations before the value assignment", check=_at_least(0),
+                       valid="≥ 0"),
+    "gem_temperature": Param(0.0, "GEM's inverse temperature of the self-self attention; 0 = the released "
+                                  "adaptive one (the tokens' mean norm × head_dim^-1/2, per image)",
+                             check=_at_least(0), valid="≥ 0"),
+    "gem_residual": Param(False, "GEM path summed over its blocks from their input (GEMWrapper's "
+                                 "ignore_residual=False) instead of the last block's self-self attention alone "
+                                 "(as ClearCLIP runs it: ignore_residual=True)"),
+    "gem_depth": Param(7, "GEM wraps the last depth − 1 blocks (released 7: six blocks); used with gem_residual",
+                       check=_at_least(2), valid="≥ 2"),
     "sfp_outlier": Param("som", "SFP outlier detector: 'som' (released), 'l2' or 'lof'", ("som", "l2", "lof")),
     "sfp_purify": Param(True, "SFP purification of outlier tokens on/off"),
     "sfp_res_cls": Param(0.3, "SFP's CLS residual weight (also sets its res_cls·5 detection scale)"),

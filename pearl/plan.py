@@ -196,6 +196,7 @@ def shared_trunk_key(cfg: DictConfig) -> str | None:
                         "model": OmegaConf.to_container(cfg.model, resolve=True), "device": cfg.device,
                         "windows": windows,
                         "model_dtype_input": method.fuse_in_model_dtype, "padding": method.pad_crops_to_patch,
+                        "positions": method.position_interpolation,
                         "batching": [cfg.batch_images, cfg.window_batch_size, cfg.loader_workers,
                                      cfg.group_memory_gib],
                         "reading": [cfg.on_error, cfg.max_pixels, cfg.max_images]})

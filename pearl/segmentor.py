@@ -111,9 +111,9 @@ class Segmentor:
 
     def trunk_key(self) -> tuple:
         """What blocks 1..L−1 of a window depend on: model, device, rescale and windows, the
-        input's dtype and padding. Segmentors with equal keys can share one trunk."""
+        input's dtype and padding, the position interpolation. Segmentors with equal keys can share one trunk."""
         return (id(self.model), self.device, self.windows, self.method.fuse_in_model_dtype and self.dtype,
-                self.method.pad_crops_to_patch)
+                self.method.pad_crops_to_patch, self.method.position_interpolation)
 
     def fuses_as(self, other: Segmentor) -> bool:
         """Whether ``other`` computes this segmentor's fused logits: one trunk, the same last block

@@ -80,6 +80,7 @@ MAIN = [Row("CLIP", "vanilla", False, False, "table1", "CLIP"),
         Row("SCLIP", "sclip", False, False, "table1", "SCLIP"),
         Row("NACLIP (no PAMR)", "naclip", False, False, "table1", "NACLIP"),
         Row("MaskCLIP", "maskclip", False, False, "table1", "MaskCLIP"),
+        Row("GEM", "gem", False, False, "table1", "GEM"),
         Row("ClearCLIP", "clearclip", False, False, "table1", "ClearCLIP"),
         Row("SFP", "sfp", False, False, "table1", "SFP"),
         Row("PEARL", "pearl", True, True, "table1", "PEARL (Ours)", pacc_row="PEARL (Ours)")]
@@ -92,7 +93,8 @@ PLUG_AND_PLAY = [Row(f"{title} {tag}", method, False, tlp, "table4" if paper els
                      f"{title} {tag}" if paper else None)
                  for title, method, paper in (("SCLIP", "sclip", True), ("NACLIP", "naclip", True),
                                               ("SFP", "sfp", True), ("ClearCLIP", "clearclip", False),
-                                              ("MaskCLIP", "maskclip", False), ("CLIP", "vanilla", False))
+                                              ("MaskCLIP", "maskclip", False), ("GEM", "gem", False),
+                                              ("CLIP", "vanilla", False))
                  for tag, tlp in (("without TLP", False), ("with TLP", True))]
 RESOLUTION = [Row(f"short side {side}", "pearl", True, True, "table5", f"short side {side}", {"resize_short": side})
               for side in (224, 280, 336)]

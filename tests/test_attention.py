@@ -111,8 +111,12 @@ def test_cli_bad_input_is_one_line(tmp_path, photos, capsys, arguments, message)
 
 def test_only_last_block_parameters_are_options():
     from pearl.attention import last_block_params
-    assert last_block_params() == ["arch", "alpha_kk", "use_kk", "pa_solver", "pa_iters", "naclip_gauss_std",
-                                   "sfp_outlier", "sfp_purify", "sfp_res_cls", "sfp_nan_guard", "sfp_layers"]
+    params = last_block_params()
+    assert params[:6] == ["arch", "alpha_kk", "use_kk", "pa_solver", "pa_iters", "naclip_gauss_std"]
+    assert {"gem_iters", "gem_temperature", "gem_residual", "gem_depth", "sfp_outlier", "sfp_purify", "sfp_res_cls",
+            "sfp_nan_guard", "sfp_layers"} <= set(params)
+    assert not [name for name in params if name.startswith(("tlp", "pamr", "slide", "resize"))
+                or name in ("logit_scale", "prob_thd", "area_thd", "templates", "text_cache_dir")]
 
 
 def test_cli_missing_or_broken_image_and_bad_precision(tmp_path, photos, capsys):

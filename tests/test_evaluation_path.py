@@ -77,3 +77,21 @@ def test_bench_names_a_bad_size_and_exits_2(capsys):
     from pearl.bench import main
     assert main(["--sizes", "voc21,vocc", "--model", "tiny"]) == 2
     assert "vocc" in capsys.readouterr().err
+
+
+def test_bench_vocabularies_times_each_method_at_each_query_count(tmp_path, capsys):
+    import csv
+
+    from pearl.bench import main
+    out = tmp_path / "vocabulary.csv"
+    assert main(["--model", "tiny", "--methods", "naclip,pearl", "--vocabularies", "3,40", "--images", "1",
+                 "--repeats", "1", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [(row["method"], row["queries"], row["pa"], row["tlp"]) for row in rows] == [
+        ("naclip", "3", "False", "False"), ("naclip", "40", "False", "False"),
+        ("pearl", "3", "True", "True"), ("pearl", "40", "True", "True")]  # each method at its defaults
+    assert all(row["size"] == "ade20k" and float(row["ms_per_image"]) > 0 for row in rows)
+    assert "naclip    40 vs 3 queries" in capsys.readouterr().out
+    for bad in ("21,x", "0,21"):
+        assert main(["--model", "tiny", "--vocabularies", bad]) == 2
+        assert f"--vocabularies '{bad}'" in capsys.readouterr().err

@@ -200,3 +200,34 @@ def test_pearl_pa_off_is_plain_query_key_attention_in_reduced_block(tiny_model, 
     assert torch.allclose(with_pa, ref.out_proj(block, ref.procrustes_attention(q, k, v, 0.08))[:, 1:], atol=1e-4)
     no_kk = _run("pearl", tiny_model, tokens, pa=True, use_kk=False)
     assert torch.allclose(no_kk, ref.out_proj(block, ref.procrustes_attention(q, k, v, 0.0))[:, 1:], atol=1e-4)
+
+
+@pytest.mark.parametrize("overrides, reference", [
+    ({}, {}),                                                   # as ClearCLIP runs it: the last block alone
+    ({"gem_iters": 3, "gem_temperature": 2.5}, {"iters": 3, "temperature": 2.5}),
+    ({"gem_residual": True}, {"ignore_residual": False}),       # summed over the last six blocks
+    ({"gem_residual": True, "gem_depth": 3}, {"ignore_residual": False, "depth": 3})])
+def test_gem_matches_the_transcribed_self_self_attention(tiny_model, overrides, reference):
+    from .reference import gem as gem_ref
+    from .reference import sfp as sfp_ref
+    torch.manual_seed(3)
+    hidden, grid = sfp_ref.hidden_states(tiny_model, torch.randn(2, 3, 48, 64))
+    method = build_method("gem", **overrides)
+    assert method.needs_hidden_states == overrides.get("gem_residual", False)
+    ours = method.last_block(tower_for(tiny_model.visual), hidden[-1], hidden, grid, {})
+    expected = gem_ref.gem_path(tiny_model, hidden, **reference)[:, 1:]
+    assert torch.allclose(ours, expected, atol=1e-5)
+
+
+def test_gem_resamples_positions_by_size_with_antialiasing(tiny_model):
+    import torch.nn.functional as F
+
+    from pearl.towers.open_clip_vit import positional_embedding
+    visual = tiny_model.visual
+    pos = visual.positional_embedding.detach().float()
+    assert torch.equal(positional_embedding(visual, 4, 4, "size_antialias"), pos)
+    grid = pos[1:].reshape(1, 4, 4, 64).permute(0, 3, 1, 2)
+    expected = F.interpolate(grid, size=(2, 8), mode="bicubic", antialias=True).permute(0, 2, 3, 1).reshape(16, 64)
+    out = positional_embedding(visual, 2, 8, "size_antialias")  # the native token count, another grid: resampled
+    assert torch.equal(out[0], pos[0]) and torch.allclose(out[1:], expected)
+    assert not torch.allclose(out, positional_embedding(visual, 2, 8), atol=1e-4)  # "+0.1" keeps the stock one

@@ -12,7 +12,7 @@ from pearl.methods import get_method
 from .reference import pipeline as flow
 
 CLASSES = ["sky, wall, tree", "cat, kitten", "cup", "table"]
-REFERENCED = ("vanilla", "sclip", "naclip", "clearclip", "maskclip", "pearl")  # SFP: its own test below
+REFERENCED = ("vanilla", "sclip", "naclip", "clearclip", "maskclip", "gem", "pearl")  # SFP: its own test below
 CASES = [(m, pa, t) for m in REFERENCED for pa in (False, True) for t in (False, True)
          if not pa or get_method(m).has_query_key_term]
 

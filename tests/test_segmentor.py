@@ -208,9 +208,9 @@ def test_windows_of_all_images_share_batched_forwards(tiny_model, tokenizer, pho
     calls = []
     original = Tower.trunk
 
-    def counting(tower, images, keep_hidden):
+    def counting(tower, images, *args):
         calls.append(images.shape[0])
-        return original(tower, images, keep_hidden)
+        return original(tower, images, *args)
     monkeypatch.setattr(Tower, "trunk", counting)
     from pearl.segmentor import default_window_batch_size
     default = _segmentor(tiny_model, tokenizer, "pearl")  # CPU: 8, or as many as hold 8 × 197² attention values

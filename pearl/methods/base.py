@@ -76,6 +76,9 @@ class Method(abc.ABC):
     # ClearCLIP: pad crops to a multiple of the patch size; fuse in the model dtype.
     pad_crops_to_patch: ClassVar[bool] = False
     fuse_in_model_dtype: ClassVar[bool] = False
+    # How the tower resamples its position embedding to a window's grid (``pearl.towers.base.POSITIONS``):
+    # the "+0.1" scale factor of the NACLIP/SCLIP/ClearCLIP code, or GEM's resample by size with antialiasing.
+    position_interpolation: ClassVar[str] = "plus_point_one"
 
     def __init__(self, config=None) -> None:
         self.config = config if config is not None else self.Config()

@@ -20,6 +20,13 @@ from ..preprocess import Normalisation
 if TYPE_CHECKING:
     from ..methods.base import Method
 
+# How a tower resamples its position embedding to a grid other than its native one:
+# "plus_point_one": bicubic by the scale factor ((h'+0.1)/h, (w'+0.1)/w), the stock embedding whenever
+# the token count is the native one (NACLIP/SCLIP/ClearCLIP/PEARL; docs/protocol.md §6.4);
+# "size_antialias": bicubic to the size (h', w') with antialiasing, the stock one only on the native
+# grid (timm's resample_abs_pos_embed, as GEM runs it).
+POSITIONS = ("plus_point_one", "size_antialias")
+
 
 class Trunk(NamedTuple):
     """What blocks 1..L−1 give the last block: its input x [B, T, C] (prefix tokens first), the
@@ -105,8 +112,9 @@ class Tower(abc.ABC):
     def device(self) -> torch.device: ...
 
     @abc.abstractmethod
-    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Tokens [B, T, C] entering block 1 and the grid (h', w'), for images [B, 3, H, W]."""
+    def embed(self, images: torch.Tensor, positions: str = POSITIONS[0]) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Tokens [B, T, C] entering block 1 and the grid (h', w'), for images [B, 3, H, W], the
+        position embedding resampled to the grid as ``positions`` (one of ``POSITIONS``) says."""
 
     @abc.abstractmethod
     def block(self, index: int, grid: tuple[int, int]) -> AttentionBlock:
@@ -116,13 +124,13 @@ class Tower(abc.ABC):
     def final(self, patches: torch.Tensor) -> torch.Tensor:
         """The final norm and projection of patch tokens [B, N, C] → [B, N, D] (not unit-norm)."""
 
-    def trunk(self, images: torch.Tensor, keep_hidden: bool = False) -> Trunk:
-        """Patch embedding and blocks 1..L−1 for images [B, 3, H, W].
+    def trunk(self, images: torch.Tensor, keep_hidden: bool = False, positions: str = POSITIONS[0]) -> Trunk:
+        """Patch embedding (``positions``: see ``POSITIONS``) and blocks 1..L−1 for images [B, 3, H, W].
 
         Independent of the method: jobs that differ only in the last block, the refinement or the
         decision can share one trunk (docs/speed.md §3).
         """
-        x, grid = self.embed(images)
+        x, grid = self.embed(images, positions)
         hidden = []
         for index in range(self.num_blocks - 1):
             x = self.block(index, grid)(x)
@@ -143,5 +151,5 @@ class Tower(abc.ABC):
         """Unit-norm patch features [B, h', w', D] with ``method`` computing the last block, and its
         diagnostics (0-dim tensors; empty unless ``diagnostics``)."""
         info: dict | None = {} if diagnostics else None
-        feats = self.head(self.trunk(images, method.needs_hidden_states), method, info)
+        feats = self.head(self.trunk(images, method.needs_hidden_states, method.position_interpolation), method, info)
         return feats, info or {}

@@ -13,29 +13,36 @@ from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 
 from ..preprocess import Normalisation, model_normalisation
 from . import register
-from .base import AttentionBlock, Tower
+from .base import POSITIONS, AttentionBlock, Tower
 
 
 def _pair(size) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else tuple(size)
 
 
-def positional_embedding(visual, grid_h: int, grid_w: int) -> torch.Tensor:
+def positional_embedding(visual, grid_h: int, grid_w: int, positions: str = POSITIONS[0]) -> torch.Tensor:
     """[1 + h'w', C] positional embedding for an h'×w' grid, fp32.
 
-    Interpolated bicubically with the explicit scale factor ((h'+0.1)/14, (w'+0.1)/14), not
-    ``size=`` (the DINO "+0.1" trick; docs/protocol.md §6.4). As in NACLIP/PEARL ``clip/model.py``
-    ``VisionTransformer.forward``, the stock embedding is used whenever the token count equals the
-    native one.
+    ``plus_point_one``: interpolated bicubically with the explicit scale factor ((h'+0.1)/14,
+    (w'+0.1)/14), not ``size=`` (the DINO "+0.1" trick; docs/protocol.md §6.4); as in NACLIP/PEARL
+    ``clip/model.py`` ``VisionTransformer.forward``, the stock embedding is used whenever the token
+    count equals the native one. ``size_antialias``: bicubic to the size with antialiasing, the stock
+    one only on the native grid (GEM's ``resample_abs_pos_embed``, WalBouss/GEM@5fa677c).
     """
+    if positions not in POSITIONS:
+        raise ValueError(f"position interpolation {positions!r} is not one of {', '.join(POSITIONS)}")
     pos = visual.positional_embedding.float()
     native_h, native_w = _pair(visual.grid_size)
-    if grid_h * grid_w == native_h * native_w:
+    if (grid_h, grid_w) == (native_h, native_w) or (
+            positions == "plus_point_one" and grid_h * grid_w == native_h * native_w):
         return pos
     cls_pos, patch_pos = pos[:1], pos[1:]
     patch_pos = patch_pos.reshape(1, native_h, native_w, -1).permute(0, 3, 1, 2)
-    patch_pos = F.interpolate(patch_pos, scale_factor=((grid_h + 0.1) / native_h, (grid_w + 0.1) / native_w),
-                              mode="bicubic", align_corners=False)
+    if positions == "size_antialias":
+        patch_pos = F.interpolate(patch_pos, size=(grid_h, grid_w), mode="bicubic", antialias=True)
+    else:
+        patch_pos = F.interpolate(patch_pos, scale_factor=((grid_h + 0.1) / native_h, (grid_w + 0.1) / native_w),
+                                  mode="bicubic", align_corners=False)
     assert patch_pos.shape[-2:] == (grid_h, grid_w), patch_pos.shape
     return torch.cat([cls_pos, patch_pos.permute(0, 2, 3, 1).reshape(grid_h * grid_w, -1)])
 
@@ -133,14 +140,14 @@ class OpenClipViT(Tower):
     def device(self) -> torch.device:
         return self.visual.conv1.weight.device
 
-    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    def embed(self, images: torch.Tensor, positions: str = POSITIONS[0]) -> tuple[torch.Tensor, tuple[int, int]]:
         visual = self.visual
         x = visual.conv1(images.to(self.dtype))
         grid = (x.shape[-2], x.shape[-1])
         x = x.flatten(2).transpose(1, 2)
         cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1)
-        x = x + positional_embedding(visual, *grid).to(x.dtype)
+        x = x + positional_embedding(visual, *grid, positions).to(x.dtype)
         x = visual.patch_dropout(x)
         return visual.ln_pre(x), grid
 

@@ -16,6 +16,7 @@ from pearl.refine.pamr import pamr
 from pearl.refine.tlp import TLPConfig, tlp
 
 from . import blocks as ref
+from . import gem as gem_ref
 from . import sfp as sfp_ref
 
 MEAN, STD = np.array([122.771, 116.746, 104.094]), np.array([68.501, 66.632, 70.323])
@@ -45,7 +46,12 @@ def forward_feature(model, img, method, pa, arch, protos):
     x = visual.conv1(img).reshape(1, 64, -1).permute(0, 2, 1)
     x = torch.cat([visual.class_embedding.view(1, 1, -1), x], dim=1)
     gh, gw = h // 16, w // 16
-    if x.shape[1] != visual.positional_embedding.shape[0]:
+    if method == "gem" and (gh, gw) != (4, 4):  # GEM: resample_abs_pos_embed, by size with antialiasing
+        pos = visual.positional_embedding
+        patch = F.interpolate(pos[1:].reshape(1, 4, 4, 64).permute(0, 3, 1, 2), size=(gh, gw), mode="bicubic",
+                              antialias=True)
+        x = x + torch.cat([pos[:1], patch.permute(0, 2, 3, 1).reshape(-1, 64)])[None]
+    elif method != "gem" and x.shape[1] != visual.positional_embedding.shape[0]:
         pos = visual.positional_embedding
         patch = F.interpolate(pos[1:].reshape(1, 4, 4, 64).permute(0, 3, 1, 2),
                               scale_factor=((gh + 0.1) / 4, (gw + 0.1) / 4), mode="bicubic")
@@ -61,6 +67,8 @@ def forward_feature(model, img, method, pa, arch, protos):
     if method == "sfp":
         patches, _ = sfp_ref.last_block(model, hidden, (gh, gw))
         out = torch.cat([x[:, :1], patches[None]], dim=1)  # a CLS row to drop below, as the others
+    elif method == "gem":
+        out = gem_ref.gem_path(model, hidden)
     elif method == "naclip":
         q, k, v = ref.qkv(block, x)
         attn = torch.softmax((k @ k.transpose(-1, -2)) * 32 ** -0.5 + neighbourhood_bias(gh, gw, 5.0), -1)
@@ -102,7 +110,7 @@ def segment(model, protos, query_idx, rgb, method, pa, tlp_on, params, affinity)
                 y2, x2 = min(hi * stride + crop, h_img), min(wi * stride + crop, w_img)
                 y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
                 crop_img = inputs[:, :, y1:y2, x1:x2]
-                pad = (clearclip_padsize(*crop_img.shape[-2:]) if method in ("clearclip", "maskclip")
+                pad = (clearclip_padsize(*crop_img.shape[-2:]) if method in ("clearclip", "maskclip", "gem")
                        else (0, 0, 0, 0))
                 padded = F.pad(crop_img, pad)
                 logit = forward_feature(model, padded, method, pa, arch, protos)
