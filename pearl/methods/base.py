@@ -94,6 +94,15 @@ class Method(abc.ABC):
         """Patch tokens [B, h'w', C] before ln_post."""
 
 
+class ClearCLIPSegmentorMethod(Method, abc.ABC):
+    """A method as mc-lan/ClearCLIP@ad68a40 ``clearclip_segmentor.py`` runs it (ClearCLIP, and
+    MaskCLIP and GEM through its ``model_type``): sliding-window crops zero-padded to a multiple of
+    the patch size, the fusion canvas in the model dtype (docs/methods.md §5)."""
+
+    pad_crops_to_patch = True
+    fuse_in_model_dtype = True
+
+
 def finish_block(block: AttentionBlock, x: torch.Tensor, heads_out: torch.Tensor, arch: str, prefix_tokens: int
                  ) -> torch.Tensor:
     """Patch tokens [B, N, C] from the heads' output [B, heads, T, d] (the first ``prefix_tokens`` dropped).

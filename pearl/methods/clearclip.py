@@ -7,14 +7,12 @@ window canvas is kept in the model dtype, as ``clearclip_segmentor.py`` does.
 import torch
 
 from . import register
-from .base import Method, finish_block, keep_attention
+from .base import ClearCLIPSegmentorMethod, finish_block, keep_attention
 
 
 @register
-class ClearCLIP(Method):
+class ClearCLIP(ClearCLIPSegmentorMethod):
     name = "clearclip"
-    pad_crops_to_patch = True
-    fuse_in_model_dtype = True
 
     def last_block(self, tower, x, hidden, grid, info):
         block = tower.block(-1, grid)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..params import default
 from . import register
-from .base import Method, keep_attention
+from .base import ClearCLIPSegmentorMethod, keep_attention
 
 
 @dataclass(frozen=True)
@@ -50,12 +50,10 @@ def self_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_t
 
 
 @register
-class GEM(Method):
+class GEM(ClearCLIPSegmentorMethod):
     name = "gem"
     Config = GEMConfig
     config_prefix = "gem_"
-    pad_crops_to_patch = True
-    fuse_in_model_dtype = True
     position_interpolation = "size_antialias"
 
     @property

@@ -10,14 +10,12 @@ the original (its key smoothing and prompt denoising are not part of this form).
 import torch
 
 from . import register
-from .base import ATTENTION, Method, finish_block, keep_attention
+from .base import ATTENTION, ClearCLIPSegmentorMethod, finish_block, keep_attention
 
 
 @register
-class MaskCLIP(Method):
+class MaskCLIP(ClearCLIPSegmentorMethod):
     name = "maskclip"
-    pad_crops_to_patch = True
-    fuse_in_model_dtype = True
 
     def last_block(self, tower, x, hidden, grid, info):
         block = tower.block(-1, grid)
