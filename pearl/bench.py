@@ -339,7 +339,7 @@ def _format(value) -> str:
 
 
 def table1_minutes(rows: list[dict]) -> dict[str, float]:
-    """Minutes for Table 1 (six methods × eight datasets, default PA/TLP), extrapolated from the
+    """Minutes for Table 1 (each method measured × eight datasets, default PA/TLP), extrapolated from the
     measured images/s: each dataset at the measured size whose protocol it resembles (VOC and
     PASCAL Context: the VOC size; COCO and ADE20K: the ADE20K size; Cityscapes its own)."""
     like = {"voc21": "voc21", "voc20": "voc21", "context60": "voc21", "context59": "voc21",

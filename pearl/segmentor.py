@@ -118,8 +118,8 @@ class Segmentor:
     def fuses_as(self, other: Segmentor) -> bool:
         """Whether ``other`` computes this segmentor's fused logits: one trunk, the same last block
         (method and its settings, PA included), text prototypes, model dtype and diagnostics, and
-        TLP's settings where TLP runs inside the fusion (per window). Such segmentors differ only in
-        what follows the fusion (post-fusion TLP, PAMR, the decision), so one fusion serves them."""
+        the per-window refiners (TLP at ``tlp_site=per_window``). Such segmentors differ only in what
+        follows the fusion (the post-fusion refiners, the decision), so one fusion serves them."""
         return (self._fusion_settings() == other._fusion_settings()
                 and self.prototypes.shape == other.prototypes.shape and torch.equal(self.prototypes, other.prototypes))
 
@@ -150,6 +150,8 @@ class Segmentor:
         return Prediction(out.labels.cpu(), moved(out._probs), moved(out._logits), info)
 
     def prepare_image(self, image) -> WindowedImage:
+        """The image (or ``preprocess``'s result) on the device, in the input dtype, with its windows;
+        an ImageSizeError naming the size when the rescaled image is smaller than one patch."""
         prepared = image if isinstance(image, PreparedImage) else self.preprocess(image)
         tensor = prepared.input.to(self.device, non_blocking=True)
         if self.method.fuse_in_model_dtype:

@@ -156,7 +156,7 @@ def test_sweep_tables_and_resume_in_a_subprocess(synthetic, tmp_path):
     assert tables.returncode == 0, tables.stderr
     folder = results / "tiny_seed0"  # a model other than the paper's gets its own folder
     main = pd.read_csv(folder / "main.csv")
-    assert list(main["row"]) == ["CLIP", "SCLIP", "NACLIP (no PAMR)", "ClearCLIP", "SFP", "PEARL"]
+    assert list(main["row"]) == ["CLIP", "SCLIP", "NACLIP (no PAMR)", "MaskCLIP", "GEM", "ClearCLIP", "SFP", "PEARL"]
     assert [c for c in main.columns if c.endswith("_ours")] == [
         "VOC21_ours", "PC60_ours", "Object_ours", "VOC20_ours", "PC59_ours", "Stuff_ours", "City_ours", "ADE_ours",
         "Avg_ours"]

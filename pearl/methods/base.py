@@ -69,7 +69,7 @@ class Method(abc.ABC):
     default_arch: ClassVar[str]
     # PA rotates keys against queries: meaningful only where attention has a query·key term.
     has_query_key_term: ClassVar[bool]
-    needs_hidden_states: ClassVar[bool] = False
+    needs_hidden_states: ClassVar[bool] = False  # a property where the method's config decides (GEM)
     # Whole-image mode: upsample patch logits to the input size, then to the original size
     # (NACLIP/PEARL); otherwise straight to the original size (SCLIP/SFP/ClearCLIP). docs/protocol.md §6.5
     whole_upsample_via_input: ClassVar[bool] = False

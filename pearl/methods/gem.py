@@ -74,9 +74,8 @@ class GEM(ClearCLIPSegmentorMethod):
         return block.attention_residual(torch.zeros_like(x), block.project(out))
 
     def last_block(self, tower, x, hidden, grid, info):
-        last = tower.block(-1, grid)
         if not self.config.residual:  # ignore_residual: each GEM block's output replaces the path's
-            return self._path_output(last, x, info)[:, tower.prefix_tokens:]
+            return self._path_output(tower.block(-1, grid), x, info)[:, tower.prefix_tokens:]
         first = tower.num_blocks - (self.config.depth - 1)
         if first < 1:
             raise ValueError(f"gem_depth={self.config.depth} wraps more blocks than the model's {tower.num_blocks}")
