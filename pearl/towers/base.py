@@ -127,8 +127,8 @@ class Tower(abc.ABC):
     def trunk(self, images: torch.Tensor, keep_hidden: bool = False, positions: str = POSITIONS[0]) -> Trunk:
         """Patch embedding (``positions``: see ``POSITIONS``) and blocks 1..L−1 for images [B, 3, H, W].
 
-        Independent of the method: jobs that differ only in the last block, the refinement or the
-        decision can share one trunk (docs/speed.md §3).
+        Independent of the method but for how it resamples positions: jobs that differ only in the
+        last block, the refinement or the decision can share one trunk (docs/speed.md §3).
         """
         x, grid = self.embed(images, positions)
         hidden = []
