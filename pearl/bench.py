@@ -197,6 +197,15 @@ def _fast(segs: list[Segmentor], prepared: list, batch_images: int) -> None:
             next(predictions)  # released before the next image's are made, as the runner releases them
 
 
+def _timed_fast(segs: list[Segmentor], prepared: list, batch_images: int, device: torch.device) -> float:
+    """Seconds of one synchronised pass of the evaluation path over ``prepared``."""
+    _sync(device)
+    start = time.perf_counter()
+    _fast(segs, prepared, batch_images)
+    _sync(device)
+    return time.perf_counter() - start
+
+
 def measure(seg: Segmentor, images: list[np.ndarray], batch_images: int, repeats: int, reference: bool) -> dict:
     """Figures of one segmentor on ``images``: path and loop timed alternately ``repeats`` times
     (medians), then one pass with stage timing, one FLOP count."""
@@ -210,11 +219,7 @@ def measure(seg: Segmentor, images: list[np.ndarray], batch_images: int, repeats
     peaks = {}
     for _ in range(repeats):
         memory.reset()
-        _sync(device)
-        start = time.perf_counter()
-        _fast([seg], prepared, batch_images)
-        _sync(device)
-        fast_s.append(time.perf_counter() - start)
+        fast_s.append(_timed_fast([seg], prepared, batch_images, device))
         peaks["fast"] = memory.read()
         if reference:
             memory.reset()
@@ -281,11 +286,7 @@ def sweep_cost(model, tokenizer, size: str, device: torch.device, args, images: 
     one, four = [], []
     for _ in range(repeats):
         for group, times in (([segs[0]], one), (segs, four)):
-            _sync(device)
-            start = time.perf_counter()
-            _fast(group, prepared, args.batch_images)
-            _sync(device)
-            times.append(time.perf_counter() - start)
+            times.append(_timed_fast(group, prepared, args.batch_images, device))
     ratio = statistics.median(four) / statistics.median(one)
     print(f"{size:10s} sweep pearl pa=true,false tlp=true,false on one trunk: {ratio:.2f}× one job "
           f"({1000 * statistics.median(four) / images:.0f} vs {1000 * statistics.median(one) / images:.0f} ms/img; "
@@ -310,14 +311,8 @@ def vocabulary_costs(model, tokenizer, size: str, methods: list[str], queries: l
                             **bench_settings(method, size, random_weights))
             prepared = [seg.preprocess(image) for image in pictures]
             _fast([seg], prepared[:1], 1)  # warm-up
-            times = []
             memory.reset()
-            for _ in range(repeats):
-                _sync(device)
-                start = time.perf_counter()
-                _fast([seg], prepared, args.batch_images)
-                _sync(device)
-                times.append(time.perf_counter() - start)
+            times = [_timed_fast([seg], prepared, args.batch_images, device) for _ in range(repeats)]
             cuda, host = memory.read()
             row = {"size": size, "method": method, "pa": seg.pa, "tlp": seg.tlp, "queries": count,
                    "ms_per_image": 1000 * statistics.median(times) / len(pictures), "peak_cuda_gib": cuda,
