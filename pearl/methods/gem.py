@@ -70,8 +70,7 @@ class GEM(ClearCLIPSegmentorMethod):
             inv_temp = y.norm(dim=-1).mean(dim=-1)[:, None, None, None] * block.scale
         out, weights = self_self_attention(q, k, v, inv_temp, self.config.iters)
         keep_attention(info, weights)
-        # the block's layer scale on the projection, as GEMResidualBlock applies ls_1 (0 + a is a exactly)
-        return block.attention_residual(torch.zeros_like(x), block.project(out))
+        return block.attention_scale(block.project(out))  # GEMResidualBlock applies ls_1 too
 
     def last_block(self, tower, x, hidden, grid, info):
         if not self.config.residual:  # ignore_residual: each GEM block's output replaces the path's

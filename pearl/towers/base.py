@@ -57,8 +57,12 @@ class AttentionBlock(abc.ABC):
         """The output projection of the heads' output [B, heads, T, d] → [B, T, C]."""
 
     @abc.abstractmethod
+    def attention_scale(self, attended: torch.Tensor) -> torch.Tensor:
+        """The block's layer scale on the projected attention output (the identity where it has none)."""
+
     def attention_residual(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-        """x + the projected attention output (with the block's layer scale)."""
+        """x + the projected attention output, layer-scaled."""
+        return x + self.attention_scale(attended)
 
     @abc.abstractmethod
     def mlp_residual(self, y: torch.Tensor) -> torch.Tensor:

@@ -72,8 +72,8 @@ class OpenClipBlock(AttentionBlock):
         batch, heads, tokens, dim = heads_out.shape
         return self.module.attn.out_proj(heads_out.transpose(1, 2).reshape(batch, tokens, heads * dim))
 
-    def attention_residual(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-        return x + self.module.ls_1(attended)
+    def attention_scale(self, attended: torch.Tensor) -> torch.Tensor:
+        return self.module.ls_1(attended)
 
     def mlp_residual(self, y: torch.Tensor) -> torch.Tensor:
         block = self.module
