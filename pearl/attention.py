@@ -52,7 +52,7 @@ class AttentionMaps(NamedTuple):
     """One method's last-block attention on one image.
 
     ``weights`` [heads, T, T] float32 on the CPU, rows = queries normalised to sum to 1 over the
-    keys, the tower's ``prefix_tokens`` first (none for SFP's main branch, which attends over the
+    keys, the tower's ``prefix_tokens`` first (none for SFP's and SC-CLIP's main branch, which attend over the
     patches only), the first of them the CLS token when ``has_cls``; ``grid`` (h', w'); ``image``
     the rescaled RGB image the model saw, cropped to the grid's pixels."""
 

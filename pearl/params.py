@@ -102,6 +102,10 @@ PARAMS: dict[str, Param] = {
                                   "(the released zero vector turns the whole window NaN)"),
     "sfp_layers": Param(None, "SFP layer map [pre, post, first, last] (1-based block outputs); None = the released "
                               "(9, 4, 4, 10), valid only for 12-block ViTs"),
+    "scclip_res_cls": Param(0.3, "SC-CLIP's weight of the CLS token added to both branches of its last block"),
+    "scclip_layers": Param(None, "SC-CLIP layer map [pre, post, first, last] (1-based block outputs: the similarity "
+                                 "before and after the last block, the multi-level sum first..last); None = the "
+                                 "released (9, 4, 4, 10), valid only for 12-block ViTs"),
     "templates": Param("openai80", "prompt templates: 'openai80' (the 80 OpenAI ImageNet templates, released), "
                                    "'single' ('a photo of a {}.') or a file of templates, one per line, each with {}",
                        check=lambda v: v in ("openai80", "single") or os.path.isfile(v),
@@ -109,7 +113,7 @@ PARAMS: dict[str, Param] = {
     "text_cache_dir": Param(None, "disk cache of text prototypes (None = $PEARL_CACHE/text, '' = off)"),
 }
 
-_SEQUENCE_PARAMS = ("pamr_dilations", "sfp_layers")
+_SEQUENCE_PARAMS = ("pamr_dilations", "sfp_layers", "scclip_layers")
 
 
 def paper_variants() -> dict[str, Any]:

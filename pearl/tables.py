@@ -83,6 +83,7 @@ MAIN = [Row("CLIP", "vanilla", False, False, "table1", "CLIP"),
         Row("GEM", "gem", False, False, "table1", "GEM"),
         Row("ClearCLIP", "clearclip", False, False, "table1", "ClearCLIP"),
         Row("SFP", "sfp", False, False, "table1", "SFP"),
+        Row("SC-CLIP", "scclip", False, False, None, None),  # not in PEARL's Table 1: own_sources has its paper
         Row("PEARL", "pearl", True, True, "table1", "PEARL (Ours)", pacc_row="PEARL (Ours)")]
 ABLATION = [Row("Vanilla CLIP (full block)", "vanilla", False, False, "table3", "Vanilla CLIP (no PA, no TLP)"),
             Row("PA only", "pearl", True, False, "table3", "PA only"),
@@ -92,7 +93,8 @@ ABLATION = [Row("Vanilla CLIP (full block)", "vanilla", False, False, "table3", 
 PLUG_AND_PLAY = [Row(f"{title} {tag}", method, False, tlp, "table4" if paper else None,
                      f"{title} {tag}" if paper else None)
                  for title, method, paper in (("SCLIP", "sclip", True), ("NACLIP", "naclip", True),
-                                              ("SFP", "sfp", True), ("ClearCLIP", "clearclip", False),
+                                              ("SFP", "sfp", True), ("SC-CLIP", "scclip", False),
+                                              ("ClearCLIP", "clearclip", False),
                                               ("MaskCLIP", "maskclip", False), ("GEM", "gem", False),
                                               ("CLIP", "vanilla", False))
                  for tag, tlp in (("without TLP", False), ("with TLP", True))]

@@ -29,7 +29,7 @@ def test_every_method_hands_back_the_weights_it_multiplies_the_values_with(name,
         out = method.last_block(tiny_tower, trunk_out.x, trunk_out.hidden, trunk_out.grid, asked)
         plain = method.last_block(tiny_tower, trunk_out.x, trunk_out.hidden, trunk_out.grid, None)
     weights = asked[ATTENTION]
-    tokens = 6 * 8 + (0 if name == "sfp" else 1)  # SFP's main branch attends over the patches only
+    tokens = 6 * 8 + (0 if name in ("sfp", "scclip") else 1)  # their main branch attends over the patches only
     assert weights.shape == (1, ref.HEADS, tokens, tokens) and (weights >= 0).all()
     row_sums = torch.full((1, ref.HEADS, tokens), 2.0 if name == "sclip" else 1.0)  # SCLIP: two softmaxes summed
     assert torch.allclose(weights.sum(-1), row_sums, atol=1e-5)

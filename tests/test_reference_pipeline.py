@@ -74,6 +74,15 @@ def test_sfp_agrees_with_upstream_flow(tiny_model, tokenizer, photos, mode, tlp_
     assert seg.predict(photos["chelsea"]).info["nan_windows"] == 0
 
 
+@pytest.mark.parametrize("mode", ["slide", "whole"])
+@pytest.mark.parametrize("tlp_on", [False, True])
+def test_scclip_agrees_with_upstream_flow(tiny_model, tokenizer, photos, mode, tlp_on):
+    # 160-pixel windows: 10×10 patches, enough for the released 30-neighbour LOF; whole: a 10×15 grid
+    params = dict(resize_short=160, slide_crop=160 if mode == "slide" else 0, slide_stride=96, logit_scale=50,
+                  prob_thd=0.15, area_thd=0.1)
+    _agrees(tiny_model, tokenizer, photos, "scclip", False, tlp_on, params, names=("chelsea",))
+
+
 def test_text_prototypes_are_the_template_ensemble(tiny_model, tokenizer):
     seg = pearl.Segmentor(tiny_model, ["cat, kitten", "cup"], method="naclip", tokenizer=tokenizer)
     from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pearl.methods.sfp import purify
+from pearl.methods.calibration import purify
 from pearl.towers import tower_for
 
 from .conftest import build_method
@@ -55,11 +55,12 @@ def test_sfp_refuses_a_tower_without_a_cls_token(tiny_model):
 
 
 def test_l2_and_lof_detectors_find_planted_outliers():
-    from pearl.methods.sfp import _l2_outliers, _lof_outliers
+    from pearl.methods.calibration import lof_outliers
+    from pearl.methods.sfp import _l2_outliers
     torch.manual_seed(0)
     tokens = torch.randn(1, 64, 8) * 0.1
     tokens[0, 17] += 5.0   # far from the cluster and large
     tokens[0, 40] *= 30.0  # large norm
     assert _l2_outliers(tokens, 2)[0].nonzero().flatten().tolist() == [17, 40]
-    lof = _lof_outliers(tokens)[0]
+    lof = lof_outliers(tokens)[0]
     assert lof[17] and lof[40] and lof.sum() <= 4  # contamination 5 % of 64 → about 3 points

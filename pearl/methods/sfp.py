@@ -10,16 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..params import default
 from . import register
 from .base import Method, keep_attention
+from .calibration import aggregate, layer_map, lof_outliers, purify, require_cls, similarity, similarity_attention
 
 OUTLIERS = ("som", "l2", "lof")
 DEFAULT_LAYERS = (9, 4, 4, 10)  # S_pre from x9, S_post from x4, multi-layer sum x4..x10
 NUM_OUTLIERS = 10
-SIMILARITY_FLOOR = 0.4
 
 
 def _patches(x: torch.Tensor) -> torch.Tensor:
@@ -51,54 +50,6 @@ def _l2_outliers(tokens: torch.Tensor, count: int) -> torch.Tensor:
     return mask.scatter_(1, norms.topk(min(count, norms.shape[1]), dim=1).indices, True)
 
 
-def _lof_outliers(tokens: torch.Tensor, neighbours: int = 30, contamination: float = 0.05) -> torch.Tensor:
-    """[B, N] bool: local-outlier-factor outliers of the patch tokens, as SFP's ``lof_pytorch``
-    (from SC-CLIP): squared distances, each point's own k-distance in the reachability, LRD =
-    k / mean reachability, outliers = LOF above its (1 − contamination) quantile."""
-    feats = tokens.float()
-    k = min(neighbours, feats.shape[1] - 1)
-    dist = torch.cdist(feats, feats) ** 2
-    knn_dist, knn_idx = dist.topk(k + 1, dim=-1, largest=False)
-    knn_dist, knn_idx = knn_dist[..., 1:], knn_idx[..., 1:]
-    reach = torch.maximum(knn_dist, knn_dist[..., -1:].expand_as(knn_dist))
-    lrd = k / torch.nan_to_num(reach.mean(dim=-1), nan=1e-6)
-    lof = (torch.gather(lrd, 1, knn_idx.flatten(1)).view_as(knn_dist) / lrd[..., None]).mean(dim=-1)
-    return lof > torch.quantile(lof, 1 - contamination, dim=-1, keepdim=True)
-
-
-def purify(tokens: torch.Tensor, outliers: torch.Tensor, grid: tuple[int, int], guard: bool = False
-           ) -> torch.Tensor:
-    """Replace each outlier cell of tokens [B, N, C] by the mean of its in-bounds non-outlier
-    8-neighbours (0 if none; with ``guard``, such a cell is left unchanged instead)."""
-    b, n, c = tokens.shape
-    h, w = grid
-    keep = (~outliers).to(tokens.dtype).view(b, 1, h, w)
-    values = tokens.transpose(1, 2).reshape(b, c, h, w) * keep
-    ring = torch.ones(1, 1, 3, 3, dtype=tokens.dtype, device=tokens.device)
-    ring[..., 1, 1] = 0
-    total = F.conv2d(values.reshape(b * c, 1, h, w), ring, padding=1).view(b, c, h, w)
-    count = F.conv2d(keep, ring, padding=1)
-    mean = torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
-    mean = mean.flatten(2).transpose(1, 2)
-    replace = outliers[..., None]
-    if guard:
-        replace = replace & (count.flatten(1) > 0)[..., None]
-    return torch.where(replace, mean, tokens)
-
-
-def similarity(tokens: torch.Tensor) -> torch.Tensor:
-    """[B, N, N] cosine similarities with entries below 0.4 set to 0."""
-    unit = tokens / tokens.norm(dim=-1, keepdim=True)
-    sim = unit @ unit.transpose(-1, -2)
-    return sim.masked_fill(sim < SIMILARITY_FLOOR, 0)
-
-
-def aggregate(sim: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """D⁻¹ S X with D = diag(row sums of S + 1e−6); S is normalised before the product, as upstream
-    ``adaptively_aggregate`` does (the order matters in fp16)."""
-    return (sim / (sim.sum(dim=-1, keepdim=True) + 1e-6)) @ tokens
-
-
 @dataclass(frozen=True)
 class SFPConfig:
     outlier: str = default("sfp_outlier")
@@ -126,23 +77,12 @@ class SFP(Method):
         if mode == "l2":
             return _l2_outliers(_patches(hidden[-1]), NUM_OUTLIERS)
         if mode == "lof":
-            return _lof_outliers(_patches(hidden[-1]))
+            return lof_outliers(_patches(hidden[-1]))
         raise ValueError(f"sfp_outlier {mode!r} is not one of {', '.join(OUTLIERS)}")
 
     def last_block(self, tower, x, hidden, grid, info):
-        if not (tower.has_cls and tower.prefix_tokens == 1):
-            raise ValueError(f"SFP reads the CLS token (its outlier detection and residual); the image tower "
-                             f"{tower.name} has {tower.prefix_tokens} prefix tokens and "
-                             f"{'a' if tower.has_cls else 'no'} CLS token")
-        layers = self.config.layers
-        if layers is None:
-            if tower.num_blocks != 12:
-                raise ValueError(
-                    f"SFP's released code reads fixed layers (x9, x4, x4..x10) of a 12-block ViT; this model has "
-                    f"{tower.num_blocks} blocks. Pass sfp_layers=[pre, post, first, last] (1-based block outputs) "
-                    f"to map them explicitly.")
-            layers = DEFAULT_LAYERS
-        pre, post, first, last = layers
+        require_cls(tower, "SFP reads the CLS token (its outlier detection and residual)")
+        pre, post, first, last = layer_map(self.config.layers, tower.num_blocks, DEFAULT_LAYERS, "sfp_layers", "SFP")
         block = tower.block(-1, grid)
         x_last = hidden[-1]
         guard = self.config.nan_guard
@@ -155,8 +95,7 @@ class SFP(Method):
             main, pre_tokens = _patches(x_last), _patches(hidden[pre - 1])
         sim_pre = similarity(pre_tokens)
         sim_post = similarity(_patches(hidden[post - 1]))
-        centred = 3 * (sim_pre - sim_pre.mean(dim=(-1, -2), keepdim=True))
-        map_attn = torch.softmax(centred.masked_fill(centred < 0, float("-inf")), dim=-1)[:, None]
+        map_attn = similarity_attention(sim_pre)
 
         q, k, v = block.qkv(block.norm(aggregate(sim_pre, main)))
         scale = block.scale

@@ -4,7 +4,7 @@ NACLIP/SCLIP/ClearCLIP/PEARL ``predict``: BGR image (as cv2 loads it) → MMCV r
 and normalise → windows one at a time (batch 1) → per-window logits upsampled to the crop (ClearCLIP:
 padded crops, padding cut) → [per-window TLP] → padded into a float32 canvas → average → original size
 → PAMR / TLP → softmax(logit_scale·L), one-hot synonym max, area filter, prob_thd. The last blocks
-are the transcriptions of tests/reference/blocks.py and sfp.py (test-side, not pearl/towers/).
+are the transcriptions of tests/reference/blocks.py, sfp.py, scclip.py and gem.py (test-side, not pearl/towers/).
 """
 import cv2
 import numpy as np
@@ -17,6 +17,7 @@ from pearl.refine.tlp import TLPConfig, tlp
 
 from . import blocks as ref
 from . import gem as gem_ref
+from . import scclip as scclip_ref
 from . import sfp as sfp_ref
 
 MEAN, STD = np.array([122.771, 116.746, 104.094]), np.array([68.501, 66.632, 70.323])
@@ -67,6 +68,9 @@ def forward_feature(model, img, method, pa, arch, protos):
     if method == "sfp":
         patches, _ = sfp_ref.last_block(model, hidden, (gh, gw))
         out = torch.cat([x[:, :1], patches[None]], dim=1)  # a CLS row to drop below, as the others
+    elif method == "scclip":
+        patches, _ = scclip_ref.last_block(model, hidden, (gh, gw))
+        out = torch.cat([x[:, :1], patches[None]], dim=1)
     elif method == "gem":
         out = gem_ref.gem_path(model, hidden)
     elif method == "naclip":
