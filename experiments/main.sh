@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Table 1: every registered method at its released defaults on the eight benchmarks (8 jobs per method).
+# Table 1: every registered method at its released defaults on the eight benchmarks (8 jobs per method),
+# then ResCLIP on its three hosts (+experiment=resclip: 24 jobs).
 # Extra arguments are passed to run.py (e.g. data_root=/data model.pretrained=/ckpt/ViT-B-16.pt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python run.py -m method="glob(*)" dataset=voc21,context60,coco_object,voc20,context59,coco_stuff,cityscapes,ade20k "$@"
+python run.py -m +experiment=resclip "$@"
 python -m pearl.tables "$@"

@@ -17,7 +17,6 @@ Writes ``<stem>_attention_r<ROW>c<COL>.png`` (text chunk ``panels``: the panel t
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -30,7 +29,7 @@ from .data.datasets import read_image
 from .errors import UserError
 from .methods import available_methods, get_method
 from .methods.base import ATTENTION
-from .params import PARAMS, build_config, param_name
+from .params import PARAMS, build_config, config_params
 from .preprocess import normalise, rescale, to_rgb_uint8
 from .render import caption_strip, heat_overlay, panel_grid, save_figure, smoke_note, titled_panel
 from .segment import add_model_options, load_model, parse_variants
@@ -43,8 +42,8 @@ DEFAULT_SHORT_SIDE = 336
 def last_block_params() -> list[str]:
     """The parameters that change a last block: the fields of the methods' own configs (``pa`` is
     a switch of its own)."""
-    names = {param_name(cls.config_prefix, field.name) for cls in map(get_method, available_methods())
-             for field in dataclasses.fields(cls.Config)}
+    names = {param for cls in map(get_method, available_methods())
+             for param in config_params(cls.Config, cls.config_prefix).values()}
     return [name for name in PARAMS if name in names]
 
 

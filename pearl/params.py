@@ -106,6 +106,18 @@ PARAMS: dict[str, Param] = {
     "scclip_layers": Param(None, "SC-CLIP layer map [pre, post, first, last] (1-based block outputs: the similarity "
                                  "before and after the last block, the multi-level sum first..last); None = the "
                                  "released (9, 4, 4, 10), valid only for 12-block ViTs"),
+    "resclip": Param(False, "ResCLIP's RCS and SFR on the last block of sclip, naclip or clearclip (its released "
+                            "per-dataset weights come with it in a run)"),
+    "resclip_temp_thd": Param(0.5, "ResCLIP SFR: first-pass pixels whose top query probability is below this count "
+                                   "as query 0", check=lambda v: 0 <= v <= 1, valid="in [0, 1]"),
+    "resclip_rcs_tau": Param(2.0, "ResCLIP RCS: τ of A ← τ((1−λ)A + λ·A_rcs), after the softmax"),
+    "resclip_rcs_lambda": Param(0.3, "ResCLIP RCS: λ, the share of blocks 6–9's mean query·key attention",
+                                check=lambda v: 0 <= v <= 1, valid="in [0, 1]"),
+    "resclip_sfr_tau": Param(2.2, "ResCLIP SFR: τ of S ← τ((1−λ)S + λ·prior), on the logits before the softmax"),
+    "resclip_sfr_lambda": Param(0.7, "ResCLIP SFR: λ, the share of the same-class prior",
+                                check=lambda v: 0 <= v <= 1, valid="in [0, 1]"),
+    "resclip_same_entity": Param(True, "ResCLIP SFR: decay same-class pairs whose connecting line leaves the class "
+                                       "(released delete_same_entity)"),
     "templates": Param("openai80", "prompt templates: 'openai80' (the 80 OpenAI ImageNet templates, released), "
                                    "'single' ('a photo of a {}.') or a file of templates, one per line, each with {}",
                        check=lambda v: v in ("openai80", "single") or os.path.isfile(v),
@@ -205,9 +217,15 @@ def param_name(prefix: str, field_name: str) -> str:
     return prefix + field_name.rstrip("_")
 
 
+def config_params(cls, prefix: str = "") -> dict[str, str]:
+    """Field name → flat parameter of a stage's config: ``prefix + f``, or the name a field's
+    ``metadata["param"]`` gives (a part several methods share, e.g. ResCLIP's)."""
+    return {f.name: f.metadata.get("param") or param_name(prefix, f.name) for f in dataclasses.fields(cls)}
+
+
 def build_config(cls, resolved: dict, prefix: str = ""):
-    """A stage's typed config from resolved flat parameters: field ``f`` takes ``prefix + f``."""
-    return cls(**{f.name: resolved[param_name(prefix, f.name)] for f in dataclasses.fields(cls)})
+    """A stage's typed config from resolved flat parameters (``config_params``)."""
+    return cls(**{name: resolved[param] for name, param in config_params(cls, prefix).items()})
 
 
 def default(name: str) -> Any:

@@ -57,6 +57,7 @@ class MethodFacts(NamedTuple):
     default_tlp: bool          # tlp=null means this
     default_arch: str          # arch=null means this: "reduced" or "vanilla"
     has_query_key_term: bool   # PA (which rotates keys against queries) can change it
+    resclip_host: bool         # resclip=true applies (ResCLIP's released code has its attention strategy)
 
 
 @functools.lru_cache(maxsize=None)
@@ -67,6 +68,23 @@ def method_facts(method: str) -> MethodFacts:
     if missing:
         raise ValueError(f"pearl/resources/protocols/{method}.yaml: its method entry lacks {', '.join(missing)}")
     return MethodFacts(*(entry[name] for name in MethodFacts._fields))
+
+
+def resclip_hosts() -> list[str]:
+    """Methods resclip=true applies to."""
+    return [name for name in protocol_methods() if method_facts(name).resclip_host]
+
+
+@functools.lru_cache(maxsize=None)
+def plug_in_protocol(plug_in: str, dataset: str) -> dict:
+    """The per-dataset settings of a plug-in (``resources/plugins/<plug_in>.yaml``; ResCLIP's
+    weights) as Segmentor parameters; a dataset without a row (``protocol_like`` falls back to its
+    borrowed row) gets none."""
+    dataset = canonical_dataset(dataset)
+    with open(_resource("plugins", f"{plug_in}.yaml")) as f:
+        rows = yaml.safe_load(f)["datasets"]
+    like = BENCHMARKS[dataset].protocol_like
+    return dict(rows.get(dataset) or rows.get(like) or {})
 
 
 def pa_methods() -> list[str]:

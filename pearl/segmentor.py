@@ -23,6 +23,7 @@ from .fused import OriginalSizeLogits, WindowedImage, per_slab, upsample
 from .joint import predict_jointly
 from .loading import prepare_model
 from .methods import get_method
+from .methods.resclip import SemanticFeedback
 from .preprocess import PreparedImage, Window, WindowConfig, prepare_image, sliding_windows
 from .refine import Refiner, RefinerContext, build_refiners
 from .settings import resolve_settings
@@ -138,9 +139,11 @@ class Segmentor:
         return [refiner for refiner in self.refiners if not refiner.per_window]
 
     def _fusion_settings(self) -> tuple:
-        # a per-window refiner's state follows from its config and the prototypes
+        # a per-window refiner's state follows from its config and the prototypes; a last block that
+        # segments the windows itself (ResCLIP) also depends on the logit scale
         return (self.trunk_key(), type(self.method), self.method.config, self.dtype, self.diagnostics,
-                tuple((refiner.name, refiner.config) for refiner in self.window_refiners))
+                tuple((refiner.name, refiner.config) for refiner in self.window_refiners),
+                self.decision.config.logit_scale if self.method.needs_feedback else None)
 
     def _to_cpu(self, out: Prediction) -> Prediction:
         def moved(value):
@@ -194,7 +197,9 @@ class Segmentor:
     def window_logits(self, shared: Trunk, stats: dict | None) -> torch.Tensor:
         """[N, Q, h', w'] cosine logits of this method's last block on a shared trunk."""
         info = {} if stats is not None else None
-        feats = self.tower.head(shared, self.method, info)
+        feedback = SemanticFeedback(self.prototypes, self.decision.config.logit_scale) \
+            if self.method.needs_feedback else None
+        feats = self.tower.head(shared, self.method, info, feedback)
         for key, value in (info or {}).items():
             stats[key].append(value)
         # contiguous: bilinear upsampling of the permuted (channels-last) view is several times slower

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 from . import params as param_specs
-from .protocols import method_facts, pa_methods, protocol
+from .protocols import method_facts, pa_methods, plug_in_protocol, protocol, resclip_hosts
 
 OPERATIONAL_PARAMS = ("text_cache_dir",)  # where things are cached: never changes a number
 
@@ -17,6 +17,8 @@ def job_settings(method: str, pa: bool | None, tlp: bool | None, dataset: str, p
                  overrides: dict | None = None) -> dict:
     """Every resolved parameter (pa and tlp included) of ``method`` on ``dataset`` with ``overrides``."""
     params = protocol(method, dataset, profile)
+    if (overrides or {}).get("resclip"):  # ResCLIP's released weights for the dataset, beneath the overrides
+        params.update(plug_in_protocol("resclip", dataset))
     params.update(overrides or {})
     return resolve_settings(method, pa, tlp, params)
 
@@ -39,6 +41,9 @@ def resolve_settings(method: str, pa: bool | None, tlp: bool | None, params: dic
             f"pa=True has no meaning for method {method!r}: its last-block attention has no query·key term "
             f"(only key·key / query·query products), and rotating the keys by an orthogonal R leaves k·kᵀ and "
             f"q·qᵀ unchanged. PA applies to: {', '.join(pa_methods())}.")
+    if resolved["resclip"] and not facts.resclip_host:
+        raise ValueError(f"resclip=True has no meaning for method {method!r}: ResCLIP's released code applies RCS and "
+                         f"SFR to the attention of {', '.join(resclip_hosts())} only")
     if resolved["arch"] is None:
         resolved["arch"] = facts.default_arch
     resolved.update(pa=pa, tlp=tlp)

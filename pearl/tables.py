@@ -83,7 +83,11 @@ MAIN = [Row("CLIP", "vanilla", False, False, "table1", "CLIP"),
         Row("GEM", "gem", False, False, "table1", "GEM"),
         Row("ClearCLIP", "clearclip", False, False, "table1", "ClearCLIP"),
         Row("SFP", "sfp", False, False, "table1", "SFP"),
-        Row("SC-CLIP", "scclip", False, False, None, None),  # not in PEARL's Table 1: own_sources has its paper
+        # not in PEARL's Table 1: beside the numbers their own repositories publish
+        Row("SC-CLIP", "scclip", False, False, "own_sources", "SC-CLIP README figure"),
+        *[Row(f"{title} + ResCLIP", method, False, False, "own_sources", f"ResCLIP README {title}+ResCLIP",
+              {"resclip": True}) for title, method in (("SCLIP", "sclip"), ("NACLIP", "naclip"),
+                                                        ("ClearCLIP", "clearclip"))],
         Row("PEARL", "pearl", True, True, "table1", "PEARL (Ours)", pacc_row="PEARL (Ours)")]
 ABLATION = [Row("Vanilla CLIP (full block)", "vanilla", False, False, "table3", "Vanilla CLIP (no PA, no TLP)"),
             Row("PA only", "pearl", True, False, "table3", "PA only"),
@@ -200,7 +204,8 @@ def build_table(records: list[RunRecord], paper: pd.DataFrame, rows: list[Row], 
     for row in rows:
         line = {"row": row.title, "method": row.method, "pa": row.pa, "tlp": row.tlp,
                 "overrides": ";".join(f"{k}={v}" for k, v in row.overrides.items()),
-                "model": row.model or selection.model}
+                "model": row.model or selection.model,
+                "paper_source": f"{row.paper_table}: {row.paper_row}" if row.paper_table else ""}
         values, flagged = [], []
         for dataset in DATASETS:
             columns, ours, flags = _cell_columns(records, paper, row, dataset, metric, selection)

@@ -83,6 +83,16 @@ def test_scclip_agrees_with_upstream_flow(tiny_model, tokenizer, photos, mode, t
     _agrees(tiny_model, tokenizer, photos, "scclip", False, tlp_on, params, names=("chelsea",))
 
 
+@pytest.mark.parametrize("method", ["naclip", "sclip", "clearclip"])
+@pytest.mark.parametrize("mode", ["slide", "whole_odd"])
+def test_resclip_agrees_with_upstream_flow(tiny_model, tokenizer, photos, method, mode):
+    # temp_thd 0.2: the random model's first pass is close to uniform over the four classes
+    short, crop = MODES[mode]
+    params = dict(resize_short=short, slide_crop=crop, slide_stride=48, logit_scale=40, prob_thd=0.1,
+                  resclip=True, resclip_temp_thd=0.2)
+    _agrees(tiny_model, tokenizer, photos, method, False, False, params, names=("coffee",))
+
+
 def test_text_prototypes_are_the_template_ensemble(tiny_model, tokenizer):
     seg = pearl.Segmentor(tiny_model, ["cat, kitten", "cup"], method="naclip", tokenizer=tokenizer)
     from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES

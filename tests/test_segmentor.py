@@ -327,20 +327,25 @@ def test_every_parameter_reaches_exactly_one_stage_config():
 
     from pearl.decision import DecisionConfig
     from pearl.methods import get_method
-    from pearl.params import PARAMS, param_name
+    from pearl.params import PARAMS, config_params
     from pearl.preprocess import WindowConfig
     from pearl.refine.pamr import PAMRConfig
     from pearl.refine.tlp import TLPConfig
     stages = {(WindowConfig, ""), (DecisionConfig, ""), (TLPConfig, "tlp_"), (PAMRConfig, "pamr_")}
     stages |= {(get_method(m).Config, get_method(m).config_prefix) for m in pearl.available_methods()}
-    readers: dict[str, list[str]] = {}
+    def declared_by(cls, name: str) -> str:  # a part several configs inherit (ResCLIP's) counts once
+        return next(k.__name__ for k in reversed(cls.__mro__) if name in vars(k).get("__annotations__", {}))
+
+    readers: dict[str, set[str]] = {}
     for cls, prefix in stages:
-        for f in fields(cls):
-            readers.setdefault(param_name(prefix, f.name), []).append(cls.__name__)
+        for name, param in config_params(cls, prefix).items():
+            readers.setdefault(param, set()).add(declared_by(cls, name))
     switches = {"pamr", "text_cache_dir", "templates"}  # read by the Segmentor itself: PAMR on/off, the text side
     assert set(readers) - {"pa"} == set(PARAMS) - switches  # pa: the pa= switch, resolved beside PARAMS
     assert all(len(owners) == 1 for owners in readers.values()), readers
-    assert [f.name for f in fields(get_method("naclip").Config)] == ["gauss_std"]  # its own settings only
+    naclip = get_method("naclip").Config
+    assert [f.name for f in fields(naclip) if declared_by(naclip, f.name) == "NACLIPConfig"] == ["gauss_std"]
+    assert readers["resclip_sfr_tau"] == {"ResCLIPConfig"}
 
 
 def test_a_parameter_walks_from_the_flat_name_to_its_stage(tiny_model, tokenizer):

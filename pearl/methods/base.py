@@ -56,7 +56,10 @@ class Method(abc.ABC):
     in, or None when none were asked for (then computing them would be wasted work); it returns
     the patch tokens [B, h'w', C] before ``ln_post``. When ``info`` holds the key
     ``ATTENTION`` it also hands back the attention weights it multiplied the values
-    with (``keep_attention``), which ``pearl.attention`` draws.
+    with (``keep_attention``), which ``pearl.attention`` draws. ``feedback``
+    (``pearl.methods.resclip.SemanticFeedback``: the text prototypes, the logit scale and the
+    windows) is given when ``needs_feedback``, for a method that segments the windows once inside its
+    last block (ResCLIP's SFR).
     """
 
     name: ClassVar[str]
@@ -70,6 +73,7 @@ class Method(abc.ABC):
     # PA rotates keys against queries: meaningful only where attention has a query·key term.
     has_query_key_term: ClassVar[bool]
     needs_hidden_states: ClassVar[bool] = False  # a property where the method's config decides (GEM)
+    needs_feedback: ClassVar[bool] = False       # likewise (ResCLIP's first pass)
     # Whole-image mode: upsample patch logits to the input size, then to the original size
     # (NACLIP/PEARL); otherwise straight to the original size (SCLIP/SFP/ClearCLIP). docs/protocol.md §6.5
     whole_upsample_via_input: ClassVar[bool] = False
@@ -90,7 +94,7 @@ class Method(abc.ABC):
 
     @abc.abstractmethod
     def last_block(self, tower: Tower, x: torch.Tensor, hidden: list[torch.Tensor], grid: tuple[int, int],
-                   info: dict | None) -> torch.Tensor:
+                   info: dict | None, feedback=None) -> torch.Tensor:
         """Patch tokens [B, h'w', C] before ln_post."""
 
 

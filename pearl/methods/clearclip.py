@@ -2,21 +2,21 @@
 
 mc-lan/ClearCLIP@ad68a40 ``open_clip/transformer.py`` with model_type='ClearCLIP',
 ignore_residual=True (docs/methods.md §5). Crops are padded to a multiple of the patch size and the
-window canvas is kept in the model dtype, as ``clearclip_segmentor.py`` does.
+window canvas is kept in the model dtype, as ``clearclip_segmentor.py`` does. A ResCLIP host
+(``resclip=true``: its ``attn_strategy='clearclip'``; docs/methods.md §10).
 """
 import torch
 
 from . import register
-from .base import ClearCLIPSegmentorMethod, finish_block, keep_attention
+from .base import ClearCLIPSegmentorMethod
+from .resclip import ResCLIPHost
 
 
 @register
-class ClearCLIP(ClearCLIPSegmentorMethod):
+class ClearCLIP(ClearCLIPSegmentorMethod, ResCLIPHost):
     name = "clearclip"
 
-    def last_block(self, tower, x, hidden, grid, info):
-        block = tower.block(-1, grid)
+    def attention(self, block, x, before_softmax, after_softmax, prefix_tokens, grid):
         q, _, v = block.qkv(block.norm(x))
-        attn = torch.softmax((q @ q.transpose(-1, -2)) * block.scale, dim=-1)
-        keep_attention(info, attn)
-        return finish_block(block, x, attn @ v, "reduced", tower.prefix_tokens)
+        weights = torch.softmax(before_softmax((q @ q.transpose(-1, -2)) * block.scale), dim=-1)
+        return after_softmax(weights), v

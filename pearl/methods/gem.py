@@ -72,7 +72,7 @@ class GEM(ClearCLIPSegmentorMethod):
         keep_attention(info, weights)
         return block.attention_scale(block.project(out))  # GEMResidualBlock applies ls_1 too
 
-    def last_block(self, tower, x, hidden, grid, info):
+    def last_block(self, tower, x, hidden, grid, info, feedback=None):
         if not self.config.residual:  # ignore_residual: each GEM block's output replaces the path's
             return self._path_output(tower.block(-1, grid), x, info)[:, tower.prefix_tokens:]
         first = tower.num_blocks - (self.config.depth - 1)

@@ -17,7 +17,7 @@ from .base import ATTENTION, ClearCLIPSegmentorMethod, finish_block, keep_attent
 class MaskCLIP(ClearCLIPSegmentorMethod):
     name = "maskclip"
 
-    def last_block(self, tower, x, hidden, grid, info):
+    def last_block(self, tower, x, hidden, grid, info, feedback=None):
         block = tower.block(-1, grid)
         _, _, v = block.qkv(block.norm(x))
         if info is not None and ATTENTION in info:  # the identity the released softmax computes

@@ -1,6 +1,8 @@
 """NACLIP: softmax(s·k kᵀ + Ω) in a reduced block, Ω a Gaussian neighbourhood bias.
 
 sinahmr/NACLIP@0cac3a6 ``clip/model.py`` (arch='reduced', attn_strategy='naclip'); docs/methods.md §4.
+The host ResCLIP's released code is built on (``resclip=true``: its ``attn_strategy='resclip'``, SFR
+before Ω is added; docs/methods.md §10).
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import torch
 
 from ..params import default
 from . import register
-from .base import Method, finish_block, keep_attention
+from .resclip import ResCLIPConfig, ResCLIPHost
 
 
 def neighbourhood_bias(grid_h: int, grid_w: int, std: float, prefix_tokens: int = 1) -> torch.Tensor:
@@ -28,12 +30,12 @@ def neighbourhood_bias(grid_h: int, grid_w: int, std: float, prefix_tokens: int 
 
 
 @dataclass(frozen=True)
-class NACLIPConfig:
+class NACLIPConfig(ResCLIPConfig):
     gauss_std: float = default("naclip_gauss_std")
 
 
 @register
-class NACLIP(Method):
+class NACLIP(ResCLIPHost):
     name = "naclip"
     whole_upsample_via_input = True
 
@@ -51,10 +53,7 @@ class NACLIP(Method):
                 device=like.device, dtype=like.dtype)
         return self._bias_cache[key]
 
-    def last_block(self, tower, x, hidden, grid, info):
-        block = tower.block(-1, grid)
+    def attention(self, block, x, before_softmax, after_softmax, prefix_tokens, grid):
         _, k, v = block.qkv(block.norm(x))
-        logits = (k @ k.transpose(-1, -2)) * block.scale + self._bias(grid, tower.prefix_tokens, k)
-        weights = torch.softmax(logits, dim=-1)
-        keep_attention(info, weights)
-        return finish_block(block, x, weights @ v, "reduced", tower.prefix_tokens)
+        logits = before_softmax((k @ k.transpose(-1, -2)) * block.scale) + self._bias(grid, prefix_tokens, k)
+        return after_softmax(torch.softmax(logits, dim=-1)), v

@@ -42,7 +42,7 @@ class SCCLIP(Method):
     Config = SCCLIPConfig
     config_prefix = "scclip_"
 
-    def last_block(self, tower, x, hidden, grid, info):
+    def last_block(self, tower, x, hidden, grid, info, feedback=None):
         calibration.require_cls(tower, "SC-CLIP reads the CLS token (its residual in the last block)")
         pre, post, first, last = calibration.layer_map(self.config.layers, tower.num_blocks, DEFAULT_LAYERS,
                                                        "scclip_layers", "SC-CLIP")

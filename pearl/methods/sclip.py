@@ -1,23 +1,23 @@
 """SCLIP: correlative self-attention softmax(s·q qᵀ) + softmax(s·k kᵀ), residual and MLP kept.
 
 wangf3014/SCLIP@b56bd30 ``clip/model.py`` (``custom_attn(csa=True)``); docs/methods.md §3. The two
-maps are summed, not averaged (rows sum to 2); products are formed before the scale.
+maps are summed, not averaged (rows sum to 2); products are formed before the scale. A ResCLIP
+host (``resclip=true``: its ``attn_strategy='sclip'``, SFR on both maps; docs/methods.md §10).
 """
 import torch
 
 from . import register
-from .base import Method, finish_block, keep_attention
+from .resclip import ResCLIPHost
 
 
 @register
-class SCLIP(Method):
+class SCLIP(ResCLIPHost):
     name = "sclip"
+    block_form = "vanilla"
 
-    def last_block(self, tower, x, hidden, grid, info):
-        block = tower.block(-1, grid)
+    def attention(self, block, x, before_softmax, after_softmax, prefix_tokens, grid):
         q, k, v = block.qkv(block.norm(x))
         scale = block.scale
-        attn = torch.softmax((q @ q.transpose(-1, -2)) * scale, dim=-1) \
-            + torch.softmax((k @ k.transpose(-1, -2)) * scale, dim=-1)
-        keep_attention(info, attn)
-        return finish_block(block, x, attn @ v, "vanilla", tower.prefix_tokens)
+        weights = torch.softmax(before_softmax((q @ q.transpose(-1, -2)) * scale), dim=-1) \
+            + torch.softmax(before_softmax((k @ k.transpose(-1, -2)) * scale), dim=-1)
+        return after_softmax(weights), v

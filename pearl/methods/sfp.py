@@ -80,7 +80,7 @@ class SFP(Method):
             return lof_outliers(_patches(hidden[-1]))
         raise ValueError(f"sfp_outlier {mode!r} is not one of {', '.join(OUTLIERS)}")
 
-    def last_block(self, tower, x, hidden, grid, info):
+    def last_block(self, tower, x, hidden, grid, info, feedback=None):
         require_cls(tower, "SFP reads the CLS token (its outlier detection and residual)")
         pre, post, first, last = layer_map(self.config.layers, tower.num_blocks, DEFAULT_LAYERS, "sfp_layers", "SFP")
         block = tower.block(-1, grid)

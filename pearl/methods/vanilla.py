@@ -13,5 +13,5 @@ class Vanilla(Method):
     name = "vanilla"
     whole_upsample_via_input = True  # its protocol is PEARL's (NACLIP-style) segmentor
 
-    def last_block(self, tower, x, hidden, grid, info):
+    def last_block(self, tower, x, hidden, grid, info, feedback=None):
         return query_key_block(tower, x, grid, self.config, info)

@@ -30,11 +30,13 @@ POSITIONS = ("plus_point_one", "size_antialias")
 
 class Trunk(NamedTuple):
     """What blocks 1..L−1 give the last block: its input x [B, T, C] (prefix tokens first), the
-    outputs of blocks 1..L−1 (empty unless kept) and the patch grid (h', w')."""
+    outputs of blocks 1..L−1 (empty unless kept), the patch grid (h', w') and the windows
+    [B, 3, H, W] they ran on."""
 
     x: torch.Tensor
     hidden: list
     grid: tuple[int, int]
+    images: torch.Tensor | None = None
 
 
 class AttentionBlock(abc.ABC):
@@ -140,12 +142,15 @@ class Tower(abc.ABC):
             x = self.block(index, grid)(x)
             if keep_hidden:
                 hidden.append(x)
-        return Trunk(x, hidden, grid)
+        return Trunk(x, hidden, grid, images)
 
-    def head(self, shared: Trunk, method: Method, info: dict | None = None) -> torch.Tensor:
+    def head(self, shared: Trunk, method: Method, info: dict | None = None, feedback=None) -> torch.Tensor:
         """Unit-norm patch features [B, h', w', D]: ``method``'s last block on the trunk, the final
-        norm and projection. ``info`` (a dict, or None for no diagnostics) receives the method's diagnostics."""
-        patches = method.last_block(self, shared.x, shared.hidden, shared.grid, info)
+        norm and projection. ``info`` (a dict, or None for no diagnostics) receives the method's
+        diagnostics; ``feedback`` (``Method.last_block``) is bound to the trunk's windows."""
+        if feedback is not None:
+            feedback = feedback.on(shared.images)
+        patches = method.last_block(self, shared.x, shared.hidden, shared.grid, info, feedback)
         feats = self.final(patches)
         feats = feats / feats.norm(dim=-1, keepdim=True)
         return feats.reshape(feats.shape[0], shared.grid[0], shared.grid[1], -1)

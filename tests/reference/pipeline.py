@@ -17,6 +17,7 @@ from pearl.refine.tlp import TLPConfig, tlp
 
 from . import blocks as ref
 from . import gem as gem_ref
+from . import resclip as resclip_ref
 from . import scclip as scclip_ref
 from . import sfp as sfp_ref
 
@@ -40,8 +41,9 @@ def last_block(method, block, x, pa, arch):
     raise AssertionError(f"no reference last block for {method}")
 
 
-def forward_feature(model, img, method, pa, arch, protos):
-    """One crop [1, 3, h, w] → cosine logits [1, Q, h, w] (upsampled to the crop), upstream style."""
+def forward_feature(model, img, method, pa, arch, protos, resclip=None):
+    """One crop [1, 3, h, w] → cosine logits [1, Q, h', w'], upstream style; ``resclip`` (the keyword
+    arguments of tests/reference/resclip.py ``forward``) runs ResCLIP on the host ``method``."""
     visual = model.visual
     _, _, h, w = img.shape
     x = visual.conv1(img).reshape(1, 64, -1).permute(0, 2, 1)
@@ -65,7 +67,10 @@ def forward_feature(model, img, method, pa, arch, protos):
         x = blk(x)
         hidden.append(x)
     block = visual.transformer.resblocks[-1]
-    if method == "sfp":
+    if resclip is not None:
+        patches, _ = resclip_ref.forward(model, hidden, img, protos, method, **resclip)
+        out = torch.cat([x[:, :1], patches[None]], dim=1)
+    elif method == "sfp":
         patches, _ = sfp_ref.last_block(model, hidden, (gh, gw))
         out = torch.cat([x[:, :1], patches[None]], dim=1)  # a CLS row to drop below, as the others
     elif method == "scclip":
@@ -105,6 +110,8 @@ def segment(model, protos, query_idx, rgb, method, pa, tlp_on, params, affinity)
     tlp_config = TLPConfig(grid=params.get("tlp_grid", 80), pool=params.get("tlp_pool", "int_stride"),
                            quadform=params.get("tlp_quadform", "diag"))
     crop, stride = params["slide_crop"], params["slide_stride"]
+    resclip = dict(logit_scale=params["logit_scale"], temp_thd=params["resclip_temp_thd"]) \
+        if params.get("resclip") else None
     if crop > 0:
         _, _, h_img, w_img = inputs.shape
         preds = inputs.new_zeros((1, len(query_idx), h_img, w_img))
@@ -117,7 +124,7 @@ def segment(model, protos, query_idx, rgb, method, pa, tlp_on, params, affinity)
                 pad = (clearclip_padsize(*crop_img.shape[-2:]) if method in ("clearclip", "maskclip", "gem")
                        else (0, 0, 0, 0))
                 padded = F.pad(crop_img, pad)
-                logit = forward_feature(model, padded, method, pa, arch, protos)
+                logit = forward_feature(model, padded, method, pa, arch, protos, resclip)
                 logit = F.interpolate(logit, size=padded.shape[-2:], mode="bilinear", align_corners=False)
                 logit = logit[:, :, pad[2]:pad[2] + crop_img.shape[2], pad[0]:pad[0] + crop_img.shape[3]]
                 if tlp_on and per_window:  # the paper's site: each window's logits with its crop of the input
@@ -126,7 +133,7 @@ def segment(model, protos, query_idx, rgb, method, pa, tlp_on, params, affinity)
                 count[:, :, y1:y2, x1:x2] += 1
         logits = F.interpolate(preds / count, size=(h0, w0), mode="bilinear", align_corners=False)
     else:
-        logit = forward_feature(model, inputs, method, pa, arch, protos)
+        logit = forward_feature(model, inputs, method, pa, arch, protos, resclip)
         if method in ("naclip", "pearl", "vanilla") or (tlp_on and per_window):
             logit = F.interpolate(logit, size=inputs.shape[-2:], mode="bilinear", align_corners=False)
             if tlp_on and per_window:
