@@ -36,8 +36,9 @@ from .joint import predict_jointly
 from .loading import PRECISIONS, load_clip, tiny_clip
 from .methods import available_methods, get_method
 from .preprocess import prepare_image
-from .protocols import class_names, protocol
+from .protocols import class_names
 from .segmentor import Segmentor
+from .settings import published_settings
 from .stages import timing_stages
 
 SIZES = ("voc21", "ade20k", "cityscapes")
@@ -266,11 +267,25 @@ def bench_model(name: str, pretrained: str | None, device: torch.device, precisi
     return load_clip(name, pretrained, device, precision)
 
 
-def bench_settings(method: str, dataset: str, random_weights: bool) -> dict:
-    """The method's protocol on ``dataset``; with random weights one prompt template instead of 80:
-    the prototypes' values mean nothing then, and their number (the queries), which is what the
-    image side's cost depends on, is the same."""
-    return protocol(method, dataset) | ({"templates": "single"} if random_weights else {})
+PLUG_INS = {"resclip": {"resclip": True}}  # ``--methods naclip+resclip``: the host with the plug-in on
+
+
+def method_entry(entry: str) -> tuple[str, dict]:
+    """(method, overrides) of a ``--methods`` entry: a method, or a method and a plug-in (``naclip+resclip``)."""
+    method, plus, plug_in = entry.partition("+")
+    get_method(method)
+    if plus and plug_in not in PLUG_INS:
+        raise ValueError(f"--methods {entry!r}: {plug_in!r} is not a plug-in; valid: {', '.join(PLUG_INS)}")
+    return method, dict(PLUG_INS.get(plug_in, {}))
+
+
+def bench_settings(entry: str, dataset: str, random_weights: bool) -> dict:
+    """The settings of a ``--methods`` entry on ``dataset`` (its protocol, its plug-in's); with random
+    weights one prompt template instead of 80: the prototypes' values mean nothing then, and their
+    number (the queries), which is what the image side's cost depends on, is the same."""
+    method, overrides = method_entry(entry)
+    return published_settings(method, dataset, overrides=overrides) | (
+        {"templates": "single"} if random_weights else {})
 
 
 def sweep_cost(model, tokenizer, size: str, device: torch.device, args, images: int, repeats: int,
@@ -306,7 +321,8 @@ def vocabulary_costs(model, tokenizer, size: str, methods: list[str], queries: l
     memory, rows = PeakMemory(device), []
     for method in methods:
         for count in queries:
-            seg = Segmentor(model, [f"class {index}" for index in range(count)], method=method, tokenizer=tokenizer,
+            seg = Segmentor(model, [f"class {index}" for index in range(count)], method=method_entry(method)[0],
+                            tokenizer=tokenizer,
                             device=device, precision=args.precision, window_batch_size=args.window_batch_size,
                             **bench_settings(method, size, random_weights))
             prepared = [seg.preprocess(image) for image in pictures]
@@ -392,7 +408,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="open_clip tag or checkpoint file; 'none' = random weights (speed only; default)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
-    parser.add_argument("--methods", default=",".join(available_methods()), help="comma-separated (default all)")
+    parser.add_argument("--methods", default=",".join(available_methods()),
+                        help="comma-separated (default all); with --vocabularies also a host and its plug-in, "
+                             "e.g. naclip+resclip")
     parser.add_argument("--sizes", default=None,
                         help=f"benchmarks whose typical image size and protocol to time (default {','.join(SIZES)}; "
                              f"with --quick {','.join(QUICK_SIZES)})")
@@ -422,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--sizes: {size!r} is not one of {', '.join(BENCHMARKS)}")
         methods = args.methods.split(",")
         for method in methods:
-            get_method(method)
+            if method_entry(method)[1] and not args.vocabularies:
+                raise ValueError(f"--methods {method!r}: a plug-in is measured with --vocabularies only")
         if args.images < 1 or args.repeats < 1 or args.batch_images < 1:
             raise ValueError("--images, --repeats and --batch-images must be at least 1")
         queries = _query_counts(args.vocabularies) if args.vocabularies else None

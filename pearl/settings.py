@@ -16,11 +16,17 @@ OPERATIONAL_PARAMS = ("text_cache_dir",)  # where things are cached: never chang
 def job_settings(method: str, pa: bool | None, tlp: bool | None, dataset: str, profile: str = "own",
                  overrides: dict | None = None) -> dict:
     """Every resolved parameter (pa and tlp included) of ``method`` on ``dataset`` with ``overrides``."""
+    return resolve_settings(method, pa, tlp, published_settings(method, dataset, profile, overrides))
+
+
+def published_settings(method: str, dataset: str, profile: str = "own", overrides: dict | None = None) -> dict:
+    """``method``'s protocol on ``dataset``, the per-dataset settings of the plug-ins ``overrides`` switches
+    on (``resclip``: ResCLIP's released weights), then ``overrides`` (not yet resolved)."""
     params = protocol(method, dataset, profile)
-    if (overrides or {}).get("resclip"):  # ResCLIP's released weights for the dataset, beneath the overrides
+    if (overrides or {}).get("resclip"):
         params.update(plug_in_protocol("resclip", dataset))
     params.update(overrides or {})
-    return resolve_settings(method, pa, tlp, params)
+    return params
 
 
 def resolve_settings(method: str, pa: bool | None, tlp: bool | None, params: dict) -> dict:

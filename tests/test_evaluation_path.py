@@ -84,14 +84,26 @@ def test_bench_vocabularies_times_each_method_at_each_query_count(tmp_path, caps
 
     from pearl.bench import main
     out = tmp_path / "vocabulary.csv"
-    assert main(["--model", "tiny", "--methods", "naclip,pearl", "--vocabularies", "3,40", "--images", "1",
-                 "--repeats", "1", "--out", str(out)]) == 0
+    assert main(["--model", "tiny", "--methods", "naclip,pearl,naclip+resclip", "--vocabularies", "3,40",
+                 "--images", "1", "--repeats", "1", "--out", str(out)]) == 0
     rows = list(csv.DictReader(out.open()))
     assert [(row["method"], row["queries"], row["pa"], row["tlp"]) for row in rows] == [
         ("naclip", "3", "False", "False"), ("naclip", "40", "False", "False"),
-        ("pearl", "3", "True", "True"), ("pearl", "40", "True", "True")]  # each method at its defaults
+        ("pearl", "3", "True", "True"), ("pearl", "40", "True", "True"),  # each method at its defaults
+        ("naclip+resclip", "3", "False", "False"), ("naclip+resclip", "40", "False", "False")]
     assert all(row["size"] == "ade20k" and float(row["ms_per_image"]) > 0 for row in rows)
     assert "naclip    40 vs 3 queries" in capsys.readouterr().out
     for bad in ("21,x", "0,21"):
         assert main(["--model", "tiny", "--vocabularies", bad]) == 2
         assert f"--vocabularies '{bad}'" in capsys.readouterr().err
+    assert main(["--model", "tiny", "--methods", "naclip+tlp", "--vocabularies", "3"]) == 2
+    assert "--methods 'naclip+tlp': 'tlp' is not a plug-in; valid: resclip" in capsys.readouterr().err
+    assert main(["--model", "tiny", "--methods", "naclip+resclip"]) == 2
+    assert "a plug-in is measured with --vocabularies only" in capsys.readouterr().err
+
+
+def test_a_bench_plug_in_entry_takes_the_plug_in_s_settings():
+    from pearl.bench import bench_settings
+    settings = bench_settings("clearclip+resclip", "ade20k", random_weights=True)
+    assert settings["resclip"] is True and settings["resclip_temp_thd"] == 0.25 and settings["templates"] == "single"
+    assert "resclip" not in bench_settings("clearclip", "ade20k", random_weights=False)

@@ -126,3 +126,15 @@ def test_the_sfr_prior_is_the_released_matrix_rounded_through_fp16():
     assert torch.equal(ours, ours.half().float())  # the released code casts it to fp16
     assert torch.allclose(ours, ref.sfr_prior(labels, (3, 5)), atol=1e-3)
     assert ours[0].abs().sum() == 0 and ours[:, 0].abs().sum() == 0 and ours.max() == 1
+
+
+@pytest.mark.parametrize("chunk", [1 << 23, 50])  # all starts at once; a few starts per chunk
+def test_the_same_entity_check_samples_each_line_as_released(monkeypatch, chunk):
+    from pearl.methods import resclip
+    monkeypatch.setattr(resclip, "_PATH_CHUNK_SAMPLES", chunk)
+    labels = torch.tensor([[0, 0, 1, 1, 2, 2], [0, 1, 1, 1, 2, 0], [0, 0, 1, 2, 2, 0], [1, 1, 1, 2, 0, 0]])
+    valid, steps = resclip._same_entity(labels)
+    expected, expected_steps, _ = ref.check_path(labels, 6)
+    assert valid.tolist() == [[expected[i, j] for j in range(24)] for i in range(24)]
+    assert steps.tolist() == [[expected_steps[i, j] for j in range(24)] for i in range(24)]
+    assert 0.2 < valid.float().mean() < 0.8  # both outcomes occur

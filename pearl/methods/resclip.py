@@ -11,6 +11,7 @@ supplies them.
 """
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
@@ -25,6 +26,7 @@ from .base import Method, finish_block, keep_attention
 RCS_BLOCKS = (6, 9)         # 1-based blocks whose attention RCS averages (released: indices 5..8)
 SFR_STD = 5.0               # the released segmentor's gaussian_std, which its SFR smoothing also uses
 FIRST_PASS_PAMR = (10, (8, 16))  # iterations and dilations of the first pass's PAMR (always on upstream)
+_PATH_CHUNK_SAMPLES = 1 << 23    # line samples of the same-entity check held at once (a whole image: N² pairs)
 
 Hook = Callable[[torch.Tensor], torch.Tensor]
 
@@ -99,7 +101,8 @@ def patch_labels(probs: torch.Tensor, temp_thd: float, patch: int, grid: tuple[i
     h, w = grid
     cells = labels[:, :h * patch, :w * patch].reshape(-1, h, patch, w, patch).transpose(2, 3).reshape(-1, h, w,
                                                                                                      patch * patch)
-    counts = F.one_hot(cells, probs.shape[1]).sum(dim=-2)
+    counts = torch.zeros(*cells.shape[:-1], probs.shape[1], dtype=torch.int32, device=cells.device)
+    counts.scatter_add_(-1, cells, torch.ones_like(cells, dtype=torch.int32))
     return counts.argmax(dim=-1)
 
 
@@ -114,15 +117,19 @@ def _same_entity(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n = h * w
     index = torch.arange(n, device=labels.device)
     coords = torch.stack((index // w, index % w), dim=-1)
-    start = coords[:, None].expand(n, n, 2).reshape(-1, 2)
-    end = coords[None, :].expand(n, n, 2).reshape(-1, 2)
-    steps = (end - start).abs().max(dim=1)[0]
+    steps = (coords[None, :] - coords[:, None]).abs().amax(dim=-1)
     max_steps = int(steps.max())
-    t = torch.linspace(0, 1, steps=max_steps + 1, device=labels.device).unsqueeze(1).unsqueeze(0)
-    along = (start.unsqueeze(1) * (1 - t) + end.unsqueeze(1) * t).round().long()
-    counted = torch.arange(max_steps + 1, device=labels.device).unsqueeze(0) <= steps.unsqueeze(1)
-    same = labels[along[..., 0], along[..., 1]] == labels[start[:, 0], start[:, 1]].unsqueeze(1)
-    return (same | ~counted).all(dim=1).view(n, n), steps.view(n, n)
+    t = torch.linspace(0, 1, steps=max_steps + 1, device=labels.device).view(1, 1, -1, 1)
+    sampled = torch.arange(max_steps + 1, device=labels.device)
+    rows = max(1, _PATH_CHUNK_SAMPLES // (n * (max_steps + 1)))  # starts per chunk: bounds the samples held
+    valid = []
+    for first in range(0, n, rows):
+        start = coords[first:first + rows, None, None]                      # [r, 1, 1, 2]
+        along = (start * (1 - t) + coords[None, :, None] * t).round().long()  # [r, n, S, 2]
+        same = labels[along[..., 0], along[..., 1]] == labels.flatten()[first:first + rows, None, None]
+        counted = sampled <= steps[first:first + rows, :, None]
+        valid.append((same | ~counted).all(dim=-1))
+    return torch.cat(valid), steps
 
 
 def feedback_prior(labels: torch.Tensor, same_entity: bool, prefix_tokens: int) -> torch.Tensor:
@@ -177,9 +184,10 @@ class ResCLIPHost(Method):
     def needs_feedback(self) -> bool:  # SFR's first pass
         return self.config.resclip
 
+    @abc.abstractmethod
     def attention(self, block: AttentionBlock, x: torch.Tensor, before_softmax: Hook, after_softmax: Hook,
                   prefix_tokens: int, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """(weights [B, heads, T, T], values [B, heads, T, d]) of the last block on x [B, T, C]."""
 
     def last_block(self, tower, x, hidden, grid, info, feedback=None):
         if self.config.resclip:
