@@ -449,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     images, repeats = (2, 1) if args.quick else (args.images, args.repeats)
-    todo = list(QUICK_VARIANTS) if args.quick else variants(methods)
+    todo = [] if queries else list(QUICK_VARIANTS) if args.quick else variants(methods)
     random_weights = args.pretrained == "none" or args.model == "tiny"
     weights = "random weights" if random_weights else args.pretrained
     plan = (f"{len(methods)} method(s) × {len(queries)} vocabularies" if queries

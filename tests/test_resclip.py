@@ -138,3 +138,11 @@ def test_the_same_entity_check_samples_each_line_as_released(monkeypatch, chunk)
     assert valid.tolist() == [[expected[i, j] for j in range(24)] for i in range(24)]
     assert steps.tolist() == [[expected_steps[i, j] for j in range(24)] for i in range(24)]
     assert 0.2 < valid.float().mean() < 0.8  # both outcomes occur
+
+
+def test_pamr_in_slabs_of_queries_is_pamr(photos):
+    from pearl.refine.pamr import pamr
+    image = normalise(np.ascontiguousarray(photos["coffee"][:64, :80]))[None]
+    torch.manual_seed(0)
+    logits = torch.randn(1, 7, 64, 80)
+    assert torch.equal(pamr(image, logits, 3, (2, 4), queries_per_slab=3), pamr(image, logits, 3, (2, 4)))

@@ -88,3 +88,13 @@ def test_scclip_needs_twelve_blocks_or_a_layer_map_and_a_cls_token(tiny_model):
     hidden, grid = _hidden(tiny_model, torch.randn(1, 3, 96, 96))
     with pytest.raises(ValueError, match="SC-CLIP reads the CLS token.*no CLS token"):
         build_method("scclip").last_block(WithoutCls(tiny_model.visual), hidden[-1], hidden, grid, None)
+
+
+def test_distances_in_chunks_of_rows_are_the_distances(monkeypatch):
+    from pearl.methods import calibration
+    torch.manual_seed(0)
+    tokens = torch.randn(3, 50, 16)
+    whole = calibration.squared_distances(tokens)
+    monkeypatch.setattr(calibration, "_DISTANCE_CHUNK_ELEMENTS", 3 * 50 * 16 * 7)  # 7 rows per chunk
+    assert torch.equal(calibration.squared_distances(tokens), whole)
+    assert torch.allclose(whole[1], torch.cdist(tokens[1], tokens[1]) ** 2, atol=1e-3)

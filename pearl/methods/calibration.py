@@ -15,7 +15,7 @@ import torch.nn.functional as F
 SIMILARITY_FLOOR = 0.4
 LOF_NEIGHBOURS = 30
 LOF_CONTAMINATION = 0.05
-_DISTANCE_CHUNK_ELEMENTS = 1 << 25  # bounds the [rows, N, C] difference tensor of one chunk
+_DISTANCE_CHUNK_ELEMENTS = 1 << 25  # bounds the [B, rows, N, C] difference tensor of one chunk
 
 
 def squared_distances(tokens: torch.Tensor) -> torch.Tensor:
@@ -25,8 +25,8 @@ def squared_distances(tokens: torch.Tensor) -> torch.Tensor:
     rounds differently, which moves the outlier set near its threshold); rows in chunks so a
     whole-image grid does not hold all N²·C differences at once.
     """
-    n, c = tokens.shape[1], tokens.shape[2]
-    rows = max(1, _DISTANCE_CHUNK_ELEMENTS // max(1, n * c))
+    b, n, c = tokens.shape
+    rows = max(1, _DISTANCE_CHUNK_ELEMENTS // max(1, b * n * c))
     return torch.cat([torch.linalg.vector_norm(tokens[:, i:i + rows, None] - tokens[:, None], dim=-1)
                       for i in range(0, n, rows)], dim=1) ** 2
 

