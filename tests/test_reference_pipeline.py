@@ -63,24 +63,17 @@ def test_naclip_with_pamr_agrees_with_upstream_flow(tiny_model, tokenizer, photo
     _agrees(tiny_model, tokenizer, photos, "naclip", False, False, params, names=("coffee",))
 
 
+@pytest.mark.parametrize("method", ["sfp", "scclip"])
 @pytest.mark.parametrize("mode", ["slide", "whole"])
 @pytest.mark.parametrize("tlp_on", [False, True])
-def test_sfp_agrees_with_upstream_flow(tiny_model, tokenizer, photos, mode, tlp_on):
-    # 160-pixel windows (10×10 patches) leave every outlier a clean neighbour: no released NaN
+def test_calibrating_methods_agree_with_upstream_flow(tiny_model, tokenizer, photos, method, mode, tlp_on):
+    # 160-pixel windows (10×10 patches): every SFP outlier keeps a clean neighbour (no released NaN), and
+    # SC-CLIP's 30-neighbour LOF has enough patches; whole: a 10×15 grid
     params = dict(resize_short=160, slide_crop=160 if mode == "slide" else 0, slide_stride=96, logit_scale=50,
                   prob_thd=0.15, area_thd=0.1)
-    _agrees(tiny_model, tokenizer, photos, "sfp", False, tlp_on, params, names=("chelsea",))
-    seg = pearl.Segmentor(tiny_model, CLASSES, method="sfp", tokenizer=tokenizer, **params)
+    _agrees(tiny_model, tokenizer, photos, method, False, tlp_on, params, names=("chelsea",))
+    seg = pearl.Segmentor(tiny_model, CLASSES, method=method, tokenizer=tokenizer, **params)
     assert seg.predict(photos["chelsea"]).info["nan_windows"] == 0
-
-
-@pytest.mark.parametrize("mode", ["slide", "whole"])
-@pytest.mark.parametrize("tlp_on", [False, True])
-def test_scclip_agrees_with_upstream_flow(tiny_model, tokenizer, photos, mode, tlp_on):
-    # 160-pixel windows: 10×10 patches, enough for the released 30-neighbour LOF; whole: a 10×15 grid
-    params = dict(resize_short=160, slide_crop=160 if mode == "slide" else 0, slide_stride=96, logit_scale=50,
-                  prob_thd=0.15, area_thd=0.1)
-    _agrees(tiny_model, tokenizer, photos, "scclip", False, tlp_on, params, names=("chelsea",))
 
 
 @pytest.mark.parametrize("method", ["naclip", "sclip", "clearclip"])
