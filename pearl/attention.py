@@ -29,6 +29,7 @@ from .data.datasets import read_image
 from .errors import UserError
 from .methods import available_methods, get_method
 from .methods.base import ATTENTION
+from .methods.resclip import ResCLIPConfig
 from .params import PARAMS, build_config, config_params
 from .preprocess import normalise, rescale, to_rgb_uint8
 from .render import caption_strip, heat_overlay, panel_grid, save_figure, smoke_note, titled_panel
@@ -41,10 +42,11 @@ DEFAULT_SHORT_SIDE = 336
 
 def last_block_params() -> list[str]:
     """The parameters that change a last block: the fields of the methods' own configs (``pa`` is
-    a switch of its own)."""
+    a switch of its own). ResCLIP's are left out: its attention depends on a first-pass segmentation,
+    which needs a vocabulary this tool does not take."""
     names = {param for cls in map(get_method, available_methods())
              for param in config_params(cls.Config, cls.config_prefix).values()}
-    return [name for name in PARAMS if name in names]
+    return [name for name in PARAMS if name in names - set(config_params(ResCLIPConfig).values())]
 
 
 class AttentionMaps(NamedTuple):

@@ -14,7 +14,7 @@ import yaml
 
 from .benchmarks import ALL_DATASETS, BENCHMARKS, DATASET_ALIASES
 
-PROFILES = ("own", "pearl", "clearclip", "naclip_v1", "naclip_readme")
+PROFILES = ("own", "pearl", "clearclip", "naclip_v1", "naclip_readme", "resclip")
 _WINDOW_KEYS = ("resize_short", "slide_crop", "slide_stride", "logit_scale", "prob_thd")
 
 
@@ -110,6 +110,9 @@ def _row(method: str, dataset: str, profile: str) -> dict:
         row.update({k: ref[k] for k in _WINDOW_KEYS + ("names",)}, area_thd=0.0)
         if method == "vanilla" and row["prob_thd"] > 0:
             row["prob_thd"] = 0.2  # ClearCLIP maintainer's CLIP setting, mc-lan/ClearCLIP#2
+    elif profile == "resclip":  # ResCLIP's segmentor runs every host with its NACLIP-v2 configs
+        ref = _row("naclip", dataset, "own")
+        row.update({k: ref[k] for k in _WINDOW_KEYS + ("names",)}, area_thd=0.0)
     elif profile in ("naclip_v1", "naclip_readme"):
         if method != "naclip":
             raise ValueError(f"profile {profile!r} applies to method 'naclip' only, not {method!r}")
@@ -128,7 +131,8 @@ def protocol(method: str, dataset: str, profile: str = "own") -> dict:
 
     ``profile``: ``own`` (the method's released configs), ``pearl`` (PEARL's resize / window /
     logit_scale / prob_thd for any method, as in the TLP plug-in table), ``clearclip`` (ClearCLIP's),
-    ``naclip_v1`` (NACLIP before v2) or ``naclip_readme`` (NACLIP v2 with PAMR on).
+    ``naclip_v1`` (NACLIP before v2), ``naclip_readme`` (NACLIP v2 with PAMR on) or ``resclip``
+    (ResCLIP's, which are NACLIP v2's, for any host: its plug-in rows).
     """
     row = _row(method, dataset, profile)
     row.pop("names")

@@ -86,8 +86,8 @@ MAIN = [Row("CLIP", "vanilla", False, False, "table1", "CLIP"),
         # not in PEARL's Table 1: beside the numbers their own repositories publish
         Row("SC-CLIP", "scclip", False, False, "own_sources", "SC-CLIP README figure"),
         *[Row(f"{title} + ResCLIP", method, False, False, "own_sources", f"ResCLIP README {title}+ResCLIP",
-              {"resclip": True}) for title, method in (("SCLIP", "sclip"), ("NACLIP", "naclip"),
-                                                        ("ClearCLIP", "clearclip"))],
+              {"resclip": True}, profile="resclip") for title, method in (("SCLIP", "sclip"), ("NACLIP", "naclip"),
+                                                                         ("ClearCLIP", "clearclip"))],
         Row("PEARL", "pearl", True, True, "table1", "PEARL (Ours)", pacc_row="PEARL (Ours)")]
 ABLATION = [Row("Vanilla CLIP (full block)", "vanilla", False, False, "table3", "Vanilla CLIP (no PA, no TLP)"),
             Row("PA only", "pearl", True, False, "table3", "PA only"),

@@ -114,8 +114,8 @@ def test_only_last_block_parameters_are_options():
     params = last_block_params()
     assert params[:6] == ["arch", "alpha_kk", "use_kk", "pa_solver", "pa_iters", "naclip_gauss_std"]
     assert {"gem_iters", "gem_temperature", "gem_residual", "gem_depth", "sfp_outlier", "sfp_purify", "sfp_res_cls",
-            "sfp_nan_guard", "sfp_layers"} <= set(params)
-    assert not [name for name in params if name.startswith(("tlp", "pamr", "slide", "resize"))
+            "sfp_nan_guard", "sfp_layers", "scclip_res_cls", "scclip_layers"} <= set(params)
+    assert not [name for name in params if name.startswith(("tlp", "pamr", "slide", "resize", "resclip"))
                 or name in ("logit_scale", "prob_thd", "area_thd", "templates", "text_cache_dir")]
 
 

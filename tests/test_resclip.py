@@ -146,3 +146,15 @@ def test_pamr_in_slabs_of_queries_is_pamr(photos):
     torch.manual_seed(0)
     logits = torch.randn(1, 7, 64, 80)
     assert torch.equal(pamr(image, logits, 3, (2, 4), queries_per_slab=3), pamr(image, logits, 3, (2, 4)))
+
+
+@pytest.mark.parametrize("host", ["sclip", "clearclip"])
+def test_the_resclip_profile_runs_any_host_with_resclip_s_own_settings(host):
+    from pearl.benchmarks import DATASETS
+    from pearl.protocols import class_file, protocol
+    for dataset in DATASETS:  # ResCLIP's configs are NACLIP v2's (docs/methods.md §10)
+        assert protocol(host, dataset, "resclip") == protocol("naclip", dataset), dataset
+        assert class_file(dataset, host, "resclip") == class_file(dataset)
+    assert protocol("sclip", "voc21")["area_thd"] == 0.1 and protocol("sclip", "voc21", "resclip")["area_thd"] == 0
+    settings = job_settings("clearclip", None, None, "voc20", "resclip", {"resclip": True})
+    assert (settings["slide_crop"], settings["resclip_temp_thd"]) == (0, 0.1)
