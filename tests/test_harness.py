@@ -156,7 +156,12 @@ def test_sweep_tables_and_resume_in_a_subprocess(synthetic, tmp_path):
     assert tables.returncode == 0, tables.stderr
     folder = results / "tiny_seed0"  # a model other than the paper's gets its own folder
     main = pd.read_csv(folder / "main.csv")
-    assert list(main["row"]) == ["CLIP", "SCLIP", "NACLIP (no PAMR)", "MaskCLIP", "GEM", "ClearCLIP", "SFP", "PEARL"]
+    assert list(main["row"]) == ["CLIP", "SCLIP", "NACLIP (no PAMR)", "MaskCLIP", "GEM", "ClearCLIP", "SFP", "SC-CLIP",
+                                 "SCLIP + ResCLIP", "NACLIP + ResCLIP", "ClearCLIP + ResCLIP", "PEARL"]
+    beside = main.set_index("row")  # rows outside PEARL's Table 1 carry their own published numbers
+    assert beside.loc["SC-CLIP", "paper_source"] == "own_sources: SC-CLIP README figure"
+    assert beside.loc["SC-CLIP", "VOC21_paper"] == 64.6 and beside.loc["NACLIP + ResCLIP", "ADE_paper"] == 18.0
+    assert beside.loc["PEARL", "paper_source"] == "table1: PEARL (Ours)"
     assert [c for c in main.columns if c.endswith("_ours")] == [
         "VOC21_ours", "PC60_ours", "Object_ours", "VOC20_ours", "PC59_ours", "Stuff_ours", "City_ours", "ADE_ours",
         "Avg_ours"]
