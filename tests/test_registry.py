@@ -144,3 +144,39 @@ def test_the_refiner_changes_the_fused_logits_and_refines_images_together_as_alo
         assert torch.equal(one.labels, together.labels)
         assert torch.allclose(one.logits, together.logits, atol=1e-6, rtol=0)
 
+
+
+GEOMETRIES = {"head width 80": {"width": 160, "head_width": 80},    # ViT-L/14, ViT-H/14's head width
+              "head width 104": {"width": 208, "head_width": 104},  # ViT-bigG/14's
+              "patch 14": {"patch_size": 14, "image_size": 56}}     # the /14 towers' grids
+
+
+@pytest.fixture(scope="module", params=list(GEOMETRIES))
+def other_geometry(request):
+    import copy
+
+    from pearl.loading import TINY_CONFIG
+    config = copy.deepcopy(TINY_CONFIG)
+    config["vision_cfg"].update(GEOMETRIES[request.param])
+    return tiny_clip(0, config)
+
+
+@pytest.mark.parametrize("method", available_methods())
+def test_every_method_runs_on_other_head_widths_and_patch_sizes(other_geometry, photos, method):
+    model, tokenizer = other_geometry
+    image = photos["chelsea"]
+    seg = pearl.Segmentor(model, CLASSES, method=method, tokenizer=tokenizer, text_cache_dir="", resize_short=112,
+                          slide_crop=64, slide_stride=32, **({"sfp_nan_guard": True} if method == "sfp" else {}))
+    patch = model.visual.patch_size[0]
+    assert seg.tower.patch_size == patch
+    out = seg.predict(image)
+    assert out.labels.shape == image.shape[:2] and torch.isfinite(out.probs).all()
+    assert out.info["windows"] == len(seg.prepare_image(image).windows)
+
+
+@pytest.mark.parametrize("host", ["sclip", "naclip", "clearclip"])
+def test_resclip_runs_on_other_head_widths_and_patch_sizes(other_geometry, photos, host):
+    model, tokenizer = other_geometry  # its first pass cuts the windows into the tower's patches
+    out = pearl.Segmentor(model, CLASSES, method=host, tokenizer=tokenizer, text_cache_dir="", resize_short=112,
+                          slide_crop=64, slide_stride=32, resclip=True).predict(photos["chelsea"])
+    assert out.labels.shape == photos["chelsea"].shape[:2] and torch.isfinite(out.probs).all()
