@@ -5,7 +5,8 @@
 Writes ``main.csv`` (Table 1), ``ablation.csv`` (Table 3), ``plug_and_play.csv`` (Table 4),
 ``resolution.csv`` (Table 5), ``code_vs_paper.csv`` (PEARL with each of the paper's variants, with
 each cell's difference to the released code) and their pAcc twins (``*_pacc.csv``), each also as
-``.md``, per model, and ``backbones.csv`` (Table 6). Every cell carries ours, the paper's number, the difference, the
+``.md``, per model, and ``backbones.csv`` (Table 6 and every method × model run) with its method × backbone
+layout ``backbones_by_model.csv``. Every cell carries ours, the paper's number, the difference, the
 record it came from and its flags; a cell is filled only by a record whose identity satisfies the
 row (never by recency alone: see :class:`Row`); averages only over complete rows. The evaluation
 sets beyond the paper (``EXTRA_DATASETS``) get columns after the average when the model has
@@ -116,12 +117,44 @@ TABLES = {"main": MAIN, "ablation": ABLATION, "plug_and_play": PLUG_AND_PLAY, "r
 
 
 def backbone_rows(records: list[RunRecord]) -> list[Row]:
-    """Table 6: PEARL (PA + TLP, own protocol) per model: the paper's three, then any other model run."""
+    """Table 6 and the method × backbone table: PEARL (PA + TLP, own protocol) on the paper's three
+    models (with its cells), then every (method, PA, TLP, model) the records hold, at its own protocol."""
     rows = [Row(f"PEARL {title}", "pearl", True, True, "table6", f"PEARL {title}", model=label)
             for title, label in BACKBONE_MODELS]
-    known = {label for _, label in BACKBONE_MODELS}
-    others = sorted({r.model_label for r in records if r.method == "pearl" and r.pa and r.tlp} - known)
-    return rows + [Row(f"PEARL {label}", "pearl", True, True, None, None, model=label) for label in others]
+    paper_rows = {("pearl", True, True, label) for _, label in BACKBONE_MODELS}
+    present = sorted({(r.method, r.pa, r.tlp, r.model_label) for r in records} - paper_rows)
+    return rows + [Row(_backbone_title(method, pa, tlp, label), method, pa, tlp, None, None, model=label)
+                   for method, pa, tlp, label in present]
+
+
+def _backbone_title(method: str, pa: bool, tlp: bool, label: str) -> str:
+    if (method, pa, tlp) == ("pearl", True, True):
+        return f"PEARL {label}"
+    return " ".join([method] + [name for name, on in (("PA", pa), ("TLP", tlp)) if on] + [label])
+
+
+def backbone_table(records: list[RunRecord], paper: pd.DataFrame, selection: Selection) -> pd.DataFrame:
+    """``backbone_rows`` built; rows without a paper cell or a run of their own protocol left out
+    (a record made with other settings names a row whose cells would all be empty)."""
+    table = build_table(records, paper, backbone_rows(records), "mIoU", selection)
+    ours = [column for column in table.columns if column.endswith("_ours")]
+    return table[(table["paper_source"] != "") | table[ours].notna().any(axis=1)].reset_index(drop=True)
+
+
+def by_model(table: pd.DataFrame) -> pd.DataFrame:
+    """The method × backbone table from ``backbone_table``: one row per (method, PA, TLP), and per
+    model (in order of appearance) each dataset's and the average's mIoU as ``<model> <column>``, the
+    paper's beside it as ``<model> <column> paper`` where it has one (Table 6)."""
+    titles = [column[:-len("_ours")] for column in table.columns if column.endswith("_ours")]
+    lines: dict[tuple, dict] = {}
+    for _, line in table.iterrows():
+        entry = lines.setdefault((line["method"], line["pa"], line["tlp"]),
+                                 {"method": line["method"], "pa": line["pa"], "tlp": line["tlp"]})
+        for title in titles:
+            entry[f"{line['model']} {title}"] = line[f"{title}_ours"]
+            if pd.notna(line[f"{title}_paper"]):
+                entry[f"{line['model']} {title} paper"] = line[f"{title}_paper"]
+    return pd.DataFrame(list(lines.values()))
 
 
 def default_paper_dir() -> Path:
@@ -339,13 +372,23 @@ def _check_pivot(param: str) -> None:
         raise ValueError(f"--pivot {param!r} is not a parameter; valid: {', '.join(PARAMS)}")
 
 
-def _write(table: pd.DataFrame, out_dir: Path, name: str, note: str, markdown: bool = True) -> Path:
+def _write(table: pd.DataFrame, out_dir: Path, name: str, note: str, render=to_markdown) -> Path:
+    """``name``.csv and, unless ``render`` is None, ``name``.md as ``render(table, note)`` writes it."""
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / f"{name}.csv"
     table.to_csv(csv_path, index=False)
-    if markdown:
-        (out_dir / f"{name}.md").write_text(to_markdown(table, note))
+    if render is not None:
+        (out_dir / f"{name}.md").write_text(render(table, note))
     return csv_path
+
+
+def plain_markdown(table: pd.DataFrame, note: str = "") -> str:
+    """A table as it is, one cell per value ('·' where there is none)."""
+    lines = ([note, ""] if note else []) + ["| " + " | ".join(map(str, table.columns)) + " |",
+                                            "|---" * len(table.columns) + "|"]
+    lines += ["| " + " | ".join(_fmt(value) or "·" if not isinstance(value, str) else value for value in row) + " |"
+              for row in table.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
 
 
 def _draw(tables: dict[str, pd.DataFrame], records: list[RunRecord], selection: Selection, folder: Path
@@ -411,12 +454,16 @@ def write_tables(results_dir: str | Path = "results", paper_dir: str | Path | No
             written |= {key_prefix + key: path for key, path in _draw(tables, records, selection, folder).items()}
         for param in pivots:
             written[f"{key_prefix}pivot_{param}"] = _write(pivot(records, param, selection), folder,
-                                                           f"pivot_{param}", "", markdown=False)
-    table = build_table(records, paper, backbone_rows(records), "mIoU",
-                        Selection(DEFAULT_MODEL, include_partial, include_stale))
+                                                           f"pivot_{param}", "", render=None)
+    table = backbone_table(records, paper, Selection(DEFAULT_MODEL, include_partial, include_stale))
     smoke = any(str(model).startswith("tiny") for model in table.get("model", []))
-    written["backbones"] = _write(table, out_dir, "backbones", "Models: each row's own." + (
-        " **Rows of model tiny: smoke figures of a randomly initialised network, not results.**" if smoke else ""))
+    def smoke_note(parts: str) -> str:
+        return f" **{parts} of model tiny: smoke figures of a randomly initialised network, not results.**" \
+            if smoke else ""
+    written["backbones"] = _write(table, out_dir, "backbones", "Models: each row's own." + smoke_note("Rows"))
+    written["backbones_by_model"] = _write(by_model(table), out_dir, "backbones_by_model",
+                                           "Method × backbone: mIoU per model and dataset; `paper`: Table 6."
+                                           + smoke_note("Columns"), render=plain_markdown)
     if draw:
         written["figures/backbones"] = figures.comparison_bars(
             table, "backbones", "each row's own" + (", incl. tiny" if smoke else ""),

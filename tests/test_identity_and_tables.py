@@ -178,7 +178,20 @@ def test_tables_select_by_identity_not_recency(synthetic, tmp_path, official_syn
     backbones = pd.read_csv(results / "backbones.csv").set_index("row")
     assert backbones.loc["PEARL tiny:seed0", "VOC21_ours"] == round(default.mIoU, 2)
     assert backbones.loc["PEARL tiny:seed1", "VOC21_ours"] == round(other_model.mIoU, 2)
-    assert pd.isna(backbones.loc["PEARL ViT-B/16", "VOC21_ours"])
+    assert pd.isna(backbones.loc["PEARL ViT-B/16", "VOC21_ours"])  # Table 6's rows stay, run or not
+    assert backbones.loc["PEARL ViT-B/16", "paper_source"] == "table6: PEARL ViT-B/16"
+    # the runs with other settings (tlp_grid, resize_short) name no row of their own
+    assert list(backbones.index) == ["PEARL ViT-B/32", "PEARL ViT-B/16", "PEARL ViT-L/14", "PEARL tiny:seed0",
+                                     "PEARL tiny:seed1"]
+    naclip = runner.run(compose(_job(synthetic, results, "method=naclip", "model.seed=1")))
+    write_tables(results, models=(TINY,), draw=False)
+    by_model = pd.read_csv(results / "backbones_by_model.csv").set_index("method")
+    assert list(by_model.index) == ["pearl", "naclip"]  # the method × backbone table: a row per method
+    assert by_model.loc["naclip", "tiny:seed1 VOC21"] == round(naclip.mIoU, 2)
+    assert pd.isna(by_model.loc["naclip", "tiny:seed0 VOC21"])  # no naclip run of that model
+    assert by_model.loc["pearl", "tiny:seed0 VOC21"] == round(default.mIoU, 2)
+    assert pd.isna(by_model.loc["pearl", "ViT-B-16:openai VOC21"])
+    assert "naclip tiny:seed1" in set(pd.read_csv(results / "backbones.csv")["row"])
 
     # partial runs fill only on request, marked
     write_tables(results, models=(TINY,), include_partial=True, draw=False)
