@@ -16,7 +16,5 @@ from .resclip import ResCLIPHost
 class ClearCLIP(ClearCLIPSegmentorMethod, ResCLIPHost):
     name = "clearclip"
 
-    def attention(self, block, x, before_softmax, after_softmax, prefix_tokens, grid):
-        q, _, v = block.qkv(block.norm(x))
-        weights = torch.softmax(before_softmax((q @ q.transpose(-1, -2)) * block.scale), dim=-1)
-        return after_softmax(weights), v
+    def attention(self, block, q, k, before_softmax, after_softmax, prefix_tokens, grid):
+        return after_softmax(torch.softmax(before_softmax((q @ q.transpose(-1, -2)) * block.scale), dim=-1))

@@ -53,7 +53,6 @@ class NACLIP(ResCLIPHost):
                 device=like.device, dtype=like.dtype)
         return self._bias_cache[key]
 
-    def attention(self, block, x, before_softmax, after_softmax, prefix_tokens, grid):
-        _, k, v = block.qkv(block.norm(x))
+    def attention(self, block, q, k, before_softmax, after_softmax, prefix_tokens, grid):
         logits = before_softmax((k @ k.transpose(-1, -2)) * block.scale) + self._bias(grid, prefix_tokens, k)
-        return after_softmax(torch.softmax(logits, dim=-1)), v
+        return after_softmax(torch.softmax(logits, dim=-1))

@@ -174,10 +174,10 @@ def _unchanged(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class ResCLIPHost(Method):
-    """A method ResCLIP can switch on. Its ``attention(block, x, before_softmax, after_softmax,
-    prefix_tokens, grid)`` gives the last block's weights [B, heads, T, T] and values, applying
-    ``before_softmax`` to each logit map and ``after_softmax`` to the weights; ``block_form`` says
-    whether the block keeps its residual and MLP ('vanilla', SCLIP) or not ('reduced')."""
+    """A method ResCLIP can switch on. Its ``attention(block, q, k, before_softmax, after_softmax,
+    prefix_tokens, grid)`` gives the last block's weights [B, heads, T, T] from its queries and keys,
+    applying ``before_softmax`` to each logit map and ``after_softmax`` to the weights; ``block_form``
+    says whether the block keeps its residual and MLP ('vanilla', SCLIP) or not ('reduced')."""
 
     Config = ResCLIPConfig
     block_form: ClassVar[str] = "reduced"
@@ -191,33 +191,35 @@ class ResCLIPHost(Method):
         return self.config.resclip
 
     @abc.abstractmethod
-    def attention(self, block: AttentionBlock, x: torch.Tensor, before_softmax: Hook, after_softmax: Hook,
-                  prefix_tokens: int, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weights [B, heads, T, T], values [B, heads, T, d]) of the last block on x [B, T, C]."""
+    def attention(self, block: AttentionBlock, q: torch.Tensor, k: torch.Tensor, before_softmax: Hook,
+                  after_softmax: Hook, prefix_tokens: int, grid: tuple[int, int]) -> torch.Tensor:
+        """The last block's weights [B, heads, T, T] from its queries and keys [B, heads, T, d]."""
 
     def last_block(self, tower, x, hidden, grid, info, feedback=None):
-        if self.config.resclip:
-            return self._resclip_block(tower, x, hidden, grid, info, feedback)
         block = tower.block(-1, grid)
-        weights, v = self.attention(block, x, _unchanged, _unchanged, tower.prefix_tokens, grid)
+        q, k, v = block.qkv(block.norm(x))
+        if self.config.resclip:
+            return self._resclip_block(tower, block, x, q, k, v, hidden, grid, info, feedback)
+        weights = self.attention(block, q, k, _unchanged, _unchanged, tower.prefix_tokens, grid)
         keep_attention(info, weights)
         return finish_block(block, x, weights @ v, self.block_form, tower.prefix_tokens)
 
-    def _resclip_block(self, tower: Tower, x: torch.Tensor, hidden: list[torch.Tensor], grid: tuple[int, int],
-                       info: dict | None, feedback: SemanticFeedback | None) -> torch.Tensor:
+    def _resclip_block(self, tower: Tower, block: AttentionBlock, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                       v: torch.Tensor, hidden: list[torch.Tensor], grid: tuple[int, int], info: dict | None,
+                       feedback: SemanticFeedback | None) -> torch.Tensor:
         """A first pass with RCS, its segmentation of the windows, then the block with the SFR
-        prior (on each logit map, before the softmax) and RCS (``VisionTransformer.forward``)."""
+        prior (on each logit map, before the softmax) and RCS (``VisionTransformer.forward``); both
+        passes attend with the one q, k, v of the last block's input x."""
         if feedback is None or feedback.images is None:
             raise ValueError(f"resclip=True needs the text prototypes and the windows for its first pass: run "
                              f"{self.name} with resclip through pearl.Segmentor")
         config = self.config
-        block = tower.block(-1, grid)
         rcs = rcs_attention(tower, hidden, grid)
 
         def with_rcs(weights: torch.Tensor) -> torch.Tensor:
             return mix(weights, rcs, config.resclip_rcs_tau, config.resclip_rcs_lambda)
 
-        weights, v = self.attention(block, x, _unchanged, with_rcs, tower.prefix_tokens, grid)
+        weights = self.attention(block, q, k, _unchanged, with_rcs, tower.prefix_tokens, grid)
         first = finish_block(block, x, weights @ v, self.block_form, tower.prefix_tokens)
         labels = feedback.labels(tower, first, grid, config.resclip_temp_thd)
         prior = sfr_prior(labels, config.resclip_same_entity, tower.prefix_tokens, x.dtype)
@@ -225,6 +227,6 @@ class ResCLIPHost(Method):
         def with_sfr(logits: torch.Tensor) -> torch.Tensor:
             return mix(logits, prior, config.resclip_sfr_tau, config.resclip_sfr_lambda)
 
-        weights, v = self.attention(block, x, with_sfr, with_rcs, tower.prefix_tokens, grid)
+        weights = self.attention(block, q, k, with_sfr, with_rcs, tower.prefix_tokens, grid)
         keep_attention(info, weights)
         return finish_block(block, x, weights @ v, self.block_form, tower.prefix_tokens)

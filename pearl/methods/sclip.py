@@ -15,9 +15,8 @@ class SCLIP(ResCLIPHost):
     name = "sclip"
     block_form = "vanilla"
 
-    def attention(self, block, x, before_softmax, after_softmax, prefix_tokens, grid):
-        q, k, v = block.qkv(block.norm(x))
+    def attention(self, block, q, k, before_softmax, after_softmax, prefix_tokens, grid):
         scale = block.scale
         weights = torch.softmax(before_softmax((q @ q.transpose(-1, -2)) * scale), dim=-1) \
             + torch.softmax(before_softmax((k @ k.transpose(-1, -2)) * scale), dim=-1)
-        return after_softmax(weights), v
+        return after_softmax(weights)
