@@ -158,3 +158,12 @@ def test_the_resclip_profile_runs_any_host_with_resclip_s_own_settings(host):
     assert protocol("sclip", "voc21")["area_thd"] == 0.1 and protocol("sclip", "voc21", "resclip")["area_thd"] == 0
     settings = job_settings("clearclip", None, None, "voc20", "resclip", {"resclip": True})
     assert (settings["slide_crop"], settings["resclip_temp_thd"]) == (0, 0.1)
+
+
+def test_blends_of_tau_1_lambda_0_leave_the_host_as_it_is(tiny_model, tokenizer, photos):
+    # docs/methods.md §10: the paper's one-module ablations are these settings of the other module
+    common = dict(method="naclip", tokenizer=tokenizer, resize_short=96, slide_crop=64, slide_stride=32)
+    plain = pearl.Segmentor(tiny_model, ["sky", "cat"], **common).predict(photos["coffee"]).logits
+    off = pearl.Segmentor(tiny_model, ["sky", "cat"], resclip=True, resclip_sfr_tau=1, resclip_sfr_lambda=0,
+                          resclip_rcs_tau=1, resclip_rcs_lambda=0, **common).predict(photos["coffee"]).logits
+    assert torch.equal(plain, off)
