@@ -5,6 +5,8 @@
 # Each model's runs fill its own tables (results/<model>/), a row per method and model of
 # results/backbones.csv, and a column group per model of results/backbones_by_model.csv.
 # e.g. METHODS=pearl,naclip,sclip MODELS="ViT-B-16:openai ViT-L-14:openai ViT-B-16:laion2b_s34b_b88k" experiments/backbones.sh
+# Any supported tower (docs/architecture.md §2.1): MODELS="EVA02-B-16:merged2b_s8b_b131k PE-Core-B-16:meta
+# ViT-B-16-SigLIP2:webli" (SigLIP: pip install -e '.[siglip]'; scclip and sfp need a CLS token).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 METHODS=${METHODS:-pearl}

@@ -83,6 +83,7 @@ def attention_maps(model, image, method: str, pa: bool | None = None, short_side
     method_cls = get_method(method)
     last_block = method_cls(build_config(method_cls.Config, resolved, method_cls.config_prefix))
     tower = tower_for(model.visual)
+    last_block.check_tower(tower)
     picture = rescale(to_rgb_uint8(image), short_side)
     step = tower.patch_size
     picture = picture[: picture.shape[0] // step * step, : picture.shape[1] // step * step]

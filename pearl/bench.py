@@ -26,14 +26,16 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import open_clip
 import torch
 import torch.nn.functional as F
 
 from .benchmarks import BENCHMARKS, DATASETS
 from .decision import Prediction
+from .errors import UserError
 from .fused import OriginalSizeLogits
 from .joint import predict_jointly
-from .loading import PRECISIONS, load_clip, tiny_clip
+from .loading import PRECISIONS, load_clip, load_model, load_tokenizer, tiny_clip
 from .methods import available_methods, get_method
 from .preprocess import prepare_image
 from .protocols import class_names
@@ -264,7 +266,21 @@ def bench_model(name: str, pretrained: str | None, device: torch.device, precisi
     torch.manual_seed(0)
     if name == "tiny":
         return tiny_clip()
-    return load_clip(name, pretrained, device, precision)
+    if pretrained is not None:
+        return load_clip(name, pretrained, device, precision)
+    return load_model(name, None, device, precision), _random_weights_tokenizer(name)
+
+
+def _random_weights_tokenizer(name: str):
+    """The model's own tokenizer, or where it cannot be loaded here (SigLIP's needs ``transformers``
+    and the Hub) CLIP's BPE at the model's context length: with random weights the prototypes mean
+    nothing, and the image side, which is what is timed, is the same."""
+    try:
+        return load_tokenizer(name)
+    except UserError as error:
+        context = (open_clip.get_model_config(name) or {}).get("text_cfg", {}).get("context_length", 77)
+        print(f"pearl.bench: {error}; timing with CLIP's BPE tokenizer at context {context} instead", flush=True)
+        return open_clip.SimpleTokenizer(context_length=context)
 
 
 PLUG_INS = {"resclip": {"resclip": True}}  # ``--methods naclip+resclip``: the host with the plug-in on

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import open_clip
 import torch
+from open_clip.timm_model import TimmModel
 
 from .checkpoints import check_plain_checkpoint_error, is_torchscript_archive, load_torchscript_weights
 from .errors import ConfigError, MissingFileError, WeightsError
+from .tiny import TINY_CONFIG, tiny_clip  # noqa: F401 (the loaders' public names)
 from .towers import tower_for
 
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
@@ -61,7 +63,8 @@ def _offline_help(model_name: str, pretrained: str, cache_dir: str | None) -> st
     place = (f"place the Hub repository {hub[0]} (file {hub[1][0]}) in the cache folder {where}" if hub
              else f"make the weights reachable from the cache folder {where}")
     return (f"Without network access {place} (on a connected machine run `python -c \"import open_clip; "
-            f"open_clip.create_model('{model_name}', pretrained='{pretrained}')\"` and copy the folder across; "
+            f"open_clip.create_model('{model_name}', pretrained='{pretrained}'); "
+            f"open_clip.get_tokenizer('{model_name}')\"` and copy the folder across; "
             f"HF_HUB_CACHE or model.cache_dir point to it), or pass a checkpoint file as pretrained=/path/to/file "
             f"(for ViT-B/16 OpenAI: ViT-B-16.pt, sha256 5806e77c…).")
 
@@ -104,7 +107,15 @@ def _require_reachable_weights(model_name: str, pretrained: str, cache_dir: str 
 
 def load_clip(name: str = "ViT-B-16", pretrained: str | None = "openai", device: str | torch.device = "cpu",
               precision: str = "fp32", cache_dir: str | None = None, quick_gelu: bool | None = None):
-    """(model, tokenizer) from open_clip, in eval mode.
+    """(model, tokenizer) from open_clip, the model in eval mode (``load_model``, ``load_tokenizer``;
+    the tokenizer first: a missing library fails in seconds, before any weights are read)."""
+    tokenizer = load_tokenizer(name.replace("/", "-"), cache_dir)
+    return load_model(name, pretrained, device, precision, cache_dir, quick_gelu), tokenizer
+
+
+def load_model(name: str = "ViT-B-16", pretrained: str | None = "openai", device: str | torch.device = "cpu",
+               precision: str = "fp32", cache_dir: str | None = None, quick_gelu: bool | None = None):
+    """An open_clip model in eval mode.
 
     ``pretrained``: an open_clip tag, a local checkpoint file (safetensors, state dict or OpenAI's
     TorchScript ``ViT-B-16.pt``), or None for random weights. OpenAI weights are built with
@@ -138,8 +149,26 @@ def load_clip(name: str = "ViT-B-16", pretrained: str | None = "openai", device:
         load_torchscript_weights(model, pretrained)
     else:
         model = _create_with_weights(model_name, pretrained, is_file, kwargs)
-    model.eval()
-    return model, open_clip.get_tokenizer(model_name)
+    return model.eval()
+
+
+def load_tokenizer(model_name: str, cache_dir: str | None = None):
+    """The model's own tokenizer (open_clip's ``get_tokenizer``): CLIP's BPE, or a Hugging Face tokenizer
+    (SigLIP, SigLIP2), which needs the ``transformers`` library (the ``siglip`` extra) and its files in
+    the Hub cache; a one-line error naming what is missing otherwise."""
+    try:
+        return open_clip.get_tokenizer(model_name, cache_dir=cache_dir)
+    except ImportError as error:
+        raise ConfigError(f"the tokenizer of {model_name} needs the Python package {error.name!r}: "
+                          f"pip install 'pearl-ovss[siglip]' (docs/architecture.md §2.1)") from None
+    except OSError as error:  # transformers' "can't load tokenizer": files neither cached nor downloadable
+        source = (open_clip.get_model_config(model_name) or {}).get("text_cfg", {}).get("hf_tokenizer_name", "")
+        reason = str(error).splitlines()[0][:160].rstrip(".")
+        raise WeightsError(f"the tokenizer of {model_name} ({source or 'a Hugging Face tokenizer'}) could not be "
+                           f"loaded: {reason}. Without network access run `python -c "
+                           f"\"import open_clip; open_clip.get_tokenizer('{model_name}')\"` on a connected machine and "
+                           f"copy its Hugging Face cache folder to {cache_dir or _hf_cache_dir()} (HF_HUB_CACHE)"
+                           ) from None
 
 
 @contextlib.contextmanager
@@ -154,19 +183,6 @@ def _without_random_init_warning():
         root.removeFilter(keep)
 
 
-# A tiny CLIP for offline smoke runs and the tests: 12 blocks (SFP reads fixed layer positions),
-# width 64 in 2 heads of 32, 16-pixel patches. Random weights: its mIoU is a smoke figure, never a result.
-TINY_CONFIG = {"embed_dim": 32, "quick_gelu": True,
-               "vision_cfg": {"image_size": 64, "layers": 12, "width": 64, "head_width": 32, "patch_size": 16},
-               "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
-
-
-def tiny_clip(seed: int = 0, config: dict | None = None):
-    """(model, tokenizer): the seeded random tiny CLIP (``config`` overrides ``TINY_CONFIG``), eval mode."""
-    torch.manual_seed(seed)
-    return open_clip.CLIP(**(config or TINY_CONFIG)).eval(), open_clip.get_tokenizer("ViT-B-16")
-
-
 def _create_with_weights(model_name: str, pretrained: str | None, is_file: bool, kwargs: dict):
     """open_clip's own loading (``torch.load(weights_only=True)`` for a file), errors made ours."""
     try:
@@ -179,6 +195,16 @@ def _create_with_weights(model_name: str, pretrained: str | None, is_file: bool,
             raise WeightsError(f"could not load {model_name!r} weights {pretrained!r}: {error}. "
                                + _offline_help(model_name, pretrained, kwargs["cache_dir"])) from error
         raise
+
+
+def _timm_model_to_low_precision(model, dtype: torch.dtype) -> None:
+    """open_clip's conversion of a model with a timm tower (``_set_model_device_and_precision``): every
+    tensor to ``dtype``, then its ``LayerNormFp32`` modules back to fp32."""
+    from open_clip.transformer import LayerNormFp32
+    model.to(dtype=dtype)
+    for module in model.modules():
+        if isinstance(module, LayerNormFp32):
+            module.float()
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -202,7 +228,9 @@ def prepare_model(model, device: str | torch.device, precision: str | None = Non
 
     Lower precision converts conv/linear/attention weights and the projections, as OpenAI's
     ``clip.load`` on GPU and open_clip's ``convert_weights_to_lp`` do; LayerNorms and
-    embeddings stay fp32 (docs/protocol.md §7). ``precision`` None keeps the model's own.
+    embeddings stay fp32 (docs/protocol.md §7). A model with a timm image tower is converted
+    whole, as open_clip's ``create_model`` converts it (only its fp32 LayerNorms stay fp32).
+    ``precision`` None keeps the model's own.
     """
     if precision is not None:
         if precision not in PRECISIONS:
@@ -210,6 +238,8 @@ def prepare_model(model, device: str | torch.device, precision: str | None = Non
         if PRECISIONS[precision] != tower_for(model.visual).dtype:
             if precision == "fp32":
                 model = model.float()
+            elif isinstance(model.visual, TimmModel):
+                _timm_model_to_low_precision(model, PRECISIONS[precision])
             else:
                 from open_clip.model import convert_weights_to_lp
                 convert_weights_to_lp(model, PRECISIONS[precision])

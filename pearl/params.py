@@ -118,6 +118,10 @@ PARAMS: dict[str, Param] = {
                                 check=lambda v: 0 <= v <= 1, valid="in [0, 1]"),
     "resclip_same_entity": Param(True, "ResCLIP SFR: decay same-class pairs whose connecting line leaves the class "
                                        "(released delete_same_entity)"),
+    "pool_head": Param("value", "patch tokens on a tower whose embedding comes from an attention-pool head (SigLIP, "
+                                "PE-Core): 'value' through the head's value path (value, projection, MLP, as if the "
+                                "latent query attended to that token alone) or 'skip' (final norm and projection "
+                                "only); no effect on CLS towers", ("value", "skip")),
     "templates": Param("openai80", "prompt templates: 'openai80' (the 80 OpenAI ImageNet templates, released), "
                                    "'single' ('a photo of a {}.') or a file of templates, one per line, each with {}",
                        check=lambda v: v in ("openai80", "single") or os.path.isfile(v),

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from .config import validate_config
 from .data import build_dataset
 from .errors import ConfigError, UserError
-from .loading import load_clip, resolve_device, tiny_clip
+from .loading import load_clip, prepare_model, resolve_device, tiny_clip
 from .methods import get_method
 from .params import PARAMS
 from .protocols import class_names, protocol
@@ -35,10 +35,7 @@ def build_model(model_cfg: dict, device: torch.device, precision: str):
     ``model_cfg`` the ``model`` group as plain data."""
     if model_cfg["name"] == "tiny":
         model, tokenizer = tiny_clip(model_cfg["seed"], model_cfg["config"])
-        if precision != "fp32":
-            from open_clip.model import convert_weights_to_lp
-            convert_weights_to_lp(model, {"fp16": torch.float16, "bf16": torch.bfloat16}[precision])
-        return model.to(device), tokenizer
+        return prepare_model(model, device, precision), tokenizer
     return load_clip(model_cfg["name"], model_cfg["pretrained"], device, precision, model_cfg.get("cache_dir"))
 
 

@@ -29,7 +29,7 @@ from .refine import Refiner, RefinerContext, build_refiners
 from .settings import resolve_settings
 from .stages import stage
 from .text import Vocabulary, load_vocabulary, template_set, text_prototypes
-from .towers import Trunk, tower_for
+from .towers import TowerConfig, Trunk, tower_for
 
 CPU_BATCH_ATTENTION = 8 * 197 ** 2  # query × key values per head of eight 224² ViT-B/16 windows
 
@@ -70,7 +70,8 @@ class Segmentor:
         self.window_batch_size = window_batch_size  # None: default_window_batch_size, per window shape
         self.diagnostics = diagnostics
         self.model = prepare_model(model, self.device, precision)
-        self.tower = tower_for(self.model.visual)
+        self.tower = tower_for(self.model.visual, build(TowerConfig, self.params))
+        self.method.check_tower(self.tower)
         self.normalisation = self.tower.normalisation  # the tower's own mean/std
         patch = self.tower.patch_size
         if 0 < self.windows.slide_crop < patch:
@@ -141,8 +142,8 @@ class Segmentor:
     def _fusion_settings(self) -> tuple:
         # a per-window refiner's state follows from its config and the prototypes; a last block that
         # segments the windows itself (ResCLIP) also depends on the logit scale
-        return (self.trunk_key(), type(self.method), self.method.config, self.dtype, self.diagnostics,
-                tuple((refiner.name, refiner.config) for refiner in self.window_refiners),
+        return (self.trunk_key(), type(self.method), self.method.config, self.tower.config, self.dtype,
+                self.diagnostics, tuple((refiner.name, refiner.config) for refiner in self.window_refiners),
                 self.decision.config.logit_scale if self.method.needs_feedback else None)
 
     def _to_cpu(self, out: Prediction) -> Prediction:

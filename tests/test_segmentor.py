@@ -331,7 +331,8 @@ def test_every_parameter_reaches_exactly_one_stage_config():
     from pearl.preprocess import WindowConfig
     from pearl.refine.pamr import PAMRConfig
     from pearl.refine.tlp import TLPConfig
-    stages = {(WindowConfig, ""), (DecisionConfig, ""), (TLPConfig, "tlp_"), (PAMRConfig, "pamr_")}
+    from pearl.towers import TowerConfig
+    stages = {(WindowConfig, ""), (DecisionConfig, ""), (TLPConfig, "tlp_"), (PAMRConfig, "pamr_"), (TowerConfig, "")}
     stages |= {(get_method(m).Config, get_method(m).config_prefix) for m in pearl.available_methods()}
     def declared_by(cls, name: str) -> str:  # a part several configs inherit (ResCLIP's) counts once
         return next(k.__name__ for k in reversed(cls.__mro__) if name in vars(k).get("__annotations__", {}))

@@ -11,6 +11,7 @@ from typing import ClassVar
 
 import torch
 
+from ..errors import ConfigError
 from ..params import default
 from ..procrustes import procrustes_weights
 from ..stages import stage
@@ -83,9 +84,20 @@ class Method(abc.ABC):
     # How the tower resamples its position embedding to a window's grid (``pearl.towers.base.POSITIONS``):
     # the "+0.1" scale factor of the NACLIP/SCLIP/ClearCLIP code, or GEM's resample by size with antialiasing.
     position_interpolation: ClassVar[str] = "plus_point_one"
+    # What the method reads from the CLS token, for a method that needs one ("" for none): a tower
+    # without a single CLS prefix token (SigLIP, registers) is refused, as no other token stands in the
+    # residual stream where the CLS token stands (docs/architecture.md §2.1).
+    reads_cls: ClassVar[str] = ""
 
     def __init__(self, config=None) -> None:
         self.config = config if config is not None else self.Config()
+
+    def check_tower(self, tower: Tower) -> None:
+        """One line naming the tower when it lacks what the method reads (``reads_cls``)."""
+        if self.reads_cls and not (tower.has_cls and tower.prefix_tokens == 1):
+            raise ConfigError(f"{self.reads_cls}; the image tower {tower.name} has {tower.prefix_tokens} prefix "
+                              f"tokens and {'a' if tower.has_cls else 'no'} CLS token: use a tower with a CLS token "
+                              f"or another method")
 
     def releases_nan_windows(self) -> bool:
         """Whether the released code itself turns some windows' logits NaN (then the published

@@ -100,14 +100,6 @@ def similarity_attention(sim: torch.Tensor) -> torch.Tensor:
     return torch.softmax(centred.masked_fill(centred < 0, float("-inf")), dim=-1)[:, None]
 
 
-def require_cls(tower, reads: str) -> None:
-    """One line naming the tower when it lacks the single CLS prefix token that ``reads`` describes
-    (e.g. "SFP reads the CLS token (its outlier detection and residual)")."""
-    if not (tower.has_cls and tower.prefix_tokens == 1):
-        raise ValueError(f"{reads}; the image tower {tower.name} has {tower.prefix_tokens} prefix tokens and "
-                         f"{'a' if tower.has_cls else 'no'} CLS token")
-
-
 def layer_map(layers: tuple | None, num_blocks: int, default: tuple, parameter: str, method: str) -> tuple:
     """The 1-based block outputs a method reads: ``layers`` when given, else the released ``default``,
     which the released code fixes for a 12-block ViT (any other depth must map them explicitly)."""

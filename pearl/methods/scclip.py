@@ -39,11 +39,12 @@ def calibrated_attention(block: AttentionBlock, tokens: torch.Tensor, similarity
 class SCCLIP(Method):
     name = "scclip"
     needs_hidden_states = True
+    reads_cls = "SC-CLIP reads the CLS token (its residual in the last block)"
     Config = SCCLIPConfig
     config_prefix = "scclip_"
 
     def last_block(self, tower, x, hidden, grid, info, feedback=None):
-        calibration.require_cls(tower, "SC-CLIP reads the CLS token (its residual in the last block)")
+        self.check_tower(tower)
         pre, post, first, last = calibration.layer_map(self.config.layers, tower.num_blocks, DEFAULT_LAYERS,
                                                        "scclip_layers", "SC-CLIP")
         res_cls = self.config.res_cls

@@ -14,7 +14,7 @@ import torch
 from ..params import default
 from . import register
 from .base import Method, keep_attention
-from .calibration import aggregate, layer_map, lof_outliers, purify, require_cls, similarity, similarity_attention
+from .calibration import aggregate, layer_map, lof_outliers, purify, similarity, similarity_attention
 
 OUTLIERS = ("som", "l2", "lof")
 DEFAULT_LAYERS = (9, 4, 4, 10)  # S_pre from x9, S_post from x4, multi-layer sum x4..x10
@@ -63,6 +63,7 @@ class SFPConfig:
 class SFP(Method):
     name = "sfp"
     needs_hidden_states = True
+    reads_cls = "SFP reads the CLS token (its outlier detection and residual)"
     Config = SFPConfig
     config_prefix = "sfp_"
 
@@ -81,7 +82,7 @@ class SFP(Method):
         raise ValueError(f"sfp_outlier {mode!r} is not one of {', '.join(OUTLIERS)}")
 
     def last_block(self, tower, x, hidden, grid, info, feedback=None):
-        require_cls(tower, "SFP reads the CLS token (its outlier detection and residual)")
+        self.check_tower(tower)
         pre, post, first, last = layer_map(self.config.layers, tower.num_blocks, DEFAULT_LAYERS, "sfp_layers", "SFP")
         block = tower.block(-1, grid)
         x_last = hidden[-1]

@@ -11,10 +11,13 @@ in row-major order. docs/architecture.md §2 says why the seam is here.
 from __future__ import annotations
 
 import abc
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 import torch
+import torch.nn.functional as F
 
+from ..params import default
 from ..preprocess import Normalisation
 
 if TYPE_CHECKING:
@@ -26,6 +29,43 @@ if TYPE_CHECKING:
 # "size_antialias": bicubic to the size (h', w') with antialiasing, the stock one only on the native
 # grid (timm's resample_abs_pos_embed, as GEM runs it).
 POSITIONS = ("plus_point_one", "size_antialias")
+
+
+def resample_positions(table: torch.Tensor, prefix: int, native: tuple[int, int], grid: tuple[int, int],
+                       positions: str = POSITIONS[0]) -> torch.Tensor:
+    """[prefix + h'w', C] fp32: a position table [prefix + h·w, C] (``prefix`` entries for the prefix
+    tokens, then the native h×w grid in row-major order) resampled to the grid (h', w').
+
+    ``plus_point_one``: bicubic with the explicit scale factor ((h'+0.1)/h, (w'+0.1)/w), not ``size=``
+    (the DINO "+0.1" trick; docs/protocol.md §6.4); as in NACLIP/PEARL ``clip/model.py``
+    ``VisionTransformer.forward``, the stock table is used whenever the token count equals the native
+    one. ``size_antialias``: bicubic to the size with antialiasing, the stock table only on the native
+    grid (timm's ``resample_abs_pos_embed``, as GEM runs it, WalBouss/GEM@5fa677c). Prefix entries
+    are never resampled.
+    """
+    if positions not in POSITIONS:
+        raise ValueError(f"position interpolation {positions!r} is not one of {', '.join(POSITIONS)}")
+    table = table.float()
+    (native_h, native_w), (grid_h, grid_w) = native, grid
+    if (grid_h, grid_w) == (native_h, native_w) or (
+            positions == "plus_point_one" and grid_h * grid_w == native_h * native_w):
+        return table
+    patch_pos = table[prefix:].reshape(1, native_h, native_w, -1).permute(0, 3, 1, 2)
+    if positions == "size_antialias":
+        patch_pos = F.interpolate(patch_pos, size=(grid_h, grid_w), mode="bicubic", antialias=True)
+    else:
+        patch_pos = F.interpolate(patch_pos, scale_factor=((grid_h + 0.1) / native_h, (grid_w + 0.1) / native_w),
+                                  mode="bicubic", align_corners=False)
+    assert patch_pos.shape[-2:] == (grid_h, grid_w), patch_pos.shape
+    return torch.cat([table[:prefix], patch_pos.permute(0, 2, 3, 1).reshape(grid_h * grid_w, -1)])
+
+
+@dataclass(frozen=True)
+class TowerConfig:
+    """The settings a tower family forces a choice on (docs/architecture.md §2.1); the parameters of
+    the same names. A family that has no such choice ignores them."""
+
+    pool_head: str = default("pool_head")
 
 
 class Trunk(NamedTuple):
@@ -52,7 +92,9 @@ class AttentionBlock(abc.ABC):
 
     @abc.abstractmethod
     def qkv(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v [B, heads, T, d] of the normed tokens y [B, T, C] (a rotary tower rotates q and k here)."""
+        """q, k, v [B, heads, T, d] of the normed tokens y [B, T, C]: the prefix tokens, or none (a method
+        attending over the patches alone), then the h'×w' patch tokens. A rotary tower rotates the
+        patch tokens' q and k here."""
 
     @abc.abstractmethod
     def project(self, heads_out: torch.Tensor) -> torch.Tensor:
@@ -80,10 +122,20 @@ class Tower(abc.ABC):
 
     name: ClassVar[str]
 
+    def __init__(self, visual, config: TowerConfig | None = None) -> None:
+        self.visual = visual
+        self.config = config or TowerConfig()
+
     @classmethod
     @abc.abstractmethod
     def matches(cls, visual) -> bool:
         """Whether this implementation computes ``visual`` (the model's image tower module)."""
+
+    @classmethod
+    def unsupported(cls, visual) -> str | None:
+        """What keeps a module of this family that ``matches`` refuses from being computed (a
+        variant this implementation does not write), or None: the error names it."""
+        return None
 
     @property
     @abc.abstractmethod

@@ -13,7 +13,7 @@ from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 
 from ..preprocess import Normalisation, model_normalisation
 from . import register
-from .base import POSITIONS, AttentionBlock, Tower
+from .base import POSITIONS, AttentionBlock, Tower, resample_positions
 
 
 def _pair(size) -> tuple[int, int]:
@@ -21,30 +21,9 @@ def _pair(size) -> tuple[int, int]:
 
 
 def positional_embedding(visual, grid_h: int, grid_w: int, positions: str = POSITIONS[0]) -> torch.Tensor:
-    """[1 + h'w', C] positional embedding for an h'×w' grid, fp32.
-
-    ``plus_point_one``: interpolated bicubically with the explicit scale factor ((h'+0.1)/14,
-    (w'+0.1)/14), not ``size=`` (the DINO "+0.1" trick; docs/protocol.md §6.4); as in NACLIP/PEARL
-    ``clip/model.py`` ``VisionTransformer.forward``, the stock embedding is used whenever the token
-    count equals the native one. ``size_antialias``: bicubic to the size with antialiasing, the stock
-    one only on the native grid (GEM's ``resample_abs_pos_embed``, WalBouss/GEM@5fa677c).
-    """
-    if positions not in POSITIONS:
-        raise ValueError(f"position interpolation {positions!r} is not one of {', '.join(POSITIONS)}")
-    pos = visual.positional_embedding.float()
-    native_h, native_w = _pair(visual.grid_size)
-    if (grid_h, grid_w) == (native_h, native_w) or (
-            positions == "plus_point_one" and grid_h * grid_w == native_h * native_w):
-        return pos
-    cls_pos, patch_pos = pos[:1], pos[1:]
-    patch_pos = patch_pos.reshape(1, native_h, native_w, -1).permute(0, 3, 1, 2)
-    if positions == "size_antialias":
-        patch_pos = F.interpolate(patch_pos, size=(grid_h, grid_w), mode="bicubic", antialias=True)
-    else:
-        patch_pos = F.interpolate(patch_pos, scale_factor=((grid_h + 0.1) / native_h, (grid_w + 0.1) / native_w),
-                                  mode="bicubic", align_corners=False)
-    assert patch_pos.shape[-2:] == (grid_h, grid_w), patch_pos.shape
-    return torch.cat([cls_pos, patch_pos.permute(0, 2, 3, 1).reshape(grid_h * grid_w, -1)])
+    """[1 + h'w', C] positional embedding of an open_clip ViT for an h'×w' grid, fp32
+    (``resample_positions``: its CLS entry first, then the native grid)."""
+    return resample_positions(visual.positional_embedding, 1, _pair(visual.grid_size), (grid_h, grid_w), positions)
 
 
 class OpenClipBlock(AttentionBlock):
@@ -102,9 +81,6 @@ class OpenClipBlock(AttentionBlock):
 @register
 class OpenClipViT(Tower):
     name = "open_clip_vit"
-
-    def __init__(self, visual) -> None:
-        self.visual = visual
 
     @classmethod
     def matches(cls, visual) -> bool:
