@@ -167,3 +167,14 @@ def test_a_run_on_a_timm_tower_records_the_tower_and_its_pool_head(synthetic, tm
     assert skip.params["pool_head"] == "skip" and skip.config_hash != value.config_hash
     assert len(list((tmp_path / "runs").glob("*.json"))) == 2
     assert skip.mIoU != value.mIoU or skip.per_class_iou != value.per_class_iou or skip.aAcc != value.aAcc
+
+
+@pytest.mark.parametrize("family", ["eva02", "siglip"])
+def test_resclip_runs_on_a_timm_tower_and_changes_its_host(tokenizer, photos, family):
+    """ResCLIP's RCS reads blocks 6–9's attention (rotary q/k on EVA02) and its first pass cuts the
+    windows into the tower's patches; on a tower with and without a CLS token."""
+    model = tiny_clip(0, tiny_config(family))[0]
+    outs = [pearl.Segmentor(model, CLASSES, method="naclip", tokenizer=tokenizer, text_cache_dir="", resize_short=64,
+                            resclip=resclip).predict(photos["chelsea"]) for resclip in (False, True)]
+    assert all(torch.isfinite(out.probs).all() for out in outs)
+    assert not torch.allclose(outs[0].logits, outs[1].logits, atol=1e-4)
