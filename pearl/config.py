@@ -16,6 +16,7 @@ from .loading import TINY_CONFIG
 from .methods import available_methods
 from .params import PARAMS, valid_values
 from .protocols import PROFILES
+from .vision_models import available_vision_models
 
 
 class RunKey(NamedTuple):
@@ -78,8 +79,9 @@ RUN_KEYS: dict[str, RunKey] = {
                           "true or false"),
     "progress": RunKey(True, "show a progress bar per job", _bool, "true or false"),
 }
-CONFIG_GROUPS = ("method", "dataset", "model", "logger")
+CONFIG_GROUPS = ("method", "dataset", "model", "vision_model", "logger")
 _GROUP_KEYS = {
+    "vision_model": {"name", "pretrained", "cache_dir"},
     "method": {"name"},
     "dataset": {"name", "images", "classes", "masks", "mask_suffix", "reduce_zero_label", "protocol_like"},
     "model": {"name", "pretrained", "precision", "cache_dir", "seed", "config"},
@@ -93,7 +95,8 @@ def group_options(group: str) -> tuple[str, ...]:
     YAML file under conf/<group>/."""
     from pathlib import Path
     files = tuple(path.stem for path in (Path(__file__).resolve().parents[1] / "conf" / group).glob("*.yaml"))
-    registered = {"method": available_methods(), "dataset": ALL_DATASETS, "model": ("tiny",), "logger": ()}[group]
+    registered = {"method": available_methods(), "dataset": ALL_DATASETS, "model": ("tiny",), "logger": (),
+                  "vision_model": ("default", *available_vision_models())}[group]
     return tuple(dict.fromkeys((*registered, *sorted(files))))
 
 
@@ -154,6 +157,8 @@ def validate_config(cfg: DictConfig) -> None:
         raise _fail("dataset", cfg.dataset.name, ", ".join(ALL_DATASETS + ("folder",)))
     if cfg.model.precision not in PRECISION_CHOICES:
         raise _fail("model.precision", cfg.model.precision, ", ".join(PRECISION_CHOICES))
+    if cfg.vision_model.name is not None and cfg.vision_model.name not in available_vision_models():
+        raise _fail("vision_model", cfg.vision_model.name, ", ".join(available_vision_models()))
 
 
 def register_config_groups() -> None:
@@ -167,6 +172,11 @@ def register_config_groups() -> None:
     store.store(name="segmentor_params", node={name: None for name in PARAMS})
     store.store(group="model", name="tiny", node={"name": "tiny", "pretrained": None, "precision": "auto", "seed": 0,
                                                   "config": TINY_CONFIG})  # random weights: smoke figures only
+    # a second vision model (docs/architecture.md §2.2): "default" = the method's own (tiny beside model=tiny)
+    store.store(group="vision_model", name="default", node={"name": None, "pretrained": "hub", "cache_dir": None})
+    for name in available_vision_models():
+        store.store(group="vision_model", name=name,
+                    node={"name": name, "pretrained": None if name == "tiny" else "hub", "cache_dir": None})
     for name in available_methods():
         store.store(group="method", name=name, node={"name": name})
     for name in ALL_DATASETS:

@@ -28,6 +28,7 @@ from .preprocess import Normalisation, PreparedImage, WindowConfig, prepare_imag
 from .records import path_component, record_path
 from .render import smoke_note, write_outputs
 from .segmentor import Segmentor, warn_nan_windows
+from .vision_models import load_vision_model
 
 
 @dataclass
@@ -159,9 +160,20 @@ def _save_limit(job: Job) -> int:
 
 def _segmentors(jobs: list[Job], device: torch.device) -> list[Segmentor]:
     model, tokenizer = build_model(jobs[0].options.model, device, jobs[0].precision)
+    vision_models: dict[tuple, object] = {}  # one load per second vision model the group's jobs read
+
+    def vision_model(job: Job):
+        spec = job.vision_model
+        if spec is None:
+            return None
+        key = (spec["name"], spec["pretrained"], spec["cache_dir"])
+        if key not in vision_models:
+            vision_models[key] = load_vision_model(spec["name"], spec["pretrained"], device, spec["cache_dir"])
+        return vision_models[key]
     return [Segmentor(model, job.classes, method=job.method, pa=job.resolved["pa"], tlp=job.resolved["tlp"],
                       tokenizer=tokenizer, device=device, window_batch_size=job.options.window_batch_size,
-                      diagnostics=job.options.diagnostics, **job.params) for job in jobs]
+                      diagnostics=job.options.diagnostics, vision_model=vision_model(job), **job.params)
+            for job in jobs]
 
 
 def evaluate(jobs: list[Job], indices: range, device: torch.device, logger=None, show_progress: bool = True,

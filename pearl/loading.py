@@ -23,7 +23,7 @@ _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def _hf_cache_dir() -> str:
+def hf_cache_dir() -> str:
     if os.environ.get("HF_HUB_CACHE"):
         return os.environ["HF_HUB_CACHE"]
     return str(Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub")
@@ -53,12 +53,12 @@ def weights_state(model_name: str, pretrained: str | None, cache_dir: str | None
     if hub is None:
         return "by URL"
     from huggingface_hub import try_to_load_from_cache
-    found = [try_to_load_from_cache(hub[0], name, cache_dir=cache_dir or _hf_cache_dir()) for name in hub[1]]
+    found = [try_to_load_from_cache(hub[0], name, cache_dir=cache_dir or hf_cache_dir()) for name in hub[1]]
     return "cached" if any(isinstance(path, str) for path in found) else "not cached"
 
 
 def _offline_help(model_name: str, pretrained: str, cache_dir: str | None) -> str:
-    where = cache_dir or _hf_cache_dir()
+    where = cache_dir or hf_cache_dir()
     hub = _hub_file(model_name, pretrained)
     place = (f"place the Hub repository {hub[0]} (file {hub[1][0]}) in the cache folder {where}" if hub
              else f"make the weights reachable from the cache folder {where}")
@@ -69,7 +69,7 @@ def _offline_help(model_name: str, pretrained: str, cache_dir: str | None) -> st
             f"(for ViT-B/16 OpenAI: ViT-B-16.pt, sha256 5806e77c…).")
 
 
-def _hub_reachable(timeout_s: float = 3.0) -> bool:
+def hub_reachable(timeout_s: float = 3.0) -> bool:
     """Whether the Hub answers a TCP connection within ``timeout_s`` (no request is sent)."""
     import socket
     from urllib.parse import urlparse
@@ -87,7 +87,7 @@ def _hub_reachable(timeout_s: float = 3.0) -> bool:
 
 def _require_reachable_weights(model_name: str, pretrained: str, cache_dir: str | None) -> None:
     """Fail within seconds, once per process, when the weights are neither cached nor downloadable."""
-    folder = cache_dir or _hf_cache_dir()
+    folder = cache_dir or hf_cache_dir()
     key = (model_name, pretrained, folder)
     if key in _unreachable:
         raise WeightsError(_unreachable[key])
@@ -99,7 +99,7 @@ def _require_reachable_weights(model_name: str, pretrained: str, cache_dir: str 
     if any(isinstance(try_to_load_from_cache(repo, name, cache_dir=folder), str)
            for name in filenames):
         return
-    if not _hub_reachable():
+    if not hub_reachable():
         _unreachable[key] = (f"weights {model_name}:{pretrained} are not in the cache and the Hub cannot be "
                              f"reached. " + _offline_help(model_name, pretrained, cache_dir))
         raise WeightsError(_unreachable[key])
@@ -167,7 +167,7 @@ def load_tokenizer(model_name: str, cache_dir: str | None = None):
         raise WeightsError(f"the tokenizer of {model_name} ({source or 'a Hugging Face tokenizer'}) could not be "
                            f"loaded: {reason}. Without network access run `python -c "
                            f"\"import open_clip; open_clip.get_tokenizer('{model_name}')\"` on a connected machine and "
-                           f"copy its Hugging Face cache folder to {cache_dir or _hf_cache_dir()} (HF_HUB_CACHE)"
+                           f"copy its Hugging Face cache folder to {cache_dir or hf_cache_dir()} (HF_HUB_CACHE)"
                            ) from None
 
 

@@ -118,6 +118,8 @@ PARAMS: dict[str, Param] = {
                                 check=lambda v: 0 <= v <= 1, valid="in [0, 1]"),
     "resclip_same_entity": Param(True, "ResCLIP SFR: decay same-class pairs whose connecting line leaves the class "
                                        "(released delete_same_entity)"),
+    "proxyclip_beta": Param(1.2, "ProxyCLIP: β of the proxy attention γ·(S − β·mean S), entries below 0 → −∞"),
+    "proxyclip_gamma": Param(3.0, "ProxyCLIP: γ, the proxy attention's temperature", check=_above(0), valid="> 0"),
     "pool_head": Param("value", "patch tokens on a tower whose embedding comes from an attention-pool head (SigLIP, "
                                 "PE-Core): 'value' through the head's value path (value, projection, MLP, as if the "
                                 "latent query attended to that token alone) or 'skip' (final norm and projection "

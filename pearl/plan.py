@@ -22,6 +22,7 @@ from .protocols import class_names, protocol
 from .records import DEFAULT_MODEL, SCHEMA_VERSION, code_version, config_hash, file_sha256, model_label
 from .settings import OPERATIONAL_PARAMS, deviations, resolve_settings
 from .text import load_vocabulary, template_set
+from .vision_models import TINY, vision_model_for
 
 
 def _precision(requested: str, device: torch.device) -> str:
@@ -122,6 +123,7 @@ class Job:
     run_hash: str
     title: str
     options: EvaluationOptions
+    vision_model: dict | None = None  # vision_model_spec: for a method that reads a second vision model
 
 
 def _templates_hash(templates: str) -> str:
@@ -144,6 +146,9 @@ def plan(cfg: DictConfig) -> Job:
         raise ConfigError(str(error)) from None
     changed = deviations(cfg.method.name, protocol_dataset(cfg), cfg.profile, resolved)
     model = model_identity(cfg.model, precision)
+    vision = vision_model_spec(cfg)
+    if vision is not None:  # part of the network: the record names it beside CLIP
+        model = {**model, "vision_model": vision_model_label(vision)}
     try:
         class_lines = list(load_vocabulary(classes).class_lines)
     except ValueError as error:
@@ -158,7 +163,27 @@ def plan(cfg: DictConfig) -> Job:
                      + ([f"model={model['label']}"] if model["label"] != DEFAULT_MODEL else [])
                      + ([f"max_images={cfg.max_images}"] if cfg.max_images is not None else []))
     return Job(cfg.method.name, dataset, device, precision, overrides, params, classes, resolved, changed, model,
-               identity, config_hash(identity), title, EvaluationOptions.from_config(cfg))
+               identity, config_hash(identity), title, EvaluationOptions.from_config(cfg), vision)
+
+
+def vision_model_spec(cfg: DictConfig) -> dict | None:
+    """The second vision model a job loads (``pearl.vision_models.vision_model_for``): name, weights
+    ("hub", a file, or None for random) and cache folder; None for a method that reads none."""
+    name = vision_model_for(cfg.method.name, cfg.vision_model.name, cfg.model.name)
+    if name is None:
+        return None
+    pretrained = None if name == TINY else cfg.vision_model.pretrained
+    return {"name": name, "pretrained": pretrained, "cache_dir": cfg.vision_model.cache_dir}
+
+
+def vision_model_label(spec: dict) -> str:
+    """``NAME:hub``, ``NAME:random`` or ``NAME:<file name>@<sha256 prefix>`` (a file by its content)."""
+    pretrained = spec["pretrained"]
+    if pretrained is None:
+        return f"{spec['name']}:random"
+    if pretrained != "hub" and os.path.isfile(pretrained):
+        return f"{spec['name']}:{Path(pretrained).name}@{file_sha256(pretrained)[:16]}"
+    return f"{spec['name']}:{pretrained}"
 
 
 def config_key(cfg: DictConfig) -> str:
@@ -192,7 +217,7 @@ def shared_trunk_key(cfg: DictConfig) -> str | None:
     return config_hash({"dataset": OmegaConf.to_container(cfg.dataset, resolve=True), "data_root": cfg.data_root,
                         "model": OmegaConf.to_container(cfg.model, resolve=True), "device": cfg.device,
                         "windows": windows,
-                        "model_dtype_input": method.fuse_in_model_dtype, "padding": method.pad_crops_to_patch,
+                        "model_dtype_input": method.fuse_in_model_dtype, "padding": method.pad_crops_to,
                         "positions": method.position_interpolation,
                         "batching": [cfg.batch_images, cfg.window_batch_size, cfg.loader_workers,
                                      cfg.group_memory_gib],

@@ -29,7 +29,8 @@ from .refine import Refiner, RefinerContext, build_refiners
 from .settings import resolve_settings
 from .stages import stage
 from .text import Vocabulary, load_vocabulary, template_set, text_prototypes
-from .towers import TowerConfig, Trunk, tower_for
+from .towers import Tower, TowerConfig, Trunk, tower_for
+from .vision_models import VisionFeatures
 
 CPU_BATCH_ATTENTION = 8 * 197 ** 2  # query × key values per head of eight 224² ViT-B/16 windows
 
@@ -56,7 +57,7 @@ class Segmentor:
     def __init__(self, model, classes: Sequence[str] | str | os.PathLike, method: str = "pearl",
                  pa: bool | None = None, tlp: bool | None = None, tokenizer=None, device: str | torch.device = "cpu",
                  precision: str | None = None, window_batch_size: int | None = None, diagnostics: bool = False,
-                 **params) -> None:
+                 vision_model: Tower | None = None, **params) -> None:
         self.params = resolve_settings(method, pa, tlp, params)
         method_cls = get_method(method)
         # the one conversion from flat names to each stage's typed config
@@ -72,6 +73,7 @@ class Segmentor:
         self.model = prepare_model(model, self.device, precision)
         self.tower = tower_for(self.model.visual, build(TowerConfig, self.params))
         self.method.check_tower(self.tower)
+        self.vision_model = self._vision_model(vision_model, method)
         self.normalisation = self.tower.normalisation  # the tower's own mean/std
         patch = self.tower.patch_size
         if 0 < self.windows.slide_crop < patch:
@@ -95,6 +97,19 @@ class Segmentor:
     def dtype(self) -> torch.dtype:
         return self.prototypes.dtype
 
+    def _vision_model(self, vision_model: Tower | None, method: str) -> Tower | None:
+        """The second vision model a method needs, on the segmentor's device in the tower's dtype (the
+        released ProxyCLIP runs it in fp16 beside its fp16 CLIP); None for a method without one."""
+        if not self.method.needs_vision_model:
+            return None
+        if vision_model is None:
+            from .protocols import method_facts
+            raise ConfigError(f"method={method} needs a second vision model: Segmentor(..., vision_model="
+                              f"pearl.load_vision_model({method_facts(method).vision_model!r})) "
+                              f"(docs/architecture.md §2.2)")
+        vision_model.visual.to(self.device, dtype=self.tower.dtype)
+        return vision_model
+
     def preprocess(self, image) -> PreparedImage:
         """The CPU half of :meth:`predict`: RGB conversion, rescale, normalisation (data-loader
         workers run it; ``predict`` and ``predict_batch`` accept its result in place of an image)."""
@@ -115,7 +130,7 @@ class Segmentor:
         """What blocks 1..L−1 of a window depend on: model, device, rescale and windows, the
         input's dtype and padding, the position interpolation. Segmentors with equal keys can share one trunk."""
         return (id(self.model), self.device, self.windows, self.method.fuse_in_model_dtype and self.dtype,
-                self.method.pad_crops_to_patch, self.method.position_interpolation)
+                self.method.pad_crops_to, self.method.position_interpolation)
 
     def fuses_as(self, other: Segmentor) -> bool:
         """Whether ``other`` computes this segmentor's fused logits: one trunk, the same last block
@@ -142,8 +157,8 @@ class Segmentor:
     def _fusion_settings(self) -> tuple:
         # a per-window refiner's state follows from its config and the prototypes; a last block that
         # segments the windows itself (ResCLIP) also depends on the logit scale
-        return (self.trunk_key(), type(self.method), self.method.config, self.tower.config, self.dtype,
-                self.diagnostics, tuple((refiner.name, refiner.config) for refiner in self.window_refiners),
+        return (self.trunk_key(), type(self.method), self.method.config, self.tower.config, id(self.vision_model),
+                self.dtype, self.diagnostics, tuple((refiner.name, refiner.config) for refiner in self.window_refiners),
                 self.decision.config.logit_scale if self.method.needs_feedback else None)
 
     def _to_cpu(self, out: Prediction) -> Prediction:
@@ -180,14 +195,14 @@ class Segmentor:
         return default_window_batch_size(self.device, patches + self.tower.prefix_tokens)
 
     def padding(self, window: Window) -> tuple[int, int, int, int]:
-        """(left, right, top, bottom) zero padding of a sliding-window crop: to a multiple of the
-        patch size for ClearCLIP (``clearclip_segmentor.py`` ``compute_padsize``, called only in
-        ``forward_slide``), none otherwise. A whole image is never padded (the patch conv drops
-        the remainder, as upstream)."""
-        if not self.method.pad_crops_to_patch or self.windows.slide_crop <= 0:
+        """(left, right, top, bottom) zero padding of a sliding-window crop to the method's
+        ``pad_crops_to``: the patch size for ClearCLIP (``clearclip_segmentor.py`` ``compute_padsize``,
+        called only in ``forward_slide``), 56 for ProxyCLIP, none otherwise. A whole image is never
+        padded (the patch conv drops the remainder, as upstream)."""
+        if not self.method.pad_crops_to or self.windows.slide_crop <= 0:
             return 0, 0, 0, 0
-        patch = self.tower.patch_size
-        pad_h, pad_w = (-(window.y2 - window.y1)) % patch, (-(window.x2 - window.x1)) % patch
+        multiple = self.tower.patch_size if self.method.pad_crops_to == "patch" else self.method.pad_crops_to
+        pad_h, pad_w = (-(window.y2 - window.y1)) % multiple, (-(window.x2 - window.x1)) % multiple
         return pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2
 
     def crop(self, item: WindowedImage, window: Window) -> torch.Tensor:
@@ -198,8 +213,9 @@ class Segmentor:
     def window_logits(self, shared: Trunk, stats: dict | None) -> torch.Tensor:
         """[N, Q, h', w'] cosine logits of this method's last block on a shared trunk."""
         info = {} if stats is not None else None
-        feedback = SemanticFeedback(self.prototypes, self.decision.config.logit_scale) \
-            if self.method.needs_feedback else None
+        feedback = (SemanticFeedback(self.prototypes, self.decision.config.logit_scale) if self.method.needs_feedback
+                    else VisionFeatures(self.vision_model, self.normalisation) if self.vision_model is not None
+                    else None)
         feats = self.tower.head(shared, self.method, info, feedback)
         for key, value in (info or {}).items():
             stats[key].append(value)

@@ -8,6 +8,7 @@ from pearl.attention import attention_maps, main, patch_of_point
 from pearl.methods import available_methods
 from pearl.methods.base import ATTENTION
 from pearl.preprocess import normalise
+from pearl.vision_models import VisionFeatures, load_vision_model
 
 from .conftest import build_method
 from .reference import blocks as ref
@@ -25,11 +26,15 @@ def test_every_method_hands_back_the_weights_it_multiplies_the_values_with(name,
     method = build_method(name)
     blocks = tiny_model.visual.transformer.resblocks
     asked = {ATTENTION: None}
+    vision = None  # ProxyCLIP: the tiny vision model's features of the window (8-pixel patches: a 12×16 grid)
+    if method.needs_vision_model:
+        vision = VisionFeatures(load_vision_model("tiny"), tiny_tower.normalisation).on(trunk_out.images)
     with torch.no_grad():
-        out = method.last_block(tiny_tower, trunk_out.x, trunk_out.hidden, trunk_out.grid, asked)
-        plain = method.last_block(tiny_tower, trunk_out.x, trunk_out.hidden, trunk_out.grid, None)
+        out = method.last_block(tiny_tower, trunk_out.x, trunk_out.hidden, trunk_out.grid, asked, vision)
+        plain = method.last_block(tiny_tower, trunk_out.x, trunk_out.hidden, trunk_out.grid, None, vision)
     weights = asked[ATTENTION]
-    tokens = 6 * 8 + (0 if name in ("sfp", "scclip") else 1)  # their main branch attends over the patches only
+    # SFP's and SC-CLIP's main branch attends over the patches only; ProxyCLIP over the vision model's
+    tokens = 12 * 16 if vision else 6 * 8 + (0 if name in ("sfp", "scclip") else 1)
     assert weights.shape == (1, ref.HEADS, tokens, tokens) and (weights >= 0).all()
     row_sums = torch.full((1, ref.HEADS, tokens), 2.0 if name == "sclip" else 1.0)  # SCLIP: two softmaxes summed
     assert torch.allclose(weights.sum(-1), row_sums, atol=1e-5)

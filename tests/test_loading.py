@@ -50,7 +50,7 @@ def test_load_clip_openai_tag_asks_for_quick_gelu(monkeypatch):
 
 def test_offline_weights_fail_fast_once_naming_the_cache_and_file(tmp_path, monkeypatch):
     probes, creates = [], []
-    monkeypatch.setattr(loading, "_hub_reachable", lambda: probes.append(1) or False)
+    monkeypatch.setattr(loading, "hub_reachable", lambda: probes.append(1) or False)
     monkeypatch.setattr(open_clip, "create_model", lambda *a, **k: creates.append(1))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setattr(loading, "_unreachable", {})
@@ -71,5 +71,5 @@ def test_cached_weights_skip_the_hub_probe(tmp_path, monkeypatch):
     (cache / "models--timm--vit_base_patch16_clip_224.openai" / "refs").mkdir()
     (cache / "models--timm--vit_base_patch16_clip_224.openai" / "refs" / "main").write_text("abc")
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(loading, "_hub_reachable", lambda: pytest.fail("probed although cached"))
+    monkeypatch.setattr(loading, "hub_reachable", lambda: pytest.fail("probed although cached"))
     loading._require_reachable_weights("ViT-B-16", "openai", None)

@@ -30,15 +30,17 @@ def test_segmentor_agrees_with_upstream_flow(tiny_model, tokenizer, photos, meth
     _agrees(tiny_model, tokenizer, photos, method, pa, tlp_on, params)
 
 
-def _agrees(tiny_model, tokenizer, photos, method, pa, tlp_on, params, names=("chelsea", "coffee")):
-    seg = pearl.Segmentor(tiny_model, CLASSES, method=method, pa=pa, tlp=tlp_on, tokenizer=tokenizer, **params)
+def _agrees(tiny_model, tokenizer, photos, method, pa, tlp_on, params, names=("chelsea", "coffee"), vision=None):
+    """``vision``: (vision model, the keyword arguments of the flow's vision features) for ProxyCLIP."""
+    seg = pearl.Segmentor(tiny_model, CLASSES, method=method, pa=pa, tlp=tlp_on, tokenizer=tokenizer,
+                          vision_model=vision[0] if vision else None, **params)
     images = [photos[name] for name in names]
     with torch.no_grad():
         batch = seg.predict_batch(images)
         for image, ours in zip(images, batch):
             labels, probs = flow.segment(tiny_model, seg.prototypes, list(seg.vocabulary.query_to_class), image,
                                          method, pa, tlp_on, params,
-                                         seg.refiner("tlp").affinity if tlp_on else None)
+                                         seg.refiner("tlp").affinity if tlp_on else None, vision and vision[1])
             agreement = (ours.labels == labels).float().mean().item()
             assert agreement >= 0.995, agreement
             assert torch.allclose(ours.probs, probs, atol=2e-3)
@@ -84,6 +86,21 @@ def test_resclip_agrees_with_upstream_flow(tiny_model, tokenizer, photos, method
     params = dict(resize_short=short, slide_crop=crop, slide_stride=48, logit_scale=40, prob_thd=0.1,
                   resclip=True, resclip_temp_thd=0.2)
     _agrees(tiny_model, tokenizer, photos, method, False, False, params, names=("coffee",))
+
+
+@pytest.mark.parametrize("crop", [64, 72, 112])
+@pytest.mark.parametrize("tlp_on", [False, True])
+def test_proxyclip_agrees_with_upstream_flow(tiny_model, tokenizer, photos, crop, tlp_on):
+    """ProxyCLIP with the tiny vision model (DINO's architecture, patch 8): 64- and 72-pixel crops are
+    padded to 112 (a multiple of 56), 112-pixel crops are not; its features come at the vision
+    model's 14×14 grid, twice CLIP's."""
+    from pearl.vision_models import load_vision_model
+    vision = load_vision_model("tiny")
+    params = dict(resize_short=112 if crop == 112 else 100, slide_crop=crop, slide_stride=48, logit_scale=40,
+                  prob_thd=0.1, proxyclip_beta=1.2, proxyclip_gamma=3.0)
+    flow_vision = dict(vision_sd=vision.visual.state_dict(), patch=8, heads=2, depth=4, beta=1.2, gamma=3.0)
+    _agrees(tiny_model, tokenizer, photos, "proxyclip", False, tlp_on, params, names=("coffee",),
+            vision=(vision, flow_vision))
 
 
 def test_text_prototypes_are_the_template_ensemble(tiny_model, tokenizer):

@@ -18,6 +18,7 @@ from pearl.methods import available_methods, get_method
 from pearl.refine import available_refiners
 from pearl.tiny import tiny_config
 from pearl.towers import available_towers, tower_for
+from pearl.vision_models import load_vision_model
 
 from .conftest import compose
 
@@ -32,8 +33,13 @@ def _example(family: str):
     return tiny_clip(0, tiny_config(family))[0]
 
 
+def _vision(method: str) -> dict:
+    """The second vision model a method needs (the seeded random tiny one), as a Segmentor argument."""
+    return {"vision_model": load_vision_model("tiny")} if get_method(method).needs_vision_model else {}
+
+
 def _segmentor(model, tokenizer, method: str, **params) -> pearl.Segmentor:
-    return pearl.Segmentor(model, CLASSES, method=method, tokenizer=tokenizer, text_cache_dir="",
+    return pearl.Segmentor(model, CLASSES, method=method, tokenizer=tokenizer, text_cache_dir="", **_vision(method),
                            **(pearl.protocol(method, "context60") | {"resize_short": 112} | params))
 
 
@@ -190,7 +196,8 @@ def test_every_method_runs_on_other_head_widths_and_patch_sizes(other_geometry, 
     model, tokenizer = other_geometry
     image = photos["chelsea"]
     seg = pearl.Segmentor(model, CLASSES, method=method, tokenizer=tokenizer, text_cache_dir="", resize_short=112,
-                          slide_crop=64, slide_stride=32, **({"sfp_nan_guard": True} if method == "sfp" else {}))
+                          slide_crop=64, slide_stride=32, **({"sfp_nan_guard": True} if method == "sfp" else {}),
+                          **_vision(method))
     patch = model.visual.patch_size[0]
     assert seg.tower.patch_size == patch
     out = seg.predict(image)

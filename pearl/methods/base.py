@@ -75,11 +75,14 @@ class Method(abc.ABC):
     has_query_key_term: ClassVar[bool]
     needs_hidden_states: ClassVar[bool] = False  # a property where the method's config decides (GEM)
     needs_feedback: ClassVar[bool] = False       # likewise (ResCLIP's first pass)
+    # A second vision model's features of the windows come as ``feedback`` (ProxyCLIP; pearl.vision_models)
+    needs_vision_model: ClassVar[bool] = False
     # Whole-image mode: upsample patch logits to the input size, then to the original size
     # (NACLIP/PEARL); otherwise straight to the original size (SCLIP/SFP/ClearCLIP). docs/protocol.md §6.5
     whole_upsample_via_input: ClassVar[bool] = False
-    # ClearCLIP: pad crops to a multiple of the patch size; fuse in the model dtype.
-    pad_crops_to_patch: ClassVar[bool] = False
+    # Sliding-window crops zero-padded (centred) to a multiple of this: 0 none, "patch" the tower's patch
+    # size (ClearCLIP), or a number of pixels (ProxyCLIP: 56). ClearCLIP also fuses in the model dtype.
+    pad_crops_to: ClassVar[int | str] = 0
     fuse_in_model_dtype: ClassVar[bool] = False
     # How the tower resamples its position embedding to a window's grid (``pearl.towers.base.POSITIONS``):
     # the "+0.1" scale factor of the NACLIP/SCLIP/ClearCLIP code, or GEM's resample by size with antialiasing.
@@ -99,6 +102,11 @@ class Method(abc.ABC):
                               f"tokens and {'a' if tower.has_cls else 'no'} CLS token: use a tower with a CLS token "
                               f"or another method")
 
+    def output_grid(self, grid: tuple[int, int], feedback) -> tuple[int, int]:
+        """The grid of the patches ``last_block`` returns for a trunk of ``grid`` (the same, but for a
+        method whose features come out at a second vision model's grid)."""
+        return grid
+
     def releases_nan_windows(self) -> bool:
         """Whether the released code itself turns some windows' logits NaN (then the published
         numbers include them, and so does our record); for any other method a NaN fails the job."""
@@ -115,7 +123,7 @@ class ClearCLIPSegmentorMethod(Method, abc.ABC):
     MaskCLIP and GEM through its ``model_type``): sliding-window crops zero-padded to a multiple of
     the patch size, the fusion canvas in the model dtype (docs/methods.md §5)."""
 
-    pad_crops_to_patch = True
+    pad_crops_to = "patch"
     fuse_in_model_dtype = True
 
 

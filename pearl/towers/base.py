@@ -179,8 +179,19 @@ class Tower(abc.ABC):
         """Block ``index`` (0-based; negative counts from the end) for tokens of a ``grid`` patch grid."""
 
     @abc.abstractmethod
+    def final_norm(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The tower's norm after its last block, of tokens [B, T, C]."""
+
+    @abc.abstractmethod
     def final(self, patches: torch.Tensor) -> torch.Tensor:
         """The final norm and projection of patch tokens [B, N, C] → [B, N, D] (not unit-norm)."""
+
+    def normed_tokens(self, images: torch.Tensor, positions: str = POSITIONS[0]) -> torch.Tensor:
+        """[B, h', w', C]: the patch tokens of the tower's own forward through its final norm, the
+        prefix tokens dropped (what a second vision model gives: ``pearl.vision_models``)."""
+        shared = self.trunk(images, positions=positions)
+        x = self.final_norm(self.block(-1, shared.grid)(shared.x))[:, self.prefix_tokens:]
+        return x.reshape(x.shape[0], *shared.grid, -1)
 
     def trunk(self, images: torch.Tensor, keep_hidden: bool = False, positions: str = POSITIONS[0]) -> Trunk:
         """Patch embedding (``positions``: see ``POSITIONS``) and blocks 1..L−1 for images [B, 3, H, W].
@@ -197,15 +208,16 @@ class Tower(abc.ABC):
         return Trunk(x, hidden, grid, images)
 
     def head(self, shared: Trunk, method: Method, info: dict | None = None, feedback=None) -> torch.Tensor:
-        """Unit-norm patch features [B, h', w', D]: ``method``'s last block on the trunk, the final
-        norm and projection. ``info`` (a dict, or None for no diagnostics) receives the method's
-        diagnostics; ``feedback`` (``Method.last_block``) is bound to the trunk's windows."""
+        """Unit-norm patch features [B, h', w', D] (on ``method.output_grid``): ``method``'s last block
+        on the trunk, the final norm and projection. ``info`` (a dict, or None for no diagnostics)
+        receives the method's diagnostics; ``feedback`` (``Method.last_block``: ResCLIP's semantic
+        feedback, a second vision model's features) is bound to the trunk's windows."""
         if feedback is not None:
             feedback = feedback.on(shared.images)
         patches = method.last_block(self, shared.x, shared.hidden, shared.grid, info, feedback)
         feats = self.final(patches)
         feats = feats / feats.norm(dim=-1, keepdim=True)
-        return feats.reshape(feats.shape[0], shared.grid[0], shared.grid[1], -1)
+        return feats.reshape(feats.shape[0], *method.output_grid(shared.grid, feedback), -1)
 
     def dense_features(self, images: torch.Tensor, method: Method, diagnostics: bool = False
                        ) -> tuple[torch.Tensor, dict]:

@@ -130,6 +130,9 @@ class OpenClipViT(Tower):
     def block(self, index: int, grid: tuple[int, int]) -> OpenClipBlock:
         return OpenClipBlock(self.visual.transformer.resblocks[index])
 
+    def final_norm(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.visual.ln_post(tokens)
+
     def final(self, patches: torch.Tensor) -> torch.Tensor:
-        feats = self.visual.ln_post(patches)
+        feats = self.final_norm(patches)
         return feats @ self.visual.proj if self.visual.proj is not None else feats

@@ -1,7 +1,8 @@
 """timm's vision transformers inside open_clip's ``TimmModel``: EVA02 and PE-Core (timm ``Eva``:
 rotary q/k on the patch tokens, EVA02's sub-LayerNorm before the output projection and SwiGLU MLP,
 PE-Core's pre-transformer norm and attention-pool head) and SigLIP / SigLIP2 (timm
-``VisionTransformer`` without a CLS token, an attention-pool head).
+``VisionTransformer`` without a CLS token, an attention-pool head); and the same timm models bare,
+as a second vision model (DINO, DINOv2 with registers, DINOv3: ``pearl.vision_models``).
 
 As for open_clip's own ViT we call the model's modules (``patch_embed.proj``, ``pos_embed``, ``rope``,
 ``blocks``, ``norm``, ``attn_pool``, ``head``) and write only what a method recombines: a block's
@@ -30,13 +31,21 @@ def _families():
     return (Eva, VisionTransformer), (EvaBlock, Block), (EvaAttention, AttentionRope, Attention)
 
 
+def _trunk(visual):
+    """The timm model of an open_clip ``TimmModel`` or of a bare timm model; None for anything else."""
+    from open_clip.timm_model import TimmModel
+    if isinstance(visual, TimmModel):
+        return visual.trunk
+    return visual if type(visual) in _families()[0] else None
+
+
 def unsupported_part(visual) -> str | None:
-    """What in an open_clip ``TimmModel`` this module does not compute (None: everything is
-    supported): gated or grouped-query attention, depth-dependent rotary embeddings, post-norm or
-    parallel blocks, a convolutional stem, a positional embedding in the pooling head, open_clip's own
-    pooling heads."""
+    """What in an open_clip ``TimmModel`` or a bare timm model this module does not compute (None:
+    everything is supported): gated or grouped-query attention, depth-dependent rotary embeddings,
+    post-norm or parallel blocks, a convolutional stem, a positional embedding in the pooling head,
+    open_clip's own pooling heads."""
     trunks, blocks, attentions = _families()
-    trunk = visual.trunk
+    trunk = _trunk(visual)
     if type(trunk) not in trunks:
         return f"timm trunk {type(trunk).__name__}"
     from timm.layers import PatchEmbed
@@ -46,7 +55,7 @@ def unsupported_part(visual) -> str | None:
     rope = getattr(trunk, "rope", None)
     if getattr(trunk, "rope_mixed", False) or (rope is not None and type(rope) is not RotaryEmbeddingCat):
         return f"rotary embedding {type(rope).__name__}{' (depth-dependent)' if trunk.rope_mixed else ''}"
-    if any(name in ("pool", "mlp") for name, _ in visual.head.named_children()):
+    if trunk is not visual and any(name in ("pool", "mlp") for name, _ in visual.head.named_children()):
         return "open_clip's own pooling or MLP head"
     pool = getattr(trunk, "attn_pool", None)
     if pool is not None and (pool.pos_embed is not None or pool.latent_len != 1):
@@ -132,23 +141,26 @@ def attention_pool_value_path(pool, tokens: torch.Tensor) -> torch.Tensor:
     return out if pool.mlp is None else out + pool.mlp(pool.norm(out))
 
 
+def _is_timm(visual) -> bool:
+    from open_clip.timm_model import TimmModel
+    return isinstance(visual, TimmModel) or type(visual) in _families()[0]
+
+
 @register
 class TimmViT(Tower):
     name = "timm_vit"
 
     @classmethod
     def matches(cls, visual) -> bool:
-        from open_clip.timm_model import TimmModel
-        return isinstance(visual, TimmModel) and unsupported_part(visual) is None
+        return _is_timm(visual) and unsupported_part(visual) is None
 
     @classmethod
     def unsupported(cls, visual) -> str | None:
-        from open_clip.timm_model import TimmModel
-        return unsupported_part(visual) if isinstance(visual, TimmModel) else None
+        return unsupported_part(visual) if _is_timm(visual) else None
 
     def __init__(self, visual, config=None) -> None:
         super().__init__(visual, config)
-        self.trunk_module = visual.trunk
+        self.trunk_module = _trunk(visual)
         self._ropes: dict[tuple, torch.Tensor | None] = {}
 
     @property
@@ -172,6 +184,11 @@ class TimmViT(Tower):
 
     @property
     def normalisation(self) -> Normalisation:
+        """open_clip's from the tag (``image_mean``/``image_std``); a bare timm model's from its
+        pretrained config (ImageNet's for DINO)."""
+        if self.trunk_module is self.visual:
+            config = self.visual.pretrained_cfg
+            return Normalisation(tuple(255 * v for v in config["mean"]), tuple(255 * v for v in config["std"]))
         return model_normalisation(self.visual)
 
     @property
@@ -225,7 +242,11 @@ class TimmViT(Tower):
         """The trunk's final norm, then (``pool_head``) its attention-pool head's value path or
         nothing, ``fc_norm``, its classifier-as-projection and open_clip's head."""
         trunk = self.trunk_module
-        x = trunk.norm(patches)
+        x = self.final_norm(patches)
         if trunk.attn_pool is not None and self.config.pool_head == "value":
             x = attention_pool_value_path(trunk.attn_pool, x)
-        return self.visual.head(trunk.head(trunk.fc_norm(x)))
+        x = trunk.head(trunk.fc_norm(x))
+        return x if trunk is self.visual else self.visual.head(x)
+
+    def final_norm(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.trunk_module.norm(tokens)

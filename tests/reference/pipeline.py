@@ -17,6 +17,7 @@ from pearl.refine.tlp import TLPConfig, tlp
 
 from . import blocks as ref
 from . import gem as gem_ref
+from . import proxyclip as proxyclip_ref
 from . import resclip as resclip_ref
 from . import scclip as scclip_ref
 from . import sfp as sfp_ref
@@ -41,9 +42,11 @@ def last_block(method, block, x, pa, arch):
     raise AssertionError(f"no reference last block for {method}")
 
 
-def forward_feature(model, img, method, pa, arch, protos, resclip=None):
+def forward_feature(model, img, method, pa, arch, protos, resclip=None, vision=None):
     """One crop [1, 3, h, w] → cosine logits [1, Q, h', w'], upstream style; ``resclip`` (the keyword
-    arguments of tests/reference/resclip.py ``forward``) runs ResCLIP on the host ``method``."""
+    arguments of tests/reference/resclip.py ``forward``) runs ResCLIP on the host ``method``; ``vision``
+    (the keyword arguments of tests/reference/proxyclip.py ``vision_features``, and beta, gamma) is
+    ProxyCLIP's vision model, whose grid the logits come out at."""
     visual = model.visual
     _, _, h, w = img.shape
     x = visual.conv1(img).reshape(1, 64, -1).permute(0, 2, 1)
@@ -78,6 +81,13 @@ def forward_feature(model, img, method, pa, arch, protos, resclip=None):
         out = torch.cat([x[:, :1], patches[None]], dim=1)
     elif method == "gem":
         out = gem_ref.gem_path(model, hidden)
+    elif method == "proxyclip":
+        vision = dict(vision)
+        beta, gamma = vision.pop("beta"), vision.pop("gamma")
+        ex_feats = proxyclip_ref.vision_features(crop=img, **vision)
+        out = proxyclip_ref.custom_attn(block, x, ex_feats, beta, gamma, (gh, gw))
+        gh, gw = ex_feats.shape[-2:]
+        out = torch.cat([x[:, :1], out], dim=1)  # a CLS row to drop below, as the others
     elif method == "naclip":
         q, k, v = ref.qkv(block, x)
         attn = torch.softmax((k @ k.transpose(-1, -2)) * 32 ** -0.5 + neighbourhood_bias(gh, gw, 5.0), -1)
@@ -97,7 +107,7 @@ def clearclip_padsize(height: int, width: int, patch: int = 16) -> tuple[int, in
     return pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2
 
 
-def segment(model, protos, query_idx, rgb, method, pa, tlp_on, params, affinity):
+def segment(model, protos, query_idx, rgb, method, pa, tlp_on, params, affinity, vision=None):
     """(labels [H, W], class probabilities [C, H, W]) of one RGB photograph, the released way."""
     bgr = rgb[:, :, ::-1]  # as cv2.imread gives it
     h0, w0 = bgr.shape[:2]
@@ -122,9 +132,9 @@ def segment(model, protos, query_idx, rgb, method, pa, tlp_on, params, affinity)
                 y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
                 crop_img = inputs[:, :, y1:y2, x1:x2]
                 pad = (clearclip_padsize(*crop_img.shape[-2:]) if method in ("clearclip", "maskclip", "gem")
-                       else (0, 0, 0, 0))
+                       else proxyclip_ref.padsize(*crop_img.shape[-2:]) if method == "proxyclip" else (0, 0, 0, 0))
                 padded = F.pad(crop_img, pad)
-                logit = forward_feature(model, padded, method, pa, arch, protos, resclip)
+                logit = forward_feature(model, padded, method, pa, arch, protos, resclip, vision)
                 logit = F.interpolate(logit, size=padded.shape[-2:], mode="bilinear", align_corners=False)
                 logit = logit[:, :, pad[2]:pad[2] + crop_img.shape[2], pad[0]:pad[0] + crop_img.shape[3]]
                 if tlp_on and per_window:  # the paper's site: each window's logits with its crop of the input

@@ -1,0 +1,158 @@
+"""A second vision model beside CLIP: self-supervised ViTs (DINO, DINOv2 with registers)
+whose patch affinities ProxyCLIP, CASS and LPOSS borrow (docs/architecture.md §2.2).
+
+The released codes load them with ``torch.hub`` from GitHub at run time; we load the same tensors
+through timm (its Hub repositories ``timm/<architecture>.<tag>``, converted from the released
+checkpoints by timm's ``checkpoint_filter_fn``), from the Hugging Face cache or a local file (a timm
+or a released checkpoint: timm converts the released layout on loading), never by unpickling
+arbitrary objects. A vision model is a tower (``pearl.towers``); ``dense_features`` gives what the
+released codes read: the patch tokens of the last block through the final norm, on the windows
+renormalised from CLIP's statistics to the model's own.
+"""
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+
+from .errors import ConfigError, MissingFileError, WeightsError
+from .preprocess import Normalisation
+from .towers import Tower, tower_for
+
+
+class VisionModelSpec(NamedTuple):
+    architecture: str  # timm architecture
+    tag: str           # timm pretrained tag: Hub repository timm/<architecture>.<tag>
+    released: str      # what the released OVSS codes load instead
+
+
+VISION_MODELS = {
+    "dino_b8": VisionModelSpec("vit_base_patch8_224", "dino", "torch.hub facebookresearch/dino dino_vitb8"),
+    "dino_b16": VisionModelSpec("vit_base_patch16_224", "dino", "torch.hub facebookresearch/dino dino_vitb16"),
+    "dinov2_b14_reg": VisionModelSpec("vit_base_patch14_reg4_dinov2", "lvd142m",
+                                      "torch.hub facebookresearch/dinov2 dinov2_vitb14_reg"),
+}
+# A random DINO-architecture model for offline runs and the tests: patch 8, width 64 in 2 heads,
+# 4 blocks, ImageNet statistics. Its features are a smoke input, never a result.
+TINY = "tiny"
+_TINY_ARCHITECTURE = ("vit_base_patch8_224.dino", {"embed_dim": 64, "num_heads": 2, "depth": 4, "img_size": 64})
+
+
+def available_vision_models() -> list[str]:
+    return [*VISION_MODELS, TINY]
+
+
+def load_vision_model(name: str, pretrained: str | None = "hub", device: str | torch.device = "cpu",
+                      cache_dir: str | None = None, seed: int = 0) -> Tower:
+    """The vision model ``name`` (``available_vision_models``) as a tower, in eval mode on ``device``.
+
+    ``pretrained``: "hub" (timm's weights from the Hugging Face cache, downloaded where the Hub can be
+    reached), a local checkpoint file (timm's or the released layout), or None (random weights).
+    ``tiny`` is random whatever ``pretrained`` says (seeded by ``seed``)."""
+    import timm
+    if name == TINY:
+        architecture, kwargs = _TINY_ARCHITECTURE
+        torch.manual_seed(seed)
+        return tower_for(timm.create_model(architecture, pretrained=False, num_classes=0, **kwargs).eval().to(device))
+    if name not in VISION_MODELS:
+        from .params import did_you_mean
+        raise ConfigError(f"vision model {name!r} is not one of {', '.join(available_vision_models())}; "
+                          f"{did_you_mean(name, available_vision_models())}".rstrip("; "))
+    spec = VISION_MODELS[name]
+    full_name = f"{spec.architecture}.{spec.tag}"
+    if pretrained is None:
+        model = timm.create_model(full_name, pretrained=False, num_classes=0)
+    elif pretrained == "hub":
+        _require_cached_or_reachable(full_name, cache_dir)
+        model = timm.create_model(full_name, pretrained=True, num_classes=0, cache_dir=cache_dir)
+    else:
+        if not os.path.isfile(pretrained):
+            raise MissingFileError(f"vision-model checkpoint {pretrained!r} does not exist; give an existing file, "
+                                   f"'hub' or null (random weights)")
+        try:
+            model = timm.create_model(full_name, pretrained=True, num_classes=0,
+                                      pretrained_cfg_overlay={"file": pretrained})
+        except (RuntimeError, KeyError) as error:
+            raise WeightsError(f"vision-model checkpoint {pretrained} does not fit {name} ({full_name}): "
+                               f"{str(error).splitlines()[0][:200]}") from None
+    return tower_for(model.eval().to(device))
+
+
+def _require_cached_or_reachable(full_name: str, cache_dir: str | None) -> None:
+    """One line naming the Hub repository and the cache folder when the weights are neither cached
+    nor downloadable (as for CLIP weights, ``pearl.loading``)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    from .loading import hf_cache_dir, hub_reachable
+    repo, folder = f"timm/{full_name}", cache_dir or hf_cache_dir()
+    if any(isinstance(try_to_load_from_cache(repo, file, cache_dir=folder), str)
+           for file in ("model.safetensors", "pytorch_model.bin")):
+        return
+    if not hub_reachable():
+        raise WeightsError(f"vision-model weights {repo} are not in the cache folder {folder} and the Hub cannot be "
+                           f"reached. On a connected machine run `python -c \"import timm; timm.create_model("
+                           f"'{full_name}', pretrained=True)\"` and copy the folder across (HF_HUB_CACHE points to "
+                           f"it), or give the released checkpoint file (vision_model.pretrained=/path/to/file)")
+
+
+def renormalise(windows: torch.Tensor, source: Normalisation, target: Normalisation) -> torch.Tensor:
+    """Windows [B, 3, H, W] normalised with ``source`` statistics, normalised with ``target``'s
+    instead: the released codes un-normalise CLIP's input and apply the vision model's (ImageNet)
+    statistics (ProxyCLIP ``proxyclip_segmentor.py`` ``forward_feature``). Pixels padded with zeros
+    in CLIP's space become CLIP's mean colour, as there."""
+    def column(values) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=windows.device).view(1, 3, 1, 1)
+    pixels = windows.float() * column(source.std) + column(source.mean)
+    return (pixels - column(target.mean)) / column(target.std)
+
+
+def dense_features(vision_model: Tower, windows: torch.Tensor, clip_normalisation: Normalisation) -> torch.Tensor:
+    """[B, h'', w'', C]: the vision model's last-block patch tokens through its final norm (DINO's
+    ``get_intermediate_layers(x)[0]``, DINOv2's with registers dropped) for CLIP-normalised windows
+    [B, 3, H, W], its positions resampled by the "+0.1" scale factor as the hub models resample them."""
+    images = renormalise(windows, clip_normalisation, vision_model.normalisation).to(vision_model.dtype)
+    return vision_model.normed_tokens(images)
+
+
+class VisionFeatures(NamedTuple):
+    """What a method that needs a second vision model receives (``Method.needs_vision_model``): the
+    model and CLIP's input statistics; ``Tower.head`` binds it to the trunk's windows."""
+
+    model: Tower
+    clip_normalisation: Normalisation
+
+    def on(self, windows: torch.Tensor) -> WindowFeatures:
+        return WindowFeatures(self, windows)
+
+
+class WindowFeatures:
+    """The vision model's dense features of a batch of windows, computed on first use (the stage
+    ``vision_model``, timed apart from CLIP's backbone)."""
+
+    def __init__(self, source: VisionFeatures, windows: torch.Tensor) -> None:
+        self.source, self.windows = source, windows
+        self._features: torch.Tensor | None = None
+
+    def features(self) -> torch.Tensor:
+        """[B, h'', w'', C] (``dense_features``)."""
+        if self._features is None:
+            from .stages import stage
+            with stage("vision_model"):
+                self._features = dense_features(self.source.model, self.windows, self.source.clip_normalisation)
+        return self._features
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return tuple(self.features().shape[1:3])
+
+
+def vision_model_for(method: str, requested: str | None, clip_model: str) -> str | None:
+    """The vision model a run of ``method`` loads: none for a method that reads none (a request is
+    then ignored, so that one sweep can mix methods), ``requested`` when given, ``tiny`` beside the
+    tiny CLIP (a smoke run stays offline), else the method's own (its protocol file's fact)."""
+    from .protocols import method_facts
+    own = method_facts(method).vision_model
+    if own is None:
+        return None
+    return requested or (TINY if clip_model == "tiny" else own)

@@ -1,0 +1,106 @@
+"""The second vision model (pearl.vision_models): DINO and DINOv2 through timm against transcriptions
+of their released forwards, the renormalisation from CLIP's statistics, loading and its errors."""
+import pytest
+import timm
+import torch
+
+from pearl.errors import ConfigError, MissingFileError, WeightsError
+from pearl.preprocess import OPENAI_NORMALISATION, Normalisation
+from pearl.towers import tower_for
+from pearl.vision_models import dense_features, load_vision_model, renormalise
+
+from .reference import dino as ref
+
+IMAGENET = Normalisation((123.675, 116.28, 103.53), (58.395, 57.12, 57.375))
+SMALL = {"embed_dim": 64, "num_heads": 2, "depth": 3}
+
+
+def _random_model(architecture: str, **kwargs):
+    torch.manual_seed(0)
+    model = timm.create_model(architecture, pretrained=False, num_classes=0, **(SMALL | kwargs)).eval()
+    with torch.no_grad():  # layer scales and biases away from their initial constants
+        for name, tensor in model.named_parameters():
+            if name.endswith(("gamma", "bias")) or "token" in name:
+                tensor.normal_(0, 0.2)
+    return model
+
+
+def test_renormalise_turns_clip_statistics_into_imagenet_statistics():
+    pixels = torch.tensor([200.0, 10.0, 128.0]).view(1, 3, 1, 1)
+    clip = (pixels - torch.tensor(OPENAI_NORMALISATION.mean).view(1, 3, 1, 1)) / torch.tensor(
+        OPENAI_NORMALISATION.std).view(1, 3, 1, 1)
+    out = renormalise(clip, OPENAI_NORMALISATION, IMAGENET).flatten()
+    expected = [(200 - 123.675) / 58.395, (10 - 116.28) / 57.12, (128 - 103.53) / 57.375]
+    assert torch.allclose(out, torch.tensor(expected), atol=1e-5)
+    zero_padding = renormalise(torch.zeros(1, 3, 1, 1), OPENAI_NORMALISATION, IMAGENET).flatten()  # CLIP's mean
+    assert torch.allclose(zero_padding, (torch.tensor(OPENAI_NORMALISATION.mean) - torch.tensor(IMAGENET.mean))
+                          / torch.tensor(IMAGENET.std), atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(64, 64), (96, 96), (48, 80)])
+def test_dino_features_are_the_released_forward(size):
+    """DINO (ViT-B/8's architecture, small): positions by the "+0.1" scale factor on any other grid,
+    last block, final norm, CLS dropped = DINO's get_intermediate_layers(x)[0][:, 1:]."""
+    model = _random_model("vit_base_patch8_224.dino", img_size=64)
+    images = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        ours = tower_for(model).normed_tokens(images)
+        theirs = ref.dense_tokens(model.state_dict(), images, patch=8, heads=2, depth=3)
+    assert ours.shape == (2, size[0] // 8, size[1] // 8, 64)
+    assert (ours.reshape(2, -1, 64) - theirs).abs().max() < 1e-4
+
+
+def test_dinov2_with_registers_in_the_released_layout_is_what_timm_computes(tmp_path):
+    """DINOv2 with registers: the released checkpoint holds the CLS token and its position apart and
+    the registers without positions; timm folds the CLS position into the token. A released-layout
+    file loaded by load_vision_model (timm converts it) computes the released forward."""
+    model = _random_model("vit_base_patch14_reg4_dinov2.lvd142m", img_size=56)
+    timm_sd = model.state_dict()
+    cls_position = torch.randn(1, 1, 64)
+    released = {key: value for key, value in timm_sd.items() if key not in ("cls_token", "reg_token", "pos_embed")}
+    released |= {"cls_token": timm_sd["cls_token"] - cls_position, "register_tokens": timm_sd["reg_token"],
+                 "pos_embed": torch.cat([cls_position, timm_sd["pos_embed"]], dim=1),
+                 "mask_token": torch.zeros(1, 64)}
+    images = torch.randn(1, 3, 70, 98)
+    with torch.no_grad():
+        theirs = ref.dense_tokens(released, images, patch=14, heads=2, depth=3, registers=4)
+        ours = tower_for(model).normed_tokens(images)
+    assert tower_for(model).prefix_tokens == 5 and ours.shape == (1, 5, 7, 64)
+    assert (ours.reshape(1, -1, 64) - theirs).abs().max() < 1e-4
+    # the same through a file: a base-size released checkpoint, converted on loading
+    base = timm.create_model("vit_base_patch14_reg4_dinov2.lvd142m", pretrained=False, num_classes=0)
+    base_sd = base.state_dict()
+    file_sd = {key: value for key, value in base_sd.items() if key not in ("cls_token", "reg_token", "pos_embed")}
+    file_sd |= {"cls_token": base_sd["cls_token"] - 0.5, "register_tokens": base_sd["reg_token"] + 1.0,
+                "pos_embed": torch.cat([torch.full((1, 1, 768), 0.5), base_sd["pos_embed"]], dim=1),
+                "mask_token": torch.zeros(1, 768)}
+    torch.save(file_sd, tmp_path / "dinov2_vitb14_reg4_pretrain.pth")
+    loaded = load_vision_model("dinov2_b14_reg", str(tmp_path / "dinov2_vitb14_reg4_pretrain.pth")).trunk_module
+    assert torch.allclose(loaded.cls_token, base_sd["cls_token"], atol=1e-6) and torch.equal(loaded.reg_token,
+                                                                                  base_sd["reg_token"] + 1.0)
+    assert torch.equal(loaded.blocks[5].attn.qkv.weight, base_sd["blocks.5.attn.qkv.weight"])
+
+
+def test_dense_features_read_clip_normalised_windows():
+    vision = load_vision_model("tiny")
+    assert torch.allclose(torch.tensor(vision.normalisation), torch.tensor(IMAGENET)) and vision.patch_size == 8
+    windows = torch.randn(2, 3, 48, 64)
+    with torch.no_grad():
+        ours = dense_features(vision, windows, OPENAI_NORMALISATION)
+        direct = vision.normed_tokens(renormalise(windows, OPENAI_NORMALISATION, IMAGENET))
+    assert ours.shape == (2, 6, 8, 64) and torch.equal(ours, direct)
+    assert not torch.allclose(ours, vision.normed_tokens(windows), atol=1e-3)
+
+
+def test_loading_errors_are_one_line_and_name_what_to_do(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="vision model 'dino_b9' is not one of dino_b8, .*did you mean 'dino_b8'"):
+        load_vision_model("dino_b9")
+    with pytest.raises(MissingFileError, match="vision-model checkpoint '/no/such.pth' does not exist"):
+        load_vision_model("dino_b8", "/no/such.pth")
+    torch.save({"blocks.0.attn.qkv.weight": torch.zeros(3, 3)}, tmp_path / "other.pth")
+    with pytest.raises(WeightsError, match=r"vision-model checkpoint .*other.pth does not fit dino_b8"):
+        load_vision_model("dino_b8", str(tmp_path / "other.pth"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine without network
+    with pytest.raises(WeightsError, match=r"vision-model weights timm/vit_base_patch8_224.dino are not in the "
+                                           r"cache folder .*empty.* and the Hub cannot be reached"):
+        load_vision_model("dino_b8", "hub", cache_dir=str(tmp_path / "empty"))
