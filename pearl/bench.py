@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import functools
 import math
 import statistics
 import sys
@@ -42,6 +43,7 @@ from .protocols import class_names
 from .segmentor import Segmentor
 from .settings import published_settings
 from .stages import timing_stages
+from .vision_models import load_vision_model, vision_model_for
 
 SIZES = ("voc21", "ade20k", "cityscapes")
 STAGES = ("preprocess", "backbone", "pa", "vision_model", "fusion", "tlp", "decision")
@@ -78,9 +80,9 @@ def reference_predict(seg: Segmentor, image) -> Prediction:
     the crop and added to the canvas on their own; then the same refinement and decision."""
     item = seg.prepare_image(image)
     windows = []
+    hidden, positions = seg.method.needs_hidden_states, seg.method.position_interpolation
     for window in item.windows:
-        feats, _ = seg.tower.dense_features(seg.crop(item, window)[None], seg.method)
-        windows.append((feats.to(seg.dtype) @ seg.prototypes.T).permute(0, 3, 1, 2))
+        windows.append(seg.window_logits(seg.tower.trunk(seg.crop(item, window)[None], hidden, positions), None))
     info = {"windows": len(item.windows)}
     if seg.windows.slide_crop <= 0:
         fused = seg.fuse(item, [windows[0][0]], info)
@@ -160,7 +162,7 @@ def backbone_flops(seg: Segmentor, prepared) -> float:
     item = seg.prepare_image(prepared)
     crops = torch.stack([seg.crop(item, window) for window in item.windows])
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        seg.tower.dense_features(crops, seg.method)
+        seg.tower.dense_features(crops, seg.method, feedback=seg.window_feedback())
     return float(counter.get_total_flops())
 
 
@@ -285,6 +287,19 @@ def _random_weights_tokenizer(name: str):
         return open_clip.SimpleTokenizer(context_length=context)
 
 
+@functools.cache
+def bench_vision_model(name: str, random_weights: bool, device: torch.device):
+    """A second vision model to time (``pearl.vision_models``): random weights (seed 0) where the CLIP
+    weights are random, else its Hub weights; loaded once per process."""
+    return load_vision_model(name, None if random_weights else "hub", device)
+
+
+def vision_argument(method: str, model: str, random_weights: bool, device: torch.device) -> dict:
+    """``vision_model=`` for a method that reads a second vision model (its own; tiny beside tiny)."""
+    name = vision_model_for(method, None, model)
+    return {"vision_model": bench_vision_model(name, random_weights, device)} if name else {}
+
+
 PLUG_INS = {"resclip": {"resclip": True}}  # ``--methods naclip+resclip``: the host with the plug-in on
 
 
@@ -339,9 +354,10 @@ def vocabulary_costs(model, tokenizer, size: str, methods: list[str], queries: l
     memory, rows = PeakMemory(device), []
     for method in methods:
         for count in queries:
-            seg = Segmentor(model, [f"class {index}" for index in range(count)], method=method_entry(method)[0],
-                            tokenizer=tokenizer,
+            name = method_entry(method)[0]
+            seg = Segmentor(model, [f"class {index}" for index in range(count)], method=name, tokenizer=tokenizer,
                             device=device, precision=args.precision, window_batch_size=args.window_batch_size,
+                            **vision_argument(name, args.model, random_weights, device),
                             **bench_settings(method, size, random_weights))
             prepared = [seg.preprocess(image) for image in pictures]
             _fast([seg], prepared[:1], 1)  # warm-up
@@ -495,6 +511,7 @@ def main(argv: list[str] | None = None) -> int:
             cls = get_method(method)
             seg = Segmentor(model, class_names(size, method), method=method, pa=pa, tlp=tlp, tokenizer=tokenizer,
                             device=device, precision=args.precision, window_batch_size=args.window_batch_size,
+                            **vision_argument(method, args.model, random_weights, device),
                             **bench_settings(method, size, random_weights))
             row = {"device": name, "model": args.model, "weights": weights, "precision": args.precision,
                    "size": size, "height": pictures[0].shape[0], "width": pictures[0].shape[1], "method": method,

@@ -51,7 +51,8 @@ class Segmentor:
     """Training-free OVSS with a frozen open_clip model; see docs/api.md and the README.
 
     ``model`` is moved to ``device`` and, if ``precision`` differs from its own, converted, both
-    in place. ``precision`` None keeps the model's own.
+    in place. ``precision`` None keeps the model's own. ``vision_model`` (``pearl.load_vision_model``),
+    for a method that reads a second vision model, is moved to the device and CLIP tower's dtype in place.
     """
 
     def __init__(self, model, classes: Sequence[str] | str | os.PathLike, method: str = "pearl",
@@ -210,13 +211,17 @@ class Segmentor:
         padding = self.padding(window)
         return F.pad(crop, padding) if any(padding) else crop
 
+    def window_feedback(self) -> SemanticFeedback | VisionFeatures | None:
+        """What the method's last block receives beside the trunk (``Method.last_block``'s feedback):
+        ResCLIP's semantic feedback, a second vision model's features, or nothing."""
+        if self.method.needs_feedback:
+            return SemanticFeedback(self.prototypes, self.decision.config.logit_scale)
+        return VisionFeatures(self.vision_model, self.normalisation) if self.vision_model is not None else None
+
     def window_logits(self, shared: Trunk, stats: dict | None) -> torch.Tensor:
         """[N, Q, h', w'] cosine logits of this method's last block on a shared trunk."""
         info = {} if stats is not None else None
-        feedback = (SemanticFeedback(self.prototypes, self.decision.config.logit_scale) if self.method.needs_feedback
-                    else VisionFeatures(self.vision_model, self.normalisation) if self.vision_model is not None
-                    else None)
-        feats = self.tower.head(shared, self.method, info, feedback)
+        feats = self.tower.head(shared, self.method, info, self.window_feedback())
         for key, value in (info or {}).items():
             stats[key].append(value)
         # contiguous: bilinear upsampling of the permuted (channels-last) view is several times slower

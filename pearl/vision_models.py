@@ -123,7 +123,17 @@ class VisionFeatures(NamedTuple):
     clip_normalisation: Normalisation
 
     def on(self, windows: torch.Tensor) -> WindowFeatures:
-        return WindowFeatures(self, windows)
+        """The features of ``windows``, computed once for every segmentor of a shared trunk that binds
+        the same vision model to the same windows (the last windows bound are remembered)."""
+        last = _last_bound.get("features")
+        if (last is not None and last.windows is windows and last.source.model is self.model
+                and last.source.clip_normalisation == self.clip_normalisation):
+            return last
+        _last_bound["features"] = WindowFeatures(self, windows)
+        return _last_bound["features"]
+
+
+_last_bound: dict[str, WindowFeatures] = {}  # holds one window batch and its features until the next
 
 
 class WindowFeatures:

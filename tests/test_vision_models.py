@@ -104,3 +104,25 @@ def test_loading_errors_are_one_line_and_name_what_to_do(tmp_path, monkeypatch):
     with pytest.raises(WeightsError, match=r"vision-model weights timm/vit_base_patch8_224.dino are not in the "
                                            r"cache folder .*empty.* and the Hub cannot be reached"):
         load_vision_model("dino_b8", "hub", cache_dir=str(tmp_path / "empty"))
+
+
+def test_jobs_on_one_trunk_compute_the_vision_model_once(tiny_model, tokenizer, photos, monkeypatch):
+    """Two ProxyCLIP jobs that differ in β share the trunk and the vision model's features of each
+    window batch, and get what each gets alone."""
+    import pearl
+    from pearl import vision_models
+    from pearl.joint import predict_jointly
+    vision = load_vision_model("tiny")
+    segs = [pearl.Segmentor(tiny_model, ["sky, wall", "cat", "cup"], method="proxyclip", tokenizer=tokenizer,
+                            vision_model=vision, proxyclip_beta=beta, resize_short=100, slide_crop=64,
+                            slide_stride=48) for beta in (1.2, 0.9)]
+    calls = []
+    compute = vision_models.dense_features
+    monkeypatch.setattr(vision_models, "dense_features", lambda *args: calls.append(1) or compute(*args))
+    together = list(predict_jointly(segs, [photos["coffee"]]))[0]
+    shared = len(calls)
+    alone = [seg.predict(photos["coffee"]) for seg in segs]
+    assert shared >= 1 and len(calls) - shared == 2 * shared
+    for one, joint in zip(alone, together):
+        assert torch.equal(one.labels, joint.labels) and torch.allclose(one.probs, joint.probs, atol=1e-6)
+    assert not torch.equal(alone[0].probs, alone[1].probs)

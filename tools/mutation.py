@@ -95,6 +95,8 @@ SLIPS = [
          "tests/test_reference_pipeline.py"),
     Slip("proxyclip-keep-negatives", "pearl/methods/proxyclip.py",
          'similarity.masked_fill(similarity < 0, float("-inf"))', "similarity", "tests/test_reference_pipeline.py"),
+    Slip("vision-features-not-shared", "pearl/vision_models.py", "if (last is not None and last.windows is windows",
+         "if (False and last.windows is windows", "tests/test_vision_models.py"),
     Slip("cg-from-zero", "pearl/refine/tlp.py", "    x = z.clone()", "    x = torch.zeros_like(z)",
          "tests/test_refine.py"),
     Slip("tlp-align-corners", "pearl/refine/tlp.py",

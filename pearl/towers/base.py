@@ -219,10 +219,12 @@ class Tower(abc.ABC):
         feats = feats / feats.norm(dim=-1, keepdim=True)
         return feats.reshape(feats.shape[0], *method.output_grid(shared.grid, feedback), -1)
 
-    def dense_features(self, images: torch.Tensor, method: Method, diagnostics: bool = False
+    def dense_features(self, images: torch.Tensor, method: Method, diagnostics: bool = False, feedback=None
                        ) -> tuple[torch.Tensor, dict]:
-        """Unit-norm patch features [B, h', w', D] with ``method`` computing the last block, and its
-        diagnostics (0-dim tensors; empty unless ``diagnostics``)."""
+        """Unit-norm patch features [B, h', w', D] with ``method`` computing the last block (given
+        ``feedback`` where it needs one: ``Segmentor.window_feedback``), and its diagnostics (0-dim
+        tensors; empty unless ``diagnostics``)."""
         info: dict | None = {} if diagnostics else None
-        feats = self.head(self.trunk(images, method.needs_hidden_states, method.position_interpolation), method, info)
+        shared = self.trunk(images, method.needs_hidden_states, method.position_interpolation)
+        feats = self.head(shared, method, info, feedback)
         return feats, info or {}
