@@ -157,10 +157,14 @@ def test_sweep_tables_and_resume_in_a_subprocess(synthetic, tmp_path):
     folder = results / "tiny_seed0"  # a model other than the paper's gets its own folder
     main = pd.read_csv(folder / "main.csv")
     assert list(main["row"]) == ["CLIP", "SCLIP", "NACLIP (no PAMR)", "MaskCLIP", "GEM", "ClearCLIP", "SFP", "SC-CLIP",
-                                 "SCLIP + ResCLIP", "NACLIP + ResCLIP", "ClearCLIP + ResCLIP", "PEARL"]
+                                 "SCLIP + ResCLIP", "NACLIP + ResCLIP", "ClearCLIP + ResCLIP",
+                                 "ProxyCLIP (DINOv2 B/14 reg.)", "ProxyCLIP (DINO B/8, its code's default)", "PEARL"]
     beside = main.set_index("row")  # rows outside PEARL's Table 1 carry their own published numbers
     assert beside.loc["SC-CLIP", "paper_source"] == "own_sources: SC-CLIP README figure"
     assert beside.loc["SC-CLIP", "VOC21_paper"] == 64.6 and beside.loc["NACLIP + ResCLIP", "ADE_paper"] == 18.0
+    # PEARL's Table 1 ProxyCLIP ran DINOv2 with registers: its cells sit beside that row only
+    assert beside.loc["ProxyCLIP (DINOv2 B/14 reg.)", "VOC21_paper"] == 58.6
+    assert pd.isna(beside.loc["ProxyCLIP (DINO B/8, its code's default)", "VOC21_paper"])
     assert beside.loc["PEARL", "paper_source"] == "table1: PEARL (Ours)"
     assert [c for c in main.columns if c.endswith("_ours")] == [
         "VOC21_ours", "PC60_ours", "Object_ours", "VOC20_ours", "PC59_ours", "Stuff_ours", "City_ours", "ADE_ours",
