@@ -13,11 +13,11 @@ from .params import PARAMS
 from .protocols import PROFILES, class_file, class_names, protocol
 
 __version__ = "0.1.0"
-__all__ = ["load_clip", "load_vision_model", "Segmentor", "Prediction", "protocol", "class_names", "class_file",
+__all__ = ["load_clip", "load_vfm", "Segmentor", "Prediction", "protocol", "class_names", "class_file",
            "available_methods", "PARAMS", "DATASETS", "PROFILES", "__version__"]
 
 _ON_FIRST_USE = {"load_clip": ".loading", "Segmentor": ".segmentor", "Prediction": ".decision",
-                 "available_methods": ".methods", "load_vision_model": ".vision_models"}
+                 "available_methods": ".methods", "load_vfm": ".vfm"}
 
 
 def __getattr__(name: str):

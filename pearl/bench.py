@@ -43,10 +43,10 @@ from .protocols import class_names
 from .segmentor import Segmentor
 from .settings import published_settings
 from .stages import timing_stages
-from .vision_models import load_vision_model, vision_model_for
+from .vfm import load_vfm, vfm_for
 
 SIZES = ("voc21", "ade20k", "cityscapes")
-STAGES = ("preprocess", "backbone", "pa", "vision_model", "fusion", "tlp", "decision")
+STAGES = ("preprocess", "backbone", "pa", "vfm", "fusion", "tlp", "decision")
 QUICK_VARIANTS = (("pearl", True, True), ("pearl", False, False), ("naclip", False, False))
 QUICK_SIZES = ("voc21", "ade20k")  # Cityscapes' 36 windows an image take minutes per variant on a CPU
 
@@ -130,7 +130,7 @@ class StageTimes:
         """Milliseconds per image per stage; PA and a second vision model run inside the backbone's
         last block, so they are taken out of the backbone's figure."""
         ms = {stage: 1000 * self.totals.get(stage, 0.0) / images for stage in STAGES}
-        ms["backbone"] -= ms["pa"] + ms["vision_model"]
+        ms["backbone"] -= ms["pa"] + ms["vfm"]
         return ms
 
 
@@ -189,7 +189,7 @@ def speedup_ceiling(row: dict, peak_flops: float) -> float | None:
     if not row.get("reference_images_per_s"):
         return None
     other_ms = sum(row[f"ms_{stage}"] for stage in ("fusion", "tlp", "decision"))
-    measured_ms = row["ms_backbone"] + row["ms_pa"] + row["ms_vision_model"]
+    measured_ms = row["ms_backbone"] + row["ms_pa"] + row["ms_vfm"]
     backbone_ms = min(1000 * row["backbone_gflop"] * 1e9 / peak_flops, measured_ms)
     best_ms = backbone_ms + other_ms
     return 1000 / row["reference_images_per_s"] / best_ms
@@ -253,7 +253,7 @@ def measure(seg: Segmentor, images: list[np.ndarray], batch_images: int, repeats
         "pa_tlp_share": (ms["pa"] + ms["tlp"]) / sum(ms[s] for s in STAGES if s != "preprocess"),
         "ms_per_image": per_image_ms,
         "backbone_gflop": flops / 1e9,
-        "backbone_tflops": (flops / (ms["backbone"] + ms["pa"] + ms["vision_model"]) / 1e9
+        "backbone_tflops": (flops / (ms["backbone"] + ms["pa"] + ms["vfm"]) / 1e9
                             if ms["backbone"] > 0 else None),
         "peak_cuda_gib": peaks["fast"][0], "peak_rss_gib": peaks["fast"][1],
         "reference_peak_cuda_gib": peaks.get("loop", (None, None))[0],
@@ -288,16 +288,16 @@ def _random_weights_tokenizer(name: str):
 
 
 @functools.cache
-def bench_vision_model(name: str, random_weights: bool, device: torch.device):
-    """A second vision model to time (``pearl.vision_models``): random weights (seed 0) where the CLIP
+def bench_vfm(name: str, random_weights: bool, device: torch.device):
+    """A second vision model to time (``pearl.vfm``): random weights (seed 0) where the CLIP
     weights are random, else its Hub weights; loaded once per process."""
-    return load_vision_model(name, None if random_weights else "hub", device)
+    return load_vfm(name, None if random_weights else "hub", device)
 
 
 def vision_argument(method: str, model: str, random_weights: bool, device: torch.device) -> dict:
-    """``vision_model=`` for a method that reads a second vision model (its own; tiny beside tiny)."""
-    name = vision_model_for(method, None, model)
-    return {"vision_model": bench_vision_model(name, random_weights, device)} if name else {}
+    """``vfm=`` for a method that reads a second vision model (its own; tiny beside tiny)."""
+    name = vfm_for(method, None, model)
+    return {"vfm": bench_vfm(name, random_weights, device)} if name else {}
 
 
 PLUG_INS = {"resclip": {"resclip": True}}  # ``--methods naclip+resclip``: the host with the plug-in on

@@ -16,7 +16,7 @@ from .loading import TINY_CONFIG
 from .methods import available_methods
 from .params import PARAMS, valid_values
 from .protocols import PROFILES
-from .vision_models import available_vision_models
+from .vfm import available_vfms
 
 
 class RunKey(NamedTuple):
@@ -79,9 +79,9 @@ RUN_KEYS: dict[str, RunKey] = {
                           "true or false"),
     "progress": RunKey(True, "show a progress bar per job", _bool, "true or false"),
 }
-CONFIG_GROUPS = ("method", "dataset", "model", "vision_model", "logger")
+CONFIG_GROUPS = ("method", "dataset", "model", "vfm", "logger")
 _GROUP_KEYS = {
-    "vision_model": {"name", "pretrained", "cache_dir"},
+    "vfm": {"name", "pretrained", "cache_dir"},
     "method": {"name"},
     "dataset": {"name", "images", "classes", "masks", "mask_suffix", "reduce_zero_label", "protocol_like"},
     "model": {"name", "pretrained", "precision", "cache_dir", "seed", "config"},
@@ -96,7 +96,7 @@ def group_options(group: str) -> tuple[str, ...]:
     from pathlib import Path
     files = tuple(path.stem for path in (Path(__file__).resolve().parents[1] / "conf" / group).glob("*.yaml"))
     registered = {"method": available_methods(), "dataset": ALL_DATASETS, "model": ("tiny",), "logger": (),
-                  "vision_model": ("default", *available_vision_models())}[group]
+                  "vfm": ("default", *available_vfms())}[group]
     return tuple(dict.fromkeys((*registered, *sorted(files))))
 
 
@@ -157,8 +157,8 @@ def validate_config(cfg: DictConfig) -> None:
         raise _fail("dataset", cfg.dataset.name, ", ".join(ALL_DATASETS + ("folder",)))
     if cfg.model.precision not in PRECISION_CHOICES:
         raise _fail("model.precision", cfg.model.precision, ", ".join(PRECISION_CHOICES))
-    if cfg.vision_model.name is not None and cfg.vision_model.name not in available_vision_models():
-        raise _fail("vision_model", cfg.vision_model.name, ", ".join(available_vision_models()))
+    if cfg.vfm.name is not None and cfg.vfm.name not in available_vfms():
+        raise _fail("vfm", cfg.vfm.name, ", ".join(available_vfms()))
 
 
 def register_config_groups() -> None:
@@ -173,9 +173,9 @@ def register_config_groups() -> None:
     store.store(group="model", name="tiny", node={"name": "tiny", "pretrained": None, "precision": "auto", "seed": 0,
                                                   "config": TINY_CONFIG})  # random weights: smoke figures only
     # a second vision model (docs/architecture.md §2.2): "default" = the method's own (tiny beside model=tiny)
-    store.store(group="vision_model", name="default", node={"name": None, "pretrained": "hub", "cache_dir": None})
-    for name in available_vision_models():
-        store.store(group="vision_model", name=name,
+    store.store(group="vfm", name="default", node={"name": None, "pretrained": "hub", "cache_dir": None})
+    for name in available_vfms():
+        store.store(group="vfm", name=name,
                     node={"name": name, "pretrained": None if name == "tiny" else "hub", "cache_dir": None})
     for name in available_methods():
         store.store(group="method", name=name, node={"name": name})

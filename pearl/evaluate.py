@@ -28,7 +28,7 @@ from .preprocess import Normalisation, PreparedImage, WindowConfig, prepare_imag
 from .records import path_component, record_path
 from .render import smoke_note, write_outputs
 from .segmentor import Segmentor, warn_nan_windows
-from .vision_models import load_vision_model
+from .vfm import load_vfm
 
 
 @dataclass
@@ -160,19 +160,19 @@ def _save_limit(job: Job) -> int:
 
 def _segmentors(jobs: list[Job], device: torch.device) -> list[Segmentor]:
     model, tokenizer = build_model(jobs[0].options.model, device, jobs[0].precision)
-    vision_models: dict[tuple, object] = {}  # one load per second vision model the group's jobs read
+    loaded: dict[tuple, object] = {}  # one load per second vision model the group's jobs read
 
-    def vision_model(job: Job):
-        spec = job.vision_model
+    def vfm(job: Job):
+        spec = job.vfm
         if spec is None:
             return None
         key = (spec["name"], spec["pretrained"], spec["cache_dir"])
-        if key not in vision_models:
-            vision_models[key] = load_vision_model(spec["name"], spec["pretrained"], device, spec["cache_dir"])
-        return vision_models[key]
+        if key not in loaded:
+            loaded[key] = load_vfm(spec["name"], spec["pretrained"], device, spec["cache_dir"])
+        return loaded[key]
     return [Segmentor(model, job.classes, method=job.method, pa=job.resolved["pa"], tlp=job.resolved["tlp"],
                       tokenizer=tokenizer, device=device, window_batch_size=job.options.window_batch_size,
-                      diagnostics=job.options.diagnostics, vision_model=vision_model(job), **job.params)
+                      diagnostics=job.options.diagnostics, vfm=vfm(job), **job.params)
             for job in jobs]
 
 

@@ -22,7 +22,7 @@ from .protocols import class_names, protocol
 from .records import DEFAULT_MODEL, SCHEMA_VERSION, code_version, config_hash, file_sha256, model_label
 from .settings import OPERATIONAL_PARAMS, deviations, resolve_settings
 from .text import load_vocabulary, template_set
-from .vision_models import TINY, vision_model_for
+from .vfm import TINY, vfm_for
 
 
 def _precision(requested: str, device: torch.device) -> str:
@@ -123,7 +123,7 @@ class Job:
     run_hash: str
     title: str
     options: EvaluationOptions
-    vision_model: dict | None = None  # vision_model_spec: for a method that reads a second vision model
+    vfm: dict | None = None  # vfm_spec: for a method that reads a second vision model
 
 
 def _templates_hash(templates: str) -> str:
@@ -146,9 +146,9 @@ def plan(cfg: DictConfig) -> Job:
         raise ConfigError(str(error)) from None
     changed = deviations(cfg.method.name, protocol_dataset(cfg), cfg.profile, resolved)
     model = model_identity(cfg.model, precision)
-    vision = vision_model_spec(cfg)
+    vision = vfm_spec(cfg)
     if vision is not None:  # part of the network: the record names it beside CLIP
-        model = {**model, "vision_model": vision_model_label(vision)}
+        model = {**model, "vfm": vfm_label(vision)}
     try:
         class_lines = list(load_vocabulary(classes).class_lines)
     except ValueError as error:
@@ -166,17 +166,17 @@ def plan(cfg: DictConfig) -> Job:
                identity, config_hash(identity), title, EvaluationOptions.from_config(cfg), vision)
 
 
-def vision_model_spec(cfg: DictConfig) -> dict | None:
-    """The second vision model a job loads (``pearl.vision_models.vision_model_for``): name, weights
+def vfm_spec(cfg: DictConfig) -> dict | None:
+    """The second vision model a job loads (``pearl.vfm.vfm_for``): name, weights
     ("hub", a file, or None for random) and cache folder; None for a method that reads none."""
-    name = vision_model_for(cfg.method.name, cfg.vision_model.name, cfg.model.name)
+    name = vfm_for(cfg.method.name, cfg.vfm.name, cfg.model.name)
     if name is None:
         return None
-    pretrained = None if name == TINY else cfg.vision_model.pretrained
-    return {"name": name, "pretrained": pretrained, "cache_dir": cfg.vision_model.cache_dir}
+    pretrained = None if name == TINY else cfg.vfm.pretrained
+    return {"name": name, "pretrained": pretrained, "cache_dir": cfg.vfm.cache_dir}
 
 
-def vision_model_label(spec: dict) -> str:
+def vfm_label(spec: dict) -> str:
     """``NAME:hub``, ``NAME:random`` or ``NAME:<file name>@<sha256 prefix>`` (a file by its content)."""
     pretrained = spec["pretrained"]
     if pretrained is None:

@@ -58,7 +58,7 @@ class MethodFacts(NamedTuple):
     default_arch: str          # arch=null means this: "reduced" or "vanilla"
     has_query_key_term: bool   # PA (which rotates keys against queries) can change it
     resclip_host: bool         # resclip=true applies (ResCLIP's released code has its attention strategy)
-    vision_model: str | None   # the second vision model it reads by default (pearl.vision_models), or None
+    vfm: str | None   # the second vision model it reads by default (pearl.vfm), or None
 
 
 @functools.lru_cache(maxsize=None)

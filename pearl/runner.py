@@ -27,6 +27,7 @@ from .locks import JobLock, read_owner, try_lock
 from .plan import Job, config_key, plan, world_size
 from .records import RunRecord, find_record, git_commit, prepare_results_dir, record_path, write_record
 from .settings import OPERATIONAL_PARAMS
+from .vfm import vfm_weights_state
 
 log = logging.getLogger("pearl")
 
@@ -203,8 +204,9 @@ def _dry_run(cfg: DictConfig) -> tuple[str, RunRecord | None]:
     settings = " ".join(f"{k}={v}" for k, v in job.resolved.items() if k not in OPERATIONAL_PARAMS)
     weights = "random (tiny)" if cfg.model.name == "tiny" else weights_state(
         str(cfg.model.name), cfg.model.pretrained, cfg.model.get("cache_dir"))
+    vfm = "" if job.vfm is None else f", vfm {job.model['vfm']} (weights {vfm_weights_state(**job.vfm)})"
     print(f"[dry run] {job.title}: {state}\n  {len(job.dataset)} images, model {job.model['label']} "
-          f"({job.precision}; weights {weights}), settings: {settings}", flush=True)
+          f"({job.precision}; weights {weights}){vfm}, settings: {settings}", flush=True)
     return "dry_run", existing
 
 

@@ -78,10 +78,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--pa", action=argparse.BooleanOptionalAction, default=None, help="PA (default: method's)")
     parser.add_argument("--tlp", action=argparse.BooleanOptionalAction, default=None, help="TLP (default: method's)")
     add_model_options(parser)
-    parser.add_argument("--vision-model", default=None, help="second vision model of a method that reads one "
+    parser.add_argument("--vfm", default=None, help="second vision model of a method that reads one "
                         "(proxyclip): dino_b8, dino_b16, dinov2_b14_reg, tiny (default: the method's; tiny with "
                         "--model tiny)")
-    parser.add_argument("--vision-pretrained", default="hub", help="its weights: hub (the Hugging Face cache), "
+    parser.add_argument("--vfm-pretrained", default="hub", help="its weights: hub (the Hugging Face cache), "
                         "a checkpoint file, or none (random)")
     parser.add_argument("--out", default="segmented", help="output folder (default ./segmented)")
     parser.add_argument("--save-probs", action="store_true", help="also write <stem>_probs.npy (float16)")
@@ -166,14 +166,14 @@ def load_model(args):
 
 def _segmentor(args, model, tokenizer, classes, method: str, settings: dict):
     from .segmentor import Segmentor
-    from .vision_models import load_vision_model, vision_model_for
+    from .vfm import load_vfm, vfm_for
     settings = dict(settings)
     pa, tlp = settings.pop("pa", args.pa), settings.pop("tlp", args.tlp)
-    name = vision_model_for(method, args.vision_model, args.model)
-    pretrained = None if args.vision_pretrained == "none" else args.vision_pretrained
-    vision = load_vision_model(name, pretrained, args.device) if name else None
+    name = vfm_for(method, args.vfm, args.model)
+    pretrained = None if args.vfm_pretrained == "none" else args.vfm_pretrained
+    vision = load_vfm(name, pretrained, args.device) if name else None
     return Segmentor(model, classes, method=method, pa=pa, tlp=tlp, tokenizer=tokenizer, device=args.device,
-                     precision=args.precision, vision_model=vision, **settings)
+                     precision=args.precision, vfm=vision, **settings)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,7 @@ from .settings import resolve_settings
 from .stages import stage
 from .text import Vocabulary, load_vocabulary, template_set, text_prototypes
 from .towers import Tower, TowerConfig, Trunk, tower_for
-from .vision_models import VisionFeatures
+from .vfm import VisionFeatures
 
 CPU_BATCH_ATTENTION = 8 * 197 ** 2  # query × key values per head of eight 224² ViT-B/16 windows
 
@@ -51,14 +51,14 @@ class Segmentor:
     """Training-free OVSS with a frozen open_clip model; see docs/api.md and the README.
 
     ``model`` is moved to ``device`` and, if ``precision`` differs from its own, converted, both
-    in place. ``precision`` None keeps the model's own. ``vision_model`` (``pearl.load_vision_model``),
+    in place. ``precision`` None keeps the model's own. ``vfm`` (``pearl.load_vfm``),
     for a method that reads a second vision model, is moved to the device and CLIP tower's dtype in place.
     """
 
     def __init__(self, model, classes: Sequence[str] | str | os.PathLike, method: str = "pearl",
                  pa: bool | None = None, tlp: bool | None = None, tokenizer=None, device: str | torch.device = "cpu",
                  precision: str | None = None, window_batch_size: int | None = None, diagnostics: bool = False,
-                 vision_model: Tower | None = None, **params) -> None:
+                 vfm: Tower | None = None, **params) -> None:
         self.params = resolve_settings(method, pa, tlp, params)
         method_cls = get_method(method)
         # the one conversion from flat names to each stage's typed config
@@ -74,7 +74,7 @@ class Segmentor:
         self.model = prepare_model(model, self.device, precision)
         self.tower = tower_for(self.model.visual, build(TowerConfig, self.params))
         self.method.check_tower(self.tower)
-        self.vision_model = self._vision_model(vision_model, method)
+        self.vfm = self._vfm(vfm, method)
         self.normalisation = self.tower.normalisation  # the tower's own mean/std
         patch = self.tower.patch_size
         if 0 < self.windows.slide_crop < patch:
@@ -98,18 +98,18 @@ class Segmentor:
     def dtype(self) -> torch.dtype:
         return self.prototypes.dtype
 
-    def _vision_model(self, vision_model: Tower | None, method: str) -> Tower | None:
+    def _vfm(self, vfm: Tower | None, method: str) -> Tower | None:
         """The second vision model a method needs, on the segmentor's device in the tower's dtype (the
         released ProxyCLIP runs it in fp16 beside its fp16 CLIP); None for a method without one."""
-        if not self.method.needs_vision_model:
+        if not self.method.needs_vfm:
             return None
-        if vision_model is None:
+        if vfm is None:
             from .protocols import method_facts
-            raise ConfigError(f"method={method} needs a second vision model: Segmentor(..., vision_model="
-                              f"pearl.load_vision_model({method_facts(method).vision_model!r})) "
+            raise ConfigError(f"method={method} needs a second vision model: Segmentor(..., vfm="
+                              f"pearl.load_vfm({method_facts(method).vfm!r})) "
                               f"(docs/architecture.md §2.2)")
-        vision_model.visual.to(self.device, dtype=self.tower.dtype)
-        return vision_model
+        vfm.visual.to(self.device, dtype=self.tower.dtype)
+        return vfm
 
     def preprocess(self, image) -> PreparedImage:
         """The CPU half of :meth:`predict`: RGB conversion, rescale, normalisation (data-loader
@@ -158,7 +158,7 @@ class Segmentor:
     def _fusion_settings(self) -> tuple:
         # a per-window refiner's state follows from its config and the prototypes; a last block that
         # segments the windows itself (ResCLIP) also depends on the logit scale
-        return (self.trunk_key(), type(self.method), self.method.config, self.tower.config, id(self.vision_model),
+        return (self.trunk_key(), type(self.method), self.method.config, self.tower.config, id(self.vfm),
                 self.dtype, self.diagnostics, tuple((refiner.name, refiner.config) for refiner in self.window_refiners),
                 self.decision.config.logit_scale if self.method.needs_feedback else None)
 
@@ -216,7 +216,7 @@ class Segmentor:
         ResCLIP's semantic feedback, a second vision model's features, or nothing."""
         if self.method.needs_feedback:
             return SemanticFeedback(self.prototypes, self.decision.config.logit_scale)
-        return VisionFeatures(self.vision_model, self.normalisation) if self.vision_model is not None else None
+        return VisionFeatures(self.vfm, self.normalisation) if self.vfm is not None else None
 
     def window_logits(self, shared: Trunk, stats: dict | None) -> torch.Tensor:
         """[N, Q, h', w'] cosine logits of this method's last block on a shared trunk."""

@@ -14,7 +14,7 @@ _hook: ContextVar[StageHook | None] = ContextVar("pearl_stage_hook", default=Non
 
 def stage(name: str) -> ContextManager:
     """The context the stage ``name`` runs in: the hook's, or none. The stages: "backbone" (blocks
-    and the last block), "pa" and "vision_model" (a second vision model's features; both inside it),
+    and the last block), "pa" and "vfm" (a second vision model's features; both inside it),
     "fusion", "tlp" (the refinement: TLP, PAMR), "decision"."""
     hook = _hook.get()
     return nullcontext() if hook is None else hook(name)

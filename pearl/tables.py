@@ -53,7 +53,7 @@ class Row:
     profile: str = "own"
     pacc_row: str | None = None  # the row of the paper's pAcc table (Table 2) beside this one
     model: str | None = None     # a fixed model label (Table 6); None = the table's model
-    vision_model: str | None = None  # the second vision model its records ran with (ProxyCLIP); None = any
+    vfm: str | None = None  # the second vision model its records ran with (ProxyCLIP); None = any
 
 
 @dataclass(frozen=True)
@@ -92,8 +92,8 @@ MAIN = [Row("CLIP", "vanilla", False, False, "table1", "CLIP"),
                                                                          ("ClearCLIP", "clearclip"))],
         # PEARL's Table 1 ran ProxyCLIP with DINOv2 ViT-B/14 with registers; its code defaults to DINO ViT-B/8
         Row("ProxyCLIP (DINOv2 B/14 reg.)", "proxyclip", False, False, "table1", "ProxyCLIP",
-            vision_model="dinov2_b14_reg"),
-        Row("ProxyCLIP (DINO B/8, its code's default)", "proxyclip", False, False, None, None, vision_model="dino_b8"),
+            vfm="dinov2_b14_reg"),
+        Row("ProxyCLIP (DINO B/8, its code's default)", "proxyclip", False, False, None, None, vfm="dino_b8"),
         Row("PEARL", "pearl", True, True, "table1", "PEARL (Ours)", pacc_row="PEARL (Ours)")]
 ABLATION = [Row("Vanilla CLIP (full block)", "vanilla", False, False, "table3", "Vanilla CLIP (no PA, no TLP)"),
             Row("PA only", "pearl", True, False, "table3", "PA only"),
@@ -189,13 +189,13 @@ def candidates(records: list[RunRecord], row: Row, dataset: str, selection: Sele
     return [r for r in records
             if r.dataset == dataset and r.method == row.method and r.pa == row.pa and r.tlp == row.tlp
             and r.profile == row.profile and r.model_label == model and selection.admits(r)
-            and row.vision_model in (None, vision_model_name(r))
+            and row.vfm in (None, vfm_name(r))
             and comparable(r.params) == wanted]
 
 
-def vision_model_name(record: RunRecord) -> str | None:
-    """The second vision model a record ran with (its model identity's ``vision_model``, ``NAME:…``)."""
-    label = record.model.get("vision_model")
+def vfm_name(record: RunRecord) -> str | None:
+    """The second vision model a record ran with (its model identity's ``vfm``, ``NAME:…``)."""
+    label = record.model.get("vfm")
     return label.split(":")[0] if label else None  # the costly comparison last, on the few that got this far
 
 

@@ -8,7 +8,7 @@ from pearl.attention import attention_maps, main, patch_of_point
 from pearl.methods import available_methods
 from pearl.methods.base import ATTENTION
 from pearl.preprocess import normalise
-from pearl.vision_models import VisionFeatures, load_vision_model
+from pearl.vfm import VisionFeatures, load_vfm
 
 from .conftest import build_method
 from .reference import blocks as ref
@@ -27,8 +27,8 @@ def test_every_method_hands_back_the_weights_it_multiplies_the_values_with(name,
     blocks = tiny_model.visual.transformer.resblocks
     asked = {ATTENTION: None}
     vision = None  # ProxyCLIP: the tiny vision model's features of the window (8-pixel patches: a 12×16 grid)
-    if method.needs_vision_model:
-        vision = VisionFeatures(load_vision_model("tiny"), tiny_tower.normalisation).on(trunk_out.images)
+    if method.needs_vfm:
+        vision = VisionFeatures(load_vfm("tiny"), tiny_tower.normalisation).on(trunk_out.images)
     with torch.no_grad():
         out = method.last_block(tiny_tower, trunk_out.x, trunk_out.hidden, trunk_out.grid, asked, vision)
         plain = method.last_block(tiny_tower, trunk_out.x, trunk_out.hidden, trunk_out.grid, None, vision)
@@ -135,3 +135,9 @@ def test_cli_missing_or_broken_image_and_bad_precision(tmp_path, photos, capsys)
     Image.fromarray(photos["chelsea"]).save(image)
     assert main([str(image), "--patch", "1,1", "--model", "tiny", "--precision", "fp8"]) == 2
     assert "precision 'fp8' is not one of fp32, fp16, bf16" in capsys.readouterr().err
+
+
+def test_the_tool_refuses_a_method_whose_attention_runs_over_a_second_vfm(tiny_model, photos):
+    from pearl.errors import UserError
+    with pytest.raises(UserError, match="method=proxyclip attends over a second vision model's patches"):
+        attention_maps(tiny_model, photos["chelsea"], "proxyclip", short_side=64)

@@ -42,7 +42,7 @@ def test_marginal_cost_of_pa_and_tlp_is_against_the_same_method_with_both_off():
 def test_speedup_ceiling_puts_the_backbone_at_the_matrix_product_peak():
     from pearl.bench import speedup_ceiling
     row = {"reference_images_per_s": 2.0, "backbone_gflop": 60.0, "ms_fusion": 5.0, "ms_tlp": 40.0,
-           "ms_decision": 35.0, "ms_backbone": 300.0, "ms_pa": 25.0, "ms_vision_model": 0.0}
+           "ms_decision": 35.0, "ms_backbone": 300.0, "ms_pa": 25.0, "ms_vfm": 0.0}
     # loop 500 ms per image; best case 60 GFLOP at 0.3 TFLOP/s = 200 ms + 80 ms of other stages
     assert speedup_ceiling(row, 0.3e12) == pytest.approx(500 / 280)
     # a peak timed below what the backbone reached (60 GFLOP in 325 ms): the backbone's own time

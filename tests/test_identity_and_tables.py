@@ -600,24 +600,25 @@ def test_tables_of_partial_runs_only_say_why_they_are_empty(synthetic, tmp_path)
     assert "1 were made by older code: --include-stale" in why_cells_are_empty([stale], [TINY], False, False)
 
 
-def test_a_proxyclip_row_takes_only_the_records_of_its_vision_model(synthetic, tmp_path):
+def test_a_proxyclip_row_takes_only_the_records_of_its_vfm(synthetic, tmp_path, capsys):
     """PEARL's Table 1 ran ProxyCLIP with DINOv2 B/14 (registers), its code defaults to DINO B/8: each
     row is filled only by records whose model identity names its vision model."""
     from pearl.tables import MAIN, Selection, candidates
     record = runner.run(compose(_job(synthetic, tmp_path / "res", "method=proxyclip")))
-    assert record.model["vision_model"] == "tiny:random"  # beside the tiny CLIP: the tiny vision model
+    assert record.model["vfm"] == "tiny:random"  # beside the tiny CLIP: the tiny vision model
 
     def ran_with(label: str) -> RunRecord:
-        return RunRecord.from_dict({**record.to_dict(), "model": {**record.model, "vision_model": label}})
+        return RunRecord.from_dict({**record.to_dict(), "model": {**record.model, "vfm": label}})
     dinov2, dino = ran_with("dinov2_b14_reg:hub"), ran_with("dino_b8:dino_vitbase8_pretrain.pth@0123456789abcdef")
-    rows = {row.vision_model: row for row in MAIN if row.method == "proxyclip"}
+    rows = {row.vfm: row for row in MAIN if row.method == "proxyclip"}
     assert rows["dinov2_b14_reg"].paper_row == "ProxyCLIP" and rows["dino_b8"].paper_row is None
     selection = Selection(model=TINY, include_partial=True)
     assert candidates([record, dinov2, dino], rows["dinov2_b14_reg"], "voc21", selection) == [dinov2]
     assert candidates([record, dinov2, dino], rows["dino_b8"], "voc21", selection) == [dino]
-    again = runner.run_job(compose(_job(synthetic, tmp_path / "res", "method=proxyclip", "vision_model=dino_b16",
-                                        "vision_model.pretrained=null", "dry_run=true")))
+    again = runner.run_job(compose(_job(synthetic, tmp_path / "res", "method=proxyclip", "vfm=dino_b16",
+                                        "vfm.pretrained=null", "dry_run=true")))
     assert again[0] == "dry_run"  # another vision model: another job, not this record
-    planned = plan_module.plan(compose(_job(synthetic, tmp_path / "res", "method=proxyclip", "vision_model=dino_b16",
-                                            "vision_model.pretrained=null")))
-    assert planned.model["vision_model"] == "dino_b16:random" and planned.run_hash != record.config_hash
+    assert "vfm dino_b16:random (weights random)" in capsys.readouterr().out
+    planned = plan_module.plan(compose(_job(synthetic, tmp_path / "res", "method=proxyclip", "vfm=dino_b16",
+                                            "vfm.pretrained=null")))
+    assert planned.model["vfm"] == "dino_b16:random" and planned.run_hash != record.config_hash

@@ -33,7 +33,7 @@ def test_segmentor_agrees_with_upstream_flow(tiny_model, tokenizer, photos, meth
 def _agrees(tiny_model, tokenizer, photos, method, pa, tlp_on, params, names=("chelsea", "coffee"), vision=None):
     """``vision``: (vision model, the keyword arguments of the flow's vision features) for ProxyCLIP."""
     seg = pearl.Segmentor(tiny_model, CLASSES, method=method, pa=pa, tlp=tlp_on, tokenizer=tokenizer,
-                          vision_model=vision[0] if vision else None, **params)
+                          vfm=vision[0] if vision else None, **params)
     images = [photos[name] for name in names]
     with torch.no_grad():
         batch = seg.predict_batch(images)
@@ -94,8 +94,8 @@ def test_proxyclip_agrees_with_upstream_flow(tiny_model, tokenizer, photos, crop
     """ProxyCLIP with the tiny vision model (DINO's architecture, patch 8): 64- and 72-pixel crops are
     padded to 112 (a multiple of 56), 112-pixel crops are not; its features come at the vision
     model's 14×14 grid, twice CLIP's."""
-    from pearl.vision_models import load_vision_model
-    vision = load_vision_model("tiny")
+    from pearl.vfm import load_vfm
+    vision = load_vfm("tiny")
     params = dict(resize_short=112 if crop == 112 else 100, slide_crop=crop, slide_stride=48, logit_scale=40,
                   prob_thd=0.1, proxyclip_beta=1.2, proxyclip_gamma=3.0)
     flow_vision = dict(vision_sd=vision.visual.state_dict(), patch=8, heads=2, depth=4, beta=1.2, gamma=3.0)

@@ -18,7 +18,7 @@ from pearl.methods import available_methods, get_method
 from pearl.refine import available_refiners
 from pearl.tiny import tiny_config
 from pearl.towers import available_towers, tower_for
-from pearl.vision_models import load_vision_model
+from pearl.vfm import load_vfm
 
 from .conftest import compose
 
@@ -35,7 +35,7 @@ def _example(family: str):
 
 def _vision(method: str) -> dict:
     """The second vision model a method needs (the seeded random tiny one), as a Segmentor argument."""
-    return {"vision_model": load_vision_model("tiny")} if get_method(method).needs_vision_model else {}
+    return {"vfm": load_vfm("tiny")} if get_method(method).needs_vfm else {}
 
 
 def _segmentor(model, tokenizer, method: str, **params) -> pearl.Segmentor:

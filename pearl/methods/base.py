@@ -75,8 +75,8 @@ class Method(abc.ABC):
     has_query_key_term: ClassVar[bool]
     needs_hidden_states: ClassVar[bool] = False  # a property where the method's config decides (GEM)
     needs_feedback: ClassVar[bool] = False       # likewise (ResCLIP's first pass)
-    # A second vision model's features of the windows come as ``feedback`` (ProxyCLIP; pearl.vision_models)
-    needs_vision_model: ClassVar[bool] = False
+    # A second vision model's features of the windows come as ``feedback`` (ProxyCLIP; pearl.vfm)
+    needs_vfm: ClassVar[bool] = False
     # Whole-image mode: upsample patch logits to the input size, then to the original size
     # (NACLIP/PEARL); otherwise straight to the original size (SCLIP/SFP/ClearCLIP). docs/protocol.md §6.5
     whole_upsample_via_input: ClassVar[bool] = False

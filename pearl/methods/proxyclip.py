@@ -52,7 +52,7 @@ class ProxyCLIP(Method):
     name = "proxyclip"
     Config = ProxyCLIPConfig
     config_prefix = "proxyclip_"
-    needs_vision_model = True
+    needs_vfm = True
     pad_crops_to = 56  # proxyclip_segmentor.py forward_slide: compute_padsize(H, W, 56)
 
     def output_grid(self, grid: tuple[int, int], context) -> tuple[int, int]:

@@ -188,7 +188,7 @@ class Tower(abc.ABC):
 
     def normed_tokens(self, images: torch.Tensor, positions: str = POSITIONS[0]) -> torch.Tensor:
         """[B, h', w', C]: the patch tokens of the tower's own forward through its final norm, the
-        prefix tokens dropped (what a second vision model gives: ``pearl.vision_models``)."""
+        prefix tokens dropped (what a second vision model gives: ``pearl.vfm``)."""
         shared = self.trunk(images, positions=positions)
         x = self.final_norm(self.block(-1, shared.grid)(shared.x))[:, self.prefix_tokens:]
         return x.reshape(x.shape[0], *shared.grid, -1)

@@ -2,7 +2,7 @@
 rotary q/k on the patch tokens, EVA02's sub-LayerNorm before the output projection and SwiGLU MLP,
 PE-Core's pre-transformer norm and attention-pool head) and SigLIP / SigLIP2 (timm
 ``VisionTransformer`` without a CLS token, an attention-pool head); and the same timm models bare,
-as a second vision model (DINO, DINOv2 with registers: ``pearl.vision_models``).
+as a second vision model (DINO, DINOv2 with registers: ``pearl.vfm``).
 
 As for open_clip's own ViT we call the model's modules (``patch_embed.proj``, ``pos_embed``, ``rope``,
 ``blocks``, ``norm``, ``attn_pool``, ``head``) and write only what a method recombines: a block's

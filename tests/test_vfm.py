@@ -1,4 +1,4 @@
-"""The second vision model (pearl.vision_models): DINO and DINOv2 through timm against transcriptions
+"""The second vision model (pearl.vfm): DINO and DINOv2 through timm against transcriptions
 of their released forwards, the renormalisation from CLIP's statistics, loading and its errors."""
 import pytest
 import timm
@@ -7,7 +7,7 @@ import torch
 from pearl.errors import ConfigError, MissingFileError, WeightsError
 from pearl.preprocess import OPENAI_NORMALISATION, Normalisation
 from pearl.towers import tower_for
-from pearl.vision_models import dense_features, load_vision_model, renormalise
+from pearl.vfm import dense_features, load_vfm, renormalise
 
 from .reference import dino as ref
 
@@ -53,7 +53,7 @@ def test_dino_features_are_the_released_forward(size):
 def test_dinov2_with_registers_in_the_released_layout_is_what_timm_computes(tmp_path):
     """DINOv2 with registers: the released checkpoint holds the CLS token and its position apart and
     the registers without positions; timm folds the CLS position into the token. A released-layout
-    file loaded by load_vision_model (timm converts it) computes the released forward."""
+    file loaded by load_vfm (timm converts it) computes the released forward."""
     model = _random_model("vit_base_patch14_reg4_dinov2.lvd142m", img_size=56)
     timm_sd = model.state_dict()
     cls_position = torch.randn(1, 1, 64)
@@ -75,14 +75,14 @@ def test_dinov2_with_registers_in_the_released_layout_is_what_timm_computes(tmp_
                 "pos_embed": torch.cat([torch.full((1, 1, 768), 0.5), base_sd["pos_embed"]], dim=1),
                 "mask_token": torch.zeros(1, 768)}
     torch.save(file_sd, tmp_path / "dinov2_vitb14_reg4_pretrain.pth")
-    loaded = load_vision_model("dinov2_b14_reg", str(tmp_path / "dinov2_vitb14_reg4_pretrain.pth")).trunk_module
+    loaded = load_vfm("dinov2_b14_reg", str(tmp_path / "dinov2_vitb14_reg4_pretrain.pth")).trunk_module
     assert torch.allclose(loaded.cls_token, base_sd["cls_token"], atol=1e-6) and torch.equal(loaded.reg_token,
                                                                                   base_sd["reg_token"] + 1.0)
     assert torch.equal(loaded.blocks[5].attn.qkv.weight, base_sd["blocks.5.attn.qkv.weight"])
 
 
 def test_dense_features_read_clip_normalised_windows():
-    vision = load_vision_model("tiny")
+    vision = load_vfm("tiny")
     assert torch.allclose(torch.tensor(vision.normalisation), torch.tensor(IMAGENET)) and vision.patch_size == 8
     windows = torch.randn(2, 3, 48, 64)
     with torch.no_grad():
@@ -94,31 +94,31 @@ def test_dense_features_read_clip_normalised_windows():
 
 def test_loading_errors_are_one_line_and_name_what_to_do(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="vision model 'dino_b9' is not one of dino_b8, .*did you mean 'dino_b8'"):
-        load_vision_model("dino_b9")
+        load_vfm("dino_b9")
     with pytest.raises(MissingFileError, match="vision-model checkpoint '/no/such.pth' does not exist"):
-        load_vision_model("dino_b8", "/no/such.pth")
+        load_vfm("dino_b8", "/no/such.pth")
     torch.save({"blocks.0.attn.qkv.weight": torch.zeros(3, 3)}, tmp_path / "other.pth")
     with pytest.raises(WeightsError, match=r"vision-model checkpoint .*other.pth does not fit dino_b8"):
-        load_vision_model("dino_b8", str(tmp_path / "other.pth"))
+        load_vfm("dino_b8", str(tmp_path / "other.pth"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine without network
     with pytest.raises(WeightsError, match=r"vision-model weights timm/vit_base_patch8_224.dino are not in the "
                                            r"cache folder .*empty.* and the Hub cannot be reached"):
-        load_vision_model("dino_b8", "hub", cache_dir=str(tmp_path / "empty"))
+        load_vfm("dino_b8", "hub", cache_dir=str(tmp_path / "empty"))
 
 
-def test_jobs_on_one_trunk_compute_the_vision_model_once(tiny_model, tokenizer, photos, monkeypatch):
+def test_jobs_on_one_trunk_compute_the_vfm_once(tiny_model, tokenizer, photos, monkeypatch):
     """Two ProxyCLIP jobs that differ in β share the trunk and the vision model's features of each
     window batch, and get what each gets alone."""
     import pearl
-    from pearl import vision_models
+    from pearl import vfm as vfm_module
     from pearl.joint import predict_jointly
-    vision = load_vision_model("tiny")
+    vision = load_vfm("tiny")
     segs = [pearl.Segmentor(tiny_model, ["sky, wall", "cat", "cup"], method="proxyclip", tokenizer=tokenizer,
-                            vision_model=vision, proxyclip_beta=beta, resize_short=100, slide_crop=64,
+                            vfm=vision, proxyclip_beta=beta, resize_short=100, slide_crop=64,
                             slide_stride=48) for beta in (1.2, 0.9)]
     calls = []
-    compute = vision_models.dense_features
-    monkeypatch.setattr(vision_models, "dense_features", lambda *args: calls.append(1) or compute(*args))
+    compute = vfm_module.dense_features
+    monkeypatch.setattr(vfm_module, "dense_features", lambda *args: calls.append(1) or compute(*args))
     together = list(predict_jointly(segs, [photos["coffee"]]))[0]
     shared = len(calls)
     alone = [seg.predict(photos["coffee"]) for seg in segs]

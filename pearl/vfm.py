@@ -21,16 +21,16 @@ from .preprocess import Normalisation
 from .towers import Tower, tower_for
 
 
-class VisionModelSpec(NamedTuple):
+class VFMSpec(NamedTuple):
     architecture: str  # timm architecture
     tag: str           # timm pretrained tag: Hub repository timm/<architecture>.<tag>
     released: str      # what the released OVSS codes load instead
 
 
-VISION_MODELS = {
-    "dino_b8": VisionModelSpec("vit_base_patch8_224", "dino", "torch.hub facebookresearch/dino dino_vitb8"),
-    "dino_b16": VisionModelSpec("vit_base_patch16_224", "dino", "torch.hub facebookresearch/dino dino_vitb16"),
-    "dinov2_b14_reg": VisionModelSpec("vit_base_patch14_reg4_dinov2", "lvd142m",
+VFMS = {
+    "dino_b8": VFMSpec("vit_base_patch8_224", "dino", "torch.hub facebookresearch/dino dino_vitb8"),
+    "dino_b16": VFMSpec("vit_base_patch16_224", "dino", "torch.hub facebookresearch/dino dino_vitb16"),
+    "dinov2_b14_reg": VFMSpec("vit_base_patch14_reg4_dinov2", "lvd142m",
                                       "torch.hub facebookresearch/dinov2 dinov2_vitb14_reg"),
 }
 # A random DINO-architecture model for offline runs and the tests: patch 8, width 64 in 2 heads,
@@ -39,13 +39,13 @@ TINY = "tiny"
 _TINY_ARCHITECTURE = ("vit_base_patch8_224.dino", {"embed_dim": 64, "num_heads": 2, "depth": 4, "img_size": 64})
 
 
-def available_vision_models() -> list[str]:
-    return [*VISION_MODELS, TINY]
+def available_vfms() -> list[str]:
+    return [*VFMS, TINY]
 
 
-def load_vision_model(name: str, pretrained: str | None = "hub", device: str | torch.device = "cpu",
-                      cache_dir: str | None = None, seed: int = 0) -> Tower:
-    """The vision model ``name`` (``available_vision_models``) as a tower, in eval mode on ``device``.
+def load_vfm(name: str, pretrained: str | None = "hub", device: str | torch.device = "cpu",
+             cache_dir: str | None = None, seed: int = 0) -> Tower:
+    """The vision model ``name`` (``available_vfms``) as a tower, in eval mode on ``device``.
 
     ``pretrained``: "hub" (timm's weights from the Hugging Face cache, downloaded where the Hub can be
     reached), a local checkpoint file (timm's or the released layout), or None (random weights).
@@ -55,11 +55,11 @@ def load_vision_model(name: str, pretrained: str | None = "hub", device: str | t
         architecture, kwargs = _TINY_ARCHITECTURE
         torch.manual_seed(seed)
         return tower_for(timm.create_model(architecture, pretrained=False, num_classes=0, **kwargs).eval().to(device))
-    if name not in VISION_MODELS:
+    if name not in VFMS:
         from .params import did_you_mean
-        raise ConfigError(f"vision model {name!r} is not one of {', '.join(available_vision_models())}; "
-                          f"{did_you_mean(name, available_vision_models())}".rstrip("; "))
-    spec = VISION_MODELS[name]
+        raise ConfigError(f"vision model {name!r} is not one of {', '.join(available_vfms())}; "
+                          f"{did_you_mean(name, available_vfms())}".rstrip("; "))
+    spec = VFMS[name]
     full_name = f"{spec.architecture}.{spec.tag}"
     if pretrained is None:
         model = timm.create_model(full_name, pretrained=False, num_classes=0)
@@ -79,21 +79,37 @@ def load_vision_model(name: str, pretrained: str | None = "hub", device: str | t
     return tower_for(model.eval().to(device))
 
 
+def _cached(full_name: str, cache_dir: str | None) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    from .loading import hf_cache_dir
+    return any(isinstance(try_to_load_from_cache(f"timm/{full_name}", file, cache_dir=cache_dir or hf_cache_dir()), str)
+               for file in ("model.safetensors", "pytorch_model.bin"))
+
+
+def vfm_weights_state(name: str, pretrained: str | None, cache_dir: str | None = None) -> str:
+    """Where a VFM's weights would come from, without loading them (a dry run): "random", "file",
+    "cached" or "not cached" (downloaded when the job runs; offline it fails)."""
+    if name == TINY or pretrained is None:
+        return "random"
+    if pretrained != "hub":
+        return "file" if os.path.isfile(pretrained) else "missing file"
+    spec = VFMS[name]
+    return "cached" if _cached(f"{spec.architecture}.{spec.tag}", cache_dir) else "not cached"
+
+
 def _require_cached_or_reachable(full_name: str, cache_dir: str | None) -> None:
     """One line naming the Hub repository and the cache folder when the weights are neither cached
     nor downloadable (as for CLIP weights, ``pearl.loading``)."""
-    from huggingface_hub import try_to_load_from_cache
-
     from .loading import hf_cache_dir, hub_reachable
     repo, folder = f"timm/{full_name}", cache_dir or hf_cache_dir()
-    if any(isinstance(try_to_load_from_cache(repo, file, cache_dir=folder), str)
-           for file in ("model.safetensors", "pytorch_model.bin")):
+    if _cached(full_name, cache_dir):
         return
     if not hub_reachable():
         raise WeightsError(f"vision-model weights {repo} are not in the cache folder {folder} and the Hub cannot be "
                            f"reached. On a connected machine run `python -c \"import timm; timm.create_model("
                            f"'{full_name}', pretrained=True)\"` and copy the folder across (HF_HUB_CACHE points to "
-                           f"it), or give the released checkpoint file (vision_model.pretrained=/path/to/file)")
+                           f"it), or give the released checkpoint file (vfm.pretrained=/path/to/file)")
 
 
 def renormalise(windows: torch.Tensor, source: Normalisation, target: Normalisation) -> torch.Tensor:
@@ -107,16 +123,16 @@ def renormalise(windows: torch.Tensor, source: Normalisation, target: Normalisat
     return (pixels - column(target.mean)) / column(target.std)
 
 
-def dense_features(vision_model: Tower, windows: torch.Tensor, clip_normalisation: Normalisation) -> torch.Tensor:
+def dense_features(vfm: Tower, windows: torch.Tensor, clip_normalisation: Normalisation) -> torch.Tensor:
     """[B, h'', w'', C]: the vision model's last-block patch tokens through its final norm (DINO's
     ``get_intermediate_layers(x)[0]``, DINOv2's with registers dropped) for CLIP-normalised windows
     [B, 3, H, W], its positions resampled by the "+0.1" scale factor as the hub models resample them."""
-    images = renormalise(windows, clip_normalisation, vision_model.normalisation).to(vision_model.dtype)
-    return vision_model.normed_tokens(images)
+    images = renormalise(windows, clip_normalisation, vfm.normalisation).to(vfm.dtype)
+    return vfm.normed_tokens(images)
 
 
 class VisionFeatures(NamedTuple):
-    """What a method that needs a second vision model receives (``Method.needs_vision_model``): the
+    """What a method that needs a second vision model receives (``Method.needs_vfm``): the
     model and CLIP's input statistics; ``Tower.head`` binds it to the trunk's windows."""
 
     model: Tower
@@ -138,7 +154,7 @@ _last_bound: dict[str, WindowFeatures] = {}  # holds one window batch and its fe
 
 class WindowFeatures:
     """The vision model's dense features of a batch of windows, computed on first use (the stage
-    ``vision_model``, timed apart from CLIP's backbone)."""
+    ``vfm``, timed apart from CLIP's backbone)."""
 
     def __init__(self, source: VisionFeatures, windows: torch.Tensor) -> None:
         self.source, self.windows = source, windows
@@ -148,7 +164,7 @@ class WindowFeatures:
         """[B, h'', w'', C] (``dense_features``)."""
         if self._features is None:
             from .stages import stage
-            with stage("vision_model"):
+            with stage("vfm"):
                 self._features = dense_features(self.source.model, self.windows, self.source.clip_normalisation)
         return self._features
 
@@ -157,12 +173,12 @@ class WindowFeatures:
         return tuple(self.features().shape[1:3])
 
 
-def vision_model_for(method: str, requested: str | None, clip_model: str) -> str | None:
+def vfm_for(method: str, requested: str | None, clip_model: str) -> str | None:
     """The vision model a run of ``method`` loads: none for a method that reads none (a request is
     then ignored, so that one sweep can mix methods), ``requested`` when given, ``tiny`` beside the
     tiny CLIP (a smoke run stays offline), else the method's own (its protocol file's fact)."""
     from .protocols import method_facts
-    own = method_facts(method).vision_model
+    own = method_facts(method).vfm
     if own is None:
         return None
     return requested or (TINY if clip_model == "tiny" else own)
