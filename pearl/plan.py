@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import validate_config
 from .data import build_dataset
-from .errors import ConfigError, UserError
+from .errors import ConfigError, MissingFileError, UserError
 from .loading import load_clip, prepare_model, resolve_device, tiny_clip
 from .methods import get_method
 from .params import PARAMS
@@ -173,6 +173,9 @@ def vfm_spec(cfg: DictConfig) -> dict | None:
     if name is None:
         return None
     pretrained = None if name == TINY else cfg.vfm.pretrained
+    if pretrained not in (None, "hub") and not os.path.isfile(pretrained):
+        raise MissingFileError(f"vfm.pretrained={pretrained!r} does not exist; give an existing checkpoint file, "
+                               f"hub (the Hugging Face cache) or null (random weights)")
     return {"name": name, "pretrained": pretrained, "cache_dir": cfg.vfm.cache_dir}
 
 

@@ -13,6 +13,7 @@ from pearl import cli, records, runner
 from pearl import evaluate as evaluate_module
 from pearl import plan as plan_module
 from pearl.benchmarks import BENCHMARKS
+from pearl.errors import MissingFileError
 from pearl.records import RecordError, RunRecord, code_version, load_records, record_path
 from pearl.tables import write_tables
 
@@ -622,3 +623,6 @@ def test_a_proxyclip_row_takes_only_the_records_of_its_vfm(synthetic, tmp_path, 
     planned = plan_module.plan(compose(_job(synthetic, tmp_path / "res", "method=proxyclip", "vfm=dino_b16",
                                             "vfm.pretrained=null")))
     assert planned.model["vfm"] == "dino_b16:random" and planned.run_hash != record.config_hash
+    with pytest.raises(MissingFileError, match="vfm.pretrained='/no/dino.pth' does not exist"):  # before any model
+        plan_module.plan(compose(_job(synthetic, tmp_path / "res", "method=proxyclip", "vfm=dino_b8",
+                                      "vfm.pretrained=/no/dino.pth")))
