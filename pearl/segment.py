@@ -79,8 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tlp", action=argparse.BooleanOptionalAction, default=None, help="TLP (default: method's)")
     add_model_options(parser)
     parser.add_argument("--vfm", default=None, help="second vision model of a method that reads one "
-                        "(proxyclip): dino_b8, dino_b16, dinov2_b14_reg, tiny (default: the method's; tiny with "
-                        "--model tiny)")
+                        "(proxyclip): dino_b8, dino_b16, dinov2_b14_reg, dinov3_b16, tiny (default: the method's; "
+                        "tiny with --model tiny)")
     parser.add_argument("--vfm-pretrained", default="hub", help="its weights: hub (the Hugging Face cache), "
                         "a checkpoint file, or none (random)")
     parser.add_argument("--out", default="segmented", help="output folder (default ./segmented)")

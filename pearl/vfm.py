@@ -1,4 +1,4 @@
-"""A second vision model beside CLIP: self-supervised ViTs (DINO, DINOv2 with registers)
+"""A second vision model beside CLIP: self-supervised ViTs (DINO, DINOv2 with registers, DINOv3)
 whose patch affinities ProxyCLIP, CASS and LPOSS borrow (docs/architecture.md §2.2).
 
 The released codes load them with ``torch.hub`` from GitHub at run time; we load the same tensors
@@ -31,7 +31,9 @@ VFMS = {
     "dino_b8": VFMSpec("vit_base_patch8_224", "dino", "torch.hub facebookresearch/dino dino_vitb8"),
     "dino_b16": VFMSpec("vit_base_patch16_224", "dino", "torch.hub facebookresearch/dino dino_vitb16"),
     "dinov2_b14_reg": VFMSpec("vit_base_patch14_reg4_dinov2", "lvd142m",
-                                      "torch.hub facebookresearch/dinov2 dinov2_vitb14_reg"),
+                              "torch.hub facebookresearch/dinov2 dinov2_vitb14_reg"),
+    "dinov3_b16": VFMSpec("vit_base_patch16_dinov3", "lvd1689m",
+                          "torch.hub facebookresearch/dinov3 dinov3_vitb16 with a local weights file"),
 }
 # A random DINO-architecture model for offline runs and the tests: patch 8, width 64 in 2 heads,
 # 4 blocks, ImageNet statistics. Its features are a smoke input, never a result.

@@ -126,3 +126,19 @@ def test_jobs_on_one_trunk_compute_the_vfm_once(tiny_model, tokenizer, photos, m
     for one, joint in zip(alone, together):
         assert torch.equal(one.labels, joint.labels) and torch.allclose(one.probs, joint.probs, atol=1e-6)
     assert not torch.equal(alone[0].probs, alone[1].probs)
+
+
+def test_dinov3_features_are_timms_own_forward_at_any_grid():
+    """DINOv3 (rotary positions built for each grid, no absolute table, CLS and 4 registers): its timm
+    port's own forward, which builds the rotary table for any input size (the released code is not
+    transcribed here)."""
+    model = _random_model("vit_base_patch16_dinov3.lvd1689m")
+    tower = tower_for(model)
+    assert tower.prefix_tokens == 5 and tower.patch_size == 16
+    for size in ((224, 224), (96, 160), (80, 48)):
+        images = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            ours = tower.normed_tokens(images)
+            theirs = model.forward_features(images)[:, 5:]
+        assert ours.shape == (2, size[0] // 16, size[1] // 16, 64)
+        assert (ours.reshape(2, -1, 64) - theirs).abs().max() < 1e-5

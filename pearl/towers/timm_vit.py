@@ -51,9 +51,10 @@ def unsupported_part(visual) -> str | None:
     from timm.layers import PatchEmbed
     if type(trunk.patch_embed) is not PatchEmbed or trunk.patch_embed.dynamic_img_pad:
         return f"patch embedding {type(trunk.patch_embed).__name__} (a convolutional stem or padding)"
-    from timm.layers import RotaryEmbeddingCat
+    from timm.layers import RotaryEmbeddingCat, RotaryEmbeddingDinoV3
     rope = getattr(trunk, "rope", None)
-    if getattr(trunk, "rope_mixed", False) or (rope is not None and type(rope) is not RotaryEmbeddingCat):
+    if getattr(trunk, "rope_mixed", False) or (rope is not None
+                                                and type(rope) not in (RotaryEmbeddingCat, RotaryEmbeddingDinoV3)):
         return f"rotary embedding {type(rope).__name__}{' (depth-dependent)' if trunk.rope_mixed else ''}"
     if trunk is not visual and any(name in ("pool", "mlp") for name, _ in visual.head.named_children()):
         return "open_clip's own pooling or MLP head"
@@ -222,17 +223,21 @@ class TimmViT(Tower):
 
     def rope(self, grid: tuple[int, int]) -> torch.Tensor | None:
         """The rotary embedding [h'w', 2·d] of a grid, or None for a tower without one; computed once
-        per grid. A tower built for a fixed size caches its native grid's table and ``get_embed``
-        ignores any other shape, so another grid's table is built from the frequency bands as timm's
-        dynamic-size forward builds it (``get_embed(shape=…)`` there)."""
+        per grid. ``get_embed(shape=…)`` builds it for any grid (DINOv3's, and a dynamic-size tower's),
+        except where a tower built for a fixed size caches its native grid's table: there another
+        grid's table is built from the frequency bands as timm's dynamic-size forward builds it."""
         rope = getattr(self.trunk_module, "rope", None)
         if rope is None:
             return None
         key = (grid, self.device)
         if key not in self._ropes:
             native = tuple(_pair(self.trunk_module.patch_embed.grid_size))
-            self._ropes[key] = (rope.get_embed() if tuple(grid) == native and rope.pos_embed is not None
-                                else rope._build_embed_cat(list(grid), rope.bands))
+            if not getattr(rope, "_use_cached_embed", False):
+                self._ropes[key] = rope.get_embed(shape=list(grid))
+            elif tuple(grid) == native:
+                self._ropes[key] = rope.get_embed()
+            else:
+                self._ropes[key] = rope._build_embed_cat(list(grid), rope.bands)
         return self._ropes[key]
 
     def block(self, index: int, grid: tuple[int, int]) -> TimmBlock:
