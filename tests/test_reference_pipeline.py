@@ -88,12 +88,12 @@ def test_resclip_agrees_with_upstream_flow(tiny_model, tokenizer, photos, method
     _agrees(tiny_model, tokenizer, photos, method, False, False, params, names=("coffee",))
 
 
-@pytest.mark.parametrize("crop", [64, 72, 112])
+@pytest.mark.parametrize("crop", [64, 72, 112, 0])
 @pytest.mark.parametrize("tlp_on", [False, True])
 def test_proxyclip_agrees_with_upstream_flow(tiny_model, tokenizer, photos, crop, tlp_on):
     """ProxyCLIP with the tiny vision model (DINO's architecture, patch 8): 64- and 72-pixel crops are
     padded to 112 (a multiple of 56), 112-pixel crops are not; its features come at the vision
-    model's 14×14 grid, twice CLIP's."""
+    model's 14×14 grid, twice CLIP's. Whole image (crop 0): never padded, straight to the original size."""
     from pearl.vfm import load_vfm
     vision = load_vfm("tiny")
     params = dict(resize_short=112 if crop == 112 else 100, slide_crop=crop, slide_stride=48, logit_scale=40,

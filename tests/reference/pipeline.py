@@ -143,7 +143,7 @@ def segment(model, protos, query_idx, rgb, method, pa, tlp_on, params, affinity,
                 count[:, :, y1:y2, x1:x2] += 1
         logits = F.interpolate(preds / count, size=(h0, w0), mode="bilinear", align_corners=False)
     else:
-        logit = forward_feature(model, inputs, method, pa, arch, protos, resclip)
+        logit = forward_feature(model, inputs, method, pa, arch, protos, resclip, vision)
         if method in ("naclip", "pearl", "vanilla") or (tlp_on and per_window):
             logit = F.interpolate(logit, size=inputs.shape[-2:], mode="bilinear", align_corners=False)
             if tlp_on and per_window:
