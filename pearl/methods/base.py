@@ -55,12 +55,14 @@ class Method(abc.ABC):
     tower's prefix tokens first), the outputs of blocks 1..L−1 when
     ``needs_hidden_states`` (else an empty list), the grid (h', w') and a dict to put diagnostics
     in, or None when none were asked for (then computing them would be wasted work); it returns
-    the patch tokens [B, h'w', C] before ``ln_post``. When ``info`` holds the key
+    the patch tokens [B, h'w', C] before the final norm (on ``output_grid(grid, feedback)``, the
+    second vision model's grid for ProxyCLIP). When ``info`` holds the key
     ``ATTENTION`` it also hands back the attention weights it multiplied the values
     with (``keep_attention``), which ``pearl.attention`` draws. ``feedback``
     (``pearl.methods.resclip.SemanticFeedback``: the text prototypes, the logit scale and the
     windows) is given when ``needs_feedback``, for a method that segments the windows once inside its
-    last block (ResCLIP's SFR).
+    last block (ResCLIP's SFR); a second vision model's features of the windows
+    (``pearl.vfm.WindowFeatures``) when ``needs_vfm`` (ProxyCLIP).
     """
 
     name: ClassVar[str]
@@ -115,7 +117,7 @@ class Method(abc.ABC):
     @abc.abstractmethod
     def last_block(self, tower: Tower, x: torch.Tensor, hidden: list[torch.Tensor], grid: tuple[int, int],
                    info: dict | None, feedback=None) -> torch.Tensor:
-        """Patch tokens [B, h'w', C] before ln_post."""
+        """Patch tokens [B, h'w', C] before the final norm, on ``output_grid(grid, feedback)``."""
 
 
 class ClearCLIPSegmentorMethod(Method, abc.ABC):
