@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import functools
 import math
 import statistics
 import sys
@@ -43,7 +42,7 @@ from .protocols import class_names
 from .segmentor import Segmentor
 from .settings import published_settings
 from .stages import timing_stages
-from .vfm import load_vfm, vfm_for
+from .vfm import shared_vfm, vfm_for
 
 SIZES = ("voc21", "ade20k", "cityscapes")
 STAGES = ("preprocess", "backbone", "pa", "vfm", "fusion", "tlp", "decision")
@@ -287,17 +286,11 @@ def _random_weights_tokenizer(name: str):
         return open_clip.SimpleTokenizer(context_length=context)
 
 
-@functools.cache
-def bench_vfm(name: str, random_weights: bool, device: torch.device):
-    """A second vision model to time (``pearl.vfm``): random weights (seed 0) where the CLIP
-    weights are random, else its Hub weights; loaded once per process."""
-    return load_vfm(name, None if random_weights else "hub", device)
-
-
 def vision_argument(method: str, model: str, random_weights: bool, device: torch.device) -> dict:
-    """``vfm=`` for a method that reads a second vision model (its own; tiny beside tiny)."""
+    """``vfm=`` for a method that reads a second vision model (its own; tiny beside tiny): random
+    weights (seed 0) where the CLIP weights are random, else its Hub weights."""
     name = vfm_for(method, None, model)
-    return {"vfm": bench_vfm(name, random_weights, device)} if name else {}
+    return {"vfm": shared_vfm(name, None if random_weights else "hub", device)} if name else {}
 
 
 PLUG_INS = {"resclip": {"resclip": True}}  # ``--methods naclip+resclip``: the host with the plug-in on

@@ -52,9 +52,14 @@ def weights_state(model_name: str, pretrained: str | None, cache_dir: str | None
     hub = _hub_file(model_name, pretrained)
     if hub is None:
         return "by URL"
+    return "cached" if hub_files_cached(*hub, cache_dir) else "not cached"
+
+
+def hub_files_cached(repo: str, filenames, cache_dir: str | None = None) -> bool:
+    """Whether any of ``filenames`` of the Hub repository ``repo`` is in the cache folder."""
     from huggingface_hub import try_to_load_from_cache
-    found = [try_to_load_from_cache(hub[0], name, cache_dir=cache_dir or hf_cache_dir()) for name in hub[1]]
-    return "cached" if any(isinstance(path, str) for path in found) else "not cached"
+    folder = cache_dir or hf_cache_dir()
+    return any(isinstance(try_to_load_from_cache(repo, name, cache_dir=folder), str) for name in filenames)
 
 
 def _offline_help(model_name: str, pretrained: str, cache_dir: str | None) -> str:
@@ -94,10 +99,7 @@ def _require_reachable_weights(model_name: str, pretrained: str, cache_dir: str 
     hub = _hub_file(model_name, pretrained)
     if hub is None:
         return  # a URL-only tag: open_clip's own download reports its errors
-    from huggingface_hub import try_to_load_from_cache
-    repo, filenames = hub
-    if any(isinstance(try_to_load_from_cache(repo, name, cache_dir=folder), str)
-           for name in filenames):
+    if hub_files_cached(*hub, folder):
         return
     if not hub_reachable():
         _unreachable[key] = (f"weights {model_name}:{pretrained} are not in the cache and the Hub cannot be "

@@ -166,12 +166,12 @@ def load_model(args):
 
 def _segmentor(args, model, tokenizer, classes, method: str, settings: dict):
     from .segmentor import Segmentor
-    from .vfm import load_vfm, vfm_for
+    from .vfm import shared_vfm, vfm_for
     settings = dict(settings)
     pa, tlp = settings.pop("pa", args.pa), settings.pop("tlp", args.tlp)
     name = vfm_for(method, args.vfm, args.model)
     pretrained = None if args.vfm_pretrained == "none" else args.vfm_pretrained
-    vision = load_vfm(name, pretrained, args.device) if name else None
+    vision = shared_vfm(name, pretrained, args.device) if name else None
     return Segmentor(model, classes, method=method, pa=pa, tlp=tlp, tokenizer=tokenizer, device=args.device,
                      precision=args.precision, vfm=vision, **settings)
 

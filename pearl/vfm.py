@@ -11,7 +11,9 @@ renormalised from CLIP's statistics to the model's own.
 """
 from __future__ import annotations
 
+import functools
 import os
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -81,12 +83,16 @@ def load_vfm(name: str, pretrained: str | None = "hub", device: str | torch.devi
     return tower_for(model.eval().to(device))
 
 
-def _cached(full_name: str, cache_dir: str | None) -> bool:
-    from huggingface_hub import try_to_load_from_cache
+@functools.cache
+def shared_vfm(name: str, pretrained: str | None, device: str | torch.device) -> Tower:
+    """``load_vfm``, once per process: for the tools that build several segmentors of one device and
+    precision (``pearl.bench``, ``pearl.segment --compare``)."""
+    return load_vfm(name, pretrained, device)
 
-    from .loading import hf_cache_dir
-    return any(isinstance(try_to_load_from_cache(f"timm/{full_name}", file, cache_dir=cache_dir or hf_cache_dir()), str)
-               for file in ("model.safetensors", "pytorch_model.bin"))
+
+def _cached(full_name: str, cache_dir: str | None) -> bool:
+    from .loading import hub_files_cached
+    return hub_files_cached(f"timm/{full_name}", ("model.safetensors", "pytorch_model.bin"), cache_dir)
 
 
 def vfm_weights_state(name: str, pretrained: str | None, cache_dir: str | None = None) -> str:
@@ -140,39 +146,25 @@ class VisionFeatures(NamedTuple):
     model: Tower
     clip_normalisation: Normalisation
 
-    def on(self, windows: torch.Tensor) -> WindowFeatures:
-        """The features of ``windows``, computed once for every segmentor of a shared trunk that binds
-        the same vision model to the same windows (the last windows bound are remembered)."""
-        last = _last_bound.get("features")
-        if (last is not None and last.windows is windows and last.source.model is self.model
-                and last.source.clip_normalisation == self.clip_normalisation):
-            return last
-        _last_bound["features"] = WindowFeatures(self, windows)
-        return _last_bound["features"]
-
-
-_last_bound: dict[str, WindowFeatures] = {}  # holds one window batch and its features until the next
-
-
-class WindowFeatures:
-    """The vision model's dense features of a batch of windows, computed on first use (the stage
-    ``vfm``, timed apart from CLIP's backbone)."""
-
-    def __init__(self, source: VisionFeatures, windows: torch.Tensor) -> None:
-        self.source, self.windows = source, windows
-        self._features: torch.Tensor | None = None
-
-    def features(self) -> torch.Tensor:
-        """[B, h'', w'', C] (``dense_features``)."""
-        if self._features is None:
+    def on(self, windows: torch.Tensor) -> torch.Tensor:
+        """[B, h'', w'', C]: the vision model's dense features of ``windows`` (the stage ``vfm``, timed
+        apart from CLIP's backbone), computed once for every segmentor of a shared trunk that binds the
+        same vision model to the same windows; kept only while the windows are."""
+        computed = _features_of.get(id(windows))
+        if computed is None:
+            computed = _features_of[id(windows)] = {}
+            weakref.finalize(windows, _features_of.pop, id(windows), None)
+        key = (self.model, self.clip_normalisation)
+        if key not in computed:
             from .stages import stage
             with stage("vfm"):
-                self._features = dense_features(self.source.model, self.windows, self.source.clip_normalisation)
-        return self._features
+                computed[key] = dense_features(self.model, windows, self.clip_normalisation)
+        return computed[key]
 
-    @property
-    def grid(self) -> tuple[int, int]:
-        return tuple(self.features().shape[1:3])
+
+# id(windows) → (vision model, CLIP statistics) → features; an entry goes when its window batch does
+# (tensors compare elementwise, so they cannot key a WeakKeyDictionary)
+_features_of: dict[int, dict] = {}
 
 
 def vfm_for(method: str, requested: str | None, clip_model: str) -> str | None:

@@ -34,7 +34,7 @@ def test_every_method_hands_back_the_weights_it_multiplies_the_values_with(name,
         plain = method.last_block(tiny_tower, trunk_out.x, trunk_out.hidden, trunk_out.grid, None, vision)
     weights = asked[ATTENTION]
     # SFP's and SC-CLIP's main branch attends over the patches only; ProxyCLIP over the vision model's
-    tokens = 12 * 16 if vision else 6 * 8 + (0 if name in ("sfp", "scclip") else 1)
+    tokens = 12 * 16 if vision is not None else 6 * 8 + (0 if name in ("sfp", "scclip") else 1)
     assert weights.shape == (1, ref.HEADS, tokens, tokens) and (weights >= 0).all()
     row_sums = torch.full((1, ref.HEADS, tokens), 2.0 if name == "sclip" else 1.0)  # SCLIP: two softmaxes summed
     assert torch.allclose(weights.sum(-1), row_sums, atol=1e-5)

@@ -61,8 +61,8 @@ class Method(abc.ABC):
     with (``keep_attention``), which ``pearl.attention`` draws. ``feedback``
     (``pearl.methods.resclip.SemanticFeedback``: the text prototypes, the logit scale and the
     windows) is given when ``needs_feedback``, for a method that segments the windows once inside its
-    last block (ResCLIP's SFR); a second vision model's features of the windows
-    (``pearl.vfm.WindowFeatures``) when ``needs_vfm`` (ProxyCLIP).
+    last block (ResCLIP's SFR); a second vision model's features of the windows [B, h'', w'', C]
+    (``pearl.vfm.VisionFeatures``) when ``needs_vfm`` (ProxyCLIP).
     """
 
     name: ClassVar[str]

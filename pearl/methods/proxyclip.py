@@ -55,17 +55,15 @@ class ProxyCLIP(Method):
     needs_vfm = True
     pad_crops_to = 56  # proxyclip_segmentor.py forward_slide: compute_padsize(H, W, 56)
 
-    def output_grid(self, grid: tuple[int, int], context) -> tuple[int, int]:
-        return context.grid
+    def output_grid(self, grid: tuple[int, int], feedback) -> tuple[int, int]:
+        return tuple(feedback.shape[1:3])
 
     def last_block(self, tower, x, hidden, grid, info, feedback=None):
         if feedback is None:
             raise ValueError("proxyclip's last block needs the vision model's features of the windows")
         block = tower.block(-1, grid)
         _, _, v = block.qkv(block.norm(x))
-        features = feedback.features()
-        size = tuple(features.shape[1:3])
-        v = values_on_grid(v[:, :, tower.prefix_tokens:], grid, size)
-        attn = proxy_attention(features, self.config.beta, self.config.gamma).to(v.dtype)[:, None]
+        v = values_on_grid(v[:, :, tower.prefix_tokens:], grid, self.output_grid(grid, feedback))
+        attn = proxy_attention(feedback, self.config.beta, self.config.gamma).to(v.dtype)[:, None]
         keep_attention(info, attn.expand(-1, v.shape[1], -1, -1))
         return block.project(attn @ v)

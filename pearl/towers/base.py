@@ -31,6 +31,11 @@ if TYPE_CHECKING:
 POSITIONS = ("plus_point_one", "size_antialias")
 
 
+def pair(size) -> tuple[int, int]:
+    """(h, w) of a size given as one int or a pair (patch sizes, grid sizes)."""
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
 def resample_positions(table: torch.Tensor, prefix: int, native: tuple[int, int], grid: tuple[int, int],
                        positions: str = POSITIONS[0]) -> torch.Tensor:
     """[prefix + h'w', C] fp32: a position table [prefix + h·w, C] (``prefix`` entries for the prefix

@@ -13,17 +13,13 @@ from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 
 from ..preprocess import Normalisation, model_normalisation
 from . import register
-from .base import POSITIONS, AttentionBlock, Tower, resample_positions
-
-
-def _pair(size) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else tuple(size)
+from .base import POSITIONS, AttentionBlock, Tower, pair, resample_positions
 
 
 def positional_embedding(visual, grid_h: int, grid_w: int, positions: str = POSITIONS[0]) -> torch.Tensor:
     """[1 + h'w', C] positional embedding of an open_clip ViT for an h'×w' grid, fp32
     (``resample_positions``: its CLS entry first, then the native grid)."""
-    return resample_positions(visual.positional_embedding, 1, _pair(visual.grid_size), (grid_h, grid_w), positions)
+    return resample_positions(visual.positional_embedding, 1, pair(visual.grid_size), (grid_h, grid_w), positions)
 
 
 class OpenClipBlock(AttentionBlock):
@@ -90,7 +86,7 @@ class OpenClipViT(Tower):
 
     @property
     def patch_size(self) -> int:
-        return _pair(self.visual.patch_size)[0]
+        return pair(self.visual.patch_size)[0]
 
     @property
     def prefix_tokens(self) -> int:

@@ -16,11 +16,7 @@ import torch.nn.functional as F
 
 from ..preprocess import Normalisation, model_normalisation
 from . import register
-from .base import POSITIONS, AttentionBlock, Tower, resample_positions
-
-
-def _pair(size) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else tuple(size)
+from .base import POSITIONS, AttentionBlock, Tower, pair, resample_positions
 
 
 def _families():
@@ -166,7 +162,7 @@ class TimmViT(Tower):
 
     @property
     def patch_size(self) -> int:
-        size = _pair(self.trunk_module.patch_embed.patch_size)
+        size = pair(self.trunk_module.patch_embed.patch_size)
         if size[0] != size[1]:
             raise ValueError(f"patch size {size} is not square")
         return size[0]
@@ -210,15 +206,16 @@ class TimmViT(Tower):
         x = trunk.patch_embed.norm(x.flatten(2).transpose(1, 2))
         prefix = [token.to(x.dtype).expand(x.shape[0], -1, -1)
                   for token in (trunk.cls_token, getattr(trunk, "reg_token", None)) if token is not None]
+        pos = None
         if trunk.pos_embed is not None:
             table_prefix = 0 if trunk.no_embed_class else self.prefix_tokens
-            pos = resample_positions(trunk.pos_embed[0], table_prefix, _pair(trunk.patch_embed.grid_size), grid,
+            pos = resample_positions(trunk.pos_embed[0], table_prefix, pair(trunk.patch_embed.grid_size), grid,
                                      positions).to(x.dtype)
-        if trunk.no_embed_class:
-            x = torch.cat(prefix + [x + pos if trunk.pos_embed is not None else x], dim=1)
-        else:
-            x = torch.cat(prefix + [x], dim=1)
-            x = x + pos if trunk.pos_embed is not None else x
+        if pos is not None and trunk.no_embed_class:  # the table covers the patches alone
+            x = x + pos
+        x = torch.cat(prefix + [x], dim=1)
+        if pos is not None and not trunk.no_embed_class:
+            x = x + pos
         return trunk.norm_pre(x), grid
 
     def rope(self, grid: tuple[int, int]) -> torch.Tensor | None:
@@ -231,7 +228,7 @@ class TimmViT(Tower):
             return None
         key = (grid, self.device)
         if key not in self._ropes:
-            native = tuple(_pair(self.trunk_module.patch_embed.grid_size))
+            native = tuple(pair(self.trunk_module.patch_embed.grid_size))
             if not getattr(rope, "_use_cached_embed", False):
                 self._ropes[key] = rope.get_embed(shape=list(grid))
             elif tuple(grid) == native:
