@@ -82,7 +82,7 @@ def attention_maps(model, image, method: str, pa: bool | None = None, short_side
     resolved = resolve_settings(method, pa, None, params)
     method_cls = get_method(method)
     last_block = method_cls(build_config(method_cls.Config, resolved, method_cls.config_prefix))
-    if last_block.needs_vfm:
+    if last_block.vfm_in_last_block:
         raise UserError(f"method={method} attends over a second vision model's patches, not CLIP's: its "
                         f"attention maps are not drawn by this tool")
     tower = tower_for(model.visual)

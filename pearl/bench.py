@@ -90,6 +90,8 @@ def reference_predict(seg: Segmentor, image) -> Prediction:
         height, width = item.input.shape[1:]
         canvas = torch.zeros((seg.vocabulary.num_queries, height, width), dtype=dtype, device=seg.device)
         count = torch.zeros((1, height, width), dtype=dtype, device=seg.device)
+        info["nan_windows"] = sum(int(torch.isnan(logits).any()) for logits in windows)
+        windows = [logits[None] for logits in seg.across_windows(item, [logits[0] for logits in windows])]
         for window, logits in zip(item.windows, windows):
             left, right, top, bottom = seg.padding(window)
             crop_h, crop_w = window.y2 - window.y1, window.x2 - window.x1
@@ -100,7 +102,6 @@ def reference_predict(seg: Segmentor, image) -> Prediction:
             canvas[:, window.y1:window.y2, window.x1:window.x2] += up
             count[:, window.y1:window.y2, window.x1:window.x2] += 1
         fused = OriginalSizeLogits(canvas / count, item.ori_shape, dtype)
-        info["nan_windows"] = sum(int(torch.isnan(logits).any()) for logits in windows)
     return seg.decision(seg.refine(item, fused, info), info)
 
 
@@ -110,6 +111,7 @@ class StageTimes:
 
     def __init__(self, device: torch.device) -> None:
         self.device, self.totals = device, defaultdict(float)
+        self._open: list[list[float]] = []  # per running stage: [its start, the time of the stages within it]
 
     def timing(self):
         """A context within which every stage of every prediction is timed into ``totals``."""
@@ -118,19 +120,22 @@ class StageTimes:
     @contextlib.contextmanager
     def _timed(self, stage: str):
         _sync(self.device)
-        start = time.perf_counter()
+        self._open.append([time.perf_counter(), 0.0])
         try:
             yield
         finally:
             _sync(self.device)
-            self.totals[stage] += time.perf_counter() - start
+            start, within = self._open.pop()
+            elapsed = time.perf_counter() - start
+            self.totals[stage] += elapsed - within
+            if self._open:
+                self._open[-1][1] += elapsed
 
     def per_image_ms(self, images: int) -> dict:
-        """Milliseconds per image per stage; PA and a second vision model run inside the backbone's
-        last block, so they are taken out of the backbone's figure."""
-        ms = {stage: 1000 * self.totals.get(stage, 0.0) / images for stage in STAGES}
-        ms["backbone"] -= ms["pa"] + ms["vfm"]
-        return ms
+        """Milliseconds per image per stage, each stage's own: one run within another (PA and
+        ProxyCLIP's vision model in the backbone, LPOSS's vision model in the fusion) is taken out of
+        the enclosing stage's figure."""
+        return {stage: 1000 * self.totals.get(stage, 0.0) / images for stage in STAGES}
 
 
 class PeakMemory:

@@ -120,6 +120,29 @@ PARAMS: dict[str, Param] = {
                                        "(released delete_same_entity)"),
     "proxyclip_beta": Param(1.2, "ProxyCLIP: β of the proxy attention γ·(S − β·mean S), entries below 0 → −∞"),
     "proxyclip_gamma": Param(3.0, "ProxyCLIP: γ, the proxy attention's temperature", check=_above(0), valid="> 0"),
+    "lposs_k": Param(400, "LPOSS: neighbours of each patch in its graph over all windows' patches (capped at the "
+                          "image's patch count)", check=_at_least(1), valid="≥ 1"),
+    "lposs_feature": Param("v", "LPOSS: the vision model's last-block projection whose cosine builds the graph: "
+                                "'v' (released), 'k' or 'q'", ("q", "k", "v")),
+    "lposs_gamma": Param(3.0, "LPOSS: power γ of a neighbour's cosine (negatives 0) in its edge weight",
+                         check=_above(0), valid="> 0"),
+    "lposs_sigma": Param(0.01, "LPOSS: σ of an edge's spatial factor exp(−σ·d^p), d between patch centres in input "
+                               "pixels (0: none)", check=_at_least(0), valid="≥ 0"),
+    "lposs_distance_power": Param(1.0, "LPOSS: the power p of that distance", check=_above(0), valid="> 0"),
+    "lposs_alpha": Param(0.95, "LPOSS: α of the propagation (I − α·Wn)⁻¹Y over the patches",
+                         check=lambda v: 0 <= v < 1, valid="in [0, 1)"),
+    "lposs_iters": Param(10, "LPOSS: conjugate-gradient steps at most per query (released 10), each stopping "
+                             "at a residual of 1e-6 of its start", check=_at_least(0), valid="≥ 0"),
+    "lposs_plus": Param(False, "LPOSS+: label propagation over the pixels of the fused logits at the input size, "
+                               "on the image's colours (the method lposs's second stage; any method can use it)"),
+    "lposs_plus_window": Param(13, "LPOSS+: side r of each pixel's neighbourhood (neighbours within r // 2)",
+                               check=_at_least(3), valid="≥ 3"),
+    "lposs_plus_tau": Param(0.01, "LPOSS+: τ of an edge weight exp(−‖Δ Lab‖/τ), Lab scaled to [0, 1]",
+                            check=_above(0), valid="> 0"),
+    "lposs_plus_alpha": Param(0.95, "LPOSS+: α of the propagation over the pixels", check=lambda v: 0 <= v < 1,
+                              valid="in [0, 1)"),
+    "lposs_plus_iters": Param(10, "LPOSS+: conjugate-gradient steps at most per query", check=_at_least(0),
+                              valid="≥ 0"),
     "pool_head": Param("value", "patch tokens on a tower whose embedding comes from an attention-pool head (SigLIP, "
                                 "PE-Core): 'value' through the head's value path (value, projection, MLP, as if the "
                                 "latent query attended to that token alone) or 'skip' (final norm and projection "

@@ -26,6 +26,12 @@ class Normalisation(NamedTuple):
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
+    def unnormalised(self, images: torch.Tensor) -> torch.Tensor:
+        """fp32 RGB in [0, 1] of images [..., 3, H, W] normalised with these statistics."""
+        def column(values) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.float32, device=images.device).view(3, 1, 1)
+        return (images.float() * column(self.std) + column(self.mean)) / 255
+
 
 OPENAI_NORMALISATION = Normalisation(CLIP_MEAN, CLIP_STD)
 

@@ -34,7 +34,7 @@ COMPUTES_NUMBERS = (  # the code version hashes these: a change to any of them m
     "loading.py", "registry.py", "towers/", "checkpoints.py", "methods/", "procrustes.py", "refine/", "text.py",
     "preprocess.py", "segmentor.py", "fused.py", "decision.py", "joint.py", "params.py", "protocols.py",
     "benchmarks.py", "resources/", "data/datasets.py", "metrics.py", "plan.py", "evaluate.py", "distributed.py",
-    "runner.py", "settings.py", "tiny.py", "vfm.py",
+    "runner.py", "settings.py", "tiny.py", "vfm.py", "propagation.py",
 )
 COMPUTES_NO_NUMBER = (  # the CLI and sweep glue, records and locks, reports and tools, data preparation
     "__init__.py", "config.py", "cli.py", "errors.py", "stages.py", "sweep.py", "locks.py", "records.py", "tables.py",

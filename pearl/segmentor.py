@@ -90,7 +90,7 @@ class Segmentor:
         self.query_to_class = torch.tensor(self.vocabulary.query_to_class, device=self.device)
         self.decision = Decision(build(DecisionConfig, self.params), self.query_to_class, self.vocabulary.num_classes)
         self.refiners: list[Refiner] = build_refiners(
-            self.params, RefinerContext(self.prototypes, self.dtype, self.device, diagnostics))
+            self.params, RefinerContext(self.prototypes, self.dtype, self.device, diagnostics, self.normalisation))
         # query × pixel values of equal-size images refined in one call (0: each alone); see refine_together
         self.together_values = max((refiner.together_values() for refiner in self.refiners), default=0)
 
@@ -216,7 +216,7 @@ class Segmentor:
         ResCLIP's semantic feedback, a second vision model's features, or nothing."""
         if self.method.needs_feedback:
             return SemanticFeedback(self.prototypes, self.decision.config.logit_scale)
-        return VisionFeatures(self.vfm, self.normalisation) if self.vfm is not None else None
+        return VisionFeatures(self.vfm, self.normalisation) if self.method.vfm_in_last_block else None
 
     def window_logits(self, shared: Trunk, stats: dict | None) -> torch.Tensor:
         """[N, Q, h', w'] cosine logits of this method's last block on a shared trunk."""
@@ -253,6 +253,7 @@ class Segmentor:
         window_refiners = self.window_refiners
         # a 0-dim tensor: read (a device sync) only when the prediction is copied to the CPU or the job ends
         info["nan_windows"] = torch.stack([torch.isnan(w).any() for w in patch_logits]).sum()
+        patch_logits = self.across_windows(item, patch_logits)
         height, width = item.input.shape[1:]
         if self.windows.slide_crop <= 0:
             logits = patch_logits[0]
@@ -280,6 +281,14 @@ class Segmentor:
                 canvas[:, window.y1:window.y2, window.x1:window.x2] += logits
                 count[:, window.y1:window.y2, window.x1:window.x2] += 1
         return OriginalSizeLogits(canvas.div_(count), item.ori_shape, canvas_dtype)
+
+    def across_windows(self, item: WindowedImage, patch_logits: list) -> list:
+        """The image's window logits ([Q, h', w'] each) refined together by the method where it does so
+        (``Method.propagates_across_windows``: LPOSS), given the crops the trunk saw; else as they are."""
+        if not self.method.propagates_across_windows:
+            return patch_logits
+        crops = torch.stack([self.crop(item, window) for window in item.windows])
+        return self.method.across_windows(patch_logits, crops, item.windows, self.vfm, self.normalisation)
 
     def refine(self, item: WindowedImage, logits: OriginalSizeLogits, info: dict) -> OriginalSizeLogits:
         """The post-fusion refiners in order, sharing one guide (the input at the original size, fp32)."""

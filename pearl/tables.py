@@ -78,6 +78,7 @@ class Cell:
     flags: tuple[str, ...] = ()  # 'stale' (older code), 'partial' (not the full split), 'of N' (N candidates)
 
 
+LPOSS_MODEL = "ViT-B-16:laion2b_s34b_b88k"  # configs/maskclip.yaml of vladan-stojnic/LPOSS@e489a74
 MAIN = [Row("CLIP", "vanilla", False, False, "table1", "CLIP"),
         Row("SCLIP", "sclip", False, False, "table1", "SCLIP"),
         Row("NACLIP (no PAMR)", "naclip", False, False, "table1", "NACLIP"),
@@ -94,6 +95,11 @@ MAIN = [Row("CLIP", "vanilla", False, False, "table1", "CLIP"),
         Row("ProxyCLIP (DINOv2 B/14 reg.)", "proxyclip", False, False, "table1", "ProxyCLIP",
             vfm="dinov2_b14_reg"),
         Row("ProxyCLIP (DINO B/8, its code's default)", "proxyclip", False, False, None, None, vfm="dino_b8"),
+        # LPOSS's code runs OpenCLIP's LAION-2B ViT-B/16 (+experiment=lposs); the numbers PEARL's Table 1
+        # prints as "LPOSS" are its paper's LPOSS+ (docs/methods.md §12.2)
+        Row("LPOSS+ (LAION-2B B/16, DINO B/16)", "lposs", False, False, "table1", "LPOSS", {"lposs_plus": True},
+            model=LPOSS_MODEL, vfm="dino_b16"),
+        Row("LPOSS (LAION-2B B/16, DINO B/16)", "lposs", False, False, None, None, model=LPOSS_MODEL, vfm="dino_b16"),
         Row("PEARL", "pearl", True, True, "table1", "PEARL (Ours)", pacc_row="PEARL (Ours)")]
 ABLATION = [Row("Vanilla CLIP (full block)", "vanilla", False, False, "table3", "Vanilla CLIP (no PA, no TLP)"),
             Row("PA only", "pearl", True, False, "table3", "PA only"),

@@ -126,17 +126,33 @@ def renormalise(windows: torch.Tensor, source: Normalisation, target: Normalisat
     statistics (ProxyCLIP ``proxyclip_segmentor.py`` ``forward_feature``). Pixels padded with zeros
     in CLIP's space become CLIP's mean colour, as there."""
     def column(values) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.float32, device=windows.device).view(1, 3, 1, 1)
-    pixels = windows.float() * column(source.std) + column(source.mean)
-    return (pixels - column(target.mean)) / column(target.std)
+        return torch.tensor(values, dtype=torch.float32, device=windows.device).view(3, 1, 1) / 255
+    return (source.unnormalised(windows) - column(target.mean)) / column(target.std)
 
 
 def dense_features(vfm: Tower, windows: torch.Tensor, clip_normalisation: Normalisation) -> torch.Tensor:
     """[B, h'', w'', C]: the vision model's last-block patch tokens through its final norm (DINO's
     ``get_intermediate_layers(x)[0]``, DINOv2's with registers dropped) for CLIP-normalised windows
     [B, 3, H, W], its positions resampled by the "+0.1" scale factor as the hub models resample them."""
-    images = renormalise(windows, clip_normalisation, vfm.normalisation).to(vfm.dtype)
-    return vfm.normed_tokens(images)
+    return vfm.normed_tokens(vfm_input(vfm, windows, clip_normalisation))
+
+
+def vfm_input(vfm: Tower, windows: torch.Tensor, clip_normalisation: Normalisation) -> torch.Tensor:
+    """CLIP-normalised windows as the vision model takes them: its own statistics, its dtype."""
+    return renormalise(windows, clip_normalisation, vfm.normalisation).to(vfm.dtype)
+
+
+def projection_features(vfm: Tower, windows: torch.Tensor, clip_normalisation: Normalisation, kind: str
+                        ) -> torch.Tensor:
+    """[B, h'', w'', C]: the vision model's last-block query, key or value projection (``kind`` "q", "k"
+    or "v") of the patch tokens, its heads side by side, for CLIP-normalised windows [B, 3, H, W]: what
+    LPOSS hooks on the last block's ``attn.qkv`` (``models/lposs/lposs.py`` ``extract_feats``; a rotary
+    tower's q and k come rotated)."""
+    shared = vfm.trunk(vfm_input(vfm, windows, clip_normalisation))
+    block = vfm.block(-1, shared.grid)
+    chosen = dict(zip("qkv", block.qkv(block.norm(shared.x))))[kind][:, :, vfm.prefix_tokens:]
+    batch, heads, _, width = chosen.shape
+    return chosen.transpose(1, 2).reshape(batch, *shared.grid, heads * width)
 
 
 class VisionFeatures(NamedTuple):

@@ -27,7 +27,7 @@ def test_every_method_hands_back_the_weights_it_multiplies_the_values_with(name,
     blocks = tiny_model.visual.transformer.resblocks
     asked = {ATTENTION: None}
     vision = None  # ProxyCLIP: the tiny vision model's features of the window (8-pixel patches: a 12×16 grid)
-    if method.needs_vfm:
+    if method.vfm_in_last_block:
         vision = VisionFeatures(load_vfm("tiny"), tiny_tower.normalisation).on(trunk_out.images)
     with torch.no_grad():
         out = method.last_block(tiny_tower, trunk_out.x, trunk_out.hidden, trunk_out.grid, asked, vision)

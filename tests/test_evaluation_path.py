@@ -12,11 +12,14 @@ CLASSES = ["sky", "cat, kitten", "cup, mug", "grass", "person"]
 @pytest.mark.parametrize("method, params", [
     ("pearl", {}), ("pearl", {"pa": False, "tlp_site": "per_window"}), ("naclip", {"pamr": True}),
     ("sclip", {"area_thd": 0.1, "prob_thd": 0.2}), ("clearclip", {"slide_crop": 72, "slide_stride": 40}),
-    ("sfp", {"sfp_nan_guard": True, "slide_crop": 96, "slide_stride": 64}), ("vanilla", {"slide_crop": 0})])
+    ("sfp", {"sfp_nan_guard": True, "slide_crop": 96, "slide_stride": 64}), ("vanilla", {"slide_crop": 0}),
+    ("lposs", {"lposs_k": 30, "lposs_plus": True})])
 def test_batched_path_gives_the_reference_loops_labels_and_probabilities(tiny_model, tokenizer, photos, method,
                                                                          params):
     params = {"resize_short": 112, "slide_crop": 64, "slide_stride": 32, **params}
-    seg = pearl.Segmentor(tiny_model, CLASSES, method=method, tokenizer=tokenizer, window_batch_size=64, **params)
+    vfm = pearl.load_vfm("tiny") if method == "lposs" else None
+    seg = pearl.Segmentor(tiny_model, CLASSES, method=method, tokenizer=tokenizer, window_batch_size=64, vfm=vfm,
+                          **params)
     images = [photos["chelsea"], photos["coffee"], photos["coffee"][::-1, :400]]  # three sizes
     batched = seg.predict_batch(images)
     windows = 0

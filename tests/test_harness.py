@@ -158,7 +158,8 @@ def test_sweep_tables_and_resume_in_a_subprocess(synthetic, tmp_path):
     main = pd.read_csv(folder / "main.csv")
     assert list(main["row"]) == ["CLIP", "SCLIP", "NACLIP (no PAMR)", "MaskCLIP", "GEM", "ClearCLIP", "SFP", "SC-CLIP",
                                  "SCLIP + ResCLIP", "NACLIP + ResCLIP", "ClearCLIP + ResCLIP",
-                                 "ProxyCLIP (DINOv2 B/14 reg.)", "ProxyCLIP (DINO B/8, its code's default)", "PEARL"]
+                                 "ProxyCLIP (DINOv2 B/14 reg.)", "ProxyCLIP (DINO B/8, its code's default)",
+                                 "LPOSS+ (LAION-2B B/16, DINO B/16)", "LPOSS (LAION-2B B/16, DINO B/16)", "PEARL"]
     beside = main.set_index("row")  # rows outside PEARL's Table 1 carry their own published numbers
     assert beside.loc["SC-CLIP", "paper_source"] == "own_sources: SC-CLIP README figure"
     assert beside.loc["SC-CLIP", "VOC21_paper"] == 64.6 and beside.loc["NACLIP + ResCLIP", "ADE_paper"] == 18.0

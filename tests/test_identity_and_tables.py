@@ -626,3 +626,29 @@ def test_a_proxyclip_row_takes_only_the_records_of_its_vfm(synthetic, tmp_path, 
     with pytest.raises(MissingFileError, match="vfm.pretrained='/no/dino.pth' does not exist"):  # before any model
         plan_module.plan(compose(_job(synthetic, tmp_path / "res", "method=proxyclip", "vfm=dino_b8",
                                       "vfm.pretrained=/no/dino.pth")))
+
+
+def test_lposs_rows_take_the_records_of_its_own_clip_and_the_papers_cells_sit_beside_lposs_plus(synthetic,
+                                                                                              tmp_path):
+    """LPOSS's code runs OpenCLIP's LAION-2B ViT-B/16: its rows take only records of that model (and of DINO
+    B/16), whatever model the table is for; PEARL's Table 1 "LPOSS" numbers (its paper's LPOSS+) sit beside
+    the lposs_plus=true row, none beside the patch-only row. +experiment=lposs sets that model in fp32."""
+    from pearl.tables import MAIN, Selection, build_table, candidates, load_paper
+    experiment = compose(["+experiment=lposs"])
+    assert (experiment.model.name, experiment.model.pretrained, experiment.model.precision) == (
+        "ViT-B-16", "laion2b_s34b_b88k", "fp32")
+    record = runner.run(compose(_job(synthetic, tmp_path / "res", "method=lposs")))
+    assert record.model["vfm"] == "tiny:random" and record.params["lposs_plus"] is False
+    # the same record as if made by LPOSS+ on LPOSS's own models (LPOSS+ itself: tests/test_propagation.py)
+    laion = RunRecord.from_dict({**record.to_dict(), "params": {**record.params, "lposs_plus": True},
+                                 "model": {**record.model, "label": "ViT-B-16:laion2b_s34b_b88k",
+                                           "vfm": "dino_b16:hub"}})
+    rows = {row.title: row for row in MAIN if row.method == "lposs"}
+    plus, patches = rows["LPOSS+ (LAION-2B B/16, DINO B/16)"], rows["LPOSS (LAION-2B B/16, DINO B/16)"]
+    assert (plus.paper_table, plus.paper_row, patches.paper_row) == ("table1", "LPOSS", None)
+    selection = Selection(include_partial=True)  # the table of OpenAI's ViT-B/16
+    assert candidates([record, laion], plus, "voc21", selection) == [laion]
+    assert candidates([record, laion], patches, "voc21", selection) == []  # another setting: lposs_plus
+    main = build_table([laion], load_paper(REPO / "results" / "paper"), MAIN, selection=selection).set_index("row")
+    assert main.loc[plus.title, "VOC21_paper"] == 61.1 and main.loc[plus.title, "model"] == "ViT-B-16:laion2b_s34b_b88k"
+    assert pd.isna(main.loc[patches.title, "VOC21_paper"])

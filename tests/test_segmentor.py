@@ -329,11 +329,11 @@ def test_every_parameter_reaches_exactly_one_stage_config():
     from pearl.methods import get_method
     from pearl.params import PARAMS, config_params
     from pearl.preprocess import WindowConfig
-    from pearl.refine.pamr import PAMRConfig
-    from pearl.refine.tlp import TLPConfig
+    from pearl.refine import available_refiners, get_refiner
     from pearl.towers import TowerConfig
-    stages = {(WindowConfig, ""), (DecisionConfig, ""), (TLPConfig, "tlp_"), (PAMRConfig, "pamr_"), (TowerConfig, "")}
+    stages = {(WindowConfig, ""), (DecisionConfig, ""), (TowerConfig, "")}
     stages |= {(get_method(m).Config, get_method(m).config_prefix) for m in pearl.available_methods()}
+    stages |= {(get_refiner(r).Config, get_refiner(r).config_prefix) for r in available_refiners()}
     def declared_by(cls, name: str) -> str:  # a part several configs inherit (ResCLIP's) counts once
         return next(k.__name__ for k in reversed(cls.__mro__) if name in vars(k).get("__annotations__", {}))
 
@@ -341,7 +341,8 @@ def test_every_parameter_reaches_exactly_one_stage_config():
     for cls, prefix in stages:
         for name, param in config_params(cls, prefix).items():
             readers.setdefault(param, set()).add(declared_by(cls, name))
-    switches = {"pamr", "text_cache_dir", "templates"}  # read by the Segmentor itself: PAMR on/off, the text side
+    # read by the Segmentor itself: the refiners' on/off switches (tlp= beside PARAMS), the text side
+    switches = (set(available_refiners()) - {"tlp"}) | {"text_cache_dir", "templates"}
     assert set(readers) - {"pa"} == set(PARAMS) - switches  # pa: the pa= switch, resolved beside PARAMS
     assert all(len(owners) == 1 for owners in readers.values()), readers
     naclip = get_method("naclip").Config

@@ -77,8 +77,12 @@ class Method(abc.ABC):
     has_query_key_term: ClassVar[bool]
     needs_hidden_states: ClassVar[bool] = False  # a property where the method's config decides (GEM)
     needs_feedback: ClassVar[bool] = False       # likewise (ResCLIP's first pass)
-    # A second vision model's features of the windows come as ``feedback`` (ProxyCLIP; pearl.vfm)
+    # A second vision model's features of the windows come as ``feedback`` (ProxyCLIP; pearl.vfm), or the
+    # model itself to ``across_windows`` (LPOSS)
     needs_vfm: ClassVar[bool] = False
+    # After the last block, before the fusion: the logits of all windows of an image refined together
+    # (``across_windows``; LPOSS's propagation over all their patches)
+    propagates_across_windows: ClassVar[bool] = False
     # Whole-image mode: upsample patch logits to the input size, then to the original size
     # (NACLIP/PEARL); otherwise straight to the original size (SCLIP/SFP/ClearCLIP). docs/protocol.md §6.5
     whole_upsample_via_input: ClassVar[bool] = False
@@ -108,6 +112,18 @@ class Method(abc.ABC):
         """The grid of the patches ``last_block`` returns for a trunk of ``grid`` (the same, but for a
         method whose features come out at a second vision model's grid)."""
         return grid
+
+    @property
+    def vfm_in_last_block(self) -> bool:
+        """Whether ``last_block`` takes the second vision model's features as its feedback (ProxyCLIP);
+        LPOSS reads the model after the last block, in ``across_windows``."""
+        return self.needs_vfm and not self.propagates_across_windows
+
+    def across_windows(self, patch_logits: list[torch.Tensor], crops: torch.Tensor, windows: list, vfm: Tower | None,
+                       clip_normalisation) -> list[torch.Tensor]:
+        """The windows' logits of one image ([Q, h', w'] each, in window order) refined together, for a method
+        that ``propagates_across_windows``; ``crops`` [W, 3, H, W] the windows as the trunk saw them."""
+        raise NotImplementedError(f"method {self.name} does not refine its windows together")
 
     def releases_nan_windows(self) -> bool:
         """Whether the released code itself turns some windows' logits NaN (then the published
@@ -142,6 +158,19 @@ def finish_block(block: AttentionBlock, x: torch.Tensor, heads_out: torch.Tensor
     elif arch != "reduced":
         raise ValueError(f"arch {arch!r} is not 'reduced' or 'vanilla'")
     return out[:, prefix_tokens:]
+
+
+def value_block(tower: Tower, x: torch.Tensor, grid: tuple[int, int], arch: str, info: dict | None) -> torch.Tensor:
+    """MaskCLIP's last block: each token's value embedding through the output projection, attention
+    dropped (``finish_block`` with ``arch``), patch tokens [B, h'w', C]. The attention it stands for is
+    the identity (a softmax over a mask 0 on the diagonal, −∞ elsewhere), handed to ``pearl.attention``."""
+    block = tower.block(-1, grid)
+    _, _, v = block.qkv(block.norm(x))
+    if info is not None and ATTENTION in info:
+        tokens = v.shape[2]
+        keep_attention(info, torch.eye(tokens, dtype=v.dtype, device=v.device).expand(*v.shape[:2], -1, -1))
+    # softmax(mask) @ v with the identity is v exactly (1·v plus exact zeros), so v is used as is
+    return finish_block(block, x, v, arch, tower.prefix_tokens)
 
 
 def query_key_block(tower: Tower, x: torch.Tensor, grid: tuple[int, int], config: AttentionConfig,

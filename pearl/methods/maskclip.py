@@ -7,10 +7,8 @@ elsewhere, i.e. the identity, times v), ignore_residual=True, under ``clearclip_
 (padded crops, the canvas in the model dtype); docs/methods.md §5.1. chongzhou96/MaskCLIP@245d31f is
 the original (its key smoothing and prompt denoising are not part of this form).
 """
-import torch
-
 from . import register
-from .base import ATTENTION, ClearCLIPSegmentorMethod, finish_block, keep_attention
+from .base import ClearCLIPSegmentorMethod, value_block
 
 
 @register
@@ -18,10 +16,4 @@ class MaskCLIP(ClearCLIPSegmentorMethod):
     name = "maskclip"
 
     def last_block(self, tower, x, hidden, grid, info, feedback=None):
-        block = tower.block(-1, grid)
-        _, _, v = block.qkv(block.norm(x))
-        if info is not None and ATTENTION in info:  # the identity the released softmax computes
-            tokens = v.shape[2]
-            keep_attention(info, torch.eye(tokens, dtype=v.dtype, device=v.device).expand(*v.shape[:2], -1, -1))
-        # softmax(mask) @ v with the identity is v exactly (1·v plus exact zeros), so v is used as is
-        return finish_block(block, x, v, "reduced", tower.prefix_tokens)
+        return value_block(tower, x, grid, "reduced", info)

@@ -10,7 +10,7 @@ from ..params import build_config
 from ..registry import Registry
 from .base import Refiner, RefinerContext
 
-__all__ = ["Refiner", "RefinerContext", "available_refiners", "build_refiners", "register"]
+__all__ = ["Refiner", "RefinerContext", "available_refiners", "build_refiners", "get_refiner", "register"]
 
 _REGISTRY: Registry[Refiner] = Registry("refiner", __name__)
 register = _REGISTRY.register
@@ -23,6 +23,11 @@ def _in_order() -> list[type[Refiner]]:
 def available_refiners() -> list[str]:
     """The registered refiners in the order they run."""
     return [cls.name for cls in _in_order()]
+
+
+def get_refiner(name: str) -> type[Refiner]:
+    """The refiner class registered as ``name``."""
+    return _REGISTRY.get(name)
 
 
 def build_refiners(params: dict, context: RefinerContext) -> list[Refiner]:

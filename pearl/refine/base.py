@@ -16,6 +16,7 @@ from typing import Callable, ClassVar
 import torch
 
 from ..fused import OriginalSizeLogits, WindowedImage
+from ..preprocess import Normalisation
 
 Guide = Callable[[], torch.Tensor]  # the image at the original size [1, 3, H, W] fp32, made on first call
 
@@ -23,12 +24,14 @@ Guide = Callable[[], torch.Tensor]  # the image at the original size [1, 3, H, W
 @dataclass(frozen=True)
 class RefinerContext:
     """What a refiner may use besides its config: the text prototypes [Q, D] (model dtype), the
-    model dtype the refined logits are returned in, the device, and whether diagnostics were asked."""
+    model dtype the refined logits are returned in, the device, whether diagnostics were asked, and
+    the statistics the input was normalised with (the tower's)."""
 
     prototypes: torch.Tensor
     dtype: torch.dtype
     device: torch.device
     diagnostics: bool
+    normalisation: Normalisation
 
 
 class Refiner(abc.ABC):

@@ -27,8 +27,9 @@ if TYPE_CHECKING:
 # "plus_point_one": bicubic by the scale factor ((h'+0.1)/h, (w'+0.1)/w), the stock embedding whenever
 # the token count is the native one (NACLIP/SCLIP/ClearCLIP/PEARL; docs/protocol.md §6.4);
 # "size_antialias": bicubic to the size (h', w') with antialiasing, the stock one only on the native
-# grid (timm's resample_abs_pos_embed, as GEM runs it).
-POSITIONS = ("plus_point_one", "size_antialias")
+# grid (timm's resample_abs_pos_embed, as GEM runs it); "size": bicubic to the size without antialiasing,
+# the stock embedding whenever the token count is the native one (CLIP-DINOiser's MaskCLIP, LPOSS's CLIP).
+POSITIONS = ("plus_point_one", "size_antialias", "size")
 
 
 def pair(size) -> tuple[int, int]:
@@ -45,7 +46,9 @@ def resample_positions(table: torch.Tensor, prefix: int, native: tuple[int, int]
     (the DINO "+0.1" trick; docs/protocol.md §6.4); as in NACLIP/PEARL ``clip/model.py``
     ``VisionTransformer.forward``, the stock table is used whenever the token count equals the native
     one. ``size_antialias``: bicubic to the size with antialiasing, the stock table only on the native
-    grid (timm's ``resample_abs_pos_embed``, as GEM runs it, WalBouss/GEM@5fa677c). Prefix entries
+    grid (timm's ``resample_abs_pos_embed``, as GEM runs it, WalBouss/GEM@5fa677c). ``size``: bicubic to
+    the size (mmseg's ``resize``, align_corners=False), the stock table whenever the token count is the
+    native one (wysoczanska/clip_dinoiser ``MaskClip.extract_feat``, as LPOSS runs it). Prefix entries
     are never resampled.
     """
     if positions not in POSITIONS:
@@ -53,11 +56,12 @@ def resample_positions(table: torch.Tensor, prefix: int, native: tuple[int, int]
     table = table.float()
     (native_h, native_w), (grid_h, grid_w) = native, grid
     if (grid_h, grid_w) == (native_h, native_w) or (
-            positions == "plus_point_one" and grid_h * grid_w == native_h * native_w):
+            positions != "size_antialias" and grid_h * grid_w == native_h * native_w):
         return table
     patch_pos = table[prefix:].reshape(1, native_h, native_w, -1).permute(0, 3, 1, 2)
-    if positions == "size_antialias":
-        patch_pos = F.interpolate(patch_pos, size=(grid_h, grid_w), mode="bicubic", antialias=True)
+    if positions != "plus_point_one":
+        patch_pos = F.interpolate(patch_pos, size=(grid_h, grid_w), mode="bicubic", align_corners=False,
+                                  antialias=positions == "size_antialias")
     else:
         patch_pos = F.interpolate(patch_pos, scale_factor=((grid_h + 0.1) / native_h, (grid_w + 0.1) / native_w),
                                   mode="bicubic", align_corners=False)

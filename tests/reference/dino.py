@@ -40,11 +40,7 @@ def _block(sd: dict, i: int, x: torch.Tensor, heads: int) -> torch.Tensor:
     return x + scaled(y, "ls2")
 
 
-def dense_tokens(sd: dict, images: torch.Tensor, patch: int, heads: int, depth: int, registers: int = 0
-                 ) -> torch.Tensor:
-    """[B, h0·w0, C]: the last block's patch tokens through the final norm for images normalised with
-    the model's statistics; ``registers`` > 0: DINOv2's register tokens after the CLS token, without
-    positions (its ``sd`` holds ``register_tokens``)."""
+def _prepared_tokens(sd: dict, images: torch.Tensor, patch: int, registers: int) -> torch.Tensor:
     b, _, h, w = images.shape
     x = F.conv2d(images, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=patch)
     x = x.flatten(2).transpose(1, 2)
@@ -52,7 +48,27 @@ def dense_tokens(sd: dict, images: torch.Tensor, patch: int, heads: int, depth: 
     x = x + _interpolate(sd["pos_embed"], h, w, patch)
     if registers:
         x = torch.cat([x[:, :1], sd["register_tokens"].expand(b, -1, -1), x[:, 1:]], dim=1)
+    return x
+
+
+def dense_tokens(sd: dict, images: torch.Tensor, patch: int, heads: int, depth: int, registers: int = 0
+                 ) -> torch.Tensor:
+    """[B, h0·w0, C]: the last block's patch tokens through the final norm for images normalised with
+    the model's statistics; ``registers`` > 0: DINOv2's register tokens after the CLS token, without
+    positions (its ``sd`` holds ``register_tokens``)."""
+    x = _prepared_tokens(sd, images, patch, registers)
     for i in range(depth):
         x = _block(sd, i, x, heads)
     x = F.layer_norm(x, x.shape[-1:], sd["norm.weight"], sd["norm.bias"], eps=1e-6)
     return x[:, 1 + registers:]
+
+
+def last_qkv(sd: dict, images: torch.Tensor, patch: int, heads: int, depth: int) -> torch.Tensor:
+    """[B, T, 3C]: what a forward hook on the last block's ``attn.qkv`` receives as output (LPOSS's
+    ``hook_fn_forward_qkv``), CLS first; DINO v1."""
+    x = _prepared_tokens(sd, images, patch, 0)
+    for i in range(depth - 1):
+        x = _block(sd, i, x, heads)
+    p = f"blocks.{depth - 1}."
+    y = F.layer_norm(x, x.shape[-1:], sd[p + "norm1.weight"], sd[p + "norm1.bias"], eps=1e-6)
+    return F.linear(y, sd[p + "attn.qkv.weight"], sd[p + "attn.qkv.bias"])

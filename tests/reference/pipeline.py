@@ -107,14 +107,22 @@ def clearclip_padsize(height: int, width: int, patch: int = 16) -> tuple[int, in
     return pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2
 
 
-def segment(model, protos, query_idx, rgb, method, pa, tlp_on, params, affinity, vision=None):
-    """(labels [H, W], class probabilities [C, H, W]) of one RGB photograph, the released way."""
-    bgr = rgb[:, :, ::-1]  # as cv2.imread gives it
+def rescaled(rgb: np.ndarray, short: int) -> np.ndarray:
+    """The RGB photograph as MMCV's keep-ratio rescale to (2048, short) gives it (uint8, BGR in, as
+    cv2.imread gives it, flipped back)."""
+    bgr = rgb[:, :, ::-1]
     h0, w0 = bgr.shape[:2]
-    scale = min(2048 / max(h0, w0), params["resize_short"] / min(h0, w0))
+    scale = min(2048 / max(h0, w0), short / min(h0, w0))
     resized = cv2.resize(np.ascontiguousarray(bgr), (int(w0 * scale + 0.5), int(h0 * scale + 0.5)),
                          interpolation=cv2.INTER_LINEAR)
-    inputs = torch.from_numpy(((resized[:, :, ::-1] - MEAN) / STD).astype(np.float32)).permute(2, 0, 1)[None]
+    return resized[:, :, ::-1]
+
+
+def segment(model, protos, query_idx, rgb, method, pa, tlp_on, params, affinity, vision=None):
+    """(labels [H, W], class probabilities [C, H, W]) of one RGB photograph, the released way."""
+    h0, w0 = rgb.shape[:2]
+    inputs = torch.from_numpy(((rescaled(rgb, params["resize_short"]) - MEAN) / STD).astype(np.float32))
+    inputs = inputs.permute(2, 0, 1)[None]
     arch = "vanilla" if method == "vanilla" else "reduced"
     per_window = params.get("tlp_site") == "per_window"
     tlp_config = TLPConfig(grid=params.get("tlp_grid", 80), pool=params.get("tlp_pool", "int_stride"),
@@ -154,6 +162,11 @@ def segment(model, protos, query_idx, rgb, method, pa, tlp_on, params, affinity,
         logits = pamr(guide, logits)
     if tlp_on and not per_window:
         logits = tlp(logits, guide, affinity, tlp_config)
+    return decide(logits, query_idx, params)
+
+
+def decide(logits: torch.Tensor, query_idx, params: dict):
+    """(labels [H, W], class probabilities [C, H, W]) from query logits [1, Q, H, W]."""
     probs = torch.softmax(logits[0] * params["logit_scale"], 0)
     num_cls = max(query_idx) + 1
     one_hot = F.one_hot(torch.tensor(query_idx)).T.view(num_cls, len(query_idx), 1, 1)
