@@ -50,12 +50,12 @@ QUICK_VARIANTS = (("pearl", True, True), ("pearl", False, False), ("naclip", Fal
 QUICK_SIZES = ("voc21", "ade20k")  # Cityscapes' 36 windows an image take minutes per variant on a CPU
 
 
-def variants(methods: list[str]) -> list[tuple[str, bool, bool]]:
-    """(method, pa, tlp): PA on and off where the method has a query·key term, TLP on and off."""
+def variants(entries: list[str]) -> list[tuple[str, bool, bool]]:
+    """(``--methods`` entry, pa, tlp): PA on and off where the method has a query·key term, TLP on and off."""
     out = []
-    for method in methods:
-        for pa in ((True, False) if get_method(method).has_query_key_term else (False,)):
-            out.extend((method, pa, tlp) for tlp in (True, False))
+    for entry in entries:
+        for pa in ((True, False) if get_method(method_entry(entry)[0]).has_query_key_term else (False,)):
+            out.extend((entry, pa, tlp) for tlp in (True, False))
     return out
 
 
@@ -298,7 +298,8 @@ def vision_argument(method: str, model: str, random_weights: bool, device: torch
     return {"vfm": shared_vfm(name, None if random_weights else "hub", device)} if name else {}
 
 
-PLUG_INS = {"resclip": {"resclip": True}}  # ``--methods naclip+resclip``: the host with the plug-in on
+# ``--methods naclip+resclip``: the host with the plug-in on; ``lposs+lposs_plus``: LPOSS+
+PLUG_INS = {"resclip": {"resclip": True}, "lposs_plus": {"lposs_plus": True}}
 
 
 def method_entry(entry: str) -> tuple[str, dict]:
@@ -441,8 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
     parser.add_argument("--methods", default=",".join(available_methods()),
-                        help="comma-separated (default all); with --vocabularies also a host and its plug-in, "
-                             "e.g. naclip+resclip")
+                        help="comma-separated (default all); also a method with a plug-in: naclip+resclip, "
+                             "lposs+lposs_plus (LPOSS+)")
     parser.add_argument("--sizes", default=None,
                         help=f"benchmarks whose typical image size and protocol to time (default {','.join(SIZES)}; "
                              f"with --quick {','.join(QUICK_SIZES)})")
@@ -472,8 +473,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--sizes: {size!r} is not one of {', '.join(BENCHMARKS)}")
         methods = args.methods.split(",")
         for method in methods:
-            if method_entry(method)[1] and not args.vocabularies:
-                raise ValueError(f"--methods {method!r}: a plug-in is measured with --vocabularies only")
+            method_entry(method)
         if args.images < 1 or args.repeats < 1 or args.batch_images < 1:
             raise ValueError("--images, --repeats and --batch-images must be at least 1")
         queries = _query_counts(args.vocabularies) if args.vocabularies else None
@@ -505,14 +505,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for size in sizes:
         pictures = bench_images(BENCHMARKS[size].typical_size, images)
-        for method, pa, tlp in todo:
+        for entry, pa, tlp in todo:
+            method = method_entry(entry)[0]
             cls = get_method(method)
             seg = Segmentor(model, class_names(size, method), method=method, pa=pa, tlp=tlp, tokenizer=tokenizer,
                             device=device, precision=args.precision, window_batch_size=args.window_batch_size,
                             **vision_argument(method, args.model, random_weights, device),
-                            **bench_settings(method, size, random_weights))
+                            **bench_settings(entry, size, random_weights))
             row = {"device": name, "model": args.model, "weights": weights, "precision": args.precision,
-                   "size": size, "height": pictures[0].shape[0], "width": pictures[0].shape[1], "method": method,
+                   "size": size, "height": pictures[0].shape[0], "width": pictures[0].shape[1], "method": entry,
                    "pa": pa, "tlp": tlp, "default": (pa, tlp) == (cls.default_pa, cls.default_tlp)}
             row.update(measure(seg, pictures, args.batch_images, repeats, not args.no_reference))
             row.update(gemm_peak_tflops=peak / 1e12, speedup_ceiling=speedup_ceiling(row, peak))
@@ -521,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
             speedup = (f"{row['speedup']:.2f}× the loop (at most {row['speedup_ceiling']:.2f}×)" if row["speedup"]
                        else "no loop")
             stages = " ".join(f"{stage}={row['ms_' + stage]:.1f}" for stage in STAGES)
-            print(f"{size:10s} {method:9s} pa={pa!s:5s} tlp={tlp!s:5s} {row['windows_per_image']:3d} win  "
+            print(f"{size:10s} {entry:9s} pa={pa!s:5s} tlp={tlp!s:5s} {row['windows_per_image']:3d} win  "
                   f"{row['images_per_s']:7.2f} img/s  {speedup}  ms/img: {stages}  PA+TLP "
                   f"{100 * row['pa_tlp_share']:.1f} %  backbone {_format(row['backbone_tflops'])} TFLOP/s  "
                   f"peak {_format(row['peak_cuda_gib'])} GiB cuda, {_format(row['peak_rss_gib'])} GiB host "

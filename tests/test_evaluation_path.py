@@ -100,13 +100,15 @@ def test_bench_vocabularies_times_each_method_at_each_query_count(tmp_path, caps
         assert main(["--model", "tiny", "--vocabularies", bad]) == 2
         assert f"--vocabularies '{bad}'" in capsys.readouterr().err
     assert main(["--model", "tiny", "--methods", "naclip+tlp", "--vocabularies", "3"]) == 2
-    assert "--methods 'naclip+tlp': 'tlp' is not a plug-in; valid: resclip" in capsys.readouterr().err
-    assert main(["--model", "tiny", "--methods", "naclip+resclip"]) == 2
-    assert "a plug-in is measured with --vocabularies only" in capsys.readouterr().err
+    assert "--methods 'naclip+tlp': 'tlp' is not a plug-in; valid: resclip, lposs_plus" in capsys.readouterr().err
 
 
 def test_a_bench_plug_in_entry_takes_the_plug_in_s_settings():
-    from pearl.bench import bench_settings
+    from pearl.bench import bench_settings, variants
     settings = bench_settings("clearclip+resclip", "ade20k", random_weights=True)
     assert settings["resclip"] is True and settings["resclip_temp_thd"] == 0.25 and settings["templates"] == "single"
     assert "resclip" not in bench_settings("clearclip", "ade20k", random_weights=False)
+    assert bench_settings("lposs+lposs_plus", "voc21", random_weights=False)["lposs_plus"] is True  # LPOSS+
+    assert variants(["lposs+lposs_plus", "pearl"]) == [
+        ("lposs+lposs_plus", False, True), ("lposs+lposs_plus", False, False),
+        ("pearl", True, True), ("pearl", True, False), ("pearl", False, True), ("pearl", False, False)]
