@@ -30,7 +30,7 @@ from .settings import resolve_settings
 from .stages import stage
 from .text import Vocabulary, load_vocabulary, template_set, text_prototypes
 from .towers import Tower, TowerConfig, Trunk, tower_for
-from .vfm import VisionFeatures
+from .vfm import VisionFeatures, WindowProjections
 
 CPU_BATCH_ATTENTION = 8 * 197 ** 2  # query × key values per head of eight 224² ViT-B/16 windows
 
@@ -287,8 +287,9 @@ class Segmentor:
         (``Method.propagates_across_windows``: LPOSS), given the crops the trunk saw; else as they are."""
         if not self.method.propagates_across_windows:
             return patch_logits
-        crops = torch.stack([self.crop(item, window) for window in item.windows])
-        return self.method.across_windows(patch_logits, crops, item.windows, self.vfm, self.normalisation)
+        vision = WindowProjections(self.vfm, self.normalisation, item.input,
+                                   lambda: torch.stack([self.crop(item, window) for window in item.windows]))
+        return self.method.across_windows(patch_logits, item.windows, vision)
 
     def refine(self, item: WindowedImage, logits: OriginalSizeLogits, info: dict) -> OriginalSizeLogits:
         """The post-fusion refiners in order, sharing one guide (the input at the original size, fp32)."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import os
 import weakref
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -166,19 +166,42 @@ class VisionFeatures(NamedTuple):
         """[B, h'', w'', C]: the vision model's dense features of ``windows`` (the stage ``vfm``, timed
         apart from CLIP's backbone), computed once for every segmentor of a shared trunk that binds the
         same vision model to the same windows; kept only while the windows are."""
-        computed = _features_of.get(id(windows))
-        if computed is None:
-            computed = _features_of[id(windows)] = {}
-            weakref.finalize(windows, _features_of.pop, id(windows), None)
-        key = (self.model, self.clip_normalisation)
-        if key not in computed:
-            from .stages import stage
-            with stage("vfm"):
-                computed[key] = dense_features(self.model, windows, self.clip_normalisation)
-        return computed[key]
+        return _once_per(windows, ("dense", self.model, self.clip_normalisation),
+                         lambda: dense_features(self.model, windows, self.clip_normalisation))
 
 
-# id(windows) → (vision model, CLIP statistics) → features; an entry goes when its window batch does
+class WindowProjections(NamedTuple):
+    """One image's windows as a second vision model sees them, for a method that reads the model
+    after CLIP's last block (LPOSS): ``image`` the image's input, ``crops`` makes its windows [W, 3, H, W]
+    as the trunk saw them."""
+
+    model: Tower
+    clip_normalisation: Normalisation
+    image: torch.Tensor
+    crops: Callable[[], torch.Tensor]
+
+    def features(self, kind: str) -> torch.Tensor:
+        """[W, h'', w'', C]: ``projection_features`` of the windows (the stage ``vfm``), computed once per
+        image for every segmentor of a shared trunk that asks for the same model and kind; kept only while
+        the image's input is."""
+        return _once_per(self.image, ("projection", self.model, self.clip_normalisation, kind),
+                         lambda: projection_features(self.model, self.crops(), self.clip_normalisation, kind))
+
+
+def _once_per(owner: torch.Tensor, key: tuple, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``compute()`` (the stage ``vfm``) once per ``owner`` tensor and ``key``, kept while ``owner`` lives."""
+    computed = _features_of.get(id(owner))
+    if computed is None:
+        computed = _features_of[id(owner)] = {}
+        weakref.finalize(owner, _features_of.pop, id(owner), None)
+    if key not in computed:
+        from .stages import stage
+        with stage("vfm"):
+            computed[key] = compute()
+    return computed[key]
+
+
+# id(a window batch or an image's input) → key → features; an entry goes when its tensor does
 # (tensors compare elementwise, so they cannot key a WeakKeyDictionary)
 _features_of: dict[int, dict] = {}
 

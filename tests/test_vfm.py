@@ -128,6 +128,30 @@ def test_jobs_on_one_trunk_compute_the_vfm_once(tiny_model, tokenizer, photos, m
     assert not torch.equal(alone[0].probs, alone[1].probs)
 
 
+def test_lposs_jobs_on_one_trunk_run_the_vfm_once_per_image(tiny_model, tokenizer, photos, monkeypatch):
+    """LPOSS reads the vision model at the fusion: two jobs that differ in the graph (k) compute its
+    projections of an image's windows once, and get what each gets alone."""
+    import pearl
+    from pearl import vfm as vfm_module
+    from pearl.joint import predict_jointly
+    vision = load_vfm("tiny")
+    segs = [pearl.Segmentor(tiny_model, ["sky, wall", "cat", "cup"], method="lposs", tokenizer=tokenizer,
+                            vfm=vision, lposs_k=k, resize_short=100, slide_crop=64, slide_stride=48)
+            for k in (10, 40)]
+    calls = []
+    compute = vfm_module.projection_features
+    monkeypatch.setattr(vfm_module, "projection_features", lambda *args: calls.append(1) or compute(*args))
+    images = [photos["coffee"], photos["chelsea"]]
+    together = list(predict_jointly(segs, images))
+    assert len(calls) == len(images)  # once per image, not per job
+    for image, joint in zip(images, together):
+        for seg, shared in zip(segs, joint):
+            alone = seg.predict(image)
+            assert torch.equal(alone.labels, shared.labels) and torch.allclose(alone.logits, shared.logits, atol=1e-6)
+    assert len(calls) == 3 * len(images)
+    assert not torch.equal(together[0][0].logits, together[0][1].logits)
+
+
 def test_dinov3_features_are_timms_own_forward_at_any_grid():
     """DINOv3 (rotary positions built for each grid, no absolute table, CLS and 4 registers): its timm
     port's own forward, which builds the rotary table for any input size (the released code is not

@@ -119,10 +119,10 @@ class Method(abc.ABC):
         LPOSS reads the model after the last block, in ``across_windows``."""
         return self.needs_vfm and not self.propagates_across_windows
 
-    def across_windows(self, patch_logits: list[torch.Tensor], crops: torch.Tensor, windows: list, vfm: Tower | None,
-                       clip_normalisation) -> list[torch.Tensor]:
+    def across_windows(self, patch_logits: list[torch.Tensor], windows: list, vision) -> list[torch.Tensor]:
         """The windows' logits of one image ([Q, h', w'] each, in window order) refined together, for a method
-        that ``propagates_across_windows``; ``crops`` [W, 3, H, W] the windows as the trunk saw them."""
+        that ``propagates_across_windows``; ``vision`` (``pearl.vfm.WindowProjections``) the second vision
+        model on those windows."""
         raise NotImplementedError(f"method {self.name} does not refine its windows together")
 
     def releases_nan_windows(self) -> bool:

@@ -19,11 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from ..params import default
-from ..preprocess import Normalisation, Window
+from ..preprocess import Window
 from ..propagation import knn_affinity, propagate, symmetric_normalised
-from ..stages import stage
-from ..towers import Tower
-from ..vfm import projection_features
+from ..vfm import WindowProjections
 from . import register
 from .base import Method, value_block
 
@@ -73,19 +71,18 @@ class LPOSS(Method):
     def last_block(self, tower, x, hidden, grid, info, feedback=None):
         return value_block(tower, x, grid, "vanilla", info)
 
-    def across_windows(self, patch_logits: list[torch.Tensor], crops: torch.Tensor, windows: Sequence[Window],
-                       vfm: Tower, clip_normalisation: Normalisation) -> list[torch.Tensor]:
+    def across_windows(self, patch_logits: list[torch.Tensor], windows: Sequence[Window], vision: WindowProjections
+                       ) -> list[torch.Tensor]:
         """Each window's [Q, h'', w''] logits (fp64) after the propagation over all windows' patches, from
-        their [Q, h', w'] cosine logits and the windows' crops [W, 3, H, W] (all windows of one image, one
-        vision-model forward as upstream's). Where the vision model's grid is not CLIP's, the logits are
+        their [Q, h', w'] cosine logits and the vision model's projections of the windows (all windows of
+        one image in one forward, as upstream's). Where the vision model's grid is not CLIP's, the logits are
         resampled bilinearly to it (upstream resamples CLIP's unit features, then renormalises them)."""
-        with stage("vfm"):
-            features = projection_features(vfm, crops, clip_normalisation, self.config.feature)
+        features = vision.features(self.config.feature)
         count, grid = features.shape[0], tuple(features.shape[1:3])
         logits = torch.stack(patch_logits).float()
         if tuple(logits.shape[-2:]) != grid:
             logits = F.interpolate(logits, size=grid, mode="bilinear", align_corners=False)
         labels = logits.permute(0, 2, 3, 1).reshape(-1, logits.shape[1])
-        positions = patch_centres(windows, grid, vfm.patch_size, logits.device)
+        positions = patch_centres(windows, grid, vision.model.patch_size, logits.device)
         propagated = propagate_over_patches(labels, features.reshape(-1, features.shape[-1]), positions, self.config)
         return list(propagated.reshape(count, *grid, -1).permute(0, 3, 1, 2))
