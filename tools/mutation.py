@@ -112,7 +112,7 @@ SLIPS = [
          "tests/test_reference_pipeline.py"),
     Slip("proxyclip-keep-negatives", "pearl/methods/proxyclip.py",
          'similarity.masked_fill(similarity < 0, float("-inf"))', "similarity", "tests/test_reference_pipeline.py"),
-    Slip("vision-features-not-shared", "pearl/vfm.py", "        if key not in computed:", "        if True:",
+    Slip("vision-features-not-shared", "pearl/vfm.py", "    if key not in computed:", "    if True:",
          "tests/test_vfm.py"),
     Slip("cg-from-zero", "pearl/refine/tlp.py", "    x = z.clone()", "    x = torch.zeros_like(z)",
          "tests/test_refine.py"),
