@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import pearl
-from pearl.methods import available_methods
+from pearl.methods import available_methods, get_method
 from pearl.refine.tlp import BATCHED_TLP_VALUES, TLPRefiner
 from pearl.runner import run
 
@@ -31,12 +31,17 @@ def cuda():
     torch.backends.cudnn.allow_tf32 = conv_tf32
 
 
-@pytest.mark.parametrize("method", available_methods())
-def test_cuda_predictions_equal_the_cpu_ones(cuda, tokenizer, photos, method):
+@pytest.mark.parametrize("method, params", [(method, {}) for method in available_methods()]
+                         + [("lposs", {"lposs_plus": True})])
+def test_cuda_predictions_equal_the_cpu_ones(cuda, tokenizer, photos, method, params):
     images = [photos["chelsea"], photos["coffee"][::-1, :400]]
-    on_cpu = pearl.Segmentor(make_tiny(), CLASSES, method=method, tokenizer=tokenizer, **SMALL).predict_batch(images)
-    on_gpu = pearl.Segmentor(make_tiny(), CLASSES, method=method, tokenizer=tokenizer, device=cuda,
-                             **SMALL).predict_batch(images)
+
+    def vision() -> dict:  # each segmentor moves its vision model to its device: one (seeded) model each
+        return {"vfm": pearl.load_vfm("tiny")} if get_method(method).needs_vfm else {}
+    on_cpu = pearl.Segmentor(make_tiny(), CLASSES, method=method, tokenizer=tokenizer, **vision(), **SMALL,
+                             **params).predict_batch(images)
+    on_gpu = pearl.Segmentor(make_tiny(), CLASSES, method=method, tokenizer=tokenizer, device=cuda, **vision(),
+                             **SMALL, **params).predict_batch(images)
     for cpu, gpu in zip(on_cpu, on_gpu):
         assert gpu.labels.device.type == "cpu"  # predict_batch hands back CPU tensors
         assert (cpu.labels == gpu.labels).float().mean() >= 0.999
