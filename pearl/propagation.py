@@ -31,11 +31,12 @@ def conjugate_gradient(matvec: MatVec, b: torch.Tensor, iters: int, tol: float) 
             break
         rho = (residual * residual).sum(dim=0)
         direction = residual if direction is None else residual + (rho / rho_before) * direction
+        direction = torch.where(active, direction, torch.zeros_like(direction))  # a stopped column moves no more
         product = matvec(direction)
         step = torch.where(active, rho / (direction * product).sum(dim=0), torch.zeros_like(rho))
         x = x + step * direction
         residual = residual - step * product
-        rho_before = torch.where(active, rho, torch.ones_like(rho))  # a stopped column keeps a finite direction
+        rho_before = rho
         active = active & (residual.norm(dim=0) > threshold)
     return x
 

@@ -109,3 +109,15 @@ def test_lposs_plus_refines_any_method_at_the_input_size(tiny_model, tokenizer, 
                        .predict(photos["chelsea"]) for on in (False, True)]
         assert plain.logits.shape == plus.logits.shape and torch.isfinite(plus.logits).all()
         assert not torch.allclose(plain.logits, plus.logits)
+
+
+def test_a_stopped_column_stays_put_however_many_steps_follow():
+    """A column that meets its tolerance after one step (residual ~1e7, inside 0.9·‖b‖) keeps that step's
+    x = (bᵀb / bᵀAb)·b while another column (a rotation: it never converges) goes on for 300 steps:
+    a stopped column's search direction must not keep growing until it overflows into its x."""
+    a = torch.diag(torch.tensor([1.0, 100.0, 3.0], dtype=torch.float64))
+    rotation = torch.tensor([[0.0, 1.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    b = torch.tensor([[1e8, 1.0], [1e5, 1.0], [0.0, 1.0]], dtype=torch.float64)
+    x = conjugate_gradient(lambda v: torch.stack([a @ v[:, 0], rotation @ v[:, 1]], 1), b, 300, 0.9)
+    first = b[:, 0]
+    assert torch.allclose(x[:, 0], (first @ first) / (first @ a @ first) * first, rtol=1e-12)

@@ -1,7 +1,7 @@
 """LPOSS+: label propagation over the pixels of the fused logits, on the image's colours.
 
 vladan-stojnic/LPOSS@e489a74 ``segmentation/evaluation/lposs_eval.py`` under ``pixel_refine``
-(``get_pixel_connections``, ``get_lposs_plus_laplacian``, ``perform_lp``), docs/methods.md §12.2. At
+(``get_pixel_connections``, ``get_lposs_plus_laplacian``, ``perform_lp``), docs/methods.md §12.1. At
 the input size (the rescaled image the windows were cut from; a whole-image prediction is first
 resized to it), each pixel is joined to every other pixel of its r×r neighbourhood by exp(−‖Δ Lab‖/τ),
 CIE Lab (kornia's ``rgb_to_lab``) divided by (100, 128, 128); the graph is normalised symmetrically
