@@ -221,7 +221,8 @@ class Segmentor:
     def window_logits(self, shared: Trunk, stats: dict | None) -> torch.Tensor:
         """[N, Q, h', w'] cosine logits of this method's last block on a shared trunk."""
         info = {} if stats is not None else None
-        feats = self.tower.head(shared, self.method, info, self.window_feedback())
+        feats = self.method.window_features(self.tower.head(shared, self.method, info, self.window_feedback()),
+                                            shared.images, self.vfm)
         for key, value in (info or {}).items():
             stats[key].append(value)
         # contiguous: bilinear upsampling of the permuted (channels-last) view is several times slower

@@ -154,20 +154,21 @@ def test_text_prompts_are_encoded_in_batches_across_queries(tiny_model, tokenize
 
 @pytest.mark.parametrize("crop", [64, 0])
 @pytest.mark.parametrize("plus", [False, True])
-def test_lposs_agrees_with_upstream_flow(tiny_model, tokenizer, photos, crop, plus):
+@pytest.mark.parametrize("patch", [16, 8])
+def test_lposs_agrees_with_upstream_flow(tiny_model, tokenizer, photos, crop, plus, patch):
     """LPOSS (and LPOSS+) against tests/reference/lposs.py: scipy's sparse graphs and conjugate gradients,
-    a full-sort kNN, scikit-image's Lab. A random DINO-architecture vision model of patch 16, so that its
-    grid is CLIP's as DINO ViT-B/16's is (then upstream's flow is exactly computable); 40 neighbours of
-    96 patches (6 windows of 4×4) sliding, of 54 for the whole 96×144 image (a multiple of 16: upstream
-    pads the whole image, which we do not, docs/methods.md §12.3)."""
+    a full-sort kNN, scikit-image's Lab. Random DINO-architecture vision models of patch 16 (CLIP's grid,
+    as DINO ViT-B/16's) and 8 (twice CLIP's: CLIP's unit features resampled to it); 40 neighbours of the
+    96 or 384 patches of 6 windows sliding, of the whole 96×144 image's 54 or 216 (a multiple of 16:
+    upstream pads the whole image, which we do not, docs/methods.md §12.3)."""
     import timm
 
     from pearl.towers import tower_for
 
     from .reference import lposs as lposs_ref
     torch.manual_seed(3)
-    vision = tower_for(timm.create_model("vit_base_patch16_224.dino", pretrained=False, num_classes=0, embed_dim=64,
-                                         num_heads=2, depth=4, img_size=64).eval())
+    vision = tower_for(timm.create_model(f"vit_base_patch{patch}_224.dino", pretrained=False, num_classes=0,
+                                         embed_dim=64, num_heads=2, depth=4, img_size=64).eval())
     params = dict(resize_short=96, slide_crop=crop, slide_stride=48, logit_scale=100, prob_thd=0.0, lposs_k=40,
                   lposs_plus=plus)
     seg = pearl.Segmentor(tiny_model, CLASSES, method="lposs", tokenizer=tokenizer, vfm=vision, **params)
@@ -177,7 +178,7 @@ def test_lposs_agrees_with_upstream_flow(tiny_model, tokenizer, photos, crop, pl
         image01 = torch.from_numpy(flow.rescaled(image, 96) / 255.0).float().permute(2, 0, 1)[None]
         logits = lposs_ref.segment_logits(
             tiny_model, seg.prototypes, image01, crop, 48,
-            dict(vision_sd=vision.visual.state_dict(), patch=16, heads=2, depth=4),
+            dict(vision_sd=vision.visual.state_dict(), patch=patch, heads=2, depth=4),
             dict(sigma=0.01, power=1.0, k=40, gamma=3.0, alpha=0.95),
             dict(tau=0.01, neigh=6, alpha=0.95) if plus else None)
     logits = torch.nn.functional.interpolate(logits[None], size=image.shape[:2], mode="bilinear", align_corners=False)

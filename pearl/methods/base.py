@@ -113,6 +113,11 @@ class Method(abc.ABC):
         method whose features come out at a second vision model's grid)."""
         return grid
 
+    def window_features(self, feats: torch.Tensor, windows: torch.Tensor, vfm: Tower | None) -> torch.Tensor:
+        """The unit features [B, h, w, D] the windows' logits are taken from, given the tower's ``feats``
+        [B, h', w', D] of the windows [B, 3, H, W] (LPOSS: on the second vision model's grid); as they are."""
+        return feats
+
     @property
     def vfm_in_last_block(self) -> bool:
         """Whether ``last_block`` takes the second vision model's features as its feedback (ProxyCLIP);

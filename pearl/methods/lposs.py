@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ..params import default
 from ..preprocess import Window
 from ..propagation import knn_affinity, propagate, symmetric_normalised
+from ..towers import Tower
 from ..vfm import WindowProjections
 from . import register
 from .base import Method, value_block
@@ -71,17 +72,23 @@ class LPOSS(Method):
     def last_block(self, tower, x, hidden, grid, info, feedback=None):
         return value_block(tower, x, grid, "vanilla", info)
 
+    def window_features(self, feats: torch.Tensor, windows: torch.Tensor, vfm: Tower | None) -> torch.Tensor:
+        """CLIP's unit features resampled bilinearly to the vision model's grid and normalised again where
+        the two grids differ (DINO B/8, DINOv2 B/14), as ``slide_inference`` resamples them."""
+        grid = (windows.shape[-2] // vfm.patch_size, windows.shape[-1] // vfm.patch_size)
+        if tuple(feats.shape[1:3]) == grid:
+            return feats
+        resampled = F.interpolate(feats.permute(0, 3, 1, 2), size=grid, mode="bilinear", align_corners=False)
+        return F.normalize(resampled.permute(0, 2, 3, 1), dim=-1)
+
     def across_windows(self, patch_logits: list[torch.Tensor], windows: Sequence[Window], vision: WindowProjections
                        ) -> list[torch.Tensor]:
         """Each window's [Q, h'', w''] logits (fp64) after the propagation over all windows' patches, from
-        their [Q, h', w'] cosine logits and the vision model's projections of the windows (all windows of
-        one image in one forward, as upstream's). Where the vision model's grid is not CLIP's, the logits are
-        resampled bilinearly to it (upstream resamples CLIP's unit features, then renormalises them)."""
+        their [Q, h'', w''] cosine logits (on the vision model's grid: ``window_features``) and the vision
+        model's projections of the windows (all windows of one image in one forward, as upstream's)."""
         features = vision.features(self.config.feature)
         count, grid = features.shape[0], tuple(features.shape[1:3])
         logits = torch.stack(patch_logits).float()
-        if tuple(logits.shape[-2:]) != grid:
-            logits = F.interpolate(logits, size=grid, mode="bilinear", align_corners=False)
         labels = logits.permute(0, 2, 3, 1).reshape(-1, logits.shape[1])
         positions = patch_centres(windows, grid, vision.model.patch_size, logits.device)
         propagated = propagate_over_patches(labels, features.reshape(-1, features.shape[-1]), positions, self.config)
