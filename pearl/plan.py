@@ -18,16 +18,18 @@ from .errors import ConfigError, MissingFileError, UserError
 from .loading import load_clip, prepare_model, resolve_device, tiny_clip
 from .methods import get_method
 from .params import PARAMS
-from .protocols import class_names, protocol
+from .protocols import class_names, method_facts, protocol
 from .records import DEFAULT_MODEL, SCHEMA_VERSION, code_version, config_hash, file_sha256, model_label
 from .settings import OPERATIONAL_PARAMS, deviations, resolve_settings
 from .text import load_vocabulary, template_set
 from .vfm import TINY, vfm_for
 
 
-def _precision(requested: str, device: torch.device) -> str:
-    if requested == "auto":  # released code: fp16 on GPU, fp32 on CPU (docs/protocol.md §7)
-        return "fp16" if device.type == "cuda" else "fp32"
+def resolved_precision(requested: str, device: torch.device, method: str) -> str:
+    """``requested``, or for "auto" what the method's released code runs: on a GPU its protocol's
+    ``gpu_precision`` (fp16 but for LPOSS), fp32 on the CPU (docs/protocol.md §7)."""
+    if requested == "auto":
+        return method_facts(method).gpu_precision if device.type == "cuda" else "fp32"
     return requested
 
 
@@ -138,7 +140,7 @@ def plan(cfg: DictConfig) -> Job:
     validate_config(cfg)
     dataset = _dataset(cfg)  # a missing dataset fails here, before any model is loaded
     device = resolve_device(cfg.device)
-    precision = _precision(cfg.model.precision, device)
+    precision = resolved_precision(cfg.model.precision, device, cfg.method.name)
     overrides, params, classes = job_params(cfg)
     try:
         resolved = resolve_settings(cfg.method.name, cfg.pa, cfg.tlp, params)
@@ -213,12 +215,14 @@ def shared_trunk_key(cfg: DictConfig) -> str | None:
         validate_config(cfg)
         _, params, _ = job_params(cfg)
         resolved = resolve_settings(cfg.method.name, cfg.pa, cfg.tlp, params)
+        precision = resolved_precision(cfg.model.precision, resolve_device(cfg.device), cfg.method.name)
     except (UserError, ValueError):
         return None
     method = get_method(cfg.method.name)
     windows = {name: resolved[name] for name in ("resize_short", "resize_long", "slide_crop", "slide_stride")}
     return config_hash({"dataset": OmegaConf.to_container(cfg.dataset, resolve=True), "data_root": cfg.data_root,
                         "model": OmegaConf.to_container(cfg.model, resolve=True), "device": cfg.device,
+                        "precision": precision,  # auto is the method's own on a GPU (LPOSS: fp32)
                         "windows": windows,
                         "model_dtype_input": method.fuse_in_model_dtype, "padding": method.pad_crops_to,
                         "positions": method.position_interpolation,

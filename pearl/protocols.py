@@ -59,6 +59,7 @@ class MethodFacts(NamedTuple):
     has_query_key_term: bool   # PA (which rotates keys against queries) can change it
     resclip_host: bool         # resclip=true applies (ResCLIP's released code has its attention strategy)
     vfm: str | None   # the second vision model it reads by default (pearl.vfm), or None
+    gpu_precision: str  # what its released code runs on a GPU ("fp16", or "fp32": LPOSS); precision=auto
 
 
 @functools.lru_cache(maxsize=None)

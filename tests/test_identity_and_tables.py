@@ -632,11 +632,11 @@ def test_lposs_rows_take_the_records_of_its_own_clip_and_the_papers_cells_sit_be
                                                                                               tmp_path):
     """LPOSS's code runs OpenCLIP's LAION-2B ViT-B/16: its rows take only records of that model (and of DINO
     B/16), whatever model the table is for; PEARL's Table 1 "LPOSS" numbers (its paper's LPOSS+) sit beside
-    the lposs_plus=true row, none beside the patch-only row. +experiment=lposs sets that model in fp32."""
+    the lposs_plus=true row, none beside the patch-only row. +experiment=lposs sets that model."""
     from pearl.tables import MAIN, Selection, build_table, candidates, load_paper
     experiment = compose(["+experiment=lposs"])
     assert (experiment.model.name, experiment.model.pretrained, experiment.model.precision) == (
-        "ViT-B-16", "laion2b_s34b_b88k", "fp32")
+        "ViT-B-16", "laion2b_s34b_b88k", "auto")  # auto: fp32 for LPOSS on a GPU, as upstream
     record = runner.run(compose(_job(synthetic, tmp_path / "res", "method=lposs")))
     assert record.model["vfm"] == "tiny:random" and record.params["lposs_plus"] is False
     # the same record as if made by LPOSS+ on LPOSS's own models (LPOSS+ itself: tests/test_propagation.py)
@@ -652,3 +652,16 @@ def test_lposs_rows_take_the_records_of_its_own_clip_and_the_papers_cells_sit_be
     main = build_table([laion], load_paper(REPO / "results" / "paper"), MAIN, selection=selection).set_index("row")
     assert main.loc[plus.title, "VOC21_paper"] == 61.1 and main.loc[plus.title, "model"] == "ViT-B-16:laion2b_s34b_b88k"
     assert pd.isna(main.loc[patches.title, "VOC21_paper"])
+
+
+def test_auto_precision_is_what_each_method_s_released_code_runs():
+    """LPOSS's released code keeps OpenCLIP and DINO in fp32 on a GPU; the others run fp16 there; the
+    CPU runs fp32; an explicit precision is kept."""
+    import torch
+
+    from pearl.plan import resolved_precision
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolved_precision("auto", cuda, "lposs") == "fp32"
+    assert resolved_precision("auto", cuda, "naclip") == "fp16" == resolved_precision("auto", cuda, "proxyclip")
+    assert resolved_precision("auto", cpu, "naclip") == "fp32"
+    assert resolved_precision("fp16", cuda, "lposs") == "fp16"

@@ -90,6 +90,20 @@ def test_jobs_with_a_logger_or_several_workers_are_evaluated_alone(synthetic, tm
     assert plan_module.shared_trunk_key(cfgs[0]) is None
 
 
+def test_jobs_whose_auto_precision_differs_on_a_gpu_do_not_share_a_trunk(synthetic, tmp_path, monkeypatch):
+    """precision=auto is the method's released precision on a GPU (LPOSS: fp32): a group loads one
+    model, so two jobs that would run at different precisions must not share it."""
+    import torch
+
+    from pearl.protocols import method_facts
+    cfg = _cfgs(synthetic, tmp_path, PEARL_SWEEP[:1])[0]
+    monkeypatch.setattr(plan_module, "resolve_device", lambda requested: torch.device("cuda"))
+    fp16 = plan_module.shared_trunk_key(cfg)
+    monkeypatch.setattr(plan_module, "method_facts",
+                        lambda method: method_facts(method)._replace(gpu_precision="fp32"))
+    assert fp16 is not None and plan_module.shared_trunk_key(cfg) not in (None, fp16)
+
+
 @pytest.mark.slow  # a subprocess of run.py
 def test_run_py_sweeps_share_the_trunk_by_default(synthetic, tmp_path):
     command = [sys.executable, "run.py", "-m", "model=tiny", f"data_root={synthetic}", f"results_dir={tmp_path}",
