@@ -26,11 +26,24 @@ class Normalisation(NamedTuple):
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
+    def columns(self, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) as fp32 [3, 1, 1] tensors on ``device``."""
+        return tuple(torch.tensor(values, dtype=torch.float32, device=device).view(3, 1, 1)
+                     for values in (self.mean, self.std))
+
+    def normalised(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(x − mean) / std of RGB pixels [..., 3, H, W] on the 0–255 scale."""
+        mean, std = self.columns(pixels.device)
+        return (pixels - mean) / std
+
+    def pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """fp32 RGB on the 0–255 scale of images [..., 3, H, W] normalised with these statistics."""
+        mean, std = self.columns(images.device)
+        return images.float() * std + mean
+
     def unnormalised(self, images: torch.Tensor) -> torch.Tensor:
         """fp32 RGB in [0, 1] of images [..., 3, H, W] normalised with these statistics."""
-        def column(values) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=images.device).view(3, 1, 1)
-        return (images.float() * column(self.std) + column(self.mean)) / 255
+        return self.pixels(images) / 255
 
 
 OPENAI_NORMALISATION = Normalisation(CLIP_MEAN, CLIP_STD)
@@ -116,10 +129,7 @@ def rescale(image: np.ndarray, short: int, long: int = 2048) -> np.ndarray:
 
 def normalise(image: np.ndarray, normalisation: Normalisation = OPENAI_NORMALISATION) -> torch.Tensor:
     """[3, H, W] float32 from an H×W×3 uint8 RGB image, (x − mean) / std on the 0–255 scale."""
-    tensor = torch.from_numpy(image).permute(2, 0, 1).float()
-    mean = torch.tensor(normalisation.mean).view(3, 1, 1)
-    std = torch.tensor(normalisation.std).view(3, 1, 1)
-    return (tensor - mean) / std
+    return normalisation.normalised(torch.from_numpy(image).permute(2, 0, 1).float())
 
 
 class PreparedImage(NamedTuple):

@@ -103,11 +103,9 @@ class Segmentor:
         released ProxyCLIP runs it in fp16 beside its fp16 CLIP); None for a method without one."""
         if not self.method.needs_vfm:
             return None
-        if vfm is None:
-            from .protocols import method_facts
+        if vfm is None:  # the method's own vision model is a fact of its protocol, set on its class
             raise ConfigError(f"method={method} needs a second vision model: Segmentor(..., vfm="
-                              f"pearl.load_vfm({method_facts(method).vfm!r})) "
-                              f"(docs/architecture.md §2.2)")
+                              f"pearl.load_vfm({self.method.vfm!r})) (docs/architecture.md §2.2)")
         vfm.visual.to(self.device, dtype=self.tower.dtype)
         return vfm
 

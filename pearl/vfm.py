@@ -125,9 +125,7 @@ def renormalise(windows: torch.Tensor, source: Normalisation, target: Normalisat
     instead: the released codes un-normalise CLIP's input and apply the vision model's (ImageNet)
     statistics (ProxyCLIP ``proxyclip_segmentor.py`` ``forward_feature``). Pixels padded with zeros
     in CLIP's space become CLIP's mean colour, as there."""
-    def column(values) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.float32, device=windows.device).view(3, 1, 1) / 255
-    return (source.unnormalised(windows) - column(target.mean)) / column(target.std)
+    return target.normalised(source.pixels(windows))
 
 
 def dense_features(vfm: Tower, windows: torch.Tensor, clip_normalisation: Normalisation) -> torch.Tensor:
