@@ -81,7 +81,8 @@ def reference_predict(seg: Segmentor, image) -> Prediction:
     windows = []
     hidden, positions = seg.method.needs_hidden_states, seg.method.position_interpolation
     for window in item.windows:
-        windows.append(seg.window_logits(seg.tower.trunk(seg.crop(item, window)[None], hidden, positions), None))
+        windows.append(seg.window_logits(seg.tower.trunk(seg.crop(item, window)[None], hidden, positions), None,
+                                         [item.input]))
     info = {"windows": len(item.windows)}
     if seg.windows.slide_crop <= 0:
         fused = seg.fuse(item, [windows[0][0]], info)

@@ -76,7 +76,7 @@ class JointPrediction:
                                           lead.method.position_interpolation)
             for seg, logits_of, seg_stats in zip(fusing, patch_logits, stats):
                 with stage("backbone"):
-                    chunk_logits = seg.window_logits(shared, seg_stats)
+                    chunk_logits = seg.window_logits(shared, seg_stats, [prepared[i].input for i, _, _ in chunk])
                 for (image_index, window_index, _), window_logits in zip(chunk, chunk_logits):
                     logits_of[image_index][window_index] = window_logits
         forward_info = [{key: torch.stack(values).mean() for key, values in (seg_stats or {}).items()}

@@ -133,6 +133,37 @@ PARAMS: dict[str, Param] = {
                          check=lambda v: 0 <= v < 1, valid="in [0, 1)"),
     "lposs_iters": Param(10, "LPOSS: conjugate-gradient steps at most per query (released 10), each stopping "
                              "at a residual of 1e-6 of its start", check=_at_least(0), valid="≥ 0"),
+    "cass_global_weight": Param(0.0, "CASS: weight g of the image's CLS similarity in the logits, "
+                                     "(1 − g)·cos(patch, adjusted prompt) + g·cos(CLS, prompt) (per dataset)",
+                                check=lambda v: 0 <= v <= 1, valid="in [0, 1]"),
+    "cass_mean_vector_weight": Param(0.0, "CASS: weight with which each cluster's chosen prompt moves towards the mean "
+                                          "of its two most similar patches (per dataset)",
+                                     check=lambda v: 0 <= v <= 1, valid="in [0, 1]"),
+    "cass_h_threshold": Param(0.0, "CASS: the height at which the Ward tree of the prompts' cosine distances is cut "
+                                   "into clusters (per dataset)", check=_at_least(0), valid="≥ 0"),
+    "cass_global_embedding": Param("image", "CASS: the CLS embedding the logits read when sliding: the whole "
+                                            "image's ('image', released) or each window's ('window', released on "
+                                            "Cityscapes)", ("image", "window")),
+    "cass_gauss_std": Param(5.0, "CASS: std (in patches) of the Gaussian neighbourhood bias added to its attention",
+                            check=_above(0), valid="> 0"),
+    "cass_vfm_weight": Param(10.0, "CASS: scale f of a head pair's spectral distance w in the mix "
+                                   "(w·f·A_vision + A_CLIP)/(w·f + 1)", check=_at_least(0), valid="≥ 0"),
+    "cass_eigenvalues": Param(20, "CASS: largest eigenvalues of each head's key-key adjacency compared between the "
+                                  "two models", check=_at_least(1), valid="≥ 1"),
+    "cass_rank": Param(10, "CASS: rank of the vision model's adjacency after its low-rank approximation (released "
+                           "10: its energy rule always stops at the first rank tried)", check=_at_least(1),
+                       valid="≥ 1"),
+    "cass_low_rank": Param("randomized", "CASS: that approximation by a randomised SVD ('randomized', released: "
+                                         "torch.svd_lowrank, 2 power iterations, test matrices from a generator "
+                                         "seeded per window) or the exact truncated SVD ('exact')",
+                           ("randomized", "exact")),
+    "cass_rescale_singular_values": Param(True, "CASS: kept singular values stretched to [0.5·min, 1.5·max] "
+                                                "(released everywhere but VOC20 and Cityscapes)"),
+    "cass_head_pairing": Param("released", "CASS: which vision head mixes into CLIP head i after the Hungarian "
+                                           "matching of their spectra: 'released' (vision head c(i), c(i) the CLIP "
+                                           "head matched to vision head i: indices crossed as in its code) or "
+                                           "'matched' (the vision head matched to CLIP head i)",
+                               ("released", "matched")),
     "lposs_plus": Param(False, "LPOSS+: label propagation over the pixels of the fused logits at the input size, "
                                "on the image's colours (the method lposs's second stage; any method can use it)"),
     "lposs_plus_window": Param(13, "LPOSS+: side r of each pixel's neighbourhood (neighbours within r // 2)",

@@ -27,7 +27,7 @@ from .methods.resclip import SemanticFeedback
 from .preprocess import PreparedImage, Window, WindowConfig, prepare_image, sliding_windows
 from .refine import Refiner, RefinerContext, build_refiners
 from .settings import resolve_settings
-from .stages import stage
+from .stages import once_per, stage
 from .text import Vocabulary, load_vocabulary, template_set, text_prototypes
 from .towers import Tower, TowerConfig, Trunk, tower_for
 from .vfm import VisionFeatures, WindowProjections
@@ -106,6 +106,7 @@ class Segmentor:
         if vfm is None:  # the method's own vision model is a fact of its protocol, set on its class
             raise ConfigError(f"method={method} needs a second vision model: Segmentor(..., vfm="
                               f"pearl.load_vfm({self.method.vfm!r})) (docs/architecture.md §2.2)")
+        self.method.check_vfm(self.tower, vfm)
         vfm.visual.to(self.device, dtype=self.tower.dtype)
         return vfm
 
@@ -214,17 +215,42 @@ class Segmentor:
         ResCLIP's semantic feedback, a second vision model's features, or nothing."""
         if self.method.needs_feedback:
             return SemanticFeedback(self.prototypes, self.decision.config.logit_scale)
-        return VisionFeatures(self.vfm, self.normalisation) if self.method.vfm_in_last_block else None
+        if not self.method.vfm_in_last_block:
+            return None
+        return VisionFeatures(self.vfm, self.normalisation, self.method.vfm_feature, self.method.prepare_vfm_input)
 
-    def window_logits(self, shared: Trunk, stats: dict | None) -> torch.Tensor:
-        """[N, Q, h', w'] cosine logits of this method's last block on a shared trunk."""
+    def window_logits(self, shared: Trunk, stats: dict | None, inputs: Sequence[torch.Tensor] | None = None
+                      ) -> torch.Tensor:
+        """[N, Q, h', w'] logits of this method's last block on a shared trunk (the cosines, or what the
+        method makes of them: ``Method.logits``); ``inputs`` the input of each window's image, for a
+        method that reads the whole image's embedding."""
         info = {} if stats is not None else None
         feats = self.method.window_features(self.tower.head(shared, self.method, info, self.window_feedback()),
                                             shared.images, self.vfm)
         for key, value in (info or {}).items():
             stats[key].append(value)
+        embeddings = self.image_embeddings(shared, inputs) if self.method.reads_image_embedding else None
+        logits = self.method.logits(feats.to(self.dtype), self.prototypes, embeddings)
         # contiguous: bilinear upsampling of the permuted (channels-last) view is several times slower
-        return (feats.to(self.dtype) @ self.prototypes.T).permute(0, 3, 1, 2).contiguous()
+        return logits.permute(0, 3, 1, 2).contiguous()
+
+    def image_embeddings(self, shared: Trunk, inputs: Sequence[torch.Tensor] | None) -> torch.Tensor:
+        """[N, D] unit CLS embeddings the method reads (``Method.reads_image_embedding``): each window's, or
+        the whole image's of each window (one forward of the image, once for every job of a shared trunk)."""
+        if self.method.reads_image_embedding == "window" or self.windows.slide_crop <= 0:
+            embeddings = self.tower.cls_embedding(shared)
+        elif inputs is None:
+            raise ValueError(f"method {self.method.name} reads the whole image's embedding: give window_logits "
+                             f"the input of each window's image")
+        else:
+            key = ("cls embedding", id(self.model), self.method.position_interpolation)
+            embeddings = torch.stack([once_per(image, key, functools.partial(self._whole_image_embedding, image),
+                                               "backbone") for image in inputs])
+        return embeddings / embeddings.norm(dim=-1, keepdim=True)
+
+    def _whole_image_embedding(self, image: torch.Tensor) -> torch.Tensor:
+        trunk = self.tower.trunk(image[None].to(self.tower.dtype), positions=self.method.position_interpolation)
+        return self.tower.cls_embedding(trunk)[0]
 
     def finish_images(self, items: list[WindowedImage], fused: list[OriginalSizeLogits], infos: list[dict],
                        on_device: bool) -> list[Prediction]:

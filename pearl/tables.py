@@ -53,7 +53,7 @@ class Row:
     profile: str = "own"
     pacc_row: str | None = None  # the row of the paper's pAcc table (Table 2) beside this one
     model: str | None = None     # a fixed model label (Table 6); None = the table's model
-    vfm: str | None = None  # the second vision model its records ran with (ProxyCLIP); None = any
+    vfm: str | None = None  # the second vision model its records ran with (ProxyCLIP, LPOSS, CASS); None = any
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,11 @@ MAIN = [Row("CLIP", "vanilla", False, False, "table1", "CLIP"),
         Row("LPOSS+ (LAION-2B B/16, DINO B/16)", "lposs", False, False, "table1", "LPOSS", {"lposs_plus": True},
             model=LPOSS_MODEL, vfm="dino_b16"),
         Row("LPOSS (LAION-2B B/16, DINO B/16)", "lposs", False, False, None, None, model=LPOSS_MODEL, vfm="dino_b16"),
+        # PEARL's Table 1 ran CASS with DINOv2 B/14 with registers and with DINOv3 B/16 (+experiment=cass); its
+        # code defaults to DINO ViT-B/8
+        Row("CASS (DINOv2 B/14 reg.)", "cass", False, False, "table1", "CASS (DINOv2)", vfm="dinov2_b14_reg"),
+        Row("CASS (DINOv3 B/16)", "cass", False, False, "table1", "CASS (DINOv3)", vfm="dinov3_b16"),
+        Row("CASS (DINO B/8, its code's default)", "cass", False, False, None, None, vfm="dino_b8"),
         Row("PEARL", "pearl", True, True, "table1", "PEARL (Ours)", pacc_row="PEARL (Ours)")]
 ABLATION = [Row("Vanilla CLIP (full block)", "vanilla", False, False, "table3", "Vanilla CLIP (no PA, no TLP)"),
             Row("PA only", "pearl", True, False, "table3", "PA only"),

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import functools
 import os
-import weakref
 from typing import Callable, NamedTuple
 
 import torch
 
 from .errors import ConfigError, MissingFileError, WeightsError
 from .preprocess import Normalisation
+from .stages import once_per
 from .towers import Tower, tower_for
 
 
@@ -146,7 +146,12 @@ def projection_features(vfm: Tower, windows: torch.Tensor, clip_normalisation: N
     or "v") of the patch tokens, its heads side by side, for CLIP-normalised windows [B, 3, H, W]: what
     LPOSS hooks on the last block's ``attn.qkv`` (``models/lposs/lposs.py`` ``extract_feats``; a rotary
     tower's q and k come rotated)."""
-    shared = vfm.trunk(vfm_input(vfm, windows, clip_normalisation))
+    return projections(vfm, vfm_input(vfm, windows, clip_normalisation), kind)
+
+
+def projections(vfm: Tower, inputs: torch.Tensor, kind: str) -> torch.Tensor:
+    """``projection_features`` of inputs [B, 3, H, W] already in the vision model's statistics and dtype."""
+    shared = vfm.trunk(inputs)
     block = vfm.block(-1, shared.grid)
     chosen = dict(zip("qkv", block.qkv(block.norm(shared.x))))[kind][:, :, vfm.prefix_tokens:]
     batch, heads, _, width = chosen.shape
@@ -154,18 +159,26 @@ def projection_features(vfm: Tower, windows: torch.Tensor, clip_normalisation: N
 
 
 class VisionFeatures(NamedTuple):
-    """What a method that needs a second vision model receives (``Method.needs_vfm``): the
-    model and CLIP's input statistics; ``Tower.head`` binds it to the trunk's windows."""
+    """What a method that needs a second vision model receives in its last block (``Method.needs_vfm``):
+    the model, CLIP's input statistics, what the method reads (``kind``: "dense", the final-norm patch
+    tokens, or the last block's "q", "k" or "v" projection) and how the model's input is made from
+    CLIP's windows (``prepare``: ``vfm_input``, or a method's own rule); ``Tower.head`` binds it to the
+    trunk's windows."""
 
     model: Tower
     clip_normalisation: Normalisation
+    kind: str = "dense"
+    prepare: Callable[[Tower, torch.Tensor, Normalisation], torch.Tensor] = vfm_input
 
     def on(self, windows: torch.Tensor) -> torch.Tensor:
-        """[B, h'', w'', C]: the vision model's dense features of ``windows`` (the stage ``vfm``, timed
-        apart from CLIP's backbone), computed once for every segmentor of a shared trunk that binds the
-        same vision model to the same windows; kept only while the windows are."""
-        return _once_per(windows, ("dense", self.model, self.clip_normalisation),
-                         lambda: dense_features(self.model, windows, self.clip_normalisation))
+        """[B, h'', w'', C]: the vision model's features of ``windows`` (the stage ``vfm``, timed apart
+        from CLIP's backbone), computed once for every segmentor of a shared trunk that binds the same
+        vision model, kind and input rule to the same windows; kept only while the windows are."""
+        return once_per(windows, ("window", *self), lambda: self._read(windows), "vfm")
+
+    def _read(self, windows: torch.Tensor) -> torch.Tensor:
+        inputs = self.prepare(self.model, windows, self.clip_normalisation)
+        return self.model.normed_tokens(inputs) if self.kind == "dense" else projections(self.model, inputs, self.kind)
 
 
 class WindowProjections(NamedTuple):
@@ -182,26 +195,9 @@ class WindowProjections(NamedTuple):
         """[W, h'', w'', C]: ``projection_features`` of the windows (the stage ``vfm``), computed once per
         image for every segmentor of a shared trunk that asks for the same model and kind; kept only while
         the image's input is."""
-        return _once_per(self.image, ("projection", self.model, self.clip_normalisation, kind),
-                         lambda: projection_features(self.model, self.crops(), self.clip_normalisation, kind))
+        return once_per(self.image, ("projection", self.model, self.clip_normalisation, kind),
+                        lambda: projection_features(self.model, self.crops(), self.clip_normalisation, kind), "vfm")
 
-
-def _once_per(owner: torch.Tensor, key: tuple, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """``compute()`` (the stage ``vfm``) once per ``owner`` tensor and ``key``, kept while ``owner`` lives."""
-    computed = _features_of.get(id(owner))
-    if computed is None:
-        computed = _features_of[id(owner)] = {}
-        weakref.finalize(owner, _features_of.pop, id(owner), None)
-    if key not in computed:
-        from .stages import stage
-        with stage("vfm"):
-            computed[key] = compute()
-    return computed[key]
-
-
-# id(a window batch or an image's input) → key → features; an entry goes when its tensor does
-# (tensors compare elementwise, so they cannot key a WeakKeyDictionary)
-_features_of: dict[int, dict] = {}
 
 
 def vfm_for(method: str, requested: str | None, clip_model: str) -> str | None:

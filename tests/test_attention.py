@@ -28,13 +28,14 @@ def test_every_method_hands_back_the_weights_it_multiplies_the_values_with(name,
     asked = {ATTENTION: None}
     vision = None  # ProxyCLIP: the tiny vision model's features of the window (8-pixel patches: a 12×16 grid)
     if method.vfm_in_last_block:
-        vision = VisionFeatures(load_vfm("tiny"), tiny_tower.normalisation).on(trunk_out.images)
+        vision = VisionFeatures(load_vfm("tiny"), tiny_tower.normalisation, method.vfm_feature,
+                                method.prepare_vfm_input).on(trunk_out.images)
     with torch.no_grad():
         out = method.last_block(tiny_tower, trunk_out.x, trunk_out.hidden, trunk_out.grid, asked, vision)
         plain = method.last_block(tiny_tower, trunk_out.x, trunk_out.hidden, trunk_out.grid, None, vision)
     weights = asked[ATTENTION]
-    # SFP's and SC-CLIP's main branch attends over the patches only; ProxyCLIP over the vision model's
-    tokens = 12 * 16 if vision is not None else 6 * 8 + (0 if name in ("sfp", "scclip") else 1)
+    # SFP's, SC-CLIP's and CASS's attention is over the patches only; ProxyCLIP's over the vision model's
+    tokens = 12 * 16 if name == "proxyclip" else 6 * 8 + (0 if name in ("sfp", "scclip", "cass") else 1)
     assert weights.shape == (1, ref.HEADS, tokens, tokens) and (weights >= 0).all()
     row_sums = torch.full((1, ref.HEADS, tokens), 2.0 if name == "sclip" else 1.0)  # SCLIP: two softmaxes summed
     assert torch.allclose(weights.sum(-1), row_sums, atol=1e-5)
@@ -42,6 +43,9 @@ def test_every_method_hands_back_the_weights_it_multiplies_the_values_with(name,
     if name in ("naclip", "clearclip", "pearl"):  # reduced blocks: out_proj(A·v) is the whole output
         _, _, v = ref.qkv(blocks[-1], trunk_out.x)
         assert torch.allclose(out, ref.out_proj(blocks[-1], weights @ v)[:, 1:], atol=1e-5)
+    if name == "cass":  # reduced, over the patches alone
+        _, _, v = ref.qkv(blocks[-1], trunk_out.x)
+        assert torch.allclose(out, ref.out_proj(blocks[-1], weights @ v[:, :, 1:]), atol=1e-5)
 
 
 def test_vanilla_attention_is_open_clips_own_last_block_attention(tiny_model, tiny_tower, trunk_out):

@@ -159,13 +159,17 @@ def test_sweep_tables_and_resume_in_a_subprocess(synthetic, tmp_path):
     assert list(main["row"]) == ["CLIP", "SCLIP", "NACLIP (no PAMR)", "MaskCLIP", "GEM", "ClearCLIP", "SFP", "SC-CLIP",
                                  "SCLIP + ResCLIP", "NACLIP + ResCLIP", "ClearCLIP + ResCLIP",
                                  "ProxyCLIP (DINOv2 B/14 reg.)", "ProxyCLIP (DINO B/8, its code's default)",
-                                 "LPOSS+ (LAION-2B B/16, DINO B/16)", "LPOSS (LAION-2B B/16, DINO B/16)", "PEARL"]
+                                 "LPOSS+ (LAION-2B B/16, DINO B/16)", "LPOSS (LAION-2B B/16, DINO B/16)",
+                                 "CASS (DINOv2 B/14 reg.)", "CASS (DINOv3 B/16)", "CASS (DINO B/8, its code's default)",
+                                 "PEARL"]
     beside = main.set_index("row")  # rows outside PEARL's Table 1 carry their own published numbers
     assert beside.loc["SC-CLIP", "paper_source"] == "own_sources: SC-CLIP README figure"
     assert beside.loc["SC-CLIP", "VOC21_paper"] == 64.6 and beside.loc["NACLIP + ResCLIP", "ADE_paper"] == 18.0
     # PEARL's Table 1 ProxyCLIP ran DINOv2 with registers: its cells sit beside that row only
     assert beside.loc["ProxyCLIP (DINOv2 B/14 reg.)", "VOC21_paper"] == 58.6
     assert pd.isna(beside.loc["ProxyCLIP (DINO B/8, its code's default)", "VOC21_paper"])
+    assert beside.loc["CASS (DINOv2 B/14 reg.)", "VOC20_paper"] == 86.1
+    assert beside.loc["CASS (DINOv3 B/16)", "VOC20_paper"] == 87.6
     assert beside.loc["PEARL", "paper_source"] == "table1: PEARL (Ours)"
     assert [c for c in main.columns if c.endswith("_ours")] == [
         "VOC21_ours", "PC60_ours", "Object_ours", "VOC20_ours", "PC59_ours", "Stuff_ours", "City_ours", "ADE_ours",
@@ -311,7 +315,7 @@ def test_the_nan_window_warning_names_the_method():
     (["method=pearl", "tlp_gird=40"], "unknown key 'tlp_gird'; did you mean 'tlp_grid'?"),
     (["dataset.imgs=/x"], "unknown key 'dataset.imgs'; did you mean 'images'?"),
     (["-m", "dataset=voc21,ade2k"], "dataset='ade2k' is not valid; did you mean 'ade20k'?"),
-    (["method=nosuch"], "method='nosuch' is not valid; valid: clearclip"),
+    (["method=nosuch"], "method='nosuch' is not valid; valid: cass, clearclip"),
     (["model=tinny"], "model='tinny' is not valid; did you mean 'tiny'?"),
     (["-m", "method=pearl,naclip", "+extra=1", "hydra.sweep.dir=x", "dataset.images=/x", "dataset=glob(*)",
       "model=vit_b16", "logger=wandb", "model=custom"], None),

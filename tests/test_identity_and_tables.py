@@ -654,6 +654,35 @@ def test_lposs_rows_take_the_records_of_its_own_clip_and_the_papers_cells_sit_be
     assert pd.isna(main.loc[patches.title, "VOC21_paper"])
 
 
+def test_cass_runs_its_released_configs_and_its_rows_take_the_records_of_their_vfm(synthetic, tmp_path):
+    """CASS's configs (configs/cfg_*.py): VOC21 whole-image with prob_thd 0.1 and weights 0.1 / 0.03 / 0.10;
+    Cityscapes at 560 with its windows reading their own CLS and, as VOC20, no singular-value stretch.
+    PEARL's Table 1 ran it with DINOv2 B/14 (registers) and DINOv3 B/16: each row takes only the records
+    of its vision model."""
+    from pearl.protocols import protocol
+    from pearl.tables import MAIN, Selection, candidates
+    voc = protocol("cass", "voc21")
+    assert (voc["slide_crop"], voc["prob_thd"], voc["logit_scale"]) == (0, 0.1, 40)
+    assert (voc["cass_global_weight"], voc["cass_mean_vector_weight"], voc["cass_h_threshold"]) == (0.1, 0.03, 0.10)
+    city = protocol("cass", "cityscapes")
+    assert (city["resize_short"], city["cass_global_embedding"], city["cass_rescale_singular_values"]) == (
+        560, "window", False)
+    assert protocol("cass", "voc20")["cass_rescale_singular_values"] is False
+    assert "cass_rescale_singular_values" not in protocol("cass", "ade20k")
+    record = runner.run(compose(_job(synthetic, tmp_path / "res", "method=cass")))
+    assert record.model["vfm"] == "tiny:random" and record.params["cass_low_rank"] == "randomized"
+
+    def ran_with(label: str) -> RunRecord:
+        return RunRecord.from_dict({**record.to_dict(), "model": {**record.model, "vfm": label}})
+    dinov2, dinov3, dino = ran_with("dinov2_b14_reg:hub"), ran_with("dinov3_b16:hub"), ran_with("dino_b8:hub")
+    rows = {row.vfm: row for row in MAIN if row.method == "cass"}
+    assert (rows["dinov2_b14_reg"].paper_row, rows["dinov3_b16"].paper_row, rows["dino_b8"].paper_row) == (
+        "CASS (DINOv2)", "CASS (DINOv3)", None)
+    selection = Selection(model=TINY, include_partial=True)
+    for name, made in (("dinov2_b14_reg", dinov2), ("dinov3_b16", dinov3), ("dino_b8", dino)):
+        assert candidates([record, dinov2, dinov3, dino], rows[name], "voc21", selection) == [made]
+
+
 def test_auto_precision_is_what_each_method_s_released_code_runs():
     """LPOSS's released code keeps OpenCLIP and DINO in fp32 on a GPU; the others run fp16 there; the
     CPU runs fp32; an explicit precision is kept."""

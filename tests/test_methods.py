@@ -30,7 +30,7 @@ def test_registry_holds_the_methods_in_order():
     methods = available_methods()
     assert {"clearclip", "maskclip", "naclip", "pearl", "sclip", "sfp", "vanilla"} <= set(methods)
     assert methods == sorted(methods)
-    with pytest.raises(ValueError, match="valid: clearclip"):
+    with pytest.raises(ValueError, match="valid: cass, clearclip"):
         get_method("nosuchclip")
 
 
@@ -231,3 +231,65 @@ def test_gem_resamples_positions_by_size_with_antialiasing(tiny_model):
     out = positional_embedding(visual, 2, 8, "size_antialias")  # the native token count, another grid: resampled
     assert torch.equal(out[0], pos[0]) and torch.allclose(out[1:], expected)
     assert not torch.allclose(out, positional_embedding(visual, 2, 8), atol=1e-4)  # "+0.1" keeps the stock one
+
+
+def test_cass_head_pairs_cross_the_indices_as_released():
+    from pearl.methods.cass import head_pairs
+    # rows: vision heads, columns: CLIP heads; the minimum-cost matching is 0→2, 1→0, 2→1 (cost 0.3)
+    costs = torch.tensor([[0.9, 0.9, 0.1], [0.1, 0.9, 0.9], [0.9, 0.1, 0.9]]).numpy()
+    # released: CLIP head i takes vision head c(i), c(i) the CLIP head matched to vision head i
+    assert head_pairs(costs, "released") == [(0, 2), (1, 0), (2, 1)]
+    # matched: CLIP head j takes the vision head matched to it (0 ← 1, 1 ← 2, 2 ← 0)
+    assert head_pairs(costs, "matched") == [(0, 1), (1, 2), (2, 0)]
+
+
+def test_cass_matching_ties_when_every_difference_keeps_its_sign():
+    """docs/methods.md §13.3: with the vision spectra more concentrated than CLIP's at every rank the
+    cost of a pair is a sum a_i + b_j, so every matching of the heads costs the same."""
+    import itertools
+
+    from pearl.methods.cass import spectral_costs
+    torch.manual_seed(0)
+    tops = torch.tensor([0.9, 0.6, 0.4]).view(1, 3, 1)
+    vision = torch.cat([tops, torch.rand(1, 3, 5) * 0.01], dim=-1).double()
+    clip = torch.cat([torch.full((1, 3, 1), 0.3), 0.2 + torch.rand(1, 3, 5) * 0.05], dim=-1).double()
+    costs = spectral_costs(vision, clip)[0]
+    totals = [sum(costs[i, j].item() for i, j in enumerate(order)) for order in itertools.permutations(range(3))]
+    assert max(totals) - min(totals) < 1e-6 and costs.std() > 1e-2  # different costs, equal matchings
+    peaked = torch.tensor([1.0, 0, 0, 0, 0, 0], dtype=torch.float64).view(1, 1, 6)
+    mixed = spectral_costs(vision, torch.cat([clip[:, :1], peaked, clip[:, 2:]], dim=1))[0]
+    totals = [sum(mixed[i, j].item() for i, j in enumerate(order)) for order in itertools.permutations(range(3))]
+    assert max(totals) - min(totals) > 1e-2  # a CLIP head more concentrated than the vision heads breaks it
+
+
+def test_cass_randomized_low_rank_is_torch_svd_lowrank_with_the_same_draws():
+    from pearl.methods.cass import low_rank
+    torch.manual_seed(3)
+    keys = torch.randn(40, 16, dtype=torch.float64)
+    adjacency = keys @ keys.T
+    generator = torch.Generator().manual_seed(7)
+    u, s, v = low_rank(adjacency, 10, "randomized", generator)
+    torch.manual_seed(7)
+    ru, rs, rv = torch.svd_lowrank(adjacency, q=10)
+    assert torch.allclose(s, rs, rtol=1e-10) and torch.allclose((u * s) @ v.T, (ru * rs) @ rv.T, atol=1e-9)
+    eu, es, ev = low_rank(adjacency, 10, "exact")
+    spectrum = torch.linalg.eigvalsh(adjacency).flip(0)
+    assert torch.allclose(es, spectrum[:10], rtol=1e-9)  # a PSD matrix's singular values are its eigenvalues
+    # Eckart–Young: the truncation's spectral-norm error is the 11th singular value
+    assert math.isclose(torch.linalg.matrix_norm(adjacency - (eu * es) @ ev.T, 2).item(), spectrum[10].item(),
+                        rel_tol=1e-9)
+    assert (s[-1] - es[-1]).abs() > 1e-3 * es[-1]  # the randomised tail is an approximation
+
+
+def test_cass_released_pixels_are_torchvisions_undo_truncated_by_numpy():
+    import numpy as np
+    from skimage import data
+    from torchvision import transforms
+
+    from pearl.methods.cass import released_pixels
+    from pearl.preprocess import normalise
+    window = normalise(data.astronaut()[:64, :80])
+    undo = transforms.Normalize(mean=[-0.485 / 0.229, -0.456 / 0.224, -0.406 / 0.255],
+                                std=[1 / 0.229, 1 / 0.224, 1 / 0.255])
+    expected = (undo(window.clone()).permute(1, 2, 0).numpy() * 255).astype("uint8")
+    assert np.array_equal(released_pixels(window[None])[0].permute(1, 2, 0).numpy(), expected)

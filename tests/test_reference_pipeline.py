@@ -189,3 +189,29 @@ def test_lposs_agrees_with_upstream_flow(tiny_model, tokenizer, photos, crop, pl
     assert torch.allclose(ours.logits, logits[0].float(), atol=2e-5 * logits.abs().max().item())
     if not plus:
         assert torch.allclose(ours.probs, probs.float(), atol=2e-3)
+
+
+CASS_MODES = {"slide": (96, 64), "whole": (96, 0), "slide_odd": (100, 72)}
+
+
+@pytest.mark.parametrize("mode", list(CASS_MODES))
+@pytest.mark.parametrize("variant", [{}, {"cass_global_embedding": "window", "cass_rescale_singular_values": False}])
+def test_cass_agrees_with_upstream_flow(tiny_model, tokenizer, photos, mode, variant):
+    """CASS with the tiny vision model (DINO's architecture, patch 8, CLIP's width in as many heads):
+    64-pixel windows (4×4 CLIP patches, 8×8 vision patches), 72-pixel ones (the vision model's 9×9
+    resampled to 4×4) and the whole 96×144 image (its vision input squashed to 96² by PIL, 12×12 onto
+    6×9); the whole image's CLS or each window's; the singular values stretched or not. Not the whole
+    coffee image: its two heads' costs tie (every matching costs the same within 4e-8, docs/methods.md
+    §13.3), so rounding decides the matching, here and upstream alike."""
+    from pearl.vfm import load_vfm
+    vision = load_vfm("tiny")
+    short, crop = CASS_MODES[mode]
+    weights = dict(cass_global_weight=0.3, cass_mean_vector_weight=0.2, cass_h_threshold=0.02)
+    params = dict(resize_short=short, slide_crop=crop, slide_stride=48, logit_scale=40, prob_thd=0.1, **weights,
+                  **variant)
+    flow_vision = dict(vision_sd=vision.visual.state_dict(), patch=8, heads=2, depth=4,
+                       global_weight=0.3, mean_vector_weight=0.2, h_threshold=0.02,
+                       global_embedding=variant.get("cass_global_embedding", "image"),
+                       rescale=variant.get("cass_rescale_singular_values", True))
+    names = ("chelsea",) if mode == "whole" else ("chelsea", "coffee")
+    _agrees(tiny_model, tokenizer, photos, "cass", False, False, params, names, vision=(vision, flow_vision))

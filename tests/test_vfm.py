@@ -117,8 +117,8 @@ def test_jobs_on_one_trunk_compute_the_vfm_once(tiny_model, tokenizer, photos, m
                             vfm=vision, proxyclip_beta=beta, resize_short=100, slide_crop=64,
                             slide_stride=48) for beta in (1.2, 0.9)]
     calls = []
-    compute = vfm_module.dense_features
-    monkeypatch.setattr(vfm_module, "dense_features", lambda *args: calls.append(1) or compute(*args))
+    compute = vfm_module.VisionFeatures._read
+    monkeypatch.setattr(vfm_module.VisionFeatures, "_read", lambda *args: calls.append(1) or compute(*args))
     together = list(predict_jointly(segs, [photos["coffee"]]))[0]
     shared = len(calls)
     alone = [seg.predict(photos["coffee"]) for seg in segs]
@@ -166,3 +166,31 @@ def test_dinov3_features_are_timms_own_forward_at_any_grid():
             theirs = model.forward_features(images)[:, 5:]
         assert ours.shape == (2, size[0] // 16, size[1] // 16, 64)
         assert (ours.reshape(2, -1, 64) - theirs).abs().max() < 1e-5
+
+
+def test_cass_jobs_on_one_trunk_share_the_keys_and_the_image_embedding(tiny_model, tokenizer, photos, monkeypatch):
+    """Two CASS jobs that differ in the prompt weights share the trunk, the vision model's keys of each
+    window batch (CASS's own input rule) and the whole image's CLS embedding (one forward per image),
+    and get what each gets alone."""
+    import pearl
+    from pearl import vfm as vfm_module
+    from pearl.joint import predict_jointly
+    from pearl.segmentor import Segmentor
+    vision = load_vfm("tiny")
+    segs = [pearl.Segmentor(tiny_model, ["sky, wall", "cat", "cup"], method="cass", tokenizer=tokenizer,
+                            vfm=vision, cass_global_weight=weight, cass_mean_vector_weight=0.1, resize_short=100,
+                            slide_crop=64, slide_stride=48) for weight in (0.1, 0.4)]
+    keys, embeddings = [], []
+    read, embed = vfm_module.VisionFeatures._read, Segmentor._whole_image_embedding
+    monkeypatch.setattr(vfm_module.VisionFeatures, "_read", lambda *args: keys.append(args[0].kind) or read(*args))
+    monkeypatch.setattr(Segmentor, "_whole_image_embedding", lambda *args: embeddings.append(1) or embed(*args))
+    images = [photos["coffee"], photos["chelsea"]]
+    together = list(predict_jointly(segs, images))
+    assert embeddings == [1, 1] and set(keys) == {"k"}  # once per image, and the keys once per window batch
+    shared_batches = len(keys)
+    for image, joint in zip(images, together):
+        for seg, shared in zip(segs, joint):
+            alone = seg.predict(image)
+            assert torch.equal(alone.labels, shared.labels) and torch.allclose(alone.logits, shared.logits, atol=1e-6)
+    assert len(embeddings) == 2 + 2 * len(images) and len(keys) > shared_batches
+    assert not torch.equal(together[0][0].logits, together[0][1].logits)

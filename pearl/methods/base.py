@@ -16,6 +16,7 @@ from ..params import default
 from ..procrustes import procrustes_weights
 from ..stages import stage
 from ..towers.base import AttentionBlock, Tower
+from ..vfm import vfm_input
 
 ATTENTION = "attention"  # the ``info`` key under which a last block returns its attention weights
 
@@ -80,6 +81,10 @@ class Method(abc.ABC):
     # A second vision model's features of the windows come as ``feedback`` (ProxyCLIP; pearl.vfm), or the
     # model itself to ``across_windows`` (LPOSS)
     needs_vfm: ClassVar[bool] = False
+    # What a last block that reads the vision model takes of it (``pearl.vfm.VisionFeatures``: "dense" or the
+    # last block's "q", "k", "v") and how the model's input is made from CLIP's windows (a staticmethod)
+    vfm_feature: ClassVar[str] = "dense"
+    prepare_vfm_input = staticmethod(vfm_input)
     # After the last block, before the fusion: the logits of all windows of an image refined together
     # (``across_windows``; LPOSS's propagation over all their patches)
     propagates_across_windows: ClassVar[bool] = False
@@ -108,6 +113,9 @@ class Method(abc.ABC):
                               f"tokens and {'a' if tower.has_cls else 'no'} CLS token: use a tower with a CLS token "
                               f"or another method")
 
+    def check_vfm(self, tower: Tower, vfm: Tower) -> None:
+        """One line naming both when the second vision model cannot serve this method beside ``tower``."""
+
     def output_grid(self, grid: tuple[int, int], feedback) -> tuple[int, int]:
         """The grid of the patches ``last_block`` returns for a trunk of ``grid`` (the same, but for a
         method whose features come out at a second vision model's grid)."""
@@ -129,6 +137,19 @@ class Method(abc.ABC):
         that ``propagates_across_windows``; ``vision`` (``pearl.vfm.WindowProjections``) the second vision
         model on those windows."""
         raise NotImplementedError(f"method {self.name} does not refine its windows together")
+
+    @property
+    def reads_image_embedding(self) -> str:
+        """The CLIP image embedding the method's logits read beside the patches (``logits``): "window"
+        (each window's CLS embedding), "image" (the whole image's, for every window of it) or "" for none."""
+        return ""
+
+    def logits(self, feats: torch.Tensor, prototypes: torch.Tensor, embeddings: torch.Tensor | None
+               ) -> torch.Tensor:
+        """[B, h, w, Q]: the logits of the unit patch features [B, h, w, D] against the unit text
+        prototypes [Q, D], their cosines; ``embeddings`` [B, D] the unit image embeddings the method reads
+        (``reads_image_embedding``), else None."""
+        return feats @ prototypes.T
 
     def releases_nan_windows(self) -> bool:
         """Whether the released code itself turns some windows' logits NaN (then the published

@@ -95,6 +95,10 @@ class AttentionBlock(abc.ABC):
     heads: int
     scale: float  # the attention's own scale, head width ** −0.5
 
+    @property
+    def head_dim(self) -> int:
+        return round(self.scale ** -2)
+
     @abc.abstractmethod
     def norm(self, x: torch.Tensor) -> torch.Tensor:
         """The pre-attention norm of x [B, T, C]."""
@@ -194,6 +198,12 @@ class Tower(abc.ABC):
     @abc.abstractmethod
     def final(self, patches: torch.Tensor) -> torch.Tensor:
         """The final norm and projection of patch tokens [B, N, C] → [B, N, D] (not unit-norm)."""
+
+    def cls_embedding(self, shared: Trunk) -> torch.Tensor:
+        """[B, D]: the image embedding a CLS tower's own forward gives the trunk's windows: the CLS token
+        after the standard last block, through the final norm and projection (not unit-norm)."""
+        x = self.block(-1, shared.grid)(shared.x)
+        return self.final(x[:, :1])[:, 0]
 
     def normed_tokens(self, images: torch.Tensor, positions: str = POSITIONS[0]) -> torch.Tensor:
         """[B, h', w', C]: the patch tokens of the tower's own forward through its final norm, the

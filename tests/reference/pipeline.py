@@ -16,6 +16,7 @@ from pearl.refine.pamr import pamr
 from pearl.refine.tlp import TLPConfig, tlp
 
 from . import blocks as ref
+from . import cass as cass_ref
 from . import gem as gem_ref
 from . import proxyclip as proxyclip_ref
 from . import resclip as resclip_ref
@@ -130,6 +131,14 @@ def segment(model, protos, query_idx, rgb, method, pa, tlp_on, params, affinity,
     crop, stride = params["slide_crop"], params["slide_stride"]
     resclip = dict(logit_scale=params["logit_scale"], temp_thd=params["resclip_temp_thd"]) \
         if params.get("resclip") else None
+    if method == "cass":  # its own forward_feature: logits at the window's size, reading the whole image's CLS
+        clusters = cass_ref.hierarchical_clustering(protos, vision["h_threshold"])
+        whole = inputs if vision["global_embedding"] == "image" else None
+        def window_forward(img, whole):
+            return cass_ref.forward_feature(model, img, whole, protos, clusters, vision)
+    else:
+        def window_forward(img, whole):
+            return forward_feature(model, img, method, pa, arch, protos, resclip, vision)
     if crop > 0:
         _, _, h_img, w_img = inputs.shape
         preds = inputs.new_zeros((1, len(query_idx), h_img, w_img))
@@ -142,7 +151,7 @@ def segment(model, protos, query_idx, rgb, method, pa, tlp_on, params, affinity,
                 pad = (clearclip_padsize(*crop_img.shape[-2:]) if method in ("clearclip", "maskclip", "gem")
                        else proxyclip_ref.padsize(*crop_img.shape[-2:]) if method == "proxyclip" else (0, 0, 0, 0))
                 padded = F.pad(crop_img, pad)
-                logit = forward_feature(model, padded, method, pa, arch, protos, resclip, vision)
+                logit = window_forward(padded, whole if method == "cass" else None)
                 logit = F.interpolate(logit, size=padded.shape[-2:], mode="bilinear", align_corners=False)
                 logit = logit[:, :, pad[2]:pad[2] + crop_img.shape[2], pad[0]:pad[0] + crop_img.shape[3]]
                 if tlp_on and per_window:  # the paper's site: each window's logits with its crop of the input
@@ -151,8 +160,8 @@ def segment(model, protos, query_idx, rgb, method, pa, tlp_on, params, affinity,
                 count[:, :, y1:y2, x1:x2] += 1
         logits = F.interpolate(preds / count, size=(h0, w0), mode="bilinear", align_corners=False)
     else:
-        logit = forward_feature(model, inputs, method, pa, arch, protos, resclip, vision)
-        if method in ("naclip", "pearl", "vanilla") or (tlp_on and per_window):
+        logit = window_forward(inputs, None)
+        if method in ("naclip", "pearl", "vanilla", "cass") or (tlp_on and per_window):
             logit = F.interpolate(logit, size=inputs.shape[-2:], mode="bilinear", align_corners=False)
             if tlp_on and per_window:
                 logit = tlp(logit, inputs, affinity, tlp_config)
