@@ -83,8 +83,8 @@ def attention_maps(model, image, method: str, pa: bool | None = None, short_side
     method_cls = get_method(method)
     last_block = method_cls(build_config(method_cls.Config, resolved, method_cls.config_prefix))
     if last_block.vfm_in_last_block:
-        raise UserError(f"method={method} attends over a second vision model's patches, not CLIP's: its "
-                        f"attention maps are not drawn by this tool")
+        raise UserError(f"method={method} reads a second vision model in its last block, which this tool does not "
+                        f"load: its attention maps are not drawn here")
     tower = tower_for(model.visual)
     last_block.check_tower(tower)
     picture = rescale(to_rgb_uint8(image), short_side)

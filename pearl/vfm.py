@@ -199,7 +199,6 @@ class WindowProjections(NamedTuple):
                         lambda: projection_features(self.model, self.crops(), self.clip_normalisation, kind), "vfm")
 
 
-
 def vfm_for(method: str, requested: str | None, clip_model: str) -> str | None:
     """The vision model a run of ``method`` loads: none for a method that reads none (a request is
     then ignored, so that one sweep can mix methods), ``requested`` when given, ``tiny`` beside the

@@ -141,7 +141,8 @@ def test_cli_missing_or_broken_image_and_bad_precision(tmp_path, photos, capsys)
     assert "precision 'fp8' is not one of fp32, fp16, bf16" in capsys.readouterr().err
 
 
-def test_the_tool_refuses_a_method_whose_attention_runs_over_a_second_vfm(tiny_model, photos):
+@pytest.mark.parametrize("method", ["proxyclip", "cass"])
+def test_the_tool_refuses_a_method_whose_last_block_reads_a_second_vfm(tiny_model, photos, method):
     from pearl.errors import UserError
-    with pytest.raises(UserError, match="method=proxyclip attends over a second vision model's patches"):
-        attention_maps(tiny_model, photos["chelsea"], "proxyclip", short_side=64)
+    with pytest.raises(UserError, match=f"method={method} reads a second vision model in its last block, which"):
+        attention_maps(tiny_model, photos["chelsea"], method, short_side=64)

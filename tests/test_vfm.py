@@ -194,3 +194,28 @@ def test_cass_jobs_on_one_trunk_share_the_keys_and_the_image_embedding(tiny_mode
             assert torch.equal(alone.labels, shared.labels) and torch.allclose(alone.logits, shared.logits, atol=1e-6)
     assert len(embeddings) == 2 + 2 * len(images) and len(keys) > shared_batches
     assert not torch.equal(together[0][0].logits, together[0][1].logits)
+
+
+@pytest.mark.parametrize("patch, side", [(8, 96), (16, 96), (14, 518)])
+def test_cass_vision_input_is_its_pil_and_torchvision_pipeline(photos, patch, side):
+    """CASS's vision input of a non-square (whole-image) CLIP input: the undone uint8 image squashed to a
+    square of its short side by PIL's default resize, for DINOv2 (patch 14) then torchvision's
+    Resize((518, 518)), ToTensor, ImageNet's Normalize, cropped to a multiple of the patch."""
+    import types
+
+    import numpy as np
+    from PIL import Image
+    from torchvision import transforms
+
+    from pearl.methods.cass import released_pixels, vision_input
+    from pearl.preprocess import normalise
+    window = normalise(np.ascontiguousarray(photos["coffee"][:96, :150]))[None]
+    vfm = types.SimpleNamespace(patch_size=patch, normalisation=load_vfm("tiny").normalisation, dtype=torch.float32)
+    ours = vision_input(vfm, window, None)
+    image = Image.fromarray(released_pixels(window)[0].permute(1, 2, 0).numpy()).resize((96, 96))
+    steps = ([transforms.Resize((518, 518))] if patch == 14 else []) + [
+        transforms.ToTensor(), transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
+    expected = transforms.Compose(steps)(image)
+    usable = side - side % patch
+    assert ours.shape == (1, 3, usable, usable)
+    assert torch.allclose(ours[0], expected[:, :usable, :usable], atol=1e-6)
