@@ -78,11 +78,14 @@ def reference_predict(seg: Segmentor, image) -> Prediction:
     """One image the released way: a batch-1 forward per window, each window's logits upsampled to
     the crop and added to the canvas on their own; then the same refinement and decision."""
     item = seg.prepare_image(image)
-    windows = []
     hidden, positions = seg.method.needs_hidden_states, seg.method.position_interpolation
-    for window in item.windows:
-        windows.append(seg.window_logits(seg.tower.trunk(seg.crop(item, window)[None], hidden, positions), None,
-                                         [item.input]))
+    # a last block that reads all the image's windows at once (GLA-CLIP) gets them in one forward
+    batches = [list(item.windows)] if seg.method.attends_across_windows else [[window] for window in item.windows]
+    windows = []
+    for batch in batches:
+        crops = torch.stack([seg.crop(item, window) for window in batch])
+        windows.extend(seg.window_logits(seg.tower.trunk(crops, hidden, positions), None, [item.input] * len(batch))
+                       [:, None])
     info = {"windows": len(item.windows)}
     if seg.windows.slide_crop <= 0:
         fused = seg.fuse(item, [windows[0][0]], info)

@@ -85,8 +85,14 @@ class JointPrediction:
 
     def _window_batches(self, prepared: list[WindowedImage]) -> Iterator[list[tuple[int, int, torch.Tensor]]]:
         """Chunks of at most :meth:`Segmentor.windows_per_forward` (image index, window index, crop) of
-        equal crop shape."""
+        equal crop shape; all windows of one image per chunk, in order, when a segmentor's last block
+        attends across them (``Method.attends_across_windows``)."""
         lead = self.segmentors[0]
+        if any(seg.method.attends_across_windows for seg in self.segmentors):
+            for image_index, item in enumerate(prepared):
+                yield [(image_index, window_index, lead.crop(item, window))
+                       for window_index, window in enumerate(item.windows)]
+            return
         groups = defaultdict(list)
         for image_index, item in enumerate(prepared):
             for window_index, window in enumerate(item.windows):

@@ -164,6 +164,26 @@ PARAMS: dict[str, Param] = {
                                            "head matched to vision head i: indices crossed as in its code) or "
                                            "'matched' (the vision head matched to CLIP head i)",
                                ("released", "matched")),
+    "glaclip_across_windows": Param(True, "GLA-CLIP: each patch attends over the patches of all windows of the image "
+                                          "(its KV extension; false: of its own window)"),
+    "glaclip_anchors": Param(True, "GLA-CLIP: attention from proxy anchors (each patch replaced by the mean of the "
+                                   "patches more similar to it than the threshold) instead of the patch itself"),
+    "glaclip_anchor_iters": Param(2, "GLA-CLIP: anchor refinements (predict.sh's --mini_iters 2)", check=_at_least(0),
+                                  valid="≥ 0"),
+    "glaclip_anchor_threshold": Param(0.55, "GLA-CLIP: cosine above which a patch joins an anchor (eval.py's default "
+                                            "0.55: predict.sh sets 0.6 but never passes it)",
+                                      check=lambda v: -1 <= v < 1, valid="in [-1, 1)"),
+    "glaclip_beta": Param(1.2, "GLA-CLIP: β of (S − β·mean S)·γ without dynamic_beta"),
+    "glaclip_gamma": Param(3.0, "GLA-CLIP: γ without dynamic_gamma", check=_above(0), valid="> 0"),
+    "glaclip_dynamic_beta": Param(True, "GLA-CLIP: β = 1 + α_β·ln(1 + windows) (more windows, more of the mean "
+                                        "removed)"),
+    "glaclip_beta_alpha": Param(0.3, "GLA-CLIP: α_β", check=_at_least(0), valid="≥ 0"),
+    "glaclip_dynamic_gamma": Param(True, "GLA-CLIP: γ = 1 + α_γ / support, the support a patch's anchor member "
+                                         "count (sharper for patches with few similar ones)"),
+    "glaclip_gamma_alpha": Param(30.0, "GLA-CLIP: α_γ", check=_at_least(0), valid="≥ 0"),
+    "glaclip_cut": Param(0.0, "GLA-CLIP: attention logits below min(row max, cut) are −∞ (its cutting_hp)"),
+    "glaclip_temperature": Param(1.0, "GLA-CLIP: temperature of the attention's softmax", check=_above(0),
+                                 valid="> 0"),
     "lposs_plus": Param(False, "LPOSS+: label propagation over the pixels of the fused logits at the input size, "
                                "on the image's colours (the method lposs's second stage; any method can use it)"),
     "lposs_plus_window": Param(13, "LPOSS+: side r of each pixel's neighbourhood (neighbours within r // 2)",

@@ -105,6 +105,8 @@ MAIN = [Row("CLIP", "vanilla", False, False, "table1", "CLIP"),
         Row("CASS (DINOv2 B/14 reg.)", "cass", False, False, "table1", "CASS (DINOv2)", vfm="dinov2_b14_reg"),
         Row("CASS (DINOv3 B/16)", "cass", False, False, "table1", "CASS (DINOv3)", vfm="dinov3_b16"),
         Row("CASS (DINO B/8, its code's default)", "cass", False, False, None, None, vfm="dino_b8"),
+        # not in PEARL's Table 1, and its repository publishes no numbers (docs/methods.md §14)
+        Row("GLA-CLIP (DINO B/8)", "glaclip", False, False, None, None, vfm="dino_b8"),
         Row("PEARL", "pearl", True, True, "table1", "PEARL (Ours)", pacc_row="PEARL (Ours)")]
 ABLATION = [Row("Vanilla CLIP (full block)", "vanilla", False, False, "table3", "Vanilla CLIP (no PA, no TLP)"),
             Row("PA only", "pearl", True, False, "table3", "PA only"),

@@ -34,8 +34,8 @@ def test_every_method_hands_back_the_weights_it_multiplies_the_values_with(name,
         out = method.last_block(tiny_tower, trunk_out.x, trunk_out.hidden, trunk_out.grid, asked, vision)
         plain = method.last_block(tiny_tower, trunk_out.x, trunk_out.hidden, trunk_out.grid, None, vision)
     weights = asked[ATTENTION]
-    # SFP's, SC-CLIP's and CASS's attention is over the patches only; ProxyCLIP's over the vision model's
-    tokens = 12 * 16 if name == "proxyclip" else 6 * 8 + (0 if name in ("sfp", "scclip", "cass") else 1)
+    # SFP's, SC-CLIP's and CASS's attention is over the patches only; ProxyCLIP's and GLA-CLIP's over the vision model's
+    tokens = 12 * 16 if name in ("proxyclip", "glaclip") else 6 * 8 + (0 if name in ("sfp", "scclip", "cass") else 1)
     assert weights.shape == (1, ref.HEADS, tokens, tokens) and (weights >= 0).all()
     row_sums = torch.full((1, ref.HEADS, tokens), 2.0 if name == "sclip" else 1.0)  # SCLIP: two softmaxes summed
     assert torch.allclose(weights.sum(-1), row_sums, atol=1e-5)

@@ -161,7 +161,7 @@ def test_sweep_tables_and_resume_in_a_subprocess(synthetic, tmp_path):
                                  "ProxyCLIP (DINOv2 B/14 reg.)", "ProxyCLIP (DINO B/8, its code's default)",
                                  "LPOSS+ (LAION-2B B/16, DINO B/16)", "LPOSS (LAION-2B B/16, DINO B/16)",
                                  "CASS (DINOv2 B/14 reg.)", "CASS (DINOv3 B/16)", "CASS (DINO B/8, its code's default)",
-                                 "PEARL"]
+                                 "GLA-CLIP (DINO B/8)", "PEARL"]
     beside = main.set_index("row")  # rows outside PEARL's Table 1 carry their own published numbers
     assert beside.loc["SC-CLIP", "paper_source"] == "own_sources: SC-CLIP README figure"
     assert beside.loc["SC-CLIP", "VOC21_paper"] == 64.6 and beside.loc["NACLIP + ResCLIP", "ADE_paper"] == 18.0

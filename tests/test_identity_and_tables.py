@@ -683,6 +683,19 @@ def test_cass_runs_its_released_configs_and_its_rows_take_the_records_of_their_v
         assert candidates([record, dinov2, dinov3, dino], rows[name], "voc21", selection) == [made]
 
 
+def test_glaclip_runs_its_released_configs():
+    """GLA-CLIP's configs (configs/cfg_*.py, cfg.py's defaults): 224/112 windows everywhere, short side 336 but
+    560 on Cityscapes, prob_thd 0.1 on VOC21, PC60 and COCO-Object; the base class files."""
+    from pearl.protocols import class_file, protocol
+    voc = protocol("glaclip", "voc21")
+    assert (voc["resize_short"], voc["slide_crop"], voc["slide_stride"], voc["logit_scale"], voc["prob_thd"]) == (
+        336, 224, 112, 40, 0.1)
+    assert protocol("glaclip", "cityscapes")["resize_short"] == 560
+    assert [protocol("glaclip", name)["prob_thd"] for name in ("context60", "coco_object", "voc20", "ade20k")] == [
+        0.1, 0.1, 0.0, 0.0]
+    assert class_file("voc21", "glaclip").name == "voc21.txt"
+
+
 def test_auto_precision_is_what_each_method_s_released_code_runs():
     """LPOSS's released code keeps OpenCLIP and DINO in fp32 on a GPU; the others run fp16 there; the
     CPU runs fp32; an explicit precision is kept."""

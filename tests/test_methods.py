@@ -293,3 +293,34 @@ def test_cass_released_pixels_are_torchvisions_undo_truncated_by_numpy():
                                 std=[1 / 0.229, 1 / 0.224, 1 / 0.255])
     expected = (undo(window.clone()).permute(1, 2, 0).numpy() * 255).astype("uint8")
     assert np.array_equal(released_pixels(window[None])[0].permute(1, 2, 0).numpy(), expected)
+
+
+def test_glaclip_normalisation_by_hand():
+    """(S − β·max(0, mean S))·γ per row, entries below min(row max, 0) dropped: a row of negative mean is
+    not shifted; β grows with the window count, γ shrinks with the anchor's support."""
+    from pearl.methods.glaclip import GLACLIPConfig, normalised_attention
+    fixed = GLACLIPConfig(dynamic_beta=False, dynamic_gamma=False, beta=1.2, gamma=3.0)
+    negative = torch.tensor([[-0.5, -0.2, 0.1, -0.9]])  # mean −0.375: no shift, only 0.1 ≥ 0
+    assert torch.equal(normalised_attention(negative, None, 4, fixed), torch.tensor([[0.0, 0.0, 1.0, 0.0]]))
+    row = torch.tensor([[0.9, 0.5, 0.3, 0.1]])  # mean 0.45
+    dynamic = GLACLIPConfig(beta_alpha=0.3, gamma_alpha=30.0)
+    beta, gamma = 1 + 0.3 * math.log(1 + 6), 1 + 30 / 4
+    logits = (row - 0.45 * beta) * gamma  # 0.9 alone stays above zero
+    expected = torch.softmax(logits.masked_fill(logits < 0, float("-inf")), dim=-1)
+    assert torch.allclose(normalised_attention(row, torch.tensor([[4.0]]), 6, dynamic), expected, atol=1e-6)
+    assert torch.equal(expected, torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+    everything_below = torch.tensor([[-0.3, -0.1, -0.2]])  # the row max below the cut is kept
+    out = normalised_attention(everything_below, None, 1, fixed)
+    assert torch.equal(out, torch.tensor([[0.0, 1.0, 0.0]]))
+
+
+def test_glaclip_an_anchor_without_members_keeps_its_own_patch():
+    """A query no key resembles above the threshold keeps its own patch as its anchor, by its index among
+    all the image's patches (the rows are a slice of them)."""
+    from pearl.methods.glaclip import GLACLIPConfig, anchored_similarity
+    torch.manual_seed(2)
+    keys = 0.5 * torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)  # half-length: no cosine·0.5 > 0.9
+    config = GLACLIPConfig(anchor_iters=1, anchor_threshold=0.9)
+    similarity, support = anchored_similarity(keys, slice(3, 5), config)
+    assert torch.allclose(similarity, torch.nn.functional.normalize(keys[3:5], dim=-1) @ keys.T, atol=1e-6)
+    assert torch.equal(support, torch.ones(2, 1))

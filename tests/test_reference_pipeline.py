@@ -8,6 +8,7 @@ import torch
 
 import pearl
 from pearl.methods import get_method
+from pearl.preprocess import OPENAI_NORMALISATION
 
 from .reference import pipeline as flow
 
@@ -215,3 +216,31 @@ def test_cass_agrees_with_upstream_flow(tiny_model, tokenizer, photos, mode, var
                        rescale=variant.get("cass_rescale_singular_values", True))
     names = ("chelsea",) if mode == "whole" else ("chelsea", "coffee")
     _agrees(tiny_model, tokenizer, photos, "cass", False, False, params, names, vision=(vision, flow_vision))
+
+
+@pytest.mark.parametrize("variant", [{}, {"glaclip_anchors": False, "glaclip_dynamic_beta": False},
+                                     {"glaclip_dynamic_gamma": False, "glaclip_anchor_iters": 1}])
+@pytest.mark.parametrize("short, crop", [(112, 56), (130, 112)])
+def test_glaclip_agrees_with_upstream_flow(tiny_model, tokenizer, photos, short, crop, variant):
+    """GLA-CLIP with the tiny vision model (DINO's architecture, patch 8): every window of the image
+    attends over the patches of all of them (56-pixel windows of a 112-pixel short side: 2×3 windows;
+    112-pixel ones of 130: 2×3 again, overlapping), with and without anchors and the dynamic β and γ.
+    Windows are multiples of 56, so unpadded (a padded window's logits are cut misaligned upstream). The
+    flow un-normalises with the statistics we use (docs/methods.md §11.2: 6e-5 of a grey level from
+    upstream's), as its attention cut at zero turns such differences into jumps: an entry crossing zero
+    gains or loses its whole weight (2.4e-3 in a probability with upstream's statistics). Likewise a patch
+    whose similarity lies on the anchor threshold is a member or not by rounding (docs/methods.md §14.3):
+    three anchor iterations on the coffee photograph meet one at 0.55 exactly."""
+    from pearl.vfm import load_vfm
+    vision = load_vfm("tiny")
+    released = dict(proxy_sim=True, dynamic_beta=True, dynamic_gamma=True, mini_iters=2, initial_crit_pos=0.55,
+                    beta=1.2, gamma=3.0, beta_alpha=0.3, gamma_alpha=30.0)
+    flow_config = dict(released, **{key.removeprefix("glaclip_").replace("anchors", "proxy_sim")
+                                    .replace("anchor_iters", "mini_iters"): value for key, value in variant.items()})
+    params = dict(resize_short=short, slide_crop=crop, slide_stride=crop // 2 if crop == 56 else 64, logit_scale=40,
+                  prob_thd=0.1, **variant)
+    ours = [torch.tensor(values).view(1, 3, 1, 1) / 255 for values in (OPENAI_NORMALISATION.mean,
+                                                                         OPENAI_NORMALISATION.std)]
+    flow_vision = dict(vision_sd=vision.visual.state_dict(), patch=8, heads=2, depth=4, clip_stats=ours,
+                       **flow_config)
+    _agrees(tiny_model, tokenizer, photos, "glaclip", False, False, params, vision=(vision, flow_vision))

@@ -219,3 +219,36 @@ def test_cass_vision_input_is_its_pil_and_torchvision_pipeline(photos, patch, si
     usable = side - side % patch
     assert ours.shape == (1, 3, usable, usable)
     assert torch.allclose(ours[0], expected[:, :usable, :usable], atol=1e-6)
+
+
+def test_glaclip_batches_each_image_s_windows_together_and_shares_the_trunk_with_proxyclip(tiny_model, tokenizer,
+                                                                                          photos, monkeypatch):
+    """GLA-CLIP's last block reads all windows of an image at once: the joint trunk's batches are then one
+    image's windows each (whatever window_batch_size says), a ProxyCLIP job on the same trunk shares its
+    vision features and gets what it gets alone, and attending across the windows changes the result."""
+    import pearl
+    from pearl import vfm as vfm_module
+    from pearl.joint import JointPrediction
+    vision = load_vfm("tiny")
+    common = dict(tokenizer=tokenizer, vfm=vision, resize_short=100, slide_crop=56, slide_stride=28,
+                  window_batch_size=2)
+    gla = pearl.Segmentor(tiny_model, ["sky, wall", "cat", "cup"], method="glaclip", **common)
+    proxy = pearl.Segmentor(tiny_model, ["sky, wall", "cat", "cup"], method="proxyclip", **common)
+    images = [photos["coffee"], photos["chelsea"]]
+    joint = JointPrediction([gla, proxy])
+    batches = [[(image, window) for image, window, _ in chunk]
+               for chunk in joint._window_batches([gla.prepare_image(image) for image in images])]
+    windows = [len(gla.prepare_image(image).windows) for image in images]
+    assert batches == [[(index, window) for window in range(count)] for index, count in enumerate(windows)]
+    calls = []
+    read = vfm_module.VisionFeatures._read
+    monkeypatch.setattr(vfm_module.VisionFeatures, "_read", lambda *args: calls.append(1) or read(*args))
+    together = list(joint.predict(images))
+    assert len(calls) == len(images)  # one batch per image, shared by both jobs
+    for image, (gla_out, proxy_out) in zip(images, together):
+        for seg, shared in ((gla, gla_out), (proxy, proxy_out)):
+            alone = seg.predict(image)
+            assert torch.equal(alone.labels, shared.labels) and torch.allclose(alone.logits, shared.logits, atol=1e-6)
+    apart = pearl.Segmentor(tiny_model, ["sky, wall", "cat", "cup"], method="glaclip", glaclip_across_windows=False,
+                            **common).predict(images[0])
+    assert not torch.allclose(apart.logits, together[0][0].logits, atol=1e-3)

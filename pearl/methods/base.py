@@ -88,6 +88,9 @@ class Method(abc.ABC):
     # After the last block, before the fusion: the logits of all windows of an image refined together
     # (``across_windows``; LPOSS's propagation over all their patches)
     propagates_across_windows: ClassVar[bool] = False
+    # The last block attends over all windows of an image at once (GLA-CLIP): the trunk's batches then hold
+    # the windows of one image each, in window order (``pearl.joint``)
+    attends_across_windows: ClassVar[bool] = False
     # Whole-image mode: upsample patch logits to the input size, then to the original size
     # (NACLIP/PEARL); otherwise straight to the original size (SCLIP/SFP/ClearCLIP). docs/protocol.md §6.5
     whole_upsample_via_input: ClassVar[bool] = False

@@ -18,6 +18,7 @@ from pearl.refine.tlp import TLPConfig, tlp
 from . import blocks as ref
 from . import cass as cass_ref
 from . import gem as gem_ref
+from . import glaclip as glaclip_ref
 from . import proxyclip as proxyclip_ref
 from . import resclip as resclip_ref
 from . import scclip as scclip_ref
@@ -139,7 +140,10 @@ def segment(model, protos, query_idx, rgb, method, pa, tlp_on, params, affinity,
     else:
         def window_forward(img, whole):
             return forward_feature(model, img, method, pa, arch, protos, resclip, vision)
-    if crop > 0:
+    if method == "glaclip":  # all windows in one forward (forward_kv_expansion)
+        fused = glaclip_ref.forward_kv_expansion(model, inputs, protos, vision, vision, stride, crop)
+        logits = F.interpolate(fused, size=(h0, w0), mode="bilinear", align_corners=False)
+    elif crop > 0:
         _, _, h_img, w_img = inputs.shape
         preds = inputs.new_zeros((1, len(query_idx), h_img, w_img))
         count = inputs.new_zeros((1, 1, h_img, w_img))

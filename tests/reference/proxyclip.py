@@ -12,10 +12,13 @@ IMAGENET_MEAN_01 = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD_01 = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
-def vision_features(vision_sd: dict, crop: torch.Tensor, patch: int, heads: int, depth: int) -> torch.Tensor:
-    """ex_feats [1, C, I, J] of a CLIP-normalised crop [1, 3, h, w]: UnNormalize with CLIP's unrounded
-    statistics, Normalize with ImageNet's, the DINO forward's normed last-block patch tokens."""
-    imgs = ((crop * CLIP_STD_01 * 255 + CLIP_MEAN_01 * 255) / 255 - IMAGENET_MEAN_01) / IMAGENET_STD_01
+def vision_features(vision_sd: dict, crop: torch.Tensor, patch: int, heads: int, depth: int,
+                    clip_stats: tuple = (CLIP_MEAN_01, CLIP_STD_01)) -> torch.Tensor:
+    """ex_feats [1, C, I, J] of a CLIP-normalised crop [1, 3, h, w]: UnNormalize with ``clip_stats``
+    (CLIP's unrounded statistics, as upstream), Normalize with ImageNet's, the DINO forward's normed
+    last-block patch tokens."""
+    mean, std = clip_stats
+    imgs = ((crop * std * 255 + mean * 255) / 255 - IMAGENET_MEAN_01) / IMAGENET_STD_01
     tokens = dino.dense_tokens(vision_sd, imgs, patch, heads, depth)
     rows, cols = crop.shape[-2] // patch, crop.shape[-1] // patch
     return tokens.reshape(1, rows, cols, -1).permute(0, 3, 1, 2)
