@@ -65,9 +65,9 @@ def anchored_similarity(keys: torch.Tensor, rows: slice, config: GLACLIPConfig
 
 def normalised_attention(similarity: torch.Tensor, support: torch.Tensor | None, windows: int,
                          config: GLACLIPConfig) -> torch.Tensor:
-    """[R, N]: softmax over the keys of (S − β·max(0, mean S))·γ per query row, entries below
-    min(row max, ``cut``) −∞, divided by the temperature first. β = 1 + α_β·log(1 + windows) when
-    ``dynamic_beta``, γ = 1 + α_γ / support when ``dynamic_gamma`` (``KV_Extension`` with ``token_norm``)."""
+    """[R, N]: L = (S − β·max(0, mean S))·γ per query row, its entries below min(row max, ``cut``) −∞, then
+    softmax over the keys of L / temperature. β = 1 + α_β·ln(1 + windows) when ``dynamic_beta``,
+    γ = 1 + α_γ / support when ``dynamic_gamma`` (``KV_Extension`` with ``token_norm``)."""
     beta = 1 + config.beta_alpha * math.log1p(windows) if config.dynamic_beta else config.beta
     gamma = 1 + config.gamma_alpha / support if config.dynamic_gamma else config.gamma
     mean = similarity.mean(dim=-1, keepdim=True).clamp_min(0)
