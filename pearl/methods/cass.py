@@ -28,7 +28,7 @@ from ..preprocess import Normalisation
 from ..towers import Tower
 from . import register
 from .base import Method, keep_attention
-from .naclip import neighbourhood_bias
+from .naclip import neighbourhood_bias_like
 
 # cass_segmentor.py ``inv_normalize``: ImageNet's statistics undone on CLIP-normalised input, with 0.255
 # where ImageNet's blue std is 0.225
@@ -238,7 +238,6 @@ class CASS(Method):
 
     def __init__(self, config: CASSConfig | None = None) -> None:
         super().__init__(config)
-        self._bias_cache: dict = {}
         self._clusters: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def check_vfm(self, tower: Tower, vfm: Tower) -> None:
@@ -262,15 +261,9 @@ class CASS(Method):
         k, v = k[:, :, tower.prefix_tokens:], v[:, :, tower.prefix_tokens:]
         vision = stretched_to(keys_on_grid(feedback.to(k.dtype), k.shape[1], grid), k, (1, 2, 3))
         attn = torch.stack([mixed_adjacency(k[b], vision[b], block.scale, self.config) for b in range(k.shape[0])])
-        attn = torch.softmax(attn + self._bias(grid, attn), dim=-1)
+        attn = torch.softmax(attn + neighbourhood_bias_like(grid, self.config.gauss_std, 0, attn), dim=-1)
         keep_attention(info, attn)
         return block.project(attn @ v)
-
-    def _bias(self, grid: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
-        key = (grid, like.dtype, like.device)
-        if key not in self._bias_cache:
-            self._bias_cache[key] = neighbourhood_bias(*grid, self.config.gauss_std, 0).to(like.device, like.dtype)
-        return self._bias_cache[key]
 
     def logits(self, feats, prototypes, embeddings):
         similarity = embeddings @ prototypes.T

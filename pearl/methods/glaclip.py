@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from ..params import default
 from . import register
-from .base import Method, keep_attention
-from .proxyclip import values_on_grid
+from .base import keep_attention
+from .proxyclip import ProxyCLIP, values_on_grid
 
 ROWS_PER_CHUNK = 2048  # query patches whose [rows, all patches] similarities are held at once
 
@@ -98,16 +98,14 @@ def extended_attention(features: torch.Tensor, values: torch.Tensor, config: GLA
 
 
 @register
-class GLACLIP(Method):
+class GLACLIP(ProxyCLIP):
+    """ProxyCLIP's vision input, padding (forward_kv_expansion: compute_padsize(H, W, 56)) and output grid,
+    with its own last block."""
+
     name = "glaclip"
     Config = GLACLIPConfig
     config_prefix = "glaclip_"
-    needs_vfm = True
     attends_across_windows = True
-    pad_crops_to = 56  # forward_kv_expansion: compute_padsize(H, W, 56)
-
-    def output_grid(self, grid: tuple[int, int], feedback) -> tuple[int, int]:
-        return tuple(feedback.shape[1:3])
 
     def last_block(self, tower, x, hidden, grid, info, feedback=None):
         """All windows of one image (the trunk's batch, in window order; ``attends_across_windows``), or

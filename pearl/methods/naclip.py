@@ -6,6 +6,7 @@ before Ω is added; docs/methods.md §10).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,18 @@ def neighbourhood_bias(grid_h: int, grid_w: int, std: float, prefix_tokens: int 
     return omega
 
 
+def neighbourhood_bias_like(grid: tuple[int, int], std: float, prefix_tokens: int, like: torch.Tensor
+                            ) -> torch.Tensor:
+    """``neighbourhood_bias`` in ``like``'s dtype and device, made once per grid (NACLIP, CASS)."""
+    return _neighbourhood_bias_on(grid, std, prefix_tokens, like.dtype, like.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _neighbourhood_bias_on(grid: tuple[int, int], std: float, prefix_tokens: int, dtype: torch.dtype,
+                           device: torch.device) -> torch.Tensor:
+    return neighbourhood_bias(*grid, std, prefix_tokens).to(device=device, dtype=dtype)
+
+
 @dataclass(frozen=True)
 class NACLIPConfig(ResCLIPConfig):
     gauss_std: float = default("naclip_gauss_std")
@@ -42,17 +55,7 @@ class NACLIP(ResCLIPHost):
     Config = NACLIPConfig
     config_prefix = "naclip_"
 
-    def __init__(self, config: NACLIPConfig | None = None) -> None:
-        super().__init__(config)
-        self._bias_cache: dict = {}
-
-    def _bias(self, grid, prefix_tokens: int, like: torch.Tensor) -> torch.Tensor:
-        key = (grid, prefix_tokens, like.dtype, like.device)
-        if key not in self._bias_cache:
-            self._bias_cache[key] = neighbourhood_bias(*grid, self.config.gauss_std, prefix_tokens).to(
-                device=like.device, dtype=like.dtype)
-        return self._bias_cache[key]
-
     def attention(self, block, q, k, before_softmax, after_softmax, prefix_tokens, grid):
-        logits = before_softmax((k @ k.transpose(-1, -2)) * block.scale) + self._bias(grid, prefix_tokens, k)
+        bias = neighbourhood_bias_like(grid, self.config.gauss_std, prefix_tokens, k)
+        logits = before_softmax((k @ k.transpose(-1, -2)) * block.scale) + bias
         return after_softmax(torch.softmax(logits, dim=-1))
